@@ -1,0 +1,2 @@
+"""recsys: a real-time recommendation reference application."""
+__version__ = "0.1.0"

@@ -1,0 +1,171 @@
+"""The event archive: an append-only Parquet log, partitioned by event day, for training.
+
+Exactly once without transactions: each file's name carries the Kafka partition and
+the offset range it holds, and a small ledger per partition records the last offset
+whose file is in place. On start the archiver deletes files past the ledger (left by
+a crash between rename and ledger write) and seeks each partition to ledger + 1, so
+the Kafka consumer group's committed offsets are only a progress report.
+
+Layout: ``archive/day=YYYY-MM-DD/p{partition}-{first:012d}-{last:012d}.parquet`` and
+``archive/_ledger/p{partition}``.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from kafka import ConsumerRebalanceListener
+
+from recsys import kafka_io
+from recsys.events import BadEvent, Event, parse_event
+from recsys.settings import Settings
+
+SCHEMA = pa.schema([("event_id", pa.string()), ("user_id", pa.string()), ("item_id", pa.string()),
+                    ("type", pa.string()), ("value", pa.float64()), ("ts", pa.int64())])
+_FILE = re.compile(r"p(\d+)-(\d+)-(\d+)\.parquet$")
+
+
+def events_table(events: list[Event]) -> pa.Table:
+    return pa.table({"event_id": [e.event_id for e in events], "user_id": [e.user_id for e in events],
+                     "item_id": [e.item_id for e in events], "type": [e.type.value for e in events],
+                     "value": [e.value for e in events], "ts": [e.ts for e in events]}, schema=SCHEMA)
+
+
+def day_of(ts_ms: int) -> str:
+    return datetime.fromtimestamp(ts_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d")
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class Archive:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.ledger_dir = self.root / "_ledger"
+        self.ledger_dir.mkdir(parents=True, exist_ok=True)
+
+    def last_offset(self, partition: int) -> int:
+        """The last offset archived for a partition, -1 for none."""
+        path = self.ledger_dir / f"p{partition}"
+        return int(path.read_text()) if path.exists() else -1
+
+    def recover(self, partition: int) -> int:
+        """Delete files past the ledger (a crashed batch); return the offset to resume at."""
+        last = self.last_offset(partition)
+        for f in self.root.glob(f"day=*/p{partition}-*.parquet"):
+            m = _FILE.search(f.name)
+            if m and int(m.group(3)) > last:
+                f.unlink()
+        for f in self.root.glob("day=*/.*.tmp"):
+            f.unlink()
+        return last + 1
+
+    def write_batch(self, partition: int, records: list[tuple[int, Event]]) -> None:
+        """Write one partition's batch (offset, event), one file per day, then move the ledger."""
+        by_day = defaultdict(list)
+        for offset, event in records:
+            by_day[day_of(event.ts)].append((offset, event))
+        for day, rows in by_day.items():
+            folder = self.root / f"day={day}"
+            folder.mkdir(exist_ok=True)
+            name = f"p{partition}-{rows[0][0]:012d}-{rows[-1][0]:012d}.parquet"
+            table = events_table([e for _, e in rows])
+            _atomic_write(folder / name, lambda p: pq.write_table(table, p))
+        last = max(offset for offset, _ in records)
+        _atomic_write(self.ledger_dir / f"p{partition}", lambda p: p.write_text(str(last)))
+
+
+def read_events(settings: Settings, start_ts: int | None = None, end_ts: int | None = None) -> pa.Table:
+    """The archived events (optionally ``start_ts <= ts < end_ts``), sorted by time."""
+    root = settings.archive_dir
+    files = sorted(root.glob("day=*/p*.parquet"))
+    if not files:
+        return SCHEMA.empty_table()
+    table = ds.dataset([str(f) for f in files], schema=SCHEMA, format="parquet").to_table()
+    if start_ts is not None:
+        table = table.filter(pc.greater_equal(table["ts"], start_ts))
+    if end_ts is not None:
+        table = table.filter(pc.less(table["ts"], end_ts))
+    return table.sort_by([("ts", "ascending"), ("event_id", "ascending")])
+
+
+class _SeekToLedger(ConsumerRebalanceListener):
+    def __init__(self, archive: Archive):
+        self.archive = archive
+        self.consumer = None  # set once the consumer exists
+
+    def on_partitions_revoked(self, revoked):
+        pass
+
+    def on_partitions_assigned(self, assigned):
+        for tp in assigned:
+            self.consumer.seek(tp, self.archive.recover(tp.partition))
+
+
+def run_archiver(settings: Settings, until_idle: float | None = None, flush_records: int = 20_000,
+                 flush_seconds: float = 2.0) -> dict:
+    """Append events to the archive until SIGTERM, or ``until_idle`` seconds without records.
+
+    Records are buffered up to ``flush_records`` or ``flush_seconds`` so files are not tiny.
+    Malformed records are skipped here: the stream worker dead-letters them.
+    """
+    archive = Archive(settings.archive_dir)
+    listener = _SeekToLedger(archive)
+    consumer = kafka_io.consumer(settings, settings.archive_group, listener=listener, max_poll_records=5000)
+    listener.consumer = consumer
+    stopping = threading.Event()
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, lambda *_: stopping.set()) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
+    buffer: dict[int, list[tuple[int, Event]]] = defaultdict(list)
+    stats = {"consumed": 0, "archived": 0, "skipped": 0}
+    last_record = last_flush = time.monotonic()
+
+    def flush():
+        for partition, rows in buffer.items():
+            if rows:
+                archive.write_batch(partition, rows)
+                stats["archived"] += len(rows)
+        buffer.clear()
+        consumer.commit()
+
+    try:
+        while not stopping.is_set():
+            polled = consumer.poll(timeout_ms=200)
+            for tp, records in polled.items():
+                for r in records:
+                    stats["consumed"] += 1
+                    try:
+                        buffer[tp.partition].append((r.offset, parse_event(r.value)))
+                    except BadEvent:
+                        stats["skipped"] += 1
+                last_record = time.monotonic()
+            if not consumer.assignment():  # idle time counts once partitions are ours
+                last_record = time.monotonic()
+            pending = sum(map(len, buffer.values()))
+            now = time.monotonic()
+            if pending >= flush_records or (pending and now - last_flush >= flush_seconds):
+                flush()
+                last_flush = now
+            if until_idle is not None and not pending and now - last_record >= until_idle:
+                break
+        flush()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        consumer.close(autocommit=False)
+    return stats

@@ -1,0 +1,134 @@
+"""``recsys bench stream``: the stream worker against raw Kafka and raw Redis, in one run.
+
+Each figure is a ratio against a reference measured in the same run on the same
+machine, since these machines are shared and noisy.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import numpy as np
+from kafka import KafkaConsumer
+
+from recsys import stack
+from recsys.feature_store import FeatureStore
+from recsys.kafka_io import replay
+from recsys.settings import Settings
+from recsys.sources import SyntheticSource
+from recsys.stream import StreamWorker
+
+
+def scratch_settings(settings: Settings, tag: str) -> Settings:
+    """Fresh topics, consumer groups and Redis prefix, so a run never touches real data."""
+    run = f"{tag}-{uuid.uuid4().hex[:8]}"
+    return settings.model_copy(update={
+        "events_topic": f"{run}-events", "dlq_topic": f"{run}-events.dlq", "redis_prefix": run,
+        "stream_group": f"{run}-features", "archive_group": f"{run}-archive"})
+
+
+def settings_env(settings: Settings) -> dict:
+    """The environment that gives a child ``recsys`` process these settings."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        env[f"RECSYS_{name.upper()}"] = str(value)
+    return env
+
+
+def _rate(n: int, seconds: float) -> float:
+    return round(n / seconds, 1)
+
+
+def _raw_kafka_rate(settings: Settings, n: int) -> float:
+    cons = KafkaConsumer(settings.events_topic, bootstrap_servers=settings.kafka_bootstrap, group_id=None,
+                         auto_offset_reset="earliest", max_poll_records=settings.stream_batch)
+    seen, started = 0, time.monotonic()
+    while seen < n:
+        seen += sum(len(b) for b in cons.poll(timeout_ms=500).values())
+    elapsed = time.monotonic() - started
+    cons.close()
+    return _rate(n, elapsed)
+
+
+def _raw_redis_rate(settings: Settings, events) -> float:
+    store = FeatureStore(settings)
+    batch = settings.stream_batch
+    started = time.monotonic()
+    for i in range(0, len(events), batch):
+        store.apply_events(events[i:i + batch])
+    return _rate(len(events), time.monotonic() - started)
+
+
+def _worker_rate(settings: Settings, n: int) -> float:
+    worker = StreamWorker(settings)
+    started = time.monotonic()
+    while worker.stats.consumed < n:
+        records = [r for b in worker.consumer.poll(timeout_ms=500).values() for r in b]
+        if records:
+            worker.process(records)
+    elapsed = time.monotonic() - started
+    worker.close()
+    return _rate(n, elapsed)
+
+
+class _TimedWorker(StreamWorker):
+    """Records, per event, the time from the producer's send to the Redis write's return."""
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.freshness_ms: list[float] = []
+
+    def process(self, records):
+        super().process(records)
+        now_ms = time.time() * 1000
+        self.freshness_ms += [now_ms - r.timestamp for r in records]
+
+
+def _freshness(settings: Settings, rate: float, seconds: float) -> dict:
+    """A producer process at a steady rate; the worker in this process times each event."""
+    worker = _TimedWorker(settings)
+    thread = threading.Thread(target=worker.run, kwargs={"until_idle": 3.0})
+    thread.start()
+    n = int(rate * seconds)
+    cmd = [sys.executable, "-m", "recsys.cli", "replay", "--source", f"synthetic:events={n},seed=11",
+           "--rate", str(rate), "--quiet"]
+    subprocess.run(cmd, env=settings_env(settings), check=True, stdout=subprocess.DEVNULL)
+    thread.join()
+    lat = np.array(worker.freshness_ms[int(0.1 * len(worker.freshness_ms)):])  # skip the warm-up
+    return {"events": len(worker.freshness_ms), "p50_ms": round(float(np.percentile(lat, 50)), 2),
+            "p99_ms": round(float(np.percentile(lat, 99)), 2), "max_ms": round(float(lat.max()), 2)}
+
+
+def bench_stream(settings: Settings, events: int = 50_000, steady_rate: float = 1000.0,
+                 steady_seconds: float = 10.0) -> dict:
+    stack.up(settings, progress=lambda *_: None)
+    run, steady = scratch_settings(settings, "bench"), scratch_settings(settings, "bench-steady")
+    raw = run.model_copy(update={"redis_prefix": run.redis_prefix + "-raw"})
+    for s in (run, steady):
+        stack.ensure_topics(s)
+    try:
+        data = list(SyntheticSource(events=events, seed=5).events_iter())
+        replay(data, run, progress=False)
+        raw_kafka = _raw_kafka_rate(run, events)
+        raw_redis = _raw_redis_rate(raw, data)
+        worker = _worker_rate(run, events)
+        fresh = _freshness(steady, steady_rate, steady_seconds)
+    finally:
+        for s in (run, steady, raw):
+            stack.delete_topics(s)
+            FeatureStore(s).clear()
+    slower = min(raw_kafka, raw_redis)
+    return {
+        "events": events,
+        "worker_events_per_s": worker,
+        "raw_kafka_consume_per_s": raw_kafka,
+        "raw_redis_apply_per_s": raw_redis,
+        "worker_vs_slower_raw": round(worker / slower, 3),
+        "freshness_at_rate": steady_rate,
+        "freshness": fresh,
+        "targets": {"worker_vs_slower_raw": ">= 0.5", "freshness_p99_ms": "<= 50"},
+    }

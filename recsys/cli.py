@@ -1,0 +1,154 @@
+"""The ``recsys`` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from recsys.settings import get_settings
+
+
+def _print(obj, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, default=str))
+    else:
+        for key, value in obj.items():
+            print(f"{key}: {json.dumps(value, default=str) if isinstance(value, (dict, list)) else value}")
+
+
+def cmd_stack(args) -> int:
+    from recsys import stack
+    settings = get_settings()
+    if args.action == "up":
+        result = stack.up(settings, progress=lambda msg: print(msg, file=sys.stderr))
+    elif args.action == "down":
+        result = stack.down(settings)
+    else:
+        result = stack.status(settings)
+    _print(result, args.json)
+    return 0
+
+
+def open_source_from(args):
+    from recsys.sources import open_source
+    return open_source(args.source, args.user_col, args.item_col, args.ts_col)
+
+
+def cmd_replay(args) -> int:
+    from recsys.kafka_io import replay
+    from recsys.sources import SyntheticSource
+    source = open_source_from(args)
+    total = source.events if isinstance(source, SyntheticSource) else None
+    result = replay(source.events_iter(), get_settings(), rate=args.rate, limit=args.limit,
+                    total=total, progress=not args.quiet)
+    print(json.dumps({**result, "source": args.source}))
+    return 0
+
+
+def cmd_stream(args) -> int:
+    from recsys.stream import run_stream
+    print(json.dumps(run_stream(get_settings(), until_idle=args.until_idle)))
+    return 0
+
+
+def cmd_archive(args) -> int:
+    from recsys.archive import run_archiver
+    print(json.dumps(run_archiver(get_settings(), until_idle=args.until_idle)))
+    return 0
+
+
+def cmd_features(args) -> int:
+    from recsys.feature_store import FeatureStore
+    store = FeatureStore(get_settings())
+    if args.kind == "user":
+        result = store.user(args.id).to_json()
+    else:
+        result = {"item_id": args.id, "counts": store.item_counts(args.id),
+                  "trending_log_score": store.trending_score(args.id)}
+    _print(result, args.json)
+    return 0
+
+
+def cmd_bench_stream(args) -> int:
+    from recsys.bench import bench_stream
+    result = bench_stream(get_settings(), events=args.events, steady_rate=args.rate, steady_seconds=args.seconds)
+    _print(result, args.json)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from recsys.demo import run_demo
+    return run_demo(get_settings(), events=args.events)
+
+
+def _source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", default="synthetic",
+                   help="synthetic[:events=N,users=N,items=N,seed=N,...] | movielens:DIR | csv:PATH")
+    p.add_argument("--user-col", default="user_id", help="csv: the user column")
+    p.add_argument("--item-col", default="item_id", help="csv: the item column")
+    p.add_argument("--ts-col", default="timestamp", help="csv: the timestamp column (seconds or ms)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recsys", description="Real-time recommendation reference application.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("stack", help="start, stop or inspect the local Kafka + Redis stack")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--json", action="store_true", help="one JSON line")
+    p.set_defaults(func=cmd_stack)
+
+    p = sub.add_parser("replay", help="produce a source's events into Kafka, in time order")
+    _source_options(p)
+    p.add_argument("--rate", type=float, default=0.0, help="events per second, 0 for as fast as possible")
+    p.add_argument("--limit", type=int, default=None, help="stop after N events")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("stream", help="consume events into the Redis online features")
+    p.add_argument("--until-idle", type=float, default=None, metavar="SECONDS",
+                   help="exit after this many seconds without new records")
+    p.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser("archive", help="append events to the Parquet event log for training")
+    p.add_argument("--until-idle", type=float, default=None, metavar="SECONDS",
+                   help="exit after this many seconds without new records")
+    p.set_defaults(func=cmd_archive)
+
+    p = sub.add_parser("features", help="print what Redis holds for a user or an item")
+    p.add_argument("kind", choices=["user", "item"])
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true", help="one JSON line")
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("bench", help="benchmarks that print ratios against a reference measured in the same run")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    b = bench.add_parser("stream", help="stream worker vs raw Kafka consume and raw Redis writes; freshness")
+    b.add_argument("--events", type=int, default=50_000, help="events for the throughput runs")
+    b.add_argument("--rate", type=float, default=1000.0, help="events/s for the freshness run")
+    b.add_argument("--seconds", type=float, default=10.0, help="length of the freshness run")
+    b.add_argument("--json", action="store_true", help="one JSON line")
+    b.set_defaults(func=cmd_bench_stream)
+
+    p = sub.add_parser("demo", help="stack up, replay synthetic events, stream them, summarize the features")
+    p.add_argument("--events", type=int, default=20_000, help="synthetic events to replay")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    from recsys.sources import SourceError
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (SourceError, ValidationError) as exc:
+        print(f"recsys {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Online features: what one event changes, as a list of primitive operations.
+
+This module is the single definition of the feature layout. The same operations
+are applied by the Redis Lua script (``recsys.feature_store``) online and by
+``MemoryFeatures`` offline, so training features at an instant equal what Redis
+held at that instant.
+
+Layout (``P`` = settings.redis_prefix, default ``recsys``):
+
+  P:user:{user_id}:recent   LIST  item ids, newest first, at most ``recent_items``
+  P:user:{user_id}:seen     SET   every item the user interacted with
+  P:user:{user_id}:counts   HASH  event type -> count
+  P:item:{item_id}:counts   HASH  event type -> count
+  P:trending                ZSET  item id -> log of the time-decayed event count
+  P:dedup:{event_id}        STRING marker: the event was applied (expires after dedup_ttl_s)
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from recsys.events import Event, EventType
+
+
+class Op(NamedTuple):
+    """One primitive update: ``kind`` is recent | sadd | hincr | zlogadd."""
+
+    kind: str
+    key: str
+    member: str
+    arg: float  # recent: max length; hincr: increment; zlogadd: log weight; sadd: unused
+
+
+class Keys:
+    def __init__(self, prefix: str = "recsys"):
+        self.prefix = prefix
+        self.trending = f"{prefix}:trending"
+
+    def user(self, user_id: str, part: str) -> str:
+        return f"{self.prefix}:user:{user_id}:{part}"
+
+    def item(self, item_id: str) -> str:
+        return f"{self.prefix}:item:{item_id}:counts"
+
+    def dedup(self, event_id: str) -> str:
+        return f"{self.prefix}:dedup:{event_id}"
+
+
+def log_weight(ts_ms: int, half_life_s: float) -> float:
+    """An event's decayed weight 2**(t/half_life), in log space so it never overflows."""
+    return ts_ms / (half_life_s * 1000.0) * math.log(2.0)
+
+
+def event_ops(event: Event, keys: Keys, recent_items: int, half_life_s: float) -> list[Op]:
+    """Every update one event makes to the online features."""
+    t = event.type.value
+    return [
+        Op("recent", keys.user(event.user_id, "recent"), event.item_id, recent_items),
+        Op("sadd", keys.user(event.user_id, "seen"), event.item_id, 0),
+        Op("hincr", keys.user(event.user_id, "counts"), t, 1),
+        Op("hincr", keys.item(event.item_id), t, 1),
+        Op("zlogadd", keys.trending, event.item_id, log_weight(event.ts, half_life_s)),
+    ]
+
+
+@dataclass
+class UserFeatures:
+    user_id: str
+    recent: list[str]  # newest first
+    seen: set[str]
+    counts: dict[str, int]
+
+    @property
+    def is_new(self) -> bool:
+        return not self.recent
+
+    def to_json(self) -> dict:
+        return {"user_id": self.user_id, "recent": self.recent, "seen": sorted(self.seen),
+                "counts": {t.value: self.counts.get(t.value, 0) for t in EventType}}
+
+
+def logaddexp(a: float, b: float) -> float:
+    m = max(a, b)
+    return m + math.log(math.exp(a - m) + math.exp(b - m))
+
+
+@dataclass
+class MemoryFeatures:
+    """The operations applied to plain dicts: the offline twin of the Redis store."""
+
+    lists: dict = field(default_factory=lambda: defaultdict(list))
+    sets: dict = field(default_factory=lambda: defaultdict(set))
+    hashes: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+    zsets: dict = field(default_factory=lambda: defaultdict(dict))
+    applied: set = field(default_factory=set)
+
+    def apply(self, event_id: str, ops: list[Op]) -> bool:
+        """Apply once per event id, like the Lua script; False for a duplicate."""
+        if event_id in self.applied:
+            return False
+        self.applied.add(event_id)
+        for op in ops:
+            if op.kind == "recent":
+                lst = self.lists[op.key]
+                lst.insert(0, op.member)
+                del lst[int(op.arg):]
+            elif op.kind == "sadd":
+                self.sets[op.key].add(op.member)
+            elif op.kind == "hincr":
+                self.hashes[op.key][op.member] += int(op.arg)
+            elif op.kind == "zlogadd":
+                z = self.zsets[op.key]
+                z[op.member] = logaddexp(z[op.member], op.arg) if op.member in z else op.arg
+            else:
+                raise ValueError(f"unknown op {op.kind}")
+        return True
+
+    def user(self, keys: Keys, user_id: str) -> UserFeatures:
+        return UserFeatures(user_id, list(self.lists.get(keys.user(user_id, "recent"), [])),
+                            set(self.sets.get(keys.user(user_id, "seen"), set())),
+                            dict(self.hashes.get(keys.user(user_id, "counts"), {})))

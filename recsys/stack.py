@@ -1,0 +1,352 @@
+"""Start, stop and inspect the local stack: one Kafka 4 KRaft node and one Redis.
+
+Both run as detached child processes whose pids are kept in ``<home>/run``, so
+``down`` stops only what ``up`` started. See deploy/local/README.md.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from string import Template
+from typing import Callable
+
+import redis
+from kafka import KafkaAdminClient
+from kafka.errors import TopicAlreadyExistsError
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from recsys.settings import Settings, get_settings
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "local"
+# Text that /proc/<pid>/cmdline must contain for a recorded pid to still be ours.
+MARKERS = {"kafka": "kafka.Kafka", "redis": "redis-server"}
+KAFKA_TIMEOUT_S = 90
+REDIS_TIMEOUT_S = 15
+STOP_TIMEOUT_S = 30
+# Children started by this Python process, kept so _stop can reap them (no zombies).
+_children: dict[str, subprocess.Popen] = {}
+
+
+class StackError(RuntimeError):
+    """A stack problem the CLI reports in one line (exit 1)."""
+
+
+# ---- processes -------------------------------------------------------------
+
+def _dir(s: Settings, name: str) -> Path:
+    path = s.home.resolve() / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _log(s: Settings, name: str) -> Path:
+    return _dir(s, "logs") / f"{name}.log"
+
+
+def _pidfile(s: Settings, name: str) -> Path:
+    return _dir(s, "run") / f"{name}.pid"
+
+
+def _alive(pid: int, name: str) -> bool:
+    """True if pid runs our service; a reused pid or a zombie (empty cmdline) is not."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return MARKERS[name].encode() in cmdline
+
+
+def _pid(s: Settings, name: str) -> int | None:
+    """The recorded pid if that process is still ours, else None."""
+    try:
+        pid = int(_pidfile(s, name).read_text())
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid, name) else None
+
+
+def _spawn(s: Settings, name: str, cmd: list[str]) -> subprocess.Popen:
+    log = _log(s, name)
+    with log.open("a") as out:
+        out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    _pidfile(s, name).write_text(f"{proc.pid}\n")
+    _children[name] = proc
+    return proc
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    """The end of this run's log, for error messages.
+
+    Java stack frames are dropped, and where the run logged errors only those
+    (and their causes) are kept, so the reason is not scrolled away by INFO lines.
+    """
+    try:
+        run = path.read_text(errors="replace").rsplit("\n==== ", 1)[-1]
+    except OSError:
+        return "(no log)"
+    kept = [line[:300] for line in run.splitlines() if line and not line[0].isspace()]
+    errors = [line for line in kept if " ERROR " in line or line.startswith(("Caused by", "Exception", "Error"))]
+    return "\n".join((errors or kept)[-lines:])
+
+
+def _wait(s: Settings, name: str, answers: Callable[[Settings], bool], timeout_s: float,
+          proc: subprocess.Popen | None) -> None:
+    """Wait until the service answers; fail early if it exits.
+
+    A child just spawned (``proc``) is watched with poll(): right after exec its
+    cmdline can be mid-rewrite (redis sets its process title), which _pid would misread.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not answers(s):
+        exited = proc.poll() is not None if proc else _pid(s, name) is None
+        if exited or time.monotonic() > deadline:
+            why = "exited" if exited else f"did not answer within {timeout_s:.0f}s"
+            log = _log(s, name)
+            raise StackError(f"{name} {why}; last lines of {log}:\n{_tail(log)}")
+        time.sleep(0.5)
+
+
+def _stop(s: Settings, name: str) -> str:
+    """SIGTERM our process, SIGKILL it if it outlives STOP_TIMEOUT_S. Returns what happened."""
+    pid = _pid(s, name)
+    _pidfile(s, name).unlink(missing_ok=True)
+    if pid is None:
+        return "not running"
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    how = "stopped"
+    while _alive(pid, name):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            how = "killed"
+            break
+        time.sleep(0.2)
+    child = _children.pop(name, None)
+    if child is not None and child.pid == pid:
+        child.wait()
+    return how
+
+
+# ---- redis -----------------------------------------------------------------
+
+def _redis_answers(s: Settings) -> bool:
+    # retry=0: the client's default retries make a refused connection take ~5 s.
+    try:
+        with redis.Redis(host=s.redis_host, port=s.redis_port, socket_connect_timeout=1, socket_timeout=1,
+                         retry=Retry(NoBackoff(), 0)) as r:
+            return bool(r.ping())
+    except redis.RedisError:
+        return False
+
+
+def _redis_server() -> str:
+    exe = shutil.which("redis-server")
+    if exe:
+        return exe
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise StackError("redis-server not found: install it (Debian: apt-get install redis-server)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "redis-server"]):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise StackError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
+    return shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def start_redis(settings: Settings | None = None, progress: Callable[[str], None] = print) -> None:
+    s = settings or get_settings()
+    if _redis_answers(s):
+        return
+    proc = None
+    if _pid(s, "redis") is None:
+        progress(f"redis: starting on {s.redis_host}:{s.redis_port}")
+        proc = _spawn(s, "redis", [
+            _redis_server(), "--bind", s.redis_host, "--port", str(s.redis_port),
+            "--dir", str(_dir(s, "redis")), "--daemonize", "no",
+            "--appendonly", "yes", "--save", "",
+        ])
+    _wait(s, "redis", _redis_answers, REDIS_TIMEOUT_S, proc)
+
+
+def stop_redis(settings: Settings | None = None) -> str:
+    return _stop(settings or get_settings(), "redis")
+
+
+# ---- kafka -----------------------------------------------------------------
+
+def _kafka_hostport(s: Settings) -> tuple[str, int]:
+    host, port = s.kafka_bootstrap.rsplit(":", 1)
+    return host, int(port)
+
+
+def _admin(s: Settings) -> KafkaAdminClient:
+    return KafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, bootstrap_timeout_ms=10000)
+
+
+def _kafka_answers(s: Settings) -> bool:
+    """True if the broker answers an ApiVersions request.
+
+    Spoken raw: a KafkaAdminClient whose bootstrap fails leaks its IO thread, and
+    a starting broker accepts connections well before it answers them.
+    """
+    request = struct.pack(">hhih", 18, 0, 7, -1)  # ApiVersions v0, correlation id 7, no client id
+    try:
+        with socket.create_connection(_kafka_hostport(s), timeout=2) as sock:
+            sock.sendall(struct.pack(">i", len(request)) + request)
+            reply = sock.recv(8)
+    except OSError:
+        return False
+    return len(reply) == 8 and struct.unpack(">ii", reply)[1] == 7
+
+
+def _java() -> str:
+    exe = shutil.which("java")
+    if not exe:
+        raise StackError("java not found: install a JDK 17 (Debian: apt-get install openjdk-17-jre-headless)")
+    return exe
+
+
+def _kafka_libs(s: Settings, progress: Callable[[str], None]) -> Path:
+    """The broker's jars, fetched once with Maven into <stack_cache>/kafka-<version>/libs."""
+    libs = s.stack_cache.resolve() / f"kafka-{s.kafka_version}" / "libs"
+    if (libs / f"kafka_2.13-{s.kafka_version}.jar").exists():
+        return libs
+    mvn = shutil.which("mvn")
+    if not mvn:
+        raise StackError("mvn not found: install Maven to fetch the Kafka jars (Debian: apt-get install maven)")
+    progress(f"kafka: fetching Kafka {s.kafka_version} jars from Maven Central (first start only)")
+    partial = libs.with_name("libs.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    # -U: retry a download that failed before instead of trusting Maven's cached failure.
+    done = subprocess.run(
+        [mvn, "-q", "-B", "-U", "-Dstyle.color=never", "-f", str(DEPLOY / "kafka" / "pom.xml"),
+         f"-Dkafka.version={s.kafka_version}", "dependency:copy-dependencies", f"-DoutputDirectory={partial}"],
+        capture_output=True, text=True)
+    if done.returncode != 0:
+        out = done.stdout + done.stderr
+        first_error = re.search(r"\[ERROR\] (\S.*)", out)
+        raise StackError(f"mvn could not fetch Kafka {s.kafka_version}: "
+                         f"{first_error.group(1) if first_error else out[-2000:]}")
+    shutil.rmtree(libs, ignore_errors=True)
+    partial.rename(libs)  # only a complete download counts as cached
+    return libs
+
+
+def _kafka_config(s: Settings) -> Path:
+    host, port = _kafka_hostport(s)
+    text = Template((DEPLOY / "kafka" / "server.properties").read_text()).substitute(
+        host=host, port=port, controller_port=s.kafka_controller_port, log_dirs=_dir(s, "kafka") / "data")
+    path = _dir(s, "kafka") / "server.properties"
+    path.write_text(text)
+    return path
+
+
+def _java_cmd(libs: Path, *args: str) -> list[str]:
+    return [_java(), "-Xms256m", "-Xmx512m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={DEPLOY / 'kafka' / 'log4j2.xml'}", "-cp", f"{libs}/*", *args]
+
+
+def _format_storage(s: Settings, libs: Path, config: Path, progress: Callable[[str], None]) -> None:
+    """First start only: write meta.properties and the single-voter KRaft quorum."""
+    if (_dir(s, "kafka") / "data" / "meta.properties").exists():
+        return
+    # Kafka cluster ids are a random UUID in unpadded URL-safe base64.
+    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    progress(f"kafka: formatting storage (cluster id {cluster_id})")
+    done = subprocess.run(
+        _java_cmd(libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config), "--standalone"),
+        capture_output=True, text=True)
+    if done.returncode != 0:
+        raise StackError(f"kafka storage format failed:\n{(done.stdout + done.stderr)[-2000:]}")
+
+
+def ensure_topics(s: Settings, timeout_s: float = 30) -> None:
+    """Create the events and dead-letter topics if missing.
+
+    Retries TopicAlreadyExists: right after a delete the name can still be taken.
+    """
+    wanted = {s.events_topic: s.events_partitions, s.dlq_topic: 1}
+    deadline = time.monotonic() + timeout_s
+    with _admin(s) as admin:
+        while missing := {t: n for t, n in wanted.items() if t not in admin.list_topics()}:
+            try:
+                admin.create_topics({t: {"num_partitions": n, "replication_factor": 1}
+                                     for t, n in missing.items()})
+            except TopicAlreadyExistsError:
+                if time.monotonic() > deadline:
+                    raise StackError(f"kafka: topics {sorted(missing)} still being deleted after {timeout_s:.0f}s")
+                time.sleep(0.3)
+        admin.wait_for_topics(list(wanted), timeout_ms=int(timeout_s * 1000))
+
+
+def start_kafka(settings: Settings | None = None, progress: Callable[[str], None] = print) -> None:
+    s = settings or get_settings()
+    proc = None
+    if not _kafka_answers(s) and _pid(s, "kafka") is None:
+        _java()  # fail before downloading jars it could not run
+        libs = _kafka_libs(s, progress)
+        config = _kafka_config(s)
+        _format_storage(s, libs, config, progress)
+        progress(f"kafka: starting {s.kafka_version} on {s.kafka_bootstrap}")
+        proc = _spawn(s, "kafka", _java_cmd(libs, "kafka.Kafka", str(config)))
+    _wait(s, "kafka", _kafka_answers, KAFKA_TIMEOUT_S, proc)
+    ensure_topics(s)
+
+
+def stop_kafka(settings: Settings | None = None) -> str:
+    return _stop(settings or get_settings(), "kafka")
+
+
+# ---- whole stack -----------------------------------------------------------
+
+def up(settings: Settings | None = None, progress: Callable[[str], None] = print) -> dict:
+    """Start whatever is not running, wait until both answer, create the topics. Idempotent."""
+    s = settings or get_settings()
+    start_redis(s, progress)
+    start_kafka(s, progress)
+    return status(s)
+
+
+def down(settings: Settings | None = None) -> dict:
+    """Stop what ``up`` started; a service started some other way is left alone."""
+    s = settings or get_settings()
+    return {"kafka": stop_kafka(s), "redis": stop_redis(s)}
+
+
+def status(settings: Settings | None = None) -> dict:
+    """Per service: state "running" only if it answers, our pid (or None), address and log file."""
+    s = settings or get_settings()
+    return {
+        "kafka": {"state": "running" if _kafka_answers(s) else "stopped", "pid": _pid(s, "kafka"),
+                  "bootstrap": s.kafka_bootstrap, "version": s.kafka_version, "log": str(_log(s, "kafka"))},
+        "redis": {"state": "running" if _redis_answers(s) else "stopped", "pid": _pid(s, "redis"),
+                  "url": s.redis_url, "log": str(_log(s, "redis"))},
+    }
+
+
+def delete_topics(settings: Settings, timeout_s: float = 30) -> None:
+    """Delete the events and dead-letter topics and wait until they are gone."""
+    topics = [settings.events_topic, settings.dlq_topic]
+    deadline = time.monotonic() + timeout_s
+    with _admin(settings) as admin:
+        existing = [t for t in topics if t in admin.list_topics()]
+        if existing:
+            admin.delete_topics(existing)
+        while any(t in admin.list_topics() for t in topics):
+            if time.monotonic() > deadline:
+                raise StackError(f"kafka: topics {topics} not deleted after {timeout_s:.0f}s")
+            time.sleep(0.2)
+

@@ -1,0 +1,105 @@
+"""The stream worker: Kafka ``user-events`` -> Redis online features, at least once, effects once.
+
+Per poll: decode every record, send bad ones to the dead-letter topic (reason and
+source position in headers, original bytes as value), apply the good ones to Redis
+in one pipelined round trip (each event atomic and deduplicated by event id),
+flush the dead letters, and only then commit the offsets (asynchronously; a final
+synchronous commit on a clean exit). A crash anywhere before
+the commit replays the batch, and the dedup markers make the replay change nothing.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+from recsys import kafka_io
+from recsys.events import BadEvent, parse_event
+from recsys.feature_store import FeatureStore
+from recsys.settings import Settings
+
+@dataclass
+class StreamStats:
+    consumed: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    dlq: int = 0
+
+
+def dead_letter_headers(record, reason: str) -> list[tuple[str, bytes]]:
+    return [("reason", reason.encode()[:1000]), ("topic", record.topic.encode()),
+            ("partition", str(record.partition).encode()), ("offset", str(record.offset).encode())]
+
+
+class StreamWorker:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = FeatureStore(settings)
+        self.consumer = kafka_io.consumer(settings, settings.stream_group)
+        self.dlq = kafka_io.producer(settings)
+        self.stats = StreamStats()
+        self.stopping = False
+
+    def process(self, records) -> None:
+        """One batch: effects first (Redis, dead letters), offsets after."""
+        good = []
+        for record in records:
+            try:
+                good.append(parse_event(record.value))
+            except BadEvent as exc:
+                self.dlq.send(self.settings.dlq_topic, key=record.key, value=record.value or b"",
+                              headers=dead_letter_headers(record, exc.reason))
+                self.stats.dlq += 1
+        applied = self.store.apply_events(good)
+        self.dlq.flush()
+        # Asynchronous: a commit lost in a crash only replays events the dedup markers absorb.
+        self.consumer.commit_async()
+        self.stats.consumed += len(records)
+        self.stats.applied += sum(applied)
+        self.stats.duplicates += len(applied) - sum(applied)
+
+    def run(self, until_idle: float | None = None) -> StreamStats:
+        """Consume until SIGTERM/SIGINT, or until ``until_idle`` seconds pass with no record."""
+        def stop(*_):
+            self.stopping = True
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
+        last_record = time.monotonic()
+        try:
+            while not self.stopping:
+                polled = self.consumer.poll(timeout_ms=200)
+                records = [r for batch in polled.values() for r in batch]
+                if records:
+                    self.process(records)
+                if records or not self.consumer.assignment():  # idle time counts once partitions are ours
+                    last_record = time.monotonic()
+                elif until_idle is not None and time.monotonic() - last_record >= until_idle:
+                    break
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.close()
+        return self.stats
+
+    def close(self) -> None:
+        if self.consumer.assignment():
+            self.consumer.commit()
+        self.consumer.close(autocommit=False)
+        self.dlq.close()
+
+
+def run_stream(settings: Settings, until_idle: float | None = None) -> dict:
+    stats = StreamWorker(settings).run(until_idle)
+    return asdict(stats)
+
+
+def read_dead_letters(settings: Settings, timeout_s: float = 5.0) -> list[dict]:
+    """Everything on the dead-letter topic, for tests and inspection."""
+    from kafka import KafkaConsumer
+    cons = KafkaConsumer(settings.dlq_topic, bootstrap_servers=settings.kafka_bootstrap, group_id=None,
+                         auto_offset_reset="earliest", consumer_timeout_ms=int(timeout_s * 1000))
+    out = [{"value": r.value, **{k: v.decode() for k, v in r.headers}} for r in cons]
+    cons.close()
+    return out
+

@@ -1,0 +1,65 @@
+"""Fixtures for tests against the real local stack (Kafka broker, Redis server, Ray).
+
+The stack is started by the project's own ``recsys.stack.up`` (idempotent) and, if this
+session started it, stopped at the end. Each test gets its own topics, consumer groups,
+Redis key prefix and archive folder, so tests never see each other's data.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recsys import stack
+from recsys.bench import scratch_settings, settings_env
+from recsys.feature_store import FeatureStore
+from recsys.settings import get_settings
+
+ML100K = Path(os.environ.get("RECSYS_ML100K", Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"))
+
+
+@pytest.fixture(scope="session")
+def live_stack():
+    settings = get_settings()
+    was_running = all(v["state"] == "running" for v in stack.status(settings).values())
+    stack.up(settings)  # a failure here fails the test loudly: no silent skip
+    yield settings
+    if not was_running:
+        stack.down(settings)
+
+
+class Scratch:
+    """Settings for one test's private topics, groups, prefix and archive, and a way to run the CLI."""
+
+    def __init__(self, base, tmp_path: Path, tag: str):
+        self.settings = scratch_settings(base, tag).model_copy(update={"archive_dir": tmp_path / "archive"})
+        self.env = settings_env(self.settings)
+        stack.ensure_topics(self.settings)
+
+    def cli(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "recsys.cli", *args], env=self.env, capture_output=True,
+                              text=True, check=True, **kw)
+
+    def popen(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "recsys.cli", *args], env=self.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def close(self):
+        stack.delete_topics(self.settings)
+        FeatureStore(self.settings).clear()
+
+
+@pytest.fixture
+def scratch(live_stack, tmp_path, request):
+    s = Scratch(live_stack, tmp_path, request.node.name[:20].replace("_", "-").replace("[", "-").rstrip("]"))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def ml100k() -> Path:
+    assert (ML100K / "u.data").is_file(), f"MovieLens-100K not found at {ML100K} (set RECSYS_ML100K)"
+    return ML100K

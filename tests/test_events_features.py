@@ -1,0 +1,108 @@
+"""Unit tests of pure logic: the event contract, the feature operations, the sources."""
+import json
+import math
+
+import pytest
+
+from recsys.events import BadEvent, Event, EventType, parse_event
+from recsys.features import Keys, MemoryFeatures, event_ops, log_weight
+from recsys.sources import SourceError, open_source
+
+
+def ev(i, user="u1", item="a", ts=1000, type_="click"):
+    return Event(event_id=f"e{i}", user_id=user, item_id=item, type=type_, ts=ts)
+
+
+def test_parse_event_round_trip():
+    e = Event(event_id="x", user_id="u", item_id="i", type="rating", value=4.0, ts=5)
+    assert parse_event(e.to_bytes()) == e
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    (b"not json", "not JSON"),
+    (b"[1, 2]", "not a JSON object"),
+    (json.dumps({"event_id": "1", "user_id": "u", "type": "view", "ts": 1}).encode(), "item_id"),
+    (json.dumps({"event_id": "1", "user_id": "u", "item_id": "i", "type": "view", "ts": "soon"}).encode(), "ts"),
+    (json.dumps({"event_id": "1", "user_id": "u", "item_id": 7, "type": "view", "ts": 1}).encode(), "item_id"),
+    (json.dumps({"event_id": "1", "user_id": "u", "item_id": "i", "type": "teleport", "ts": 1}).encode(), "type"),
+    (None, "empty"),
+])
+def test_bad_records_say_why(raw, fragment):
+    with pytest.raises(BadEvent) as info:
+        parse_event(raw)
+    assert fragment in info.value.reason
+
+
+def test_memory_features_recent_seen_counts_and_dedup():
+    keys, mem = Keys("t"), MemoryFeatures()
+    events = [ev(i, item=f"i{i % 7}", ts=1000 + i, type_="view" if i % 3 else "purchase") for i in range(60)]
+    for e in events:
+        assert mem.apply(e.event_id, event_ops(e, keys, 50, 3600))
+    assert not mem.apply(events[5].event_id, event_ops(events[5], keys, 50, 3600))  # replay: no change
+    user = mem.user(keys, "u1")
+    assert user.recent == [e.item_id for e in reversed(events)][:50]
+    assert user.seen == {f"i{k}" for k in range(7)}
+    assert user.counts == {"view": 40, "purchase": 20}
+    assert sum(mem.hashes[keys.item("i0")].values()) == len([e for e in events if e.item_id == "i0"])
+
+
+def test_trending_is_a_decayed_count_in_log_space():
+    keys, mem = Keys("t"), MemoryFeatures()
+    half_life = 10.0
+    # item a: two events one half-life ago; item b: one event now. Equal decayed weight.
+    for i, (item, ts) in enumerate([("a", 0), ("a", 0), ("b", 10_000)]):
+        mem.apply(f"e{i}", event_ops(ev(i, item=item, ts=ts), keys, 50, half_life))
+    z = mem.zsets[keys.trending]
+    assert math.isclose(z["a"], z["b"], rel_tol=1e-12)
+    assert math.isclose(z["b"], log_weight(10_000, half_life))
+    assert math.isfinite(log_weight(4_000_000_000_000, 60.0))  # far-future times stay finite
+
+
+def test_synthetic_is_deterministic_ordered_and_clustered():
+    a = list(open_source("synthetic:events=3000,users=200,items=300,seed=3").events_iter())
+    b = list(open_source("synthetic:events=3000,users=200,items=300,seed=3").events_iter())
+    assert a == b and len(a) == 3000
+    assert all(x.ts <= y.ts for x, y in zip(a, a[1:]))
+    assert len({e.event_id for e in a}) == 3000
+    src = open_source("synthetic:events=3000,users=200,items=300,seed=3")
+    in_cluster = sum(src.item_cluster[int(e.item_id[1:])] == src.user_cluster[int(e.user_id[1:])] for e in a)
+    assert in_cluster / len(a) > 0.6  # users stay mostly within their taste cluster
+    counts = {}
+    for e in a:
+        counts[e.item_id] = counts.get(e.item_id, 0) + 1
+    top = sorted(counts.values(), reverse=True)
+    assert sum(top[:30]) > 0.25 * len(a)  # popularity skew: 10% of items take over a quarter
+
+
+def test_synthetic_shift_moves_users_to_other_clusters():
+    src = open_source("synthetic:events=4000,users=100,items=400,seed=5,shift_at=0.5")
+    events = list(src.events_iter())
+    late = events[2000:]
+    home = sum(src.item_cluster[int(e.item_id[1:])] == src.user_cluster[int(e.user_id[1:])] for e in late)
+    assert home / len(late) < 0.2
+
+
+def test_csv_source_detects_seconds_and_orders(tmp_path):
+    path = tmp_path / "e.csv"
+    path.write_text("who,what,when,extra\nu1,b,20,x\nu2,a,10,y\nu1,c,20,z\n")
+    events = list(open_source(f"csv:{path}", "who", "what", "when").events_iter())
+    assert [(e.user_id, e.item_id, e.ts) for e in events] == [("u2", "a", 10_000), ("u1", "b", 20_000), ("u1", "c", 20_000)]
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("nope:x", "unknown source"),
+    ("synthetic:colours=3", "unknown parameter"),
+    ("synthetic:events=many", "not a number"),
+    ("movielens:/nonexistent", "not found"),
+    ("csv:", "give a path"),
+])
+def test_bad_source_specs(spec, fragment):
+    with pytest.raises(SourceError, match=fragment):
+        open_source(spec)
+
+
+def test_csv_unknown_columns(tmp_path):
+    path = tmp_path / "e.csv"
+    path.write_text("a,b,c\n1,2,3\n")
+    with pytest.raises(SourceError, match="no column user_id"):
+        open_source(f"csv:{path}")

@@ -1,0 +1,154 @@
+"""Issue 2 acceptance: events through the real Kafka broker into the real Redis server."""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections import Counter, defaultdict
+
+import pytest
+from kafka import KafkaAdminClient
+
+from recsys.archive import read_events
+from recsys.feature_store import FeatureStore
+from recsys.kafka_io import producer, replay
+from recsys.sources import MovieLensSource
+from recsys.stream import read_dead_letters
+
+
+def expected_from_u_data(path):
+    """Counts, seen sets and last-50 lists straight from u.data, in (time, file line) order."""
+    rows = [line.split("\t") for line in open(path / "u.data")]
+    order = sorted(range(len(rows)), key=lambda i: (int(rows[i][3]), i))
+    users, items, recent = Counter(), Counter(), defaultdict(list)
+    for i in order:
+        user, item = rows[i][0], rows[i][1]
+        users[user] += 1
+        items[item] += 1
+        recent[user].append(item)
+    return users, items, {u: set(lst) for u, lst in recent.items()}, {u: list(reversed(lst[-50:])) for u, lst in recent.items()}
+
+
+def assert_features_match(settings, ml100k):
+    users, items, seen, recent = expected_from_u_data(ml100k)
+    store = FeatureStore(settings)
+    got = store.users(sorted(users))
+    mismatched = [u.user_id for u in got
+                  if u.counts != {"rating": users[u.user_id]} or u.recent != recent[u.user_id]
+                  or u.seen != seen[u.user_id]]
+    assert not mismatched, f"{len(mismatched)} users differ, e.g. {mismatched[:5]}"
+    pipe = store.redis.pipeline(transaction=False)
+    for item in sorted(items):
+        pipe.hgetall(store.keys.item(item))
+    item_counts = dict(zip(sorted(items), pipe.execute()))
+    wrong = [i for i, c in item_counts.items() if c != {"rating": str(items[i])}]
+    assert not wrong, f"{len(wrong)} items differ, e.g. {wrong[:5]}"
+    assert store.redis.zcard(store.keys.trending) == len(items)
+
+
+def committed(settings) -> int:
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    try:
+        offsets = admin.list_group_offsets(settings.stream_group).get(settings.stream_group, {})
+        return sum(o.offset for o in offsets.values() if o.offset > 0)
+    finally:
+        admin.close()
+
+
+def stream_json(proc_or_result) -> dict:
+    return json.loads(proc_or_result.stdout.strip().splitlines()[-1])
+
+
+def test_movielens_replay_counts_exact(scratch, ml100k):
+    out = scratch.cli("replay", "--source", f"movielens:{ml100k}", "--quiet")
+    assert stream_json(out)["produced"] == 100_000
+    stats = stream_json(scratch.cli("stream", "--until-idle", "3"))
+    assert stats == {"consumed": 100_000, "applied": 100_000, "duplicates": 0, "dlq": 0}
+    assert_features_match(scratch.settings, ml100k)
+    # The documented reading command shows the same thing.
+    user = json.loads(scratch.cli("features", "user", "1", "--json").stdout)
+    assert user["counts"]["rating"] == 272 and len(user["recent"]) == 50 and len(user["seen"]) == 272
+
+
+def test_sigkill_midway_loses_and_doubles_nothing(scratch, ml100k):
+    replay(MovieLensSource(ml100k).events_iter(), scratch.settings, progress=False)
+    worker = scratch.popen("stream")
+    deadline = time.monotonic() + 120
+    while committed(scratch.settings) < 20_000:
+        assert worker.poll() is None, worker.stderr.read()
+        assert time.monotonic() < deadline, "the worker made no progress"
+        time.sleep(0.1)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    done = committed(scratch.settings)
+    assert done < 100_000, "killed too late to test anything"
+    stats = stream_json(scratch.cli("stream", "--until-idle", "3"))
+    assert stats["consumed"] + done >= 100_000
+    assert_features_match(scratch.settings, ml100k)
+
+
+def test_replaying_the_same_events_changes_nothing(scratch, ml100k):
+    events = list(MovieLensSource(ml100k).events_iter())[:20_000]
+    replay(events, scratch.settings, progress=False)
+    first = stream_json(scratch.cli("stream", "--until-idle", "2"))
+    store = FeatureStore(scratch.settings)
+    users = sorted({e.user_id for e in events})
+    before = [u.to_json() for u in store.users(users)]
+    trending_before = store.trending(2000)
+    replay(events, scratch.settings, progress=False)
+    second = stream_json(scratch.cli("stream", "--until-idle", "2"))
+    assert first["applied"] == 20_000 and second == {"consumed": 20_000, "applied": 0, "duplicates": 20_000, "dlq": 0}
+    assert [u.to_json() for u in store.users(users)] == before
+    assert store.trending(2000) == trending_before
+
+
+def test_poison_records_go_to_the_dead_letter_topic(scratch):
+    good = {"user_id": "u1", "item_id": "i1", "type": "click", "ts": 1_700_000_000_000}
+    records = [
+        json.dumps({**good, "event_id": "ok-1"}).encode(),
+        b"{not json",
+        json.dumps({"event_id": "bad-missing", "user_id": "u1", "type": "click", "ts": 1}).encode(),
+        json.dumps({**good, "event_id": "bad-type", "ts": "yesterday"}).encode(),
+        json.dumps({**good, "event_id": "bad-kind", "type": "teleport"}).encode(),
+        json.dumps({**good, "event_id": "ok-2", "item_id": "i2"}).encode(),
+    ]
+    prod = producer(scratch.settings)
+    for value in records:
+        prod.send(scratch.settings.events_topic, key=b"u1", value=value)
+    prod.flush()
+    prod.close()
+    stats = stream_json(scratch.cli("stream", "--until-idle", "2"))
+    assert stats == {"consumed": 6, "applied": 2, "duplicates": 0, "dlq": 4}
+    assert FeatureStore(scratch.settings).user("u1").recent == ["i2", "i1"]
+    dead = read_dead_letters(scratch.settings)
+    assert sorted(d["value"] for d in dead) == sorted(records[1:5])
+    reasons = {d["value"]: d["reason"] for d in dead}
+    assert "not JSON" in reasons[records[1]]
+    assert "item_id" in reasons[records[2]]
+    assert "ts" in reasons[records[3]]
+    assert "type" in reasons[records[4]]
+    assert all(d["topic"] == scratch.settings.events_topic and d["offset"].isdigit() for d in dead)
+
+
+def test_archive_holds_each_event_once_after_sigkill(scratch, ml100k):
+    events = list(MovieLensSource(ml100k).events_iter())
+    replay(events, scratch.settings, progress=False)
+    ledger = scratch.settings.archive_dir / "_ledger"
+    archiver = scratch.popen("archive")
+    deadline = time.monotonic() + 120
+    while not (ledger.exists() and len(list(ledger.iterdir())) >= 2):
+        assert archiver.poll() is None, archiver.stderr.read()
+        assert time.monotonic() < deadline, "the archiver wrote nothing"
+        time.sleep(0.05)
+    archiver.send_signal(signal.SIGKILL)
+    archiver.wait()
+    partial = read_events(scratch.settings).num_rows
+    assert 0 < partial < 100_000, f"killed at {partial} archived events: nothing to recover"
+    scratch.cli("archive", "--until-idle", "3")
+    table = read_events(scratch.settings)
+    ids = table["event_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 100_000
+    assert set(ids) == {e.event_id for e in events}
+    ts = table["ts"].to_pylist()
+    assert ts == sorted(ts)
+    assert all(p.name.startswith("day=") for p in scratch.settings.archive_dir.iterdir() if p.name != "_ledger")
