@@ -20,6 +20,8 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -91,7 +93,7 @@ class Archive:
 
 
 def read_events(settings: Settings, start_ts: int | None = None, end_ts: int | None = None) -> pa.Table:
-    """The archived events (optionally ``start_ts <= ts < end_ts``), sorted by time."""
+    """The archived events (optionally ``start_ts <= ts < end_ts``), sorted by time, once per event id."""
     root = settings.archive_dir
     files = sorted(root.glob("day=*/p*.parquet"))
     if not files:
@@ -101,7 +103,12 @@ def read_events(settings: Settings, start_ts: int | None = None, end_ts: int | N
         table = table.filter(pc.greater_equal(table["ts"], start_ts))
     if end_ts is not None:
         table = table.filter(pc.less(table["ts"], end_ts))
-    return table.sort_by([("ts", "ascending"), ("event_id", "ascending")])
+    # Stable by time: equal times keep file order, i.e. Kafka offset order within a partition,
+    # which is each user's order on the wire (and in Redis).
+    table = table.take(pa.array(np.argsort(table["ts"].to_numpy(), kind="stable")))
+    # A producer may send an event twice (a retried POST): the log keeps its first copy.
+    first = ~pd.Series(table["event_id"].to_numpy(zero_copy_only=False)).duplicated().to_numpy()
+    return table if first.all() else table.filter(pa.array(first))
 
 
 class _SeekToLedger(ConsumerRebalanceListener):

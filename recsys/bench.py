@@ -35,7 +35,11 @@ def settings_env(settings: Settings) -> dict:
     """The environment that gives a child ``recsys`` process these settings."""
     env = dict(os.environ)
     for name, value in settings.model_dump().items():
-        env[f"RECSYS_{name.upper()}"] = str(value)
+        key = f"RECSYS_{name.upper()}"
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = str(value)
     return env
 
 

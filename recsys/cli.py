@@ -6,6 +6,8 @@ import json
 import sys
 
 from recsys.settings import get_settings
+from training.cli import add_bench_train_options
+from training.cli import register as register_training
 
 
 def _print(obj, as_json: bool) -> None:
@@ -76,9 +78,48 @@ def cmd_bench_stream(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from serving import deploy
+    settings = get_settings()
+    if args.action == "up":
+        from recsys import stack
+        stack.up(settings, progress=lambda msg: print(msg, file=sys.stderr))
+        result = deploy.serve_up(settings, progress=lambda msg: print(msg, file=sys.stderr))
+    elif args.action == "down":
+        result = deploy.serve_down(settings)
+    else:
+        result = deploy.serve_status(settings)
+    _print(result, args.json)
+    return 0
+
+
+def cmd_bench_serve(args) -> int:
+    from serving.bench import bench_serve
+    result = bench_serve(get_settings(), replicas=args.replicas, concurrency=args.concurrency, seconds=args.seconds)
+    _print(result, args.json)
+    return 0
+
+
+def cmd_retrain_now(args) -> int:
+    from training.scheduler import Busy, run_once
+    try:
+        record = run_once(get_settings(), trigger="manual")
+    except Busy as exc:
+        print(f"recsys retrain-now: {exc}", file=sys.stderr)
+        return 1
+    _print(record, args.json)
+    return 0 if record["decision"] != "failed" else 1
+
+
+def cmd_scheduler(args) -> int:
+    from training.scheduler import run_scheduler
+    run_scheduler(get_settings(), max_runs=args.max_runs)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from recsys.demo import run_demo
-    return run_demo(get_settings(), events=args.events)
+    return run_demo(get_settings(), events=args.events, epochs=args.epochs)
 
 
 def _source_options(p: argparse.ArgumentParser) -> None:
@@ -129,9 +170,33 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seconds", type=float, default=10.0, help="length of the freshness run")
     b.add_argument("--json", action="store_true", help="one JSON line")
     b.set_defaults(func=cmd_bench_stream)
+    b = bench.add_parser("train", help="two-tower vs baselines on MovieLens-100K; 1 vs 2 workers; ANN vs exact")
+    add_bench_train_options(b)
+    b = bench.add_parser("serve", help="recommendation endpoint vs a no-op Serve endpoint under the same load")
+    b.add_argument("--replicas", type=int, default=2, help="fixed replicas of each endpoint")
+    b.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
+    b.add_argument("--seconds", type=float, default=20.0, help="load time per endpoint")
+    b.add_argument("--json", action="store_true", help="one JSON line")
+    b.set_defaults(func=cmd_bench_serve)
 
-    p = sub.add_parser("demo", help="stack up, replay synthetic events, stream them, summarize the features")
+    register_training(sub)
+
+    p = sub.add_parser("retrain-now", help="one retraining run now: train, gate, publish or reject")
+    p.add_argument("--json", action="store_true", help="one JSON line")
+    p.set_defaults(func=cmd_retrain_now)
+
+    p = sub.add_parser("scheduler", help="retrain on the schedule (RECSYS_RETRAIN_*) and on new events")
+    p.add_argument("--max-runs", type=int, default=None, help="exit after this many runs")
+    p.set_defaults(func=cmd_scheduler)
+
+    p = sub.add_parser("serve", help="deploy the Ray Serve API (returns once it answers), or stop/inspect it")
+    p.add_argument("action", nargs="?", choices=["up", "down", "status"], default="up")
+    p.add_argument("--json", action="store_true", help="one JSON line")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="the whole loop on synthetic data: stack, Kafka, Redis, Ray Train, Ray Serve")
     p.add_argument("--events", type=int, default=20_000, help="synthetic events to replay")
+    p.add_argument("--epochs", type=int, default=5, help="training epochs")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -140,10 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from recsys.sources import SourceError
+    from recsys.stack import StackError
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SourceError, ValidationError) as exc:
+    except (SourceError, ValidationError, StackError) as exc:
         print(f"recsys {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -4,6 +4,8 @@ from __future__ import annotations
 from typing import Iterable
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from recsys.events import Event
 from recsys.features import Keys, Op, UserFeatures, event_ops
@@ -40,10 +42,11 @@ return 1
 """
 
 
-def connect(settings: Settings, timeout_s: float = 2.0) -> redis.Redis:
-    """A client whose calls fail within ``timeout_s`` instead of hanging when Redis is gone."""
+def connect(settings: Settings, timeout_s: float = 2.0, retries: int = 3) -> redis.Redis:
+    """A client whose calls fail within about ``timeout_s * (retries + 1)`` when Redis is gone."""
     return redis.Redis(host=settings.redis_host, port=settings.redis_port, decode_responses=True,
-                       socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+                       socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                       retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries))
 
 
 class FeatureStore:
@@ -80,12 +83,27 @@ class FeatureStore:
         """Features of several users in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for uid in user_ids:
-            pipe.lrange(self.keys.user(uid, "recent"), 0, -1)
-            pipe.smembers(self.keys.user(uid, "seen"))
-            pipe.hgetall(self.keys.user(uid, "counts"))
+            self._queue_user(pipe, uid)
         res = pipe.execute()
-        return [UserFeatures(uid, res[3 * i], set(res[3 * i + 1]), {k: int(v) for k, v in res[3 * i + 2].items()})
-                for i, uid in enumerate(user_ids)]
+        return [self._user_from(uid, res[3 * i:3 * i + 3]) for i, uid in enumerate(user_ids)]
+
+    def user_and_trending(self, user_id: str, n: int) -> tuple[UserFeatures, list[tuple[str, float]]]:
+        """What one recommendation needs, in one round trip: the user and the top-n trending items."""
+        pipe = self.redis.pipeline(transaction=False)
+        self._queue_user(pipe, user_id)
+        pipe.zrevrange(self.keys.trending, 0, n - 1, withscores=True)
+        res = pipe.execute()
+        return self._user_from(user_id, res[:3]), res[3]
+
+    def _queue_user(self, pipe, uid: str) -> None:
+        pipe.lrange(self.keys.user(uid, "recent"), 0, -1)
+        pipe.smembers(self.keys.user(uid, "seen"))
+        pipe.hgetall(self.keys.user(uid, "counts"))
+
+    @staticmethod
+    def _user_from(uid: str, res: list) -> UserFeatures:
+        recent, seen, counts = res
+        return UserFeatures(uid, recent, set(seen), {k: int(v) for k, v in counts.items()})
 
     def item_counts(self, item_id: str) -> dict[str, int]:
         return {k: int(v) for k, v in self.redis.hgetall(self.keys.item(item_id)).items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,16 +17,24 @@ class Settings(BaseSettings):
     archive_dir: Path = Field(default=Path(".recsys/archive"), description="Parquet event log")
     registry_dir: Path = Field(default=Path(".recsys/models"), description="model versions")
 
-    kafka_bootstrap: str = "127.0.0.1:19092"
-    kafka_controller_port: int = 19093
+    # Ports stay clear of Ray's defaults (GCS 6379, worker ports 10002-19999).
+    kafka_bootstrap: str = "127.0.0.1:29092"
+    kafka_controller_port: int = 29093
     kafka_version: str = "4.1.1"
     events_topic: str = "user-events"
     dlq_topic: str = "user-events.dlq"
     events_partitions: int = 4
 
     redis_host: str = "127.0.0.1"
-    redis_port: int = 16379
+    redis_port: int = 26379
     redis_prefix: str = "recsys"
+
+    # Ray and Serve.
+    ray_num_cpus: float = 4  # logical CPUs for the local Ray cluster; replicas and train workers take fractions
+    ray_port: int = 26380  # the local cluster's GCS; `ray start --head --port`
+    ray_metrics_port: int = 28080
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 28000
 
     # Online features.
     recent_items: int = 50
@@ -37,6 +45,23 @@ class Settings(BaseSettings):
     stream_group: str = "features"
     archive_group: str = "archive"
     stream_batch: int = 500
+
+    # Retraining schedule (training/scheduler.py).
+    retrain_interval_s: float = 24 * 3600.0
+    retrain_cron: str | None = None  # e.g. "0 3 * * *"; takes precedence over the interval
+    retrain_min_new_events: int = 50_000  # new archived events since the current model's data that trigger a run
+    retrain_window_days: float = 30.0  # sliding training window, back from the newest event; 0 = everything
+    retrain_workers: int = 2
+    retrain_epochs: int | None = None  # None: the model config's
+    gate_tolerance: float = 0.02  # publish if candidate HR@10 >= current HR@10 * (1 - tolerance)
+    retrain_lock_ttl_s: float = 30.0  # the run lock expires this long after its holder stops renewing it
+    scheduler_poll_s: float = 10.0
+
+    @field_validator("home", "stack_cache", "archive_dir", "registry_dir")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        """Absolute at load time, so Ray workers (another working directory) see the same folders."""
+        return path.expanduser().resolve()
 
     @property
     def redis_url(self) -> str:

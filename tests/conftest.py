@@ -34,8 +34,9 @@ def live_stack():
 class Scratch:
     """Settings for one test's private topics, groups, prefix and archive, and a way to run the CLI."""
 
-    def __init__(self, base, tmp_path: Path, tag: str):
-        self.settings = scratch_settings(base, tag).model_copy(update={"archive_dir": tmp_path / "archive"})
+    def __init__(self, base, folder: Path, tag: str):
+        self.settings = scratch_settings(base, tag).model_copy(
+            update={"archive_dir": folder / "archive", "registry_dir": folder / "models"})
         self.env = settings_env(self.settings)
         stack.ensure_topics(self.settings)
 
@@ -52,9 +53,21 @@ class Scratch:
         FeatureStore(self.settings).clear()
 
 
+def _tag(name: str) -> str:
+    return name[:20].replace("_", "-").replace("[", "-").rstrip("]")
+
+
 @pytest.fixture
 def scratch(live_stack, tmp_path, request):
-    s = Scratch(live_stack, tmp_path, request.node.name[:20].replace("_", "-").replace("[", "-").rstrip("]"))
+    s = Scratch(live_stack, tmp_path, _tag(request.node.name))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def module_scratch(live_stack, tmp_path_factory, request):
+    """One scratch space shared by the tests of a module (e.g. one trained model)."""
+    s = Scratch(live_stack, tmp_path_factory.mktemp("scratch"), _tag(request.module.__name__.split(".")[-1]))
     yield s
     s.close()
 

@@ -6,7 +6,7 @@ import signal
 import time
 from collections import Counter, defaultdict
 
-import pytest
+import pyarrow.parquet as pq
 from kafka import KafkaAdminClient
 
 from recsys.archive import read_events
@@ -145,10 +145,22 @@ def test_archive_holds_each_event_once_after_sigkill(scratch, ml100k):
     partial = read_events(scratch.settings).num_rows
     assert 0 < partial < 100_000, f"killed at {partial} archived events: nothing to recover"
     scratch.cli("archive", "--until-idle", "3")
+    # The files themselves, not read_events (which also drops repeated event ids).
+    files = sorted(scratch.settings.archive_dir.glob("day=*/*.parquet"))
+    ids = pq.ParquetDataset(files).read(columns=["event_id"])["event_id"].to_pylist()
     table = read_events(scratch.settings)
-    ids = table["event_id"].to_pylist()
     assert len(ids) == len(set(ids)) == 100_000
     assert set(ids) == {e.event_id for e in events}
     ts = table["ts"].to_pylist()
     assert ts == sorted(ts)
     assert all(p.name.startswith("day=") for p in scratch.settings.archive_dir.iterdir() if p.name != "_ledger")
+
+
+def test_archive_reader_keeps_one_copy_of_an_event_sent_twice(scratch, ml100k):
+    events = list(MovieLensSource(ml100k).events_iter())[:300]
+    replay(events, scratch.settings, progress=False)
+    replay(events[:100], scratch.settings, progress=False)  # a producer's retry
+    stats = json.loads(scratch.cli("archive", "--until-idle", "2").stdout)
+    assert stats["archived"] == 400
+    ids = read_events(scratch.settings)["event_id"].to_pylist()
+    assert sorted(ids) == sorted(e.event_id for e in events)

@@ -1,0 +1,311 @@
+"""The two-tower retrieval model (tf_keras) and its fast numpy user tower for serving.
+
+User tower: user id embedding (index 0 is the out-of-vocabulary bucket: unknown users,
+and a share of known ones dropped out while training so the model learns to serve new
+users), a pooled embedding of the recent items (newest first; a learned weight per
+position, so recent items can count more), log(1 + count) per event type, then a
+ReLU layer and a linear projection, L2-normalized.
+
+Item tower: item id embedding (optionally the same table as the history's) beside the
+item's features (multi-hot genres where the source has them), linearly projected,
+L2-normalized. Score = cosine / temperature.
+
+Loss: in-batch softmax with log-Q correction (Yi et al. 2019), optionally mixed with
+uniformly sampled negatives: every candidate's logit is lowered by the log of its
+expected count among the negatives (B * q_j + M / N), duplicates of the positive masked.
+
+Serving never needs TensorFlow: ``export`` writes the weights as .npz, and
+``load_model`` returns a ``ServingModel`` whose ``user_embedding`` is plain numpy.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from recsys.features import UserFeatures
+from recsys.training_data import COUNT_TYPES, counts_vector
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 64               # output embedding size
+    user_dim: int = 32          # user id embedding size
+    hidden: int = 256           # user tower hidden layer
+    history: int = 50           # recent items the user tower reads (<= settings.recent_items)
+    share_item_table: bool = True
+    temperature: float = 0.05
+    logq: bool = True
+    random_negatives: int = 0   # uniform negatives mixed with the in-batch ones
+    user_dropout: float = 0.1   # share of training examples whose user id is replaced by OOV
+    batch_size: int = 256       # per worker
+    learning_rate: float = 2e-3
+    epochs: int = 5
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ---- vocabularies and encoding ---------------------------------------------------------------
+
+@dataclass
+class Vocab:
+    """Id <-> index maps; index 0 is padding / out-of-vocabulary for both."""
+
+    user_ids: list[str]
+    item_ids: list[str]
+    genres: list[str] = field(default_factory=list)
+    item_genres: Optional[np.ndarray] = None  # (n_items + 1, n_genres) float32 multi-hot
+
+    def __post_init__(self):
+        self.user_index = {u: i + 1 for i, u in enumerate(self.user_ids)}
+        self.item_index = {t: i + 1 for i, t in enumerate(self.item_ids)}
+        if self.item_genres is None:
+            self.item_genres = np.zeros((len(self.item_ids) + 1, len(self.genres)), dtype=np.float32)
+
+    @classmethod
+    def build(cls, user_ids, item_ids, item_features: Optional[dict[str, list[str]]] = None) -> "Vocab":
+        user_ids, item_ids = sorted(set(map(str, user_ids))), sorted(set(map(str, item_ids)))
+        genres: list[str] = []
+        mh = None
+        if item_features:
+            genres = sorted({g for gs in item_features.values() for g in gs})
+            gi = {g: i for i, g in enumerate(genres)}
+            mh = np.zeros((len(item_ids) + 1, len(genres)), dtype=np.float32)
+            for k, t in enumerate(item_ids):
+                for g in item_features.get(t, []):
+                    mh[k + 1, gi[g]] = 1.0
+        return cls(user_ids, item_ids, genres, mh)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def save(self, folder: Path) -> None:
+        np.save(folder / "item_ids.npy", np.array(self.item_ids, dtype=str))
+        np.save(folder / "user_ids.npy", np.array(self.user_ids, dtype=str))
+        np.save(folder / "item_genres.npy", self.item_genres)
+        (folder / "genres.json").write_text(json.dumps(self.genres))
+
+    @classmethod
+    def load(cls, folder: Path) -> "Vocab":
+        return cls([str(x) for x in np.load(folder / "user_ids.npy")], [str(x) for x in np.load(folder / "item_ids.npy")],
+                   json.loads((folder / "genres.json").read_text()), np.load(folder / "item_genres.npy"))
+
+
+def encode_users(features: Sequence[UserFeatures], vocab: Vocab, history: int) -> dict[str, np.ndarray]:
+    """The user tower's inputs for a batch of features: user, hist (n, history), counts (n, types)."""
+    n = len(features)
+    users = np.zeros(n, dtype=np.int32)
+    hist = np.zeros((n, history), dtype=np.int32)
+    counts = np.zeros((n, len(COUNT_TYPES)), dtype=np.float32)
+    ui, ii = vocab.user_index, vocab.item_index
+    for r, f in enumerate(features):
+        users[r] = ui.get(f.user_id, 0)
+        idx = [ii.get(t, 0) for t in f.recent[:history]]
+        hist[r, :len(idx)] = idx
+        counts[r] = counts_vector(f.counts)
+    return {"user": users, "hist": hist, "counts": counts}
+
+
+# ---- the tf_keras model ------------------------------------------------------------------------
+
+def _tf():
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    import tensorflow as tf
+    import tf_keras
+    return tf, tf_keras
+
+
+def build_model(cfg: ModelConfig, n_users: int, n_items: int, item_genres: np.ndarray):
+    """The two towers as one tf_keras Model; ``model.user_tower(inputs)`` and ``model.item_tower(idx)``."""
+    tf, keras = _tf()
+
+    class TwoTower(keras.Model):
+        def __init__(self):
+            super().__init__(name="two_tower")
+            self.cfg = cfg
+            init = keras.initializers.RandomNormal(stddev=0.05, seed=cfg.seed)
+            self.user_table = keras.layers.Embedding(n_users + 1, cfg.user_dim, embeddings_initializer=init,
+                                                     name="user_table")
+            self.hist_table = keras.layers.Embedding(n_items + 1, cfg.dim, embeddings_initializer=init,
+                                                     name="hist_table")
+            self.item_table = self.hist_table if cfg.share_item_table else keras.layers.Embedding(
+                n_items + 1, cfg.dim, embeddings_initializer=init, name="item_table")
+            # Position weights start as a decay: newer items count more.
+            self.pos_logits = self.add_weight(
+                name="pos_logits", shape=(cfg.history,), dtype="float32", trainable=True,
+                initializer=keras.initializers.Constant(-np.log1p(np.arange(cfg.history)) * 0.5))
+            self.hidden = keras.layers.Dense(cfg.hidden, activation="relu", name="user_hidden")
+            self.user_out = keras.layers.Dense(cfg.dim, name="user_out")
+            self.item_out = keras.layers.Dense(cfg.dim, name="item_out")
+            self.genres = tf.constant(item_genres.astype(np.float32))
+
+        def user_tower(self, user, hist, counts, training=False):
+            if training and cfg.user_dropout > 0:
+                keep = tf.random.uniform(tf.shape(user)) >= cfg.user_dropout
+                user = tf.where(keep, user, tf.zeros_like(user))
+            u = self.user_table(user)
+            h = self.hist_table(hist)                                    # (B, L, d)
+            mask = tf.cast(hist > 0, tf.float32)
+            w = tf.exp(self.pos_logits)[None, :] * mask                  # (B, L)
+            pooled = tf.reduce_sum(tf.cast(h, tf.float32) * w[..., None], 1) / tf.maximum(
+                tf.reduce_sum(w, 1, keepdims=True), 1e-6)
+            x = tf.concat([tf.cast(u, tf.float32), pooled, counts], axis=1)
+            z = self.user_out(self.hidden(x))
+            return tf.math.l2_normalize(tf.cast(z, tf.float32), axis=1)
+
+        def item_tower(self, item):
+            v = self.item_table(item)
+            x = tf.concat([tf.cast(v, tf.float32), tf.gather(self.genres, item)], axis=1)
+            return tf.math.l2_normalize(tf.cast(self.item_out(x), tf.float32), axis=1)
+
+        def call(self, inputs, training=False):
+            return (self.user_tower(inputs["user"], inputs["hist"], inputs["counts"], training),
+                    self.item_tower(inputs["item"]))
+
+    model = TwoTower()
+    dummy = {"user": tf.zeros([1], tf.int32), "hist": tf.zeros([1, cfg.history], tf.int32),
+             "counts": tf.zeros([1, len(COUNT_TYPES)], tf.float32), "item": tf.zeros([1], tf.int32)}
+    model(dummy)
+    return model
+
+
+def sampled_softmax_loss(model, batch, log_q, n_items: int, cfg: ModelConfig, training: bool = True):
+    """In-batch (+ uniform) softmax loss with log-Q correction, mean over the batch."""
+    tf, _ = _tf()
+    u, v = model(batch, training=training)
+    item = batch["item"]
+    bsz = tf.shape(item)[0]
+    cand_items = item
+    cand_v = v
+    if cfg.random_negatives > 0:
+        neg = tf.random.uniform([cfg.random_negatives], 1, n_items + 1, dtype=tf.int32)
+        cand_items = tf.concat([item, neg], 0)
+        cand_v = tf.concat([v, model.item_tower(neg)], 0)
+    logits = tf.matmul(u, cand_v, transpose_b=True) / cfg.temperature
+    if cfg.logq:
+        expected = tf.cast(bsz, tf.float32) * tf.exp(tf.gather(log_q, cand_items)) + \
+            float(cfg.random_negatives) / float(n_items)
+        logits = logits - tf.math.log(expected)[None, :]
+    # Candidates equal to the positive item (other than itself) are not negatives.
+    same = tf.equal(item[:, None], cand_items[None, :])
+    own = tf.pad(tf.eye(bsz, dtype=tf.bool), [[0, 0], [0, tf.shape(cand_items)[0] - bsz]])
+    logits = tf.where(tf.logical_and(same, tf.logical_not(own)), tf.constant(-1e9, logits.dtype), logits)
+    labels = tf.range(bsz)
+    loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    return tf.reduce_mean(loss)
+
+
+def model_weights(model) -> dict[str, np.ndarray]:
+    """The weights the numpy towers need, by name."""
+    w = {"user_table": model.user_table.embeddings.numpy(), "hist_table": model.hist_table.embeddings.numpy(),
+         "item_table": model.item_table.embeddings.numpy(), "pos_logits": model.pos_logits.numpy(),
+         "hidden_w": model.hidden.kernel.numpy(), "hidden_b": model.hidden.bias.numpy(),
+         "user_out_w": model.user_out.kernel.numpy(), "user_out_b": model.user_out.bias.numpy(),
+         "item_out_w": model.item_out.kernel.numpy(), "item_out_b": model.item_out.bias.numpy()}
+    return {k: np.asarray(v, dtype=np.float32) for k, v in w.items()}
+
+
+# ---- numpy towers (serving) -------------------------------------------------------------------
+
+def _l2n(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+class NumpyUserTower:
+    """The user tower's forward pass in numpy: microseconds per user, no TensorFlow."""
+
+    def __init__(self, weights: dict[str, np.ndarray], vocab: Vocab, history: int):
+        self.w = weights
+        self.vocab = vocab
+        self.history = history
+        self.pos_w = np.exp(weights["pos_logits"]).astype(np.float32)
+
+    def embed_encoded(self, user: np.ndarray, hist: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        w = self.w
+        u = w["user_table"][user]
+        h = w["hist_table"][hist]
+        pw = self.pos_w[None, :] * (hist > 0)
+        pooled = np.einsum("bl,bld->bd", pw, h) / np.maximum(pw.sum(1, keepdims=True), 1e-6)
+        x = np.concatenate([u, pooled, counts], axis=1)
+        z = np.maximum(x @ w["hidden_w"] + w["hidden_b"], 0.0)
+        return _l2n(z @ w["user_out_w"] + w["user_out_b"]).astype(np.float32)
+
+    def __call__(self, features: Sequence[UserFeatures]) -> np.ndarray:
+        enc = encode_users(features, self.vocab, self.history)
+        return self.embed_encoded(enc["user"], enc["hist"], enc["counts"])
+
+
+def item_embeddings_np(weights: dict[str, np.ndarray], item_genres: np.ndarray) -> np.ndarray:
+    """Embeddings of items 1..N (row k is vocab item k), from the numpy weights."""
+    x = np.concatenate([weights["item_table"][1:], item_genres[1:]], axis=1)
+    return _l2n(x @ weights["item_out_w"] + weights["item_out_b"]).astype(np.float32)
+
+
+# ---- export and load --------------------------------------------------------------------------
+
+def export(folder: Path, weights: dict[str, np.ndarray], vocab: Vocab, cfg: ModelConfig) -> np.ndarray:
+    """Write the serving artifact files (no ANN, no card); return the item embeddings."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "user_tower.npz", **weights)
+    vocab.save(folder)
+    (folder / "model_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    emb = item_embeddings_np(weights, vocab.item_genres)
+    np.save(folder / "item_embeddings.npy", emb)
+    return emb
+
+
+class ServingModel:
+    """What a model server holds: the numpy user tower, item ids/embeddings, the ANN index, the card."""
+
+    def __init__(self, folder: Path):
+        from recsys.ann import load_index
+        self.folder = Path(folder)
+        self.config = ModelConfig.from_dict(json.loads((self.folder / "model_config.json").read_text()))
+        self.vocab = Vocab.load(self.folder)
+        with np.load(self.folder / "user_tower.npz") as z:
+            self.weights = {k: z[k] for k in z.files}
+        self.tower = NumpyUserTower(self.weights, self.vocab, self.config.history)
+        self.item_ids: list[str] = self.vocab.item_ids
+        self.item_embeddings: np.ndarray = np.load(self.folder / "item_embeddings.npy")
+        self.index = load_index(self.folder / "ann", self.item_embeddings)
+        card = self.folder / "model_card.json"
+        self.card: dict = json.loads(card.read_text()) if card.exists() else {}
+        self.version: str = self.card.get("version", self.folder.name)
+
+    def user_embedding(self, features: Sequence[UserFeatures]) -> np.ndarray:
+        """(len(features), dim) float32, L2-normalized; unknown users/items fall into the OOV slot."""
+        return self.tower(features)
+
+    def recommend(self, features: Sequence[UserFeatures], k: int = 10, exclude_seen: bool = True
+                  ) -> list[list[tuple[str, float]]]:
+        """Top-k (item id, score) per user from the ANN index, the user's seen items removed."""
+        q = self.user_embedding(features)
+        extra = max((len(f.seen) for f in features), default=0) if exclude_seen else 0
+        ids, scores = self.index.search(q, k + extra)
+        out = []
+        for f, row_i, row_s in zip(features, ids, scores):
+            recs = [(self.item_ids[i], float(s)) for i, s in zip(row_i, row_s)
+                    if i >= 0 and not (exclude_seen and self.item_ids[i] in f.seen)]
+            out.append(recs[:k])
+        return out
+
+
+def load_model(version_dir) -> ServingModel:
+    """Load one model version folder for serving (numpy only)."""
+    return ServingModel(Path(version_dir))

@@ -1,0 +1,150 @@
+"""The model registry: one folder per version, ``current`` and ``previous`` pointers.
+
+Layout under ``settings.registry_dir``::
+
+  v0001/ ... v00NN/     one folder per published version (never modified once in place)
+  pointers.json         {"current": "v0003", "previous": "v0002"}
+
+A version is written under a hidden temporary name and renamed into place, so a reader
+never sees a half-written version. Both pointers live in one small file replaced with
+``os.replace``: a reader sees either the old pair or the new pair, never a mix.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable, Optional
+
+_VERSION = re.compile(r"^v(\d{4,})$")
+
+
+class RegistryError(ValueError):
+    """A registry operation that cannot be done; the message says why."""
+
+
+class Registry:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    # -- reading ---------------------------------------------------------------------------
+    def list(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        names = [p.name for p in self.root.iterdir() if p.is_dir() and _VERSION.match(p.name)]
+        return sorted(names, key=lambda n: int(_VERSION.match(n).group(1)))
+
+    def pointers(self) -> dict:
+        path = self.root / "pointers.json"
+        if not path.exists():
+            return {"current": None, "previous": None}
+        return json.loads(path.read_text())
+
+    def current(self) -> Optional[str]:
+        return self.pointers().get("current")
+
+    def previous(self) -> Optional[str]:
+        return self.pointers().get("previous")
+
+    def resolve(self, version: str) -> str:
+        """A version name from ``v0003``, ``3``, ``current`` or ``previous``."""
+        if version in ("current", "previous"):
+            v = self.pointers().get(version)
+            if not v:
+                raise RegistryError(f"registry {self.root}: no {version} model")
+            return v
+        if re.fullmatch(r"\d+", version):
+            version = f"v{int(version):04d}"
+        if version not in self.list():
+            raise RegistryError(f"registry {self.root}: no version {version!r} (have: {', '.join(self.list()) or 'none'})")
+        return version
+
+    def path(self, version: str) -> Path:
+        return self.root / self.resolve(version)
+
+    def show(self, version: str) -> dict:
+        v = self.resolve(version)
+        card = self.root / v / "model_card.json"
+        out = json.loads(card.read_text()) if card.exists() else {"version": v}
+        p = self.pointers()
+        return {**out, "is_current": p.get("current") == v, "is_previous": p.get("previous") == v}
+
+    def summary(self) -> dict:
+        rows = []
+        for v in self.list():
+            card = self.root / v / "model_card.json"
+            c = json.loads(card.read_text()) if card.exists() else {}
+            rows.append({"version": v, "created_at": c.get("created_at"), "source": c.get("source"),
+                         "hr@10": c.get("metrics", {}).get("two_tower", {}).get("hr@10")})
+        return {**self.pointers(), "versions": rows}
+
+    # -- writing ---------------------------------------------------------------------------
+    def _write_pointers(self, current: Optional[str], previous: Optional[str]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".pointers.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"current": current, "previous": previous}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.root / "pointers.json")
+
+    def promote(self, version: str) -> dict:
+        v = self.resolve(version)
+        cur = self.current()
+        if cur == v:
+            return self.pointers()
+        self._write_pointers(v, cur)
+        return self.pointers()
+
+    def rollback(self) -> dict:
+        p = self.pointers()
+        if not p.get("previous"):
+            raise RegistryError(f"registry {self.root}: no previous model to roll back to")
+        self._write_pointers(p["previous"], p["current"])
+        return self.pointers()
+
+    def publish(self, write: Callable[[Path, str], None], promote: bool = True) -> str:
+        """Write a new version with ``write(folder, version)`` into a temp folder, rename it in place.
+
+        If ``write`` raises, the temp folder is removed and the registry is unchanged.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            existing = self.list()
+            n = int(_VERSION.match(existing[-1]).group(1)) + 1 if existing else 1
+            write(tmp, f"v{n:04d}")
+            while True:
+                version = f"v{n:04d}"
+                try:
+                    os.rename(tmp, self.root / version)  # fails if a concurrent publisher took the name
+                    break
+                except OSError:
+                    if not (self.root / version).exists():
+                        raise
+                    n += 1
+                    card = tmp / "model_card.json"
+                    if card.exists():  # keep the card's version in step with the folder name
+                        c = json.loads(card.read_text())
+                        c["version"] = f"v{n:04d}"
+                        card.write_text(json.dumps(c, indent=1))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if promote:
+            self.promote(version)
+        return version
+
+    def clean_temp(self) -> None:
+        """Remove temp folders left by a crashed publisher."""
+        for p in self.root.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def open_registry(settings=None) -> Registry:
+    from recsys.settings import get_settings
+    return Registry((settings or get_settings()).registry_dir)

@@ -1,0 +1,180 @@
+"""The Ray Serve application: a FastAPI ingress that recommends and ingests events.
+
+One deployment does the whole request path in-process (features from Redis in one
+round trip, user tower, ANN, seen filter): a hop between deployments costs more than
+the work itself on this path. Each replica watches the model registry and swaps to a
+new ``current`` version in the background; requests keep the old model until the new
+one is loaded, so a swap fails nothing.
+"""
+
+import json
+import threading
+import time
+import urllib.request
+from typing import Optional
+
+import redis
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from kafka.errors import KafkaError
+from pydantic import TypeAdapter, ValidationError
+from ray import serve
+from ray.util import metrics
+
+from recsys.events import Event
+from recsys.feature_store import FeatureStore, connect
+from recsys.kafka_io import producer, send_event
+from recsys.settings import Settings
+from recsys.stack import kafka_answers
+from serving.models import load_servable, current_version
+from serving.recommend import recommend
+
+K_MAX = 100
+MAX_BATCH = 1000
+MAX_EVENT_BYTES = 2048
+EVENTS = TypeAdapter(list[Event])
+
+app = FastAPI(title="recsys", version="0.1.0",
+              description="Real-time recommendations (two-tower + ANN over Redis features) and event ingestion.")
+
+LATENCY_MS = metrics.Histogram("recsys_request_latency_ms", "request latency by route",
+                               boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000], tag_keys=("route",))
+STAGE_MS = metrics.Histogram("recsys_stage_ms", "time per stage of a recommendation",
+                             boundaries=[0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100], tag_keys=("stage",))
+FALLBACKS = metrics.Counter("recsys_fallback_total", "answers given by the cold-start fallback")
+EVENTS_ACCEPTED = metrics.Counter("recsys_events_accepted_total", "events accepted into Kafka")
+MODEL_VERSION = metrics.Gauge("recsys_model_version_info", "1 for the version this replica serves", tag_keys=("version",))
+
+
+class Unavailable(Exception):
+    """A backing service (Redis, Kafka) failed: the client gets a 503 with this message."""
+
+
+@app.exception_handler(Unavailable)
+async def _unavailable(_: Request, exc: Unavailable):
+    return JSONResponse(status_code=503, content={"detail": str(exc)})
+
+
+@serve.deployment
+@serve.ingress(app)
+class RecsysApi:
+    def __init__(self, settings: Optional[dict] = None, model_poll_s: float = 1.0):
+        self.settings = Settings(**(settings or {}))
+        # Fail fast (bounded time) when Redis is gone, instead of hanging a request.
+        self.store = FeatureStore(self.settings, connect(self.settings, timeout_s=0.5, retries=0))
+        self._producer = None
+        self._producer_lock = threading.Lock()
+        self.model, self.version = None, None
+        self._swap_to(current_version(self.settings))
+        self._watch = threading.Thread(target=self._watch_registry, args=(model_poll_s,), daemon=True)
+        self._watch.start()
+
+    # -- model -----------------------------------------------------------
+    def _swap_to(self, version: Optional[str]) -> None:
+        if version == self.version:
+            return
+        model = load_servable(self.settings, version) if version else None
+        old, (self.model, self.version) = self.version, (model, version)  # one assignment: atomic for readers
+        if old:
+            MODEL_VERSION.set(0, tags={"version": old})
+        if version:
+            MODEL_VERSION.set(1, tags={"version": version})
+
+    def _watch_registry(self, every_s: float) -> None:
+        while True:
+            time.sleep(every_s)
+            try:
+                self._swap_to(current_version(self.settings))
+            except Exception as exc:  # a broken version must not stop the watcher; keep serving the old one
+                print(f"recsys: model swap failed, still serving {self.version}: {exc!r}")
+
+    # -- kafka -----------------------------------------------------------
+    def _kafka(self):
+        with self._producer_lock:
+            if self._producer is None:
+                try:
+                    self._producer = producer(self.settings, max_block_ms=2000, request_timeout_ms=2000)
+                except KafkaError as exc:
+                    raise Unavailable(f"Kafka unavailable: {exc}") from None
+            return self._producer
+
+    # -- routes ----------------------------------------------------------
+    @app.get("/v1/recommendations/{user_id}")
+    def recommendations(self, user_id: str, k: int = Query(10, ge=1, le=K_MAX)):
+        """Top-k unseen items; the cold-start fallback (trending) for users without history.
+        The Server-Timing header gives the time of each stage in ms."""
+        started = time.perf_counter()
+        model = self.model
+        try:
+            t0 = time.perf_counter()
+            user, trending = self.store.user_and_trending(user_id, 2 * k)
+            features_ms = (time.perf_counter() - t0) * 1e3
+        except redis.RedisError as exc:
+            raise Unavailable(f"Redis unavailable: {exc}") from None
+        rec = recommend(model, user, k, trending)
+        rec.stages_ms["features"] = features_ms
+        for stage, ms in rec.stages_ms.items():
+            STAGE_MS.observe(ms, tags={"stage": stage})
+        if rec.fallback:
+            FALLBACKS.inc()
+        LATENCY_MS.observe((time.perf_counter() - started) * 1e3, tags={"route": "recommendations"})
+        timing = ", ".join(f"{stage};dur={ms:.3f}" for stage, ms in rec.stages_ms.items())
+        return JSONResponse(rec.to_json(user_id), headers={"Server-Timing": timing})
+
+    @app.post("/v1/events", status_code=202)
+    async def events(self, request: Request) -> dict:
+        started = time.perf_counter()
+        if int(request.headers.get("content-length") or 0) > MAX_BATCH * MAX_EVENT_BYTES:
+            raise HTTPException(413, detail=f"body over {MAX_BATCH * MAX_EVENT_BYTES} bytes; at most {MAX_BATCH} events per request")
+        try:
+            body = json.loads(await request.body())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise HTTPException(422, detail=[{"loc": ["body"], "msg": f"malformed JSON: {exc}"}]) from None
+        batch = body if isinstance(body, list) else [body]
+        if len(batch) > MAX_BATCH:
+            raise HTTPException(413, detail=f"batch of {len(batch)} events; at most {MAX_BATCH} per request")
+        try:
+            events = EVENTS.validate_python(batch)
+        except ValidationError as exc:
+            raise HTTPException(422, detail=[{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]) from None
+        prod = self._kafka()
+        futures = [send_event(prod, self.settings, e) for e in events]
+        try:
+            for f in futures:
+                f.get(timeout=2.0)  # accepted means on the broker: nothing lost after a 202
+        except KafkaError as exc:
+            raise Unavailable(f"Kafka unavailable: {exc!r}") from None
+        EVENTS_ACCEPTED.inc(len(events))
+        LATENCY_MS.observe((time.perf_counter() - started) * 1e3, tags={"route": "events"})
+        return {"accepted": len(events)}
+
+    @app.get("/healthz")
+    def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz(self):
+        checks = {"model": self.version, "redis": self._redis_ok(), "kafka": kafka_answers(self.settings)}
+        ready = checks["model"] is not None and checks["redis"] and checks["kafka"]
+        return JSONResponse(status_code=200 if ready else 503, content={"ready": ready, **checks})
+
+    def _redis_ok(self) -> bool:
+        try:
+            return bool(self.store.redis.ping())
+        except redis.RedisError:
+            return False
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics(self) -> str:
+        """This node's Prometheus metrics (every replica's, and Serve's own), from Ray's exporter."""
+        url = f"http://127.0.0.1:{self.settings.ray_metrics_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return resp.read().decode()
+        except OSError as exc:
+            raise Unavailable(f"Ray metrics exporter unavailable at {url}: {exc}") from None
+
+
+
+# The application object named by serving/config.yaml's import_path (settings from the environment).
+deployment = RecsysApi.bind()

@@ -1,0 +1,102 @@
+"""Start, stop and inspect the Serve application on the local Ray cluster (``recsys serve``)."""
+from __future__ import annotations
+
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from recsys import stack
+from recsys.settings import Settings
+
+CONFIG = Path(__file__).with_name("config.yaml")
+APP_NAME = "recsys"
+
+
+def load_config(path: Path = CONFIG) -> dict:
+    """The application's deployment options from the Serve config file."""
+    config = yaml.safe_load(path.read_text())
+    app = next(a for a in config["applications"] if a["name"] == APP_NAME)
+    return {"http": config.get("http_options", {}), "deployments": {d.pop("name"): d for d in app["deployments"]}}
+
+
+def connect_ray(settings: Settings, progress=print):
+    import ray
+    address = stack.start_ray(settings, progress)
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    return ray
+
+
+def start_serve(settings: Settings, http: dict) -> None:
+    from ray import serve
+    serve.start(http_options={"host": settings.serve_host, "port": settings.serve_port,
+                              **{k: v for k, v in http.items() if k not in ("host", "port")}})
+
+
+def wait_http(url: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s")
+            time.sleep(0.3)
+
+
+def base_url(settings: Settings) -> str:
+    return f"http://{settings.serve_host}:{settings.serve_port}"
+
+
+def serve_up(settings: Settings, config_path: Path = CONFIG, progress=print) -> dict:
+    """Deploy (or update in place) the recsys app; return once it answers HTTP."""
+    from ray import serve
+
+    from serving.app import RecsysApi
+    connect_ray(settings, progress)
+    config = load_config(config_path)
+    start_serve(settings, config["http"])
+    options = config["deployments"]["RecsysApi"]
+    app = RecsysApi.options(**options).bind(settings=settings.model_dump(mode="json"))
+    progress(f"serve: deploying {APP_NAME} on {base_url(settings)}")
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    wait_http(f"{base_url(settings)}/healthz")
+    return serve_status(settings)
+
+
+def replicas(app_name: str = APP_NAME) -> dict[str, int]:
+    """Running replicas per deployment, from Serve's own status API."""
+    from ray import serve
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return {}
+    return {name: d.replica_states.get("RUNNING", 0) for name, d in app.deployments.items()}
+
+
+def serve_status(settings: Settings) -> dict:
+    from ray import serve
+    if not stack.ray_address(settings):
+        return {"state": "stopped"}
+    connect_ray(settings, progress=lambda *_: None)
+    apps = serve.status().applications
+    if APP_NAME not in apps:
+        return {"state": "not deployed"}
+    try:
+        with urllib.request.urlopen(f"{base_url(settings)}/readyz", timeout=3) as resp:
+            ready = resp.read().decode()
+    except OSError as exc:
+        ready = str(exc)
+    return {"state": str(apps[APP_NAME].status.value if hasattr(apps[APP_NAME].status, "value") else apps[APP_NAME].status),
+            "url": base_url(settings), "replicas": replicas(), "readyz": ready}
+
+
+def serve_down(settings: Settings) -> dict:
+    from ray import serve
+    if not stack.ray_address(settings):
+        return {"state": "stopped"}
+    connect_ray(settings, progress=lambda *_: None)
+    serve.delete(APP_NAME)
+    return {"state": "deleted"}

@@ -1,0 +1,34 @@
+"""The Serve config and the Kubernetes manifests are valid for the code and Serve's schema."""
+from pathlib import Path
+
+import yaml
+from ray.serve.config import AutoscalingConfig
+from ray.serve.schema import ServeDeploySchema
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _serve_configs():
+    yield yaml.safe_load((ROOT / "serving" / "config.yaml").read_text())
+    service = yaml.safe_load((ROOT / "deploy" / "k8s" / "rayservice.yaml").read_text())
+    yield yaml.safe_load(service["spec"]["serveConfigV2"])
+
+
+def test_serve_configs_follow_the_serve_schema_and_name_real_code():
+    import importlib
+    for config in _serve_configs():
+        schema = ServeDeploySchema.model_validate(config)
+        for app in schema.applications:
+            module, _, attr = app.import_path.partition(":")
+            assert hasattr(importlib.import_module(module), attr), app.import_path
+            for dep in app.deployments:
+                auto = AutoscalingConfig(**dep.autoscaling_config)
+                assert auto.min_replicas < auto.max_replicas
+                assert auto.downscale_delay_s > auto.upscale_delay_s  # scale up fast, down slowly: no flapping
+
+
+def test_every_manifest_parses():
+    files = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
+    assert len(files) >= 8
+    kinds = {doc["kind"] for f in files for doc in yaml.safe_load_all(f.read_text()) if doc}
+    assert {"RayService", "RayJob", "CronJob", "StatefulSet", "Deployment", "PodMonitor"} <= kinds

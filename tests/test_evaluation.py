@@ -1,0 +1,131 @@
+"""Evaluation protocol, baselines against the reference figures, point-in-time features, ANN.
+
+Pure logic: no services. The MovieLens test reads the shared ml-100k folder.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from recsys import evaluation
+from recsys.ann import build_index, exact_search, recall_at_k
+from recsys.events import Event, EventType
+from recsys.features import Keys, MemoryFeatures, event_ops
+from recsys.sources import MovieLensSource, SyntheticSource
+from recsys.training_data import (SCHEMA, events_table, iter_point_in_time, point_in_time_features,
+                                  user_features_at)
+
+
+def _table(rows):
+    """rows: (user, item, ts_seconds[, type])"""
+    return pa.table({"event_id": [f"e{i}" for i in range(len(rows))], "user_id": [r[0] for r in rows],
+                     "item_id": [r[1] for r in rows], "type": [r[3] if len(r) > 3 else "click" for r in rows],
+                     "value": [None] * len(rows), "ts": [r[2] * 1000 for r in rows]}, schema=SCHEMA)
+
+
+# ---- the split and the metrics ------------------------------------------------------------------
+
+def test_split_holds_out_the_last_interaction_of_users_with_five_or_more():
+    rows = [("a", f"i{k}", 10 + k) for k in range(5)] + [("b", f"i{k}", 20 + k) for k in range(4)]
+    rows.append(("a", "late-but-listed-first", 100))
+    rows.insert(0, ("a", "tie-first", 100))  # same ts as the row above: the later table row is the last
+    s = evaluation.split_table(_table(rows))
+    assert list(s.user_ids[s.test_users]) == ["a"]  # b has 4 interactions: all training
+    assert s.item_ids[s.test_items[0]] == "late-but-listed-first"
+    assert s.is_test.sum() == 1
+    x = s.train_matrix()
+    assert x.sum() == 6 + 4  # everything but the held-out one
+    assert x[list(s.user_ids).index("a"), list(s.item_ids).index("tie-first")] == 1
+
+
+def test_metrics_ranks_and_training_items_removed():
+    # 3 items; the target is item 2; item 0 scores highest but is a training item: removed.
+    scores = np.array([[9.0, 1.0, 5.0]])
+    exclude = np.array([[True, False, False]])
+    assert evaluation.rank_of_target(scores, np.array([2]), exclude).tolist() == [0]
+    assert evaluation.rank_of_target(scores, np.array([1]), exclude).tolist() == [1]
+    m = evaluation.metrics_from_ranks(np.array([0, 1, 9, 10, 60]))
+    assert m["hr@10"] == pytest.approx(3 / 5)
+    assert m["hr@50"] == pytest.approx(4 / 5)
+    assert m["ndcg@10"] == pytest.approx((1 + 1 / np.log2(3) + 1 / np.log2(11)) / 5, abs=1e-4)
+
+
+def test_too_little_data_is_a_clear_error():
+    with pytest.raises(evaluation.EvaluationError, match="no events"):
+        evaluation.split_table(_table([]))
+    s = evaluation.split_table(_table([("a", f"i{k}", k) for k in range(12)]))
+    with pytest.raises(evaluation.EvaluationError, match="test users"):
+        evaluation.baselines(s)
+
+
+def test_baselines_reproduce_the_reference_figures_on_movielens(ml100k):
+    table = events_table(MovieLensSource(ml100k).events_iter())
+    s = evaluation.split_table(table)
+    assert (s.n_users, s.n_items, len(s.test_users)) == (943, 1682, 943)
+    b = evaluation.baselines(s)
+    assert b["popularity"]["hr@10"] == pytest.approx(0.086, abs=0.003)
+    assert b["itemknn"]["hr@10"] == pytest.approx(0.109, abs=0.003)
+    assert b["ease"]["hr@10"] == pytest.approx(0.145, abs=0.003)
+    assert b["ease"]["ndcg@10"] == pytest.approx(0.074, abs=0.003)
+    assert b["ease"]["lambda"] in (50.0, 200.0, 500.0)
+    # Lambda picked on a validation split instead: still one of the grid, a figure close to the reference.
+    v = evaluation.baselines(s, ease_lambda="validation")
+    assert v["ease"]["lambda"] in (50.0, 200.0, 500.0)
+    assert v["ease"]["hr@10"] == pytest.approx(0.145, abs=0.01)
+
+
+# ---- point-in-time features ---------------------------------------------------------------------
+
+def test_point_in_time_features_use_only_strictly_earlier_events():
+    rows = [("u", "a", 1, "view"), ("v", "x", 2), ("u", "b", 3, "click"), ("u", "c", 4, "purchase"),
+            ("u", "a", 5, "view")]
+    feats = point_in_time_features(_table(rows), recent_items=2)
+    assert feats[0].recent == [] and feats[0].counts == {}
+    assert feats[2].recent == ["a"] and feats[2].counts == {"view": 1}
+    assert feats[3].recent == ["b", "a"] and feats[3].seen == {"a", "b"}
+    assert feats[4].recent == ["c", "b"]  # capped at recent_items, newest first
+    assert feats[4].counts == {"view": 1, "click": 1, "purchase": 1}
+    at = user_features_at(_table(rows), "u", 4000, recent_items=2)  # ts 4 s: the purchase is not before it
+    assert at.recent == ["b", "a"] and at.counts == {"view": 1, "click": 1}
+
+
+def test_point_in_time_equals_replaying_the_online_ops():
+    src = SyntheticSource(events=3000, users=50, items=80, clusters=4, seed=3)
+    events = list(src.events_iter())
+    table = events_table(events)
+    keys, mem = Keys("x"), MemoryFeatures()
+    for (ev, feats), raw in zip(iter_point_in_time(table, recent_items=10), events):
+        assert ev.event_id == raw.event_id
+        expected = mem.user(keys, raw.user_id)
+        assert (feats.recent, feats.seen, feats.counts) == (expected.recent, expected.seen, expected.counts)
+        mem.apply(raw.event_id, event_ops(raw, keys, 10, 86400.0))
+
+
+def test_events_table_is_time_ordered_archive_layout():
+    evs = [Event(event_id="2", user_id="u", item_id="i", type=EventType.click, ts=20),
+           Event(event_id="1", user_id="u", item_id="j", type=EventType.rating, value=4.0, ts=10)]
+    t = events_table(evs)
+    assert t.schema == SCHEMA
+    assert t.column("event_id").to_pylist() == ["1", "2"]
+    assert t.column("value").to_pylist() == [4.0, None]
+
+
+# ---- ANN ------------------------------------------------------------------------------------------
+
+def test_ivf_index_reaches_recall_target_and_is_exact_with_all_lists():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(30, 32))
+    items = centers[rng.integers(0, 30, 5000)] + 0.3 * rng.normal(size=(5000, 32))
+    items = (items / np.linalg.norm(items, axis=1, keepdims=True)).astype(np.float32)
+    queries = items[rng.integers(0, 5000, 300)] + 0.1 * rng.normal(size=(300, 32)).astype(np.float32)
+    index = build_index(items, queries, target_recall=0.98)
+    assert index.meta["recall@10"] >= 0.98
+    assert index.nprobe < index.nlist  # it is approximate, scanning a part of the catalogue
+    assert recall_at_k(index, queries, 10) == pytest.approx(index.meta["recall@10"], abs=1e-4)
+    ids, scores = index.search(queries[:5], 10, nprobe=index.nlist)
+    eids, escores = exact_search(queries[:5], items, 10)
+    assert np.array_equal(ids, eids) and np.allclose(scores, escores, atol=1e-5)
+    # A large k (headroom for a seen-filter) probes more lists rather than returning padding.
+    many, _ = index.search(queries[:3], 2000)
+    assert (many >= 0).all() and all(len(set(row)) == 2000 for row in many)

@@ -1,0 +1,220 @@
+"""Issue 4 acceptance: the Ray Serve API against the real stack, with a model trained by Ray Train.
+
+Module flow: MovieLens-100K split by the evaluation protocol; the training part is replayed
+through Kafka, streamed into Redis and archived; `recsys train --source archive` trains on it;
+the Serve app answers from Redis features. A stream worker runs for the whole module so that
+posted events reach Redis.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from recsys import stack
+from recsys.evaluation import split_table
+from recsys.feature_store import FeatureStore
+from recsys.kafka_io import replay
+from recsys.registry import Registry
+from recsys.sources import MovieLensSource
+from recsys.training_data import events_table, iter_events
+from serving.deploy import base_url, serve_up
+from training.job import evaluate_version
+
+
+@pytest.fixture(scope="module")
+def served(module_scratch, ml100k):
+    s = module_scratch
+    table = events_table(MovieLensSource(ml100k).events_iter())
+    split = split_table(table)
+    train = table.filter(~split.is_test)
+    replay(iter_events(train), s.settings, progress=False)
+    s.cli("archive", "--until-idle", "3")
+    s.cli("stream", "--until-idle", "3")
+    card = json.loads(s.cli("train", "--source", "archive", "--workers", "2", "--json").stdout.strip().splitlines()[-1])
+    worker = s.popen("stream")  # keeps Redis fresh for the posted events
+    serve_up(s.settings, progress=lambda *_: None)
+    client = httpx.Client(base_url=base_url(s.settings), timeout=10)
+    yield {"scratch": s, "table": table, "split": split, "card": card, "client": client}
+    client.close()
+    worker.terminate()
+    worker.wait(timeout=30)
+
+
+def recs(client, user, k=10):
+    resp = client.get(f"/v1/recommendations/{user}", params={"k": k})
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def test_served_hr_equals_offline_evaluation(served):
+    s, split, client = served["scratch"], served["split"], served["client"]
+    registry = Registry(s.settings.registry_dir)
+    offline = evaluate_version(registry.path(served["card"]["version"]), served["table"], s.settings)
+    hits = 0
+    for u, i in zip(split.test_users, split.test_items):
+        answer = recs(client, split.user_ids[u])
+        assert answer["model_version"] == served["card"]["version"] and not answer["fallback"]
+        hits += split.item_ids[i] in [x["item_id"] for x in answer["items"]]
+    served_hr = hits / len(split.test_users)
+    offline_hr = offline["metrics"]["two_tower"]["hr@10"]
+    print(f"served HR@10 {served_hr:.4f}, offline {offline_hr:.4f}, item-kNN {offline['metrics']['itemknn']['hr@10']:.4f}")
+    assert abs(served_hr - offline_hr) <= 0.005
+
+
+def test_a_click_is_reflected_within_a_second(served):
+    client = served["client"]
+    user = served["split"].user_ids[served["split"].test_users[0]]
+    clicked = recs(client, user)["items"][0]["item_id"]
+    resp = client.post("/v1/events", json={"event_id": f"fresh-{time.time_ns()}", "user_id": user,
+                                           "item_id": clicked, "type": "click", "ts": int(time.time() * 1000)})
+    assert resp.status_code == 202 and resp.json() == {"accepted": 1}
+    posted = time.monotonic()
+    store = FeatureStore(served["scratch"].settings)
+    while True:
+        elapsed = time.monotonic() - posted
+        gone = clicked not in [x["item_id"] for x in recs(client, user)["items"]]
+        recent = store.user(user).recent[:1] == [clicked]
+        if gone and recent:
+            break
+        assert elapsed < 1.0, f"after {elapsed:.2f}s: absent from recommendations {gone}, in recent items {recent}"
+        time.sleep(0.02)
+
+
+def test_new_user_gets_trending_then_personal_items(served):
+    client, store = served["client"], FeatureStore(served["scratch"].settings)
+    user = f"newcomer-{time.time_ns()}"
+    first = recs(client, user)
+    trending = [item for item, _ in store.trending(10)]
+    assert first["fallback"] and [x["item_id"] for x in first["items"]] == trending
+    clicked = ["50", "181", "100"]
+    events = [{"event_id": f"{user}-{n}", "user_id": user, "item_id": item, "type": "click",
+               "ts": int(time.time() * 1000) + n} for n, item in enumerate(clicked)]
+    assert client.post("/v1/events", json=events).json() == {"accepted": 3}
+    deadline = time.monotonic() + 5
+    while (answer := recs(client, user))["fallback"]:
+        assert time.monotonic() < deadline, "still the fallback 5 s after the user's events"
+        time.sleep(0.05)
+    assert len(answer["items"]) == 10 and not set(clicked) & {x["item_id"] for x in answer["items"]}
+
+
+def _hammer(client, users, stop: threading.Event, log: list):
+    n = 0
+    while not stop.is_set():
+        resp = client.get(f"/v1/recommendations/{users[n % len(users)]}", params={"k": 10})
+        log.append((time.monotonic(), resp.status_code, resp.json().get("model_version")))
+        n += 1
+
+
+def _swap_under_load(served, change, expect: str):
+    client, split = served["client"], served["split"]
+    users = [split.user_ids[u] for u in split.test_users[:50]]
+    log, stop = [], threading.Event()
+    thread = threading.Thread(target=_hammer, args=(client, users, stop, log))
+    thread.start()
+    time.sleep(1.0)
+    change()
+    deadline = time.monotonic() + 15
+    while not (log and log[-1][2] == expect):
+        assert time.monotonic() < deadline, f"still serving {log[-1][2] if log else None} 15 s after the swap"
+        time.sleep(0.1)
+    time.sleep(2.0)  # more answers after the swap
+    stop.set()
+    thread.join()
+    assert all(status == 200 for _, status, _ in log), "a request failed during the swap"
+    first_new = next(i for i, (_, _, v) in enumerate(log) if v == expect)
+    # Every replica must have swapped: after the first answer of the new version, allow the
+    # other replicas one poll interval, then nothing but the new version.
+    settled = [v for t, _, v in log[first_new:] if t > log[first_new][0] + 1.5]
+    assert settled and set(settled) == {expect}
+
+
+def test_promote_and_rollback_swap_without_failures(served):
+    s = served["scratch"]
+    registry = Registry(s.settings.registry_dir)
+    v1 = served["card"]["version"]
+    # A second version: the same artifact files under a new version (what is tested is the swap).
+    v2 = registry.publish(lambda folder, version: _copy_version(registry.path(v1), folder, version), promote=False)
+    _swap_under_load(served, lambda: registry.promote(v2), v2)
+    _swap_under_load(served, registry.rollback, v1)
+    assert registry.current() == v1
+
+
+def _copy_version(src, dst, version):
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    card = json.loads((dst / "model_card.json").read_text())
+    (dst / "model_card.json").write_text(json.dumps({**card, "version": version}))
+
+
+@pytest.mark.parametrize("path, status, field", [
+    ("/v1/recommendations/1?k=0", 422, "k"),
+    ("/v1/recommendations/1?k=101", 422, "k"),
+    ("/v1/recommendations/1?k=ten", 422, "k"),
+])
+def test_bad_queries_give_422_with_the_field(served, path, status, field):
+    resp = served["client"].get(path)
+    assert resp.status_code == status and resp.json()["detail"][0]["loc"][-1] == field
+
+
+def test_bad_events_give_422_and_oversized_batches_413(served):
+    client = served["client"]
+    resp = client.post("/v1/events", content=b"{not json", headers={"content-type": "application/json"})
+    assert resp.status_code == 422 and "malformed JSON" in resp.json()["detail"][0]["msg"]
+    resp = client.post("/v1/events", json={"event_id": "x", "user_id": "u", "item_id": "i", "type": "teleport", "ts": 1})
+    assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", 0, "type"]
+    resp = client.post("/v1/events", json=[{"event_id": "x", "user_id": "u", "item_id": "i", "type": "view"}])
+    assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", 0, "ts"]
+    big = [{"event_id": str(n), "user_id": "u", "item_id": "i", "type": "view", "ts": 1} for n in range(1001)]
+    resp = client.post("/v1/events", json=big)
+    assert resp.status_code == 413 and "1000" in resp.json()["detail"]
+
+
+def test_health_ready_docs_and_metrics(served):
+    client = served["client"]
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["model"] == served["card"]["version"]
+    assert "/v1/recommendations/{user_id}" in client.get("/openapi.json").json()["paths"]
+    deadline = time.monotonic() + 30  # Ray exports metrics every few seconds
+    while "ray_recsys_stage_ms" not in (text := client.get("/metrics").text):
+        assert time.monotonic() < deadline, "no recsys metrics exported"
+        time.sleep(1)
+    for name in ("recsys_request_latency_ms", "recsys_fallback_total", "recsys_model_version_info",
+                 "recsys_events_accepted_total"):
+        assert name in text
+
+
+def test_redis_down_gives_503_quickly_then_recovers(served):
+    client, settings = served["client"], served["scratch"].settings
+    stack.stop_redis(settings)
+    try:
+        started = time.monotonic()
+        resp = client.get("/v1/recommendations/1")
+        assert resp.status_code == 503 and "Redis" in resp.json()["detail"]
+        assert time.monotonic() - started < 3.0
+        assert client.get("/readyz").status_code == 503
+    finally:
+        stack.start_redis(settings, progress=lambda *_: None)
+    assert recs(client, "1")["items"]
+
+
+def test_kafka_down_gives_503_quickly_then_recovers(served):
+    client, settings = served["client"], served["scratch"].settings
+    event = {"event_id": f"k-{time.time_ns()}", "user_id": "1", "item_id": "1", "type": "view", "ts": 1}
+    stack.stop_kafka(settings)
+    try:
+        started = time.monotonic()
+        resp = client.post("/v1/events", json=event)
+        assert resp.status_code == 503 and "Kafka" in resp.json()["detail"]
+        assert time.monotonic() - started < 6.0
+    finally:
+        stack.start_kafka(settings, progress=lambda *_: None)
+    deadline = time.monotonic() + 30
+    while (resp := client.post("/v1/events", json=event)).status_code != 202:
+        assert time.monotonic() < deadline, resp.text
+        time.sleep(0.5)

@@ -1,0 +1,260 @@
+"""The training job on a real local Ray cluster with real TensorFlow workers, the artifacts
+it publishes, the registry, and bad inputs. No fakes.
+
+Budget: a few minutes on 2 cores (small epochs and dims; Ray started once per session).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recsys.registry import Registry, RegistryError
+
+REPO = Path(__file__).resolve().parents[1]
+SYN = "synthetic:events=40000,users=1500,items=600,clusters=12,seed=5,taste=0.9"
+FAST = {"dim": 32, "user_dim": 16, "hidden": 64, "batch_size": 128, "temperature": 0.1, "learning_rate": 0.005}
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    from training.job import ensure_ray
+    ensure_ray(2, False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def settings(tmp_path):
+    from recsys.settings import get_settings
+    return get_settings().model_copy(update={"home": tmp_path / "home", "registry_dir": tmp_path / "models"})
+
+
+def _env(settings) -> dict:
+    env = dict(os.environ)
+    env["RECSYS_HOME"] = str(settings.home)
+    env["RECSYS_REGISTRY_DIR"] = str(settings.registry_dir)
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def _cli(settings, *args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "training.cli", *args], cwd=REPO, env=_env(settings),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ---- the required end-to-end check: MovieLens-100K, 2 workers, beats item-kNN ------------------------
+
+def test_movielens_two_workers_beats_itemknn_and_publishes_a_servable_model(ml100k, settings):
+    r = _cli(settings, "train", "--source", f"movielens:{ml100k}", "--workers", "2", "--epochs", "3", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    card = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "[train] epoch 3/3" in r.stdout + r.stderr  # progress printed while it ran
+    m = card["metrics"]
+    assert m["itemknn"]["hr@10"] == pytest.approx(0.109, abs=0.003)  # baselines beside it, same split
+    assert m["two_tower"]["hr@10"] > m["itemknn"]["hr@10"], m
+    assert m["two_tower"]["users"] == 943
+    assert card["training"]["workers"] == 2 and card["training"]["examples_per_s"] > 0
+    assert card["data_window"]["events"] == 100_000 and card["data_window"]["min_ts"] < card["data_window"]["max_ts"]
+    assert card["ann"]["recall@10"] >= 0.98
+
+    reg = Registry(settings.registry_dir)
+    assert reg.current() == card["version"] == "v0001"
+    from recsys.model import load_model
+    from recsys.training_data import user_features_at
+    model = load_model(reg.path("current"))
+    assert model.item_embeddings.shape == (1682, card["config"]["dim"]) and len(model.item_ids) == 1682
+    assert model.card["version"] == "v0001"
+    # A user's embedding from (user id, recent items, counts), and the ANN answers it.
+    from recsys.sources import MovieLensSource
+    from recsys.training_data import events_table
+    table = events_table(MovieLensSource(ml100k).events_iter())
+    feats = [user_features_at(table, "1", 10**15), user_features_at(table, "unknown-user", 10**15)]
+    emb = model.user_embedding(feats)
+    assert emb.shape == (2, card["config"]["dim"]) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    recs = model.recommend(feats[:1], k=10)[0]
+    assert len(recs) == 10 and not {i for i, _ in recs} & feats[0].seen
+
+    # `evaluate` on the published version reproduces the card's figure.
+    r = _cli(settings, "evaluate", "--model", "current", "--source", f"movielens:{ml100k}", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = json.loads(r.stdout.strip().splitlines()[-1])
+    assert ev["metrics"]["two_tower"]["hr@10"] == pytest.approx(m["two_tower"]["hr@10"], abs=1e-4)
+
+
+# ---- synthetic: quality against popularity, 1 vs 2 workers ---------------------------------------------
+
+def test_synthetic_beats_popularity_widely_and_one_or_two_workers_agree(ray_session, settings):
+    from recsys.model import ModelConfig
+    from recsys.sources import open_source
+    from training.job import Prepared, train
+    from recsys.training_data import events_table
+    src = open_source(SYN)
+    cfg = ModelConfig.from_dict(FAST)
+    prep = Prepared(events_table(src.events_iter()), None, cfg, settings.recent_items)
+    cards = {w: train(SYN, workers=w, epochs=4, settings=settings, model_config=FAST, prepared=prep) for w in (1, 2)}
+    for w, card in cards.items():
+        tt, pop = card["metrics"]["two_tower"], card["metrics"]["popularity"]
+        # Most held-out items here are repeats of items already seen (removed from the ranking), so the
+        # ceiling is low; "wide" = at least 2.5x popularity and 5 points above it.
+        assert tt["hr@10"] >= 2.5 * pop["hr@10"] and tt["hr@10"] - pop["hr@10"] >= 0.05, (w, tt, pop)
+    h1, h2 = cards[1]["metrics"]["two_tower"]["hr@10"], cards[2]["metrics"]["two_tower"]["hr@10"]
+    assert abs(h1 - h2) <= 0.05 + 0.1 * max(h1, h2), (h1, h2)
+    assert [c["version"] for c in cards.values()] == ["v0001", "v0002"]
+    reg = Registry(settings.registry_dir)
+    assert (reg.current(), reg.previous()) == ("v0002", "v0001")
+
+
+# ---- fault tolerance -------------------------------------------------------------------------------
+
+def test_killed_worker_resumes_from_the_last_checkpoint_and_checkpoints_resume_or_fail_cleanly(
+        ray_session, settings, tmp_path):
+    from training.job import TrainingError, train
+    marker = tmp_path / "killed-once"
+    card = train(SYN, workers=2, epochs=3, settings=settings, model_config=FAST, max_failures=1, publish=False,
+                 fail={"epoch": 2, "rank": 1, "marker": str(marker)})
+    assert marker.exists()  # worker 1 really died in epoch 2 on the first attempt
+    assert card["training"]["resumed_from_epoch"] == 1  # the restart began after epoch 1, not from scratch
+    assert [h["epoch"] for h in card["training"]["history"]] == [1, 2, 3]
+    assert card["metrics"]["two_tower"]["hr@10"] > card["metrics"]["popularity"]["hr@10"]
+
+    # A new run resumes from that run's last checkpoint folder.
+    ckpt = Path(card["training"]["checkpoint_dir"])
+    resumed = train(SYN, workers=1, epochs=4, settings=settings, model_config=FAST, resume_from=ckpt)
+    assert resumed["training"]["resumed_from_epoch"] == 3
+    assert [h["epoch"] for h in resumed["training"]["history"]] == [1, 2, 3, 4]
+
+    # A corrupted checkpoint: a clear error, in the API and on the command line, registry untouched.
+    (ckpt / "state.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    before = sorted(p.name for p in settings.registry_dir.iterdir())
+    with pytest.raises(TrainingError, match="corrupted"):
+        train(SYN, workers=1, epochs=5, settings=settings, model_config=FAST, resume_from=ckpt)
+    r = _cli(settings, "train", "--source", SYN, "--workers", "1", "--resume-from", str(ckpt))
+    assert r.returncode != 0 and "corrupted" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in settings.registry_dir.iterdir()) == before
+
+
+# ---- the towers ------------------------------------------------------------------------------------
+
+def test_numpy_user_tower_matches_the_tensorflow_tower():
+    from recsys.model import ModelConfig, NumpyUserTower, Vocab, build_model, item_embeddings_np, model_weights
+    cfg = ModelConfig(dim=16, user_dim=8, hidden=32, history=7, share_item_table=False)
+    genres = np.random.default_rng(0).integers(0, 2, (21, 4)).astype(np.float32)
+    model = build_model(cfg, n_users=10, n_items=20, item_genres=genres)
+    rng = np.random.default_rng(1)
+    user = rng.integers(0, 11, 6).astype(np.int32)
+    hist = rng.integers(0, 21, (6, 7)).astype(np.int32)
+    hist[0] = 0  # a user without history
+    counts = rng.random((6, 5)).astype(np.float32)
+    expected = model.user_tower(user, hist, counts).numpy()
+    w = model_weights(model)
+    vocab = Vocab([f"u{i}" for i in range(10)], [f"i{i}" for i in range(20)], [f"g{i}" for i in range(4)], genres)
+    got = NumpyUserTower(w, vocab, cfg.history).embed_encoded(user, hist, counts)
+    assert np.allclose(got, expected, atol=1e-5)
+    items = model.item_tower(np.arange(1, 21, dtype=np.int32)).numpy()
+    assert np.allclose(item_embeddings_np(w, genres), items, atol=1e-5)
+
+
+# ---- registry ----------------------------------------------------------------------------------------
+
+def _publish(reg: Registry, tag: str, delay: float = 0.0) -> str:
+    def write(folder: Path, version: str):
+        (folder / "item_embeddings.npy").write_bytes(b"x" * 1000)
+        time.sleep(delay)
+        (folder / "model_card.json").write_text(json.dumps({"version": version, "tag": tag}))
+    return reg.publish(write)
+
+
+def test_registry_promote_rollback_and_atomic_pointers(tmp_path):
+    reg = Registry(tmp_path / "models")
+    with pytest.raises(RegistryError, match="no previous"):
+        reg.rollback()
+    v1, v2 = _publish(reg, "a"), _publish(reg, "b")
+    assert (v1, v2) == ("v0001", "v0002") and reg.list() == [v1, v2]
+    assert (reg.current(), reg.previous()) == (v2, v1)
+    assert reg.rollback() == {"current": v1, "previous": v2}
+    assert reg.promote("2") == {"current": v2, "previous": v1}
+    assert reg.show("current")["tag"] == "b" and reg.show("v0001")["is_previous"]
+    with pytest.raises(RegistryError, match="no version"):
+        reg.promote("v0009")
+
+    # Readers hammering the pointers while a writer flips them never see a torn or mixed state.
+    stop, bad = threading.Event(), []
+
+    def reader():
+        while not stop.is_set():
+            p = reg.pointers()
+            if (p["current"], p["previous"]) not in {(v1, v2), (v2, v1), ("v0003", v1), ("v0003", v2)}:
+                bad.append(p)
+            for v in reg.list():  # a listed version is always complete
+                if not (reg.root / v / "model_card.json").exists():
+                    bad.append(v)
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for _ in range(300):
+        reg.rollback()
+    v3 = _publish(reg, "c", delay=0.3)  # slow writer: readers must not list v0003 before it is complete
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not bad[:1], bad[:3]
+    assert reg.current() == v3
+
+
+def test_failed_publish_leaves_the_registry_untouched(tmp_path):
+    reg = Registry(tmp_path / "models")
+    _publish(reg, "a")
+    before = (reg.list(), reg.pointers(), sorted(p.name for p in reg.root.iterdir()))
+
+    def broken(folder: Path, version: str):
+        (folder / "half.npy").write_bytes(b"x")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        reg.publish(broken)
+    assert (reg.list(), reg.pointers(), sorted(p.name for p in reg.root.iterdir())) == before
+
+
+def test_models_cli(settings):
+    reg = Registry(settings.registry_dir)
+    _publish(reg, "a"), _publish(reg, "b")
+    r = _cli(settings, "models", "rollback", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == {"current": "v0001", "previous": "v0002"}
+    r = _cli(settings, "models", "list", "--json")
+    assert [v["version"] for v in json.loads(r.stdout)["versions"]] == ["v0001", "v0002"]
+    r = _cli(settings, "models", "promote", "v0002", "--json")
+    assert json.loads(r.stdout)["current"] == "v0002"
+    r = _cli(settings, "models", "show", "v0009")
+    assert r.returncode != 0 and "no version" in r.stderr
+
+
+# ---- bad input -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("source, message", [
+    ("synthetic:events=0", "empty"),
+    ("synthetic:events=500,users=1,items=50,clusters=5", "only 1 user"),
+    ("csv:{csv}", "has no column"),
+    ("movielens:/nonexistent", "not found"),
+])
+def test_bad_inputs_exit_nonzero_with_a_clear_message_and_leave_the_registry_alone(settings, tmp_path, source, message):
+    csv = tmp_path / "events.csv"
+    csv.write_text("who,what,when\n1,2,3\n")
+    reg = Registry(settings.registry_dir)
+    _publish(reg, "existing")
+    before = (reg.list(), reg.pointers())
+    r = _cli(settings, "train", "--source", source.format(csv=csv), "--workers", "1", "--epochs", "1")
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
+    assert (reg.list(), reg.pointers()) == before
