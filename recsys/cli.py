@@ -6,6 +6,7 @@ import json
 import sys
 
 from recsys.settings import get_settings
+from loadtest.cli import register as register_loadtest
 from training.cli import add_bench_train_options
 from training.cli import register as register_training
 
@@ -180,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench_serve)
 
     register_training(sub)
+    register_loadtest(sub)
 
     p = sub.add_parser("retrain-now", help="one retraining run now: train, gate, publish or reject")
     p.add_argument("--json", action="store_true", help="one JSON line")

@@ -65,10 +65,11 @@ def run_demo(settings: Settings, events: int = 20_000, epochs: int = 5) -> int:
                 break
             time.sleep(0.3)
         _step(6, "recommendations for a few users (GET /v1/recommendations/{user})")
-        for user in ("u0", "u1", "u2", "brand-new-user"):
+        active = [u.user_id for u in store.users([f"u{n}" for n in range(50)]) if u.recent][:3]
+        for user in active + ["brand-new-user"]:
             print(_show(client.get(f"/v1/recommendations/{user}", params={"k": 5}).json()))
 
-        user = "u1"
+        user = active[0]
         before = client.get(f"/v1/recommendations/{user}", params={"k": 5}).json()
         clicked = [x["item_id"] for x in before["items"][:2]]
         _step(7, f"{user} clicks {', '.join(clicked)} (POST /v1/events); the answer follows within a second")
@@ -77,9 +78,9 @@ def run_demo(settings: Settings, events: int = 20_000, epochs: int = 5) -> int:
                  for n, item in enumerate(clicked)]
         print(client.post("/v1/events", json=batch).json())
         deadline = time.monotonic() + 5
-        while set(clicked) & {x["item_id"] for x in (after := client.get(
-                f"/v1/recommendations/{user}", params={"k": 5}).json())["items"]}:
-            if time.monotonic() > deadline:
+        while True:
+            after = client.get(f"/v1/recommendations/{user}", params={"k": 5}).json()
+            if not set(clicked) & {x["item_id"] for x in after["items"]} or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
         print("before:", _show(before))

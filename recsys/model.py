@@ -292,19 +292,6 @@ class ServingModel:
         """(len(features), dim) float32, L2-normalized; unknown users/items fall into the OOV slot."""
         return self.tower(features)
 
-    def recommend(self, features: Sequence[UserFeatures], k: int = 10, exclude_seen: bool = True
-                  ) -> list[list[tuple[str, float]]]:
-        """Top-k (item id, score) per user from the ANN index, the user's seen items removed."""
-        q = self.user_embedding(features)
-        extra = max((len(f.seen) for f in features), default=0) if exclude_seen else 0
-        ids, scores = self.index.search(q, k + extra)
-        out = []
-        for f, row_i, row_s in zip(features, ids, scores):
-            recs = [(self.item_ids[i], float(s)) for i, s in zip(row_i, row_s)
-                    if i >= 0 and not (exclude_seen and self.item_ids[i] in f.seen)]
-            out.append(recs[:k])
-        return out
-
 
 def load_model(version_dir) -> ServingModel:
     """Load one model version folder for serving (numpy only)."""

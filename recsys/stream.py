@@ -10,9 +10,12 @@ the commit replays the batch, and the dedup markers make the replay change nothi
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
+
+import redis
 
 from recsys import kafka_io
 from recsys.events import BadEvent, parse_event
@@ -51,13 +54,29 @@ class StreamWorker:
                 self.dlq.send(self.settings.dlq_topic, key=record.key, value=record.value or b"",
                               headers=dead_letter_headers(record, exc.reason))
                 self.stats.dlq += 1
-        applied = self.store.apply_events(good)
+        applied = self._apply_until_done(good)
+        if applied is None:  # stopping while Redis is away: no commit, the batch comes again
+            return
         self.dlq.flush()
         # Asynchronous: a commit lost in a crash only replays events the dedup markers absorb.
         self.consumer.commit_async()
         self.stats.consumed += len(records)
         self.stats.applied += sum(applied)
         self.stats.duplicates += len(applied) - sum(applied)
+
+    def _apply_until_done(self, events) -> list[bool] | None:
+        """Retry the batch while Redis is unreachable or restarting; the dedup markers make
+        a partly applied batch safe to apply again."""
+        delay = 0.1
+        while True:
+            try:
+                return self.store.apply_events(events)
+            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+                if self.stopping:
+                    return None
+                print(f"recsys stream: Redis unavailable ({exc}); retrying in {delay:.1f}s", file=sys.stderr)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def run(self, until_idle: float | None = None) -> StreamStats:
         """Consume until SIGTERM/SIGINT, or until ``until_idle`` seconds pass with no record."""

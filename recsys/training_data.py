@@ -15,11 +15,10 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
+from recsys import archive
 from recsys.events import Event, EventType
 from recsys.features import Keys, MemoryFeatures, UserFeatures, event_ops
 
-SCHEMA = pa.schema([("event_id", pa.string()), ("user_id", pa.string()), ("item_id", pa.string()),
-                    ("type", pa.string()), ("value", pa.float64()), ("ts", pa.int64())])
 COUNT_TYPES = [t.value for t in EventType]  # the order of the counts vector
 REQUIRED = ("user_id", "item_id", "ts")
 
@@ -30,15 +29,7 @@ class DataError(ValueError):
 
 def events_table(events: Iterable[Event]) -> pa.Table:
     """A time-ordered event table (archive layout) from events, e.g. ``source.events_iter()``."""
-    cols = {"event_id": [], "user_id": [], "item_id": [], "type": [], "value": [], "ts": []}
-    for e in events:
-        cols["event_id"].append(e.event_id)
-        cols["user_id"].append(e.user_id)
-        cols["item_id"].append(e.item_id)
-        cols["type"].append(e.type.value)
-        cols["value"].append(e.value)
-        cols["ts"].append(e.ts)
-    return sort_table(pa.table(cols, schema=SCHEMA))
+    return sort_table(archive.events_table(list(events)))
 
 
 def sort_table(table: pa.Table) -> pa.Table:

@@ -7,6 +7,7 @@ new ``current`` version in the background; requests keep the old model until the
 one is loaded, so a swap fails nothing.
 """
 
+import asyncio
 import json
 import threading
 import time
@@ -137,16 +138,20 @@ class RecsysApi:
             events = EVENTS.validate_python(batch)
         except ValidationError as exc:
             raise HTTPException(422, detail=[{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]) from None
+        await asyncio.to_thread(self._produce, events)  # off the event loop: waits for the broker
+        EVENTS_ACCEPTED.inc(len(events))
+        LATENCY_MS.observe((time.perf_counter() - started) * 1e3, tags={"route": "events"})
+        return {"accepted": len(events)}
+
+    def _produce(self, events: list[Event]) -> None:
+        """Accepted means on the broker: nothing is lost after a 202."""
         prod = self._kafka()
         futures = [send_event(prod, self.settings, e) for e in events]
         try:
             for f in futures:
-                f.get(timeout=2.0)  # accepted means on the broker: nothing lost after a 202
+                f.get(timeout=2.0)
         except KafkaError as exc:
             raise Unavailable(f"Kafka unavailable: {exc!r}") from None
-        EVENTS_ACCEPTED.inc(len(events))
-        LATENCY_MS.observe((time.perf_counter() - started) * 1e3, tags={"route": "events"})
-        return {"accepted": len(events)}
 
     @app.get("/healthz")
     def healthz(self) -> dict:

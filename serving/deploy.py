@@ -1,7 +1,10 @@
 """Start, stop and inspect the Serve application on the local Ray cluster (``recsys serve``)."""
 from __future__ import annotations
 
+import json
+import logging
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -22,10 +25,15 @@ def load_config(path: Path = CONFIG) -> dict:
 
 
 def connect_ray(settings: Settings, progress=print):
+    """Connect this process to the project's Ray cluster (started if needed)."""
     import ray
     address = stack.start_ray(settings, progress)
+    port = address.rsplit(":", 1)[1]
+    if ray.is_initialized() and not ray.get_runtime_context().gcs_address.endswith(f":{port}"):
+        ray.shutdown()  # attached to another cluster, e.g. a private one a training run started
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # deploy chatter; errors still show
     return ray
 
 
@@ -86,11 +94,12 @@ def serve_status(settings: Settings) -> dict:
         return {"state": "not deployed"}
     try:
         with urllib.request.urlopen(f"{base_url(settings)}/readyz", timeout=3) as resp:
-            ready = resp.read().decode()
+            ready = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:  # 503: not ready, and the body says why
+        ready = json.loads(exc.read())
     except OSError as exc:
-        ready = str(exc)
-    return {"state": str(apps[APP_NAME].status.value if hasattr(apps[APP_NAME].status, "value") else apps[APP_NAME].status),
-            "url": base_url(settings), "replicas": replicas(), "readyz": ready}
+        ready = {"ready": False, "error": str(exc)}
+    return {"state": apps[APP_NAME].status.value, "url": base_url(settings), "replicas": replicas(), "readyz": ready}
 
 
 def serve_down(settings: Settings) -> dict:

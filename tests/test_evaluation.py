@@ -11,9 +11,10 @@ import pytest
 from recsys import evaluation
 from recsys.ann import build_index, exact_search, recall_at_k
 from recsys.events import Event, EventType
+from recsys.archive import SCHEMA
 from recsys.features import Keys, MemoryFeatures, event_ops
 from recsys.sources import MovieLensSource, SyntheticSource
-from recsys.training_data import (SCHEMA, events_table, iter_point_in_time, point_in_time_features,
+from recsys.training_data import (events_table, iter_point_in_time, point_in_time_features,
                                   user_features_at)
 
 

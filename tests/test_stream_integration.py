@@ -164,3 +164,24 @@ def test_archive_reader_keeps_one_copy_of_an_event_sent_twice(scratch, ml100k):
     assert stats["archived"] == 400
     ids = read_events(scratch.settings)["event_id"].to_pylist()
     assert sorted(ids) == sorted(e.event_id for e in events)
+
+
+def test_worker_rides_out_a_redis_restart(scratch, ml100k):
+    from recsys import stack
+    events = list(MovieLensSource(ml100k).events_iter())[:5000]
+    worker = scratch.popen("stream", "--until-idle", "5")
+    time.sleep(3)  # joined the group
+    stack.stop_redis(scratch.settings)
+    try:
+        replay(events, scratch.settings, progress=False)
+        time.sleep(2)  # the worker holds a batch it cannot apply
+        assert worker.poll() is None, worker.stderr.read()
+    finally:
+        stack.start_redis(scratch.settings, progress=lambda *_: None)
+    out, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    assert "Redis unavailable" in err
+    assert json.loads(out.strip().splitlines()[-1])["applied"] == 5000
+    store = FeatureStore(scratch.settings)
+    users = Counter(e.user_id for e in events)
+    assert {u.user_id: u.counts.get("rating") for u in store.users(sorted(users))} == dict(users)

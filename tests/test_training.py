@@ -81,8 +81,9 @@ def test_movielens_two_workers_beats_itemknn_and_publishes_a_servable_model(ml10
     feats = [user_features_at(table, "1", 10**15), user_features_at(table, "unknown-user", 10**15)]
     emb = model.user_embedding(feats)
     assert emb.shape == (2, card["config"]["dim"]) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
-    recs = model.recommend(feats[:1], k=10)[0]
-    assert len(recs) == 10 and not {i for i, _ in recs} & feats[0].seen
+    from serving.recommend import recommend
+    rec = recommend(model, feats[0], 10, trending=[])
+    assert len(rec.items) == 10 and not rec.fallback and not set(rec.items) & feats[0].seen
 
     # `evaluate` on the published version reproduces the card's figure.
     r = _cli(settings, "evaluate", "--model", "current", "--source", f"movielens:{ml100k}", "--json")

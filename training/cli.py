@@ -98,12 +98,31 @@ def cmd_models(args) -> int:
             if not args.version:
                 raise RegistryError("promote: give a version")
             out = reg.promote(args.version)
+        elif args.action == "history":
+            from recsys.settings import get_settings
+            from training.scheduler import read_history
+            out = read_history(get_settings())
+            if not args.json:
+                print(format_history(out))
+                return 0
         else:
             out = reg.rollback()
     except RegistryError as exc:
         return _fail("models", exc)
     print(json.dumps(out, default=str) if args.json else json.dumps(out, indent=1, default=str))
     return 0
+
+
+def format_history(runs: list[dict]) -> str:
+    """The retraining runs as a table, oldest first."""
+    rows = [("started", "trigger", "decision", "candidate", "HR@10", "current", "HR@10", "seconds", "reason")]
+    for r in runs:
+        cand, cur = r.get("candidate") or {}, r.get("current") or {}
+        rows.append((r["started_at"], r["trigger"], r["decision"], cand.get("version", "-"),
+                     f"{cand['hr@10']:.4f}" if "hr@10" in cand else "-", cur.get("version", "-"),
+                     f"{cur['hr@10']:.4f}" if "hr@10" in cur else "-", str(r.get("duration_s", "-")), r["reason"]))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows)
 
 
 def bench_train(args) -> int:
@@ -246,23 +265,9 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="one JSON line")
     p.set_defaults(func=cmd_evaluate)
 
-    p = subparsers.add_parser("models", help="the model registry: list | show V | promote V | rollback")
-    p.add_argument("action", choices=["list", "show", "promote", "rollback"])
+    p = subparsers.add_parser("models", help="the model registry: list | show V | promote V | rollback | history")
+    p.add_argument("action", choices=["list", "show", "promote", "rollback", "history"])
     p.add_argument("version", nargs="?", default=None)
     p.add_argument("--json", action="store_true", help="one JSON line")
     p.set_defaults(func=cmd_models)
 
-
-def main(argv=None) -> int:
-    """Standalone entry (``python -m training.cli ...``) until recsys.cli mounts these."""
-    parser = argparse.ArgumentParser(prog="recsys")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    b = sub.add_parser("bench-train", help="recsys bench train")
-    add_bench_train_options(b)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

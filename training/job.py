@@ -270,15 +270,16 @@ def train_loop_per_worker(config: dict) -> None:
 
 # ---- the driver -------------------------------------------------------------------------------
 
-def ensure_ray(workers: int, use_gpu: bool) -> None:
-    """Start a private local Ray sized for this box, or join ``RAY_ADDRESS`` when it is set.
+def ensure_ray(workers: int, use_gpu: bool) -> bool:
+    """Start a private local Ray sized for this box, or join ``RAY_ADDRESS`` when it is set;
+    True if this call connected (the caller then disconnects when done).
 
-    ``address="local"``: a cluster someone else started on this machine (``ray start``)
-    is not joined by accident.
+    ``address="local"``: training does not compete with the Serve replicas of the stack's
+    cluster (``ray start``); a process already connected to a cluster trains there.
     """
     import ray
     if ray.is_initialized():
-        return
+        return False
     env = {"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}}
     common = dict(include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level="ERROR",
                   logging_config=ray.LoggingConfig(encoding="TEXT", log_level="ERROR"), runtime_env=env)
@@ -287,6 +288,7 @@ def ensure_ray(workers: int, use_gpu: bool) -> None:
         ray.init(address=address, **{k: v for k, v in common.items() if k != "include_dashboard"})
     else:
         ray.init(address="local", num_cpus=max(2, workers), **common)  # GPUs: detected
+    return True
 
 
 def run_ray_training(prep: Prepared, cfg: ModelConfig, workers: int = 2, use_gpu: bool = False,
@@ -303,42 +305,46 @@ def run_ray_training(prep: Prepared, cfg: ModelConfig, workers: int = 2, use_gpu
         raise TrainingError("mixed precision (mixed_float16) is for GPUs only: add --use-gpu")
     if resume_from is not None:
         validate_checkpoint(resume_from)
-    ensure_ray(workers, use_gpu)
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if use_gpu and gpus < workers:
-        raise TrainingError(f"--use-gpu: one GPU per worker, but the Ray cluster has {gpus:g} GPU(s) for {workers} workers")
-    cpus = ray.cluster_resources().get("CPU", 2)
-    per_worker_cpu = 1.0 if cpus >= workers else cpus / workers
-    shards = [ray.put(s) for s in prep.shards(workers, cfg.seed)]
-    storage = Path(storage or Path(tempfile.gettempdir()) / "recsys-ray-train").resolve()
-    storage.mkdir(parents=True, exist_ok=True)
-    name = f"train-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-    config = {"model": asdict(cfg), "shards": shards, "log_q": prep.log_q, "n_items": prep.vocab.n_items,
-              "n_users": prep.vocab.n_users, "item_genres": prep.vocab.item_genres, "use_gpu": use_gpu,
-              "mixed_precision": mixed_precision, "threads": max(1, int(per_worker_cpu)),
-              "resume_from": str(resume_from) if resume_from else None, "fail": fail}
-    trainer = TensorflowTrainer(
-        train_loop_per_worker, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": per_worker_cpu, **({"GPU": 1} if use_gpu else {})}),
-        run_config=RunConfig(name=name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
-    t0 = time.perf_counter()
+    started = ensure_ray(workers, use_gpu)
     try:
-        result = trainer.fit()
-    except Exception as exc:
-        raise TrainingError(f"training failed: {exc}".splitlines()[0][:500]) from exc
-    seconds = time.perf_counter() - t0
-    if result.error is not None:
-        raise TrainingError(f"training failed: {result.error}".splitlines()[0][:500])
-    if result.checkpoint is None:
-        raise TrainingError("training reported no checkpoint")
-    local = Path(tempfile.mkdtemp(prefix="recsys-ckpt-"))
-    result.checkpoint.to_directory(str(local))
-    meta = validate_checkpoint(local)
-    shutil.rmtree(storage / name, ignore_errors=True)
-    return {"checkpoint_dir": local, "meta": meta, "seconds": seconds, "workers": workers}
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if use_gpu and gpus < workers:
+            raise TrainingError(f"--use-gpu: one GPU per worker, but the Ray cluster has {gpus:g} GPU(s) for {workers} workers")
+        cpus = ray.cluster_resources().get("CPU", 2)
+        per_worker_cpu = 1.0 if cpus >= workers else cpus / workers
+        shards = [ray.put(s) for s in prep.shards(workers, cfg.seed)]
+        storage = Path(storage or Path(tempfile.gettempdir()) / "recsys-ray-train").resolve()
+        storage.mkdir(parents=True, exist_ok=True)
+        name = f"train-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+        config = {"model": asdict(cfg), "shards": shards, "log_q": prep.log_q, "n_items": prep.vocab.n_items,
+                  "n_users": prep.vocab.n_users, "item_genres": prep.vocab.item_genres, "use_gpu": use_gpu,
+                  "mixed_precision": mixed_precision, "threads": max(1, int(per_worker_cpu)),
+                  "resume_from": str(resume_from) if resume_from else None, "fail": fail}
+        trainer = TensorflowTrainer(
+            train_loop_per_worker, train_loop_config=config,
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": per_worker_cpu, **({"GPU": 1} if use_gpu else {})}),
+            run_config=RunConfig(name=name, storage_path=str(storage),
+                                 failure_config=FailureConfig(max_failures=max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
+        t0 = time.perf_counter()
+        try:
+            result = trainer.fit()
+        except Exception as exc:
+            raise TrainingError(f"training failed: {exc}".splitlines()[0][:500]) from exc
+        seconds = time.perf_counter() - t0
+        if result.error is not None:
+            raise TrainingError(f"training failed: {result.error}".splitlines()[0][:500])
+        if result.checkpoint is None:
+            raise TrainingError("training reported no checkpoint")
+        local = Path(tempfile.mkdtemp(prefix="recsys-ckpt-"))
+        result.checkpoint.to_directory(str(local))
+        meta = validate_checkpoint(local)
+        shutil.rmtree(storage / name, ignore_errors=True)
+        return {"checkpoint_dir": local, "meta": meta, "seconds": seconds, "workers": workers}
+    finally:
+        if started:  # a private cluster: gone with the run, so this process can join another
+            ray.shutdown()
 
 
 def evaluate_weights(prep: Prepared, weights: dict, cfg: ModelConfig) -> tuple[dict, np.ndarray, np.ndarray]:

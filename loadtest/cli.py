@@ -1,0 +1,77 @@
+"""``recsys loadtest``: the peak-season load test against the running Serve app.
+
+``register(subparsers)`` adds the subcommand to the ``recsys`` parser; ``python -m loadtest.cli``
+runs it on its own. Exit code 0 when every SLO passes, 1 when one fails, 2 when the test
+could not run (no app answering, Locust failed to start).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from loadtest.shapes import PROFILES
+
+
+def handler(args: argparse.Namespace) -> int:
+    from loadtest import report, runner
+    from loadtest.shapes import get_profile
+    from recsys.settings import get_settings
+    from serving.deploy import base_url
+
+    settings = get_settings()
+    profile = get_profile(args.profile)
+    log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
+    opts = runner.Options(
+        profile=profile, host=(args.host or base_url(settings)).rstrip("/"),
+        out=Path(args.out) if args.out else runner.default_out(profile.name),
+        with_stream_worker=args.with_stream_worker,
+        budgets=report.Budgets(p99_ms=args.p99_budget_ms, max_error_rate=args.max_error_rate),
+        cooldown_max_s=args.cooldown_max_s, catchup_idle_s=args.catchup_idle_s,
+        stop_stream_worker_after_s=args.stop_stream_worker_after)
+    try:
+        summary = runner.run(settings, opts, progress=log)
+    except runner.LoadTestError as exc:
+        print(f"recsys loadtest: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary, default=str))
+    else:
+        h = summary["headline"]
+        print(f"profile {args.profile}: {'PASS' if summary['passed'] else 'FAIL'}")
+        for slo in summary["slos"]:
+            print(f"  {'PASS' if slo['passed'] else 'FAIL'}  {slo['name']}: {json.dumps(slo['measured'])} "
+                  f"(threshold {json.dumps(slo['threshold'])}; {slo['detail']})")
+        print(f"  peak {h['peak_rps_5s']} req/s (5 s mean), p50/p99 at peak {h['peak_p50_ms']}/{h['peak_p99_ms']} ms, "
+              f"replicas {h['replicas']['start']} -> {h['replicas']['max']} -> {h['replicas']['final']}")
+        print(f"  report: {summary['files']['folder']}")
+    return 0 if summary["passed"] else 1
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("loadtest", help="peak-season Locust load test against the running Serve app, with SLO checks",
+                              description="Runs Locust headless with a peak-season shape against the Serve app, samples "
+                                          "Serve's replicas every second, checks that every accepted event reached Redis, "
+                                          "and writes a report folder (Locust HTML/CSV, timeline, plot, summary.json). "
+                                          "Exit 0 if every SLO passes, 1 otherwise.")
+    p.add_argument("--profile", default="smoke", choices=sorted(PROFILES),
+                   help="load profile (loadtest/shapes.py): smoke (<2 min, CI) or peak (~8.5 min)")
+    p.add_argument("--host", default=None, help="base URL of the app (default: the settings' Serve address)")
+    p.add_argument("--out", default=None, help="report folder (default reports/loadtest-<profile>-<UTC timestamp>/)")
+    p.add_argument("--json", action="store_true", help="print summary.json as one JSON line (progress goes to stderr)")
+    p.add_argument("--with-stream-worker", dest="with_stream_worker", action="store_true", default=True,
+                   help="run a stream worker in this process for the test's duration (the default)")
+    p.add_argument("--no-stream-worker", dest="with_stream_worker", action="store_false",
+                   help="rely on an external stream worker (`recsys stream`) instead")
+    p.add_argument("--p99-budget-ms", type=float, default=500.0, help="p99 latency budget during the sustained peak")
+    p.add_argument("--max-error-rate", type=float, default=0.001, help="largest failed/all ratio that passes")
+    p.add_argument("--cooldown-max-s", type=float, default=45.0,
+                   help="after the load, wait at most this long for the replicas back at the minimum")
+    p.add_argument("--catchup-idle-s", type=float, default=10.0,
+                   help="the nothing-lost check stops waiting after this long without new events in Redis")
+    p.add_argument("--stop-stream-worker-after", type=float, default=None, metavar="SECONDS",
+                   help=argparse.SUPPRESS)  # fault injection for tests: the nothing-lost SLO must then fail
+    p.set_defaults(func=handler)
+    return p
+

@@ -1,0 +1,339 @@
+"""Run one load test: Locust headless (a child process), Serve's replicas sampled every second,
+an optional stream worker, the nothing-lost check in Redis, the report folder.
+
+Locust runs as ``python -m locust`` in its own process: Locust monkey-patches the
+process with gevent, which Ray's client, kafka-python and the stream worker's threads
+should not share, and a separate process gives the load generator its own core share.
+The locustfile streams every request and every accepted event id to the report folder;
+this process aligns them with the replica samples afterwards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from recsys.settings import Settings
+from loadtest import report
+from loadtest.shapes import Profile
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+ROOT = LOCUSTFILE.parent.parent
+
+
+class LoadTestError(RuntimeError):
+    """Could not run the load test at all (no service to load, Locust failed to start)."""
+
+
+@dataclass
+class Options:
+    profile: Profile
+    host: str
+    out: Path
+    with_stream_worker: bool = True
+    budgets: report.Budgets = field(default_factory=report.Budgets)
+    settle_max_s: float = 60.0     # before the load: wait up to this long for replicas at the minimum
+    cooldown_max_s: float = 45.0   # after the load: wait up to this long for replicas back at the minimum
+    catchup_idle_s: float = 10.0   # the nothing-lost check gives up after this long without progress
+    catchup_max_s: float = 120.0
+    sample_every_s: float = 1.0
+    stop_stream_worker_after_s: float | None = None  # fault injection (tests): drop the worker mid-run
+    locust_env: dict = field(default_factory=dict)   # extra LOADTEST_* for the shoppers
+
+
+def default_out(profile: str) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return ROOT / "reports" / f"loadtest-{profile}-{stamp}"
+
+
+# ---- replicas --------------------------------------------------------------
+
+class ReplicaSampler:
+    """Serve's running replicas of the app, every ``every_s``, from its status API (wall-clock times)."""
+
+    def __init__(self, settings: Settings, every_s: float = 1.0, progress=print):
+        self.samples: list[tuple[float, int]] = []
+        self.every_s = every_s
+        self.error: str | None = None
+        self.min_replicas: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.available = self._connect(settings, progress)
+
+    def _connect(self, settings: Settings, progress) -> bool:
+        from recsys import stack
+        if not stack.ray_address(settings):
+            self.error = "no local Ray cluster: replicas not sampled"
+            return False
+        try:
+            from serving import deploy
+            deploy.connect_ray(settings, progress=lambda *_: None)
+            auto = deploy.load_config()["deployments"]["RecsysApi"].get("autoscaling_config") or {}
+            self.min_replicas = auto.get("min_replicas")
+            if self.count() is None:
+                self.error = f"app {deploy.APP_NAME!r} not deployed on the local Ray cluster"
+                return False
+        except Exception as exc:  # Ray missing or unreachable: the test still runs, the SLO says why
+            self.error = f"Serve status unavailable: {exc!r}"
+            return False
+        return True
+
+    @staticmethod
+    def count() -> int | None:
+        from serving import deploy
+        per = deploy.replicas()
+        if not per:
+            return None
+        return per.get("RecsysApi", sum(per.values()))
+
+    def sample(self) -> int | None:
+        try:
+            n = self.count()
+        except Exception as exc:  # a hiccup of the status API: skip this sample
+            self.error = f"sampling failed once: {exc!r}"
+            return None
+        if n is not None:
+            self.samples.append((time.time(), n))
+        return n
+
+    def wait_for(self, target: int, max_s: float) -> bool:
+        """Sample until the count is at most ``target`` or max_s passes."""
+        deadline = time.monotonic() + max_s
+        while time.monotonic() < deadline:
+            n = self.sample()
+            if n is not None and n <= target:
+                return True
+            time.sleep(self.every_s)
+        return False
+
+    def start(self) -> None:
+        def loop():
+            while not self._stop.wait(self.every_s):
+                self.sample()
+        self._thread = threading.Thread(target=loop, name="replica-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+
+# ---- stream worker ---------------------------------------------------------
+
+class WorkerThread:
+    """The project's stream worker in a thread of this process, stoppable at any time.
+
+    Supervised like a deployed worker: if it dies (Redis or Kafka restarting under it) a new
+    one takes over within a second, and replays from the last committed offsets (the dedup
+    markers absorb the replay). ``stop`` (or ``kill`` for fault injection) ends it for good.
+    """
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.worker = None
+        self.errors: list[str] = []
+        self.stats = {"consumed": 0, "applied": 0, "duplicates": 0, "dlq": 0}
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stream-worker", daemon=True)
+
+    def _run(self):
+        from recsys.stream import StreamWorker
+        while not self._stopping.is_set():
+            try:
+                self.worker = StreamWorker(self.settings)
+                if self._stopping.is_set():  # stopped while it was being created
+                    self.worker.close()
+                    break
+                self.worker.run()
+            except Exception as exc:
+                self.errors.append(repr(exc)[:300])
+                self._stopping.wait(1.0)
+            finally:
+                if self.worker is not None:
+                    for key in self.stats:
+                        self.stats[key] += getattr(self.worker.stats, key)
+                    self.worker = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def kill(self) -> None:
+        """Stop consuming now (what ``stop`` does, without waiting)."""
+        self._stopping.set()
+        worker = self.worker
+        if worker is not None:
+            worker.stopping = True
+
+    def stop(self) -> dict:
+        self.kill()
+        self._thread.join(timeout=30)
+        return {**self.stats, "restarts": len(self.errors), "errors": self.errors[-3:]}
+
+
+# ---- events in Redis -------------------------------------------------------
+
+def present(redis_client, prefix: str, event_ids: list[str], chunk: int = 5000) -> list[bool]:
+    """Whether each event's dedup marker exists, in pipelined EXISTS round trips."""
+    from recsys.features import Keys
+    keys = Keys(prefix)
+    out: list[bool] = []
+    for i in range(0, len(event_ids), chunk):
+        pipe = redis_client.pipeline(transaction=False)
+        for eid in event_ids[i:i + chunk]:
+            pipe.exists(keys.dedup(eid))
+        out += [bool(x) for x in pipe.execute()]
+    return out
+
+
+def wait_in_redis(settings: Settings, event_ids: list[str], idle_s: float, max_s: float) -> tuple[int, list[str], float]:
+    """Poll until every event is in Redis, or no progress for idle_s, or max_s.
+    Returns (found, a few missing ids, seconds waited)."""
+    from recsys.feature_store import connect
+    client = connect(settings)
+    started = last_progress = time.monotonic()
+    missing = list(event_ids)
+    while True:
+        flags = present(client, settings.redis_prefix, missing)
+        still = [eid for eid, ok in zip(missing, flags) if not ok]
+        now = time.monotonic()
+        if len(still) < len(missing):
+            last_progress = now
+        missing = still
+        if not missing or now - last_progress >= idle_s or now - started >= max_s:
+            break
+        time.sleep(0.5)
+    client.close()
+    return len(event_ids) - len(missing), missing[:10], round(time.monotonic() - started, 2)
+
+
+# ---- the run ---------------------------------------------------------------
+
+def _service_answers(host: str, timeout_s: float = 10.0) -> None:
+    from serving.deploy import wait_http
+    try:
+        wait_http(f"{host.rstrip('/')}/healthz", timeout_s=timeout_s)
+    except TimeoutError:
+        raise LoadTestError(f"{host}/healthz does not answer: deploy the app first (`recsys serve up`)") from None
+
+
+def _end(proc: subprocess.Popen) -> int:
+    """SIGTERM (Locust then writes its reports), SIGKILL after 20 s."""
+    proc.terminate()
+    try:
+        return proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def _run_locust(opts: Options, env: dict, progress) -> tuple[int, float]:
+    out = opts.out
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", opts.host,
+           "--csv", str(out / "locust"), "--csv-full-history", "--html", str(out / "locust.html"),
+           "--loglevel", "WARNING", "--only-summary", "--exit-code-on-error", "0"]
+    limit = opts.profile.duration_s + 60
+    started = time.monotonic()
+    with (out / "locust.log").open("w") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            progress(f"loadtest: Locust still running after {limit:.0f}s; stopping it")
+            rc = _end(proc)
+        except BaseException:  # Ctrl-C: never leave the load running
+            _end(proc)
+            raise
+    return rc, time.monotonic() - started
+
+
+def run(settings: Settings, opts: Options, progress=print) -> dict:
+    """Run the profile against opts.host, write the report folder, return summary.json's content."""
+    profile = opts.profile
+    _service_answers(opts.host)
+    out = opts.out
+    out.mkdir(parents=True, exist_ok=True)
+    wall_start = time.time()
+
+    sampler = ReplicaSampler(settings, opts.sample_every_s, progress)
+    if sampler.available and sampler.min_replicas is not None:
+        progress(f"loadtest: waiting for replicas at the minimum ({sampler.min_replicas})")
+        sampler.wait_for(sampler.min_replicas, opts.settle_max_s)
+    sampler.start()
+
+    worker = killer = None
+    if opts.with_stream_worker:
+        worker = WorkerThread(settings)
+        worker.start()
+        if opts.stop_stream_worker_after_s is not None:
+            killer = threading.Timer(opts.stop_stream_worker_after_s, worker.kill)
+            killer.start()
+
+    env = {**os.environ, **opts.locust_env, "LOADTEST_PROFILE_SPEC": json.dumps(profile.spec()),
+           "LOADTEST_RECORD_DIR": str(out),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    progress(f"loadtest: profile {profile.name} ({profile.duration_s:.0f}s) against {opts.host}; report in {out}")
+    try:
+        rc, locust_s = _run_locust(opts, env, progress)
+        start_file = out / "shape_start.txt"
+        if not start_file.exists():
+            raise LoadTestError(f"Locust did not start the load (exit {rc}); see {out / 'locust.log'}")
+        t0 = float(start_file.read_text())
+        posted_file = out / "events_posted.txt"
+        posted = [x.strip() for x in posted_file.read_text().splitlines() if x.strip()] if posted_file.exists() else []
+
+        # Cool-down: no load; wait for Serve to come back to the minimum (downscale_delay_s).
+        cooldown_s = 0.0
+        if sampler.available and sampler.min_replicas is not None:
+            progress("loadtest: cool-down, waiting for replicas back at the minimum")
+            c0 = time.monotonic()
+            sampler.wait_for(sampler.min_replicas, opts.cooldown_max_s)
+            cooldown_s = round(time.monotonic() - c0, 1)
+
+        progress(f"loadtest: checking {len(posted)} accepted events in Redis")
+        found, missing, waited = wait_in_redis(settings, posted, opts.catchup_idle_s, opts.catchup_max_s)
+    finally:
+        if killer:
+            killer.cancel()
+        worker_stats = worker.stop() if worker else None
+        sampler.stop()
+
+    req = report.Requests.read_csv(out / "requests.csv", t0)
+    replicas = [(t - t0, n) for t, n in sampler.samples]
+    windows = profile.windows()
+    end_s = max([profile.duration_s] + [t for t, _ in replicas])
+    first = min([0.0] + [t for t, _ in replicas])
+    rows = report.timeline(req, replicas, lambda t: profile.users_at(t) if t >= 0 else 0, end_s, start_s=max(-10.0, first))
+    report.write_csv(rows, out / "timeline.csv")
+    report.write_csv([{"t": round(t, 3), "replicas": n} for t, n in replicas], out / "replicas.csv")
+    slos = report.evaluate(req, replicas, windows, len(posted), found, opts.budgets, sampler.min_replicas)
+    plot_windows = {**windows, "after": (profile.duration_s, end_s)} if end_s > profile.duration_s else windows
+    plot_path = None
+    try:
+        plot_path = str(report.plot(rows, plot_windows, out / "loadtest.png",
+                                    f"recsys load test, profile {profile.name} ({opts.host})", opts.budgets.p99_ms))
+    except ImportError as exc:
+        progress(f"loadtest: no plot ({exc}); install matplotlib")
+
+    summary = {
+        "profile": profile.to_json(), "host": opts.host, "passed": all(s["passed"] for s in slos), "slos": slos,
+        "headline": report.headline(req, replicas, windows),
+        "events": {"posted": len(posted), "in_redis": found, "missing_examples": missing, "waited_s": waited,
+                   "stream_worker": worker_stats if worker else "external"},
+        "replicas": {"min_replicas": sampler.min_replicas, "sampled": bool(sampler.samples),
+                     "error": sampler.error, "cooldown_wait_s": cooldown_s},
+        "locust": {"exit_code": rc, "seconds": round(locust_s, 1)},
+        "budgets": report.as_dict(opts.budgets),
+        "started": datetime.fromtimestamp(wall_start, timezone.utc).isoformat(timespec="seconds"),
+        "duration_s": round(time.time() - wall_start, 1),
+        "files": {"folder": str(out), "plot": plot_path, "html": str(out / "locust.html"),
+                  "summary": str(out / "summary.json")},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary

@@ -1,0 +1,212 @@
+"""The peak-season load test: pure logic (shapes, shoppers, SLO evaluation) and two runs
+against the real stack (Kafka, Redis, Ray Serve): the smoke profile passes its SLOs with
+the autoscaler going up and back down, and a run that drops events fails nothing-lost.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from loadtest import report
+from loadtest.shapes import PHASES, PROFILES, Profile, get_profile
+from loadtest.shoppers import Population, ShopperConfig, zipf_cum_weights
+
+# ---- shapes ----------------------------------------------------------------
+
+
+def test_profiles_have_every_phase_in_order_and_fit_their_budget():
+    for profile in PROFILES.values():
+        assert [p.name for p in profile.phases] == list(PHASES)
+        assert profile.peak >= 3 * profile.base, "a surge is several times the baseline"
+    assert PROFILES["smoke"].duration_s < 120
+    assert 7 * 60 <= PROFILES["peak"].duration_s <= 10 * 60
+
+
+def test_schedule_is_piecewise_linear_and_ends():
+    p = Profile("t", base=10, ramp_to=20, peak=50, baseline_s=10, ramp_s=10, surge_s=5, peak_s=10,
+                decay_s=10, cooldown_s=5)
+    assert p.duration_s == 50
+    assert p.windows()["peak"] == (25, 35)
+    assert [p.users_at(t) for t in (0, 9.9, 15, 20, 22.5, 25, 34.9, 40, 45, 49.9)] == \
+        [10, 10, 15, 20, 35, 50, 50, 30, 10, 10]
+    assert p.users_at(50) is None and p.phase_at(50) is None
+    assert p.phase_at(26).name == "peak"
+    assert p.spawn_rate() >= 2 * (50 - 20) / 5  # follows the surge within a tick
+    assert Profile(**json.loads(json.dumps(p.spec()))) == p
+    with pytest.raises(ValueError, match="unknown load profile"):
+        get_profile("nope")
+
+
+# ---- shoppers --------------------------------------------------------------
+
+
+def test_population_is_popularity_skewed_with_new_users():
+    pop = Population(ShopperConfig(known_users=1000, user_skew=1.1, new_user_share=0.1), seed=1)
+    draws = [pop.shopper() for _ in range(20_000)]
+    new = sum(is_new for _, is_new in draws)
+    assert 0.08 < new / len(draws) < 0.12
+    assert len({uid for uid, is_new in draws if is_new}) == new, "new users are never seen before"
+    known = Counter(uid for uid, is_new in draws if not is_new)
+    top10 = sum(n for _, n in known.most_common(10))
+    assert top10 / sum(known.values()) > 0.3, "a few heavy shoppers make much of the traffic"
+    assert known.most_common(1)[0][0] == "u1"
+
+
+def test_events_are_valid_and_follow_the_mix():
+    from recsys.events import Event
+    pop = Population(ShopperConfig(event_mix="view=6,click=3,purchase=1", shown_item_share=1.0), seed=2)
+    events = [pop.event("u7", shown=["i3", "i4"]) for _ in range(2000)]
+    for e in events[:50]:
+        Event.model_validate(e)
+    assert len({e["event_id"] for e in events}) == len(events)
+    assert {e["item_id"] for e in events} == {"i3", "i4"}
+    types = Counter(e["type"] for e in events)
+    assert set(types) == {"view", "click", "purchase"} and types["view"] > types["click"] > types["purchase"]
+    assert np.mean([pop.visit_length() for _ in range(5000)]) == pytest.approx(8, rel=0.1)
+
+
+def test_shopper_config_from_env():
+    c = ShopperConfig.from_env({"LOADTEST_EVENT_SHARE": "0.5", "LOADTEST_KNOWN_USERS": "10",
+                                "LOADTEST_EVENT_MIX": "purchase=1"})
+    assert (c.event_share, c.known_users, c.mix()) == (0.5, 10, (("purchase",), (1.0,)))
+    with pytest.raises(ValueError):
+        ShopperConfig.from_env({"LOADTEST_EVENT_MIX": "teleport=1"})
+    assert zipf_cum_weights(3, 1.0) == pytest.approx([1, 1.5, 1.5 + 1 / 3])
+
+
+# ---- SLO evaluation from recorded samples ------------------------------------
+
+WINDOWS = Profile("t", base=10, ramp_to=20, peak=50, baseline_s=10, ramp_s=10, surge_s=5, peak_s=10,
+                  decay_s=10, cooldown_s=5).windows()
+
+
+def _requests(n_per_s=20, end=50, slow_in_peak_ms=None, failures=0, seed=0):
+    rng = np.random.default_rng(seed)
+    t = np.sort(rng.uniform(0, end, n_per_s * end))
+    lat = rng.uniform(5, 50, len(t))
+    if slow_in_peak_ms:
+        peak = (t >= 25) & (t < 35)
+        lat[np.flatnonzero(peak)[::20]] = slow_in_peak_ms  # 5% of the peak's requests
+    ok = np.ones(len(t), dtype=bool)
+    ok[:failures] = False
+    route = np.where(rng.random(len(t)) < 0.2, report.EVENTS, report.RECS).astype(object)
+    return report.Requests(t, route, lat, ok)
+
+
+GOOD_REPLICAS = [(float(t), 1) for t in range(-3, 18)] + [(float(t), 2) for t in range(18, 30)] + \
+    [(float(t), 3) for t in range(30, 42)] + [(float(t), 1) for t in range(42, 60)]
+
+
+def _by_name(slos):
+    return {s["name"]: s for s in slos}
+
+
+def test_all_slos_pass_on_a_good_run():
+    slos = report.evaluate(_requests(), GOOD_REPLICAS, WINDOWS, posted=300, found=300, min_replicas=1)
+    assert [s["name"] for s in slos] == ["p99_during_peak", "error_rate", "replicas_up_in_surge",
+                                        "replicas_down_after", "nothing_lost"]
+    assert all(s["passed"] for s in slos), slos
+    assert _by_name(slos)["replicas_up_in_surge"]["measured"] == {"baseline": 1, "at_surge_start": 2, "max": 3}
+
+
+def test_each_slo_fails_on_its_own_fault():
+    req = _requests()
+    slow = _by_name(report.evaluate(_requests(slow_in_peak_ms=900), GOOD_REPLICAS, WINDOWS, 1, 1,
+                                    report.Budgets(p99_ms=500)))
+    assert not slow["p99_during_peak"]["passed"] and slow["p99_during_peak"]["measured"] == 900
+    errors = _by_name(report.evaluate(_requests(failures=3), GOOD_REPLICAS, WINDOWS, 1, 1))  # 3 of 1000
+    assert not errors["error_rate"]["passed"]
+    ok_errors = _by_name(report.evaluate(_requests(failures=1), GOOD_REPLICAS, WINDOWS, 1, 1))  # 1 of 1000
+    assert ok_errors["error_rate"]["passed"]
+
+    flat = [(float(t), 1) for t in range(-3, 60)]
+    never_up = _by_name(report.evaluate(req, flat, WINDOWS, 1, 1, min_replicas=1))
+    assert not never_up["replicas_up_in_surge"]["passed"] and not never_up["replicas_down_after"]["passed"]
+    stays_up = [(t, n) for t, n in GOOD_REPLICAS if t < 42] + [(float(t), 2) for t in range(42, 60)]
+    stuck = _by_name(report.evaluate(req, stays_up, WINDOWS, 1, 1, min_replicas=1))
+    assert stuck["replicas_up_in_surge"]["passed"] and not stuck["replicas_down_after"]["passed"]
+    started_high = [(t, max(n, 2)) for t, n in GOOD_REPLICAS]  # not at the minimum before the rush
+    assert not _by_name(report.evaluate(req, started_high, WINDOWS, 1, 1, min_replicas=1))["replicas_up_in_surge"]["passed"]
+    no_samples = _by_name(report.evaluate(req, [], WINDOWS, 1, 1))
+    assert not no_samples["replicas_up_in_surge"]["passed"]
+
+    lost = _by_name(report.evaluate(req, GOOD_REPLICAS, WINDOWS, posted=300, found=299))
+    assert not lost["nothing_lost"]["passed"]
+    assert lost["nothing_lost"]["measured"] == {"posted": 300, "in_redis": 299}
+    assert not _by_name(report.evaluate(req, GOOD_REPLICAS, WINDOWS, posted=0, found=0))["nothing_lost"]["passed"]
+    empty = _by_name(report.evaluate(report.Requests.empty(), GOOD_REPLICAS, WINDOWS, 1, 1))
+    assert not empty["p99_during_peak"]["passed"] and not empty["error_rate"]["passed"]
+
+
+def test_timeline_buckets_per_second_and_plots(tmp_path):
+    req = report.Requests(np.array([0.1, 0.5, 0.9, 1.2, 3.5]), np.array([report.RECS] * 4 + [report.EVENTS], dtype=object),
+                          np.array([10.0, 20.0, 30.0, 40.0, 5.0]), np.array([True, True, False, True, True]))
+    rows = report.timeline(req, [(-0.5, 1), (1.5, 2)], lambda t: 7, end_s=4)
+    assert [r["rps"] for r in rows] == [3, 1, 0, 1]
+    assert [r["errors"] for r in rows] == [1, 0, 0, 0]
+    assert [r["replicas"] for r in rows] == [1, 2, 2, 2]
+    assert rows[0]["p50_ms"] == 20.0 and rows[2]["p99_ms"] is None and rows[3]["events_rps"] == 1
+    png = report.plot(rows, {"baseline": (0, 2), "peak": (2, 4)}, tmp_path / "x.png", "test", 500)
+    assert png.stat().st_size > 1000
+    csv_path = tmp_path / "requests.csv"
+    csv_path.write_text("start_s,route,latency_ms,ok,status\n100.5,/v1/events,3.0,1,202\n101.0,/v1/ev")
+    read = report.Requests.read_csv(csv_path, t0=100.0)
+    assert len(read) == 1 and read.t[0] == pytest.approx(0.5) and read.ok[0]
+
+
+# ---- against the real stack ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def app(live_stack, tmp_path_factory):
+    """The recsys app deployed on Ray Serve with this module's scratch topics and Redis prefix."""
+    from conftest import Scratch
+    from serving import deploy
+    scratch = Scratch(live_stack, tmp_path_factory.mktemp("loadtest"), "loadtest")
+    deploy.serve_up(scratch.settings, progress=lambda *_: None)
+    yield scratch
+    deploy.serve_down(scratch.settings)
+    scratch.close()
+
+
+def _loadtest_cmd() -> list[str]:
+    return [sys.executable, "-m", "recsys.cli", "loadtest"]
+
+
+def test_smoke_profile_passes_its_slos_and_scales_up_and_down(app, tmp_path):
+    out = tmp_path / "report"
+    done = subprocess.run([*_loadtest_cmd(), "--profile", "smoke", "--json", "--out", str(out)],
+                          env=app.env, capture_output=True, text=True, timeout=300)
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    slos = {s["name"]: s for s in summary["slos"]}
+    print(json.dumps(summary["headline"]), json.dumps(summary["events"]))
+    assert done.returncode == 0, (summary["slos"], done.stderr[-2000:])
+    assert summary["passed"] and all(s["passed"] for s in slos.values())
+    assert slos["replicas_up_in_surge"]["measured"]["baseline"] == 1  # config.yaml's min_replicas
+    assert slos["replicas_up_in_surge"]["measured"]["max"] > 1
+    assert slos["replicas_down_after"]["measured"]["final"] == 1
+    assert summary["events"]["posted"] > 100 and summary["events"]["in_redis"] == summary["events"]["posted"]
+    for name in ("summary.json", "loadtest.png", "locust.html", "locust_stats.csv", "locust_stats_history.csv",
+                 "timeline.csv", "replicas.csv"):
+        assert (out / name).stat().st_size > 0, name
+
+
+def test_nothing_lost_fails_when_the_stream_worker_drops_out(app, tmp_path):
+    from loadtest import runner
+    from serving.deploy import base_url
+    tiny = Profile("tiny", base=4, ramp_to=6, peak=8, baseline_s=4, ramp_s=4, surge_s=2, peak_s=8,
+                   decay_s=2, cooldown_s=4, wait_min_s=0.1, wait_max_s=0.3)
+    opts = runner.Options(profile=tiny, host=base_url(app.settings), out=tmp_path / "report",
+                          settle_max_s=0, cooldown_max_s=0, catchup_idle_s=3,
+                          stop_stream_worker_after_s=12, locust_env={"LOADTEST_EVENT_SHARE": "0.5"})
+    summary = runner.run(app.settings, opts, progress=lambda *_: None)
+    lost = {s["name"]: s for s in summary["slos"]}["nothing_lost"]
+    posted, found = lost["measured"]["posted"], lost["measured"]["in_redis"]
+    assert not lost["passed"] and not summary["passed"]
+    assert 0 < found < posted, lost  # applied until the worker stopped, the rest never reached Redis
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["passed"] is False
