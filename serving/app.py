@@ -75,7 +75,9 @@ class RecsysApi:
         if version == self.version:
             return
         model = load_servable(self.settings, version) if version else None
-        old, (self.model, self.version) = self.version, (model, version)  # one assignment: atomic for readers
+        # A request reads self.model once and names the version from that object, so it never
+        # mixes two versions; self.version is the watcher's own bookkeeping.
+        old, self.model, self.version = self.version, model, version
         if old:
             MODEL_VERSION.set(0, tags={"version": old})
         if version:

@@ -48,7 +48,7 @@ def _env(settings) -> dict:
 
 
 def _cli(settings, *args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "training.cli", *args], cwd=REPO, env=_env(settings),
+    return subprocess.run([sys.executable, "-m", "recsys.cli", *args], cwd=REPO, env=_env(settings),
                           capture_output=True, text=True, timeout=timeout)
 
 
