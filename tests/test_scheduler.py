@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import pyarrow as pa
 import pytest
+import ray
 
 from recsys.kafka_io import replay
 from recsys.registry import Registry
@@ -54,20 +55,26 @@ def test_due_trigger_schedule_and_cron(scratch):
 
 
 def test_publish_good_candidate_reject_sabotaged_one_under_load(scratch):
-    s = _settings(scratch)
+    # The second candidate is trained on the same data: on 400 test users its HR@10 varies by
+    # a few points from run to run, so the tolerance is wide; the sabotaged one is far below.
+    s = _settings(scratch, gate_tolerance=0.25)
     _archive(scratch, SyntheticSource(events=20_000, **SMALL).events_iter())
     first = run_once(s, "manual")
     assert first["decision"] == "published", first
     registry = Registry(s.registry_dir)
     v1 = registry.current()
     serve_up(s, progress=lambda *_: None)
+    ray.shutdown()  # as in production: the retraining process is not attached to the Serve cluster
     client = httpx.Client(base_url=base_url(s), timeout=10)
     log, stop = [], threading.Event()
 
     def hammer():
         while not stop.is_set():
-            r = client.get("/v1/recommendations/u1", params={"k": 5})
-            log.append((r.status_code, r.json().get("model_version")))
+            try:
+                r = client.get("/v1/recommendations/u1", params={"k": 5})
+                log.append((r.status_code, r.json().get("model_version") if r.status_code == 200 else r.text[:200]))
+            except httpx.HTTPError as exc:  # a failure to record, not a reason to stop watching
+                log.append((None, repr(exc)))
     thread = threading.Thread(target=hammer)
     thread.start()
     try:
@@ -76,12 +83,13 @@ def test_publish_good_candidate_reject_sabotaged_one_under_load(scratch):
         v2 = registry.current()
         deadline = time.monotonic() + 15
         while not (log and log[-1][1] == v2):
-            assert time.monotonic() < deadline, "Serve still answers with the old version"
+            assert time.monotonic() < deadline, f"Serve still answers with the old version: {log[-3:]}"
             time.sleep(0.1)
     finally:
         stop.set()
         thread.join()
-    assert v2 != v1 and all(status == 200 for status, _ in log) and log[0][1] == v1
+    assert v2 != v1 and log[0][1] == v1
+    assert all(status == 200 for status, _ in log), [entry for entry in log if entry[0] != 200][:5]
 
     # Sabotage: item ids shuffled across events, so the candidate learns noise.
     from recsys.archive import read_events

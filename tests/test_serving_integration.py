@@ -15,6 +15,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from kafka import KafkaConsumer
 
 from recsys import stack
 from recsys.evaluation import split_table
@@ -218,3 +219,13 @@ def test_kafka_down_gives_503_quickly_then_recovers(served):
     while (resp := client.post("/v1/events", json=event)).status_code != 202:
         assert time.monotonic() < deadline, resp.text
         time.sleep(0.5)
+    # Back for consumers too: a fresh consumer group joins and reads (the broker's group
+    # coordinator loads after its produce path is up; later tests need both).
+    consumer = KafkaConsumer(settings.events_topic, bootstrap_servers=settings.kafka_bootstrap,
+                             group_id=f"after-restart-{time.time_ns()}", auto_offset_reset="earliest")
+    try:
+        deadline = time.monotonic() + 60
+        while not any(consumer.poll(timeout_ms=1000).values()):
+            assert time.monotonic() < deadline, "no consumer group could read 60 s after the broker restart"
+    finally:
+        consumer.close()
