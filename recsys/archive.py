@@ -133,8 +133,12 @@ def run_archiver(settings: Settings, until_idle: float | None = None, flush_reco
     """
     archive = Archive(settings.archive_dir)
     listener = _SeekToLedger(archive)
-    consumer = kafka_io.consumer(settings, settings.archive_group, listener=listener, max_poll_records=5000)
-    listener.consumer = consumer
+
+    def make_consumer():
+        listener.consumer = kafka_io.consumer(settings, settings.archive_group, listener=listener,
+                                              max_poll_records=5000)
+        return listener.consumer
+    member = kafka_io.GroupMember(settings, settings.archive_group, make_consumer)
     stopping = threading.Event()
     in_main = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, lambda *_: stopping.set()) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
@@ -148,11 +152,11 @@ def run_archiver(settings: Settings, until_idle: float | None = None, flush_reco
                 archive.write_batch(partition, rows)
                 stats["archived"] += len(rows)
         buffer.clear()
-        consumer.commit()
+        member.consumer.commit()
 
     try:
         while not stopping.is_set():
-            polled = consumer.poll(timeout_ms=200)
+            polled = member.poll(timeout_ms=200)
             for tp, records in polled.items():
                 for r in records:
                     stats["consumed"] += 1
@@ -161,7 +165,7 @@ def run_archiver(settings: Settings, until_idle: float | None = None, flush_reco
                     except BadEvent:
                         stats["skipped"] += 1
                 last_record = time.monotonic()
-            if not consumer.assignment():  # idle time counts once partitions are ours
+            if not member.consumer.assignment():  # idle time counts once partitions are ours
                 last_record = time.monotonic()
             pending = sum(map(len, buffer.values()))
             now = time.monotonic()
@@ -174,5 +178,5 @@ def run_archiver(settings: Settings, until_idle: float | None = None, flush_reco
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        consumer.close(autocommit=False)
+        member.consumer.close(autocommit=False)
     return stats

@@ -71,7 +71,7 @@ def _worker_rate(settings: Settings, n: int) -> float:
     worker = StreamWorker(settings)
     started = time.monotonic()
     while worker.stats.consumed < n:
-        records = [r for b in worker.consumer.poll(timeout_ms=500).values() for r in b]
+        records = [r for b in worker.member.poll(timeout_ms=500).values() for r in b]
         if records:
             worker.process(records)
     elapsed = time.monotonic() - started

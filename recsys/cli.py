@@ -48,14 +48,23 @@ def cmd_replay(args) -> int:
     return 0
 
 
+def _serve_metrics(port: int | None) -> None:
+    """Prometheus metrics of this process (e.g. the consumer's assignment) on loopback."""
+    if port:
+        from prometheus_client import start_http_server
+        start_http_server(port, addr="127.0.0.1")
+
+
 def cmd_stream(args) -> int:
     from recsys.stream import run_stream
+    _serve_metrics(args.metrics_port)
     print(json.dumps(run_stream(get_settings(), until_idle=args.until_idle)))
     return 0
 
 
 def cmd_archive(args) -> int:
     from recsys.archive import run_archiver
+    _serve_metrics(args.metrics_port)
     print(json.dumps(run_archiver(get_settings(), until_idle=args.until_idle)))
     return 0
 
@@ -150,11 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stream", help="consume events into the Redis online features")
     p.add_argument("--until-idle", type=float, default=None, metavar="SECONDS",
                    help="exit after this many seconds without new records")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on 127.0.0.1:PORT")
     p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("archive", help="append events to the Parquet event log for training")
     p.add_argument("--until-idle", type=float, default=None, metavar="SECONDS",
                    help="exit after this many seconds without new records")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on 127.0.0.1:PORT")
     p.set_defaults(func=cmd_archive)
 
     p = sub.add_parser("features", help="print what Redis holds for a user or an item")
@@ -206,12 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
+    from recsys.kafka_io import NoAssignment
     from recsys.sources import SourceError
     from recsys.stack import StackError
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SourceError, ValidationError, StackError) as exc:
+    except (SourceError, ValidationError, StackError, NoAssignment) as exc:
         print(f"recsys {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,10 +1,13 @@
 """Kafka clients with the project's delivery settings, and the replay of a source into Kafka."""
 from __future__ import annotations
 
+import logging
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 from kafka import KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError
+from prometheus_client import Counter, Gauge
 from tqdm import tqdm
 
 from recsys.events import Event
@@ -28,7 +31,95 @@ def consumer(settings: Settings, group: str, listener=None, **overrides) -> Kafk
     conf.update(overrides)
     cons = KafkaConsumer(**conf)
     cons.subscribe([settings.events_topic], listener=listener)
+    # Learn the topic's partitions before the first join. Otherwise the first assignment is
+    # empty ("No partition metadata") and the metadata that arrives next forces a second
+    # rebalance, which kafka-python 3.0.12 can lose: if poll()'s timeout ends while that
+    # JoinGroup/SyncGroup is in flight, the leader's assignment step marks the metadata as
+    # handled, nothing collects the finished join, and the member waits forever with no
+    # partitions and its heartbeats off. See GroupMember for the bound on what remains.
+    cons.partitions_for_topic(settings.events_topic)
     return cons
+
+
+log = logging.getLogger(__name__)
+ASSIGNED_PARTITIONS = Gauge("recsys_consumer_assigned_partitions", "partitions this consumer holds", ["group"])
+UNASSIGNED_SECONDS = Gauge("recsys_consumer_unassigned_seconds",
+                           "seconds since this consumer last held a partition (0 while it holds some)", ["group"])
+RECREATED = Counter("recsys_consumer_recreated_total", "consumers recreated after waiting too long for partitions",
+                    ["group"])
+
+
+class NoAssignment(RuntimeError):
+    """A group consumer got no partitions in time, even after being recreated."""
+
+
+class AssignmentWatch:
+    """When a consumer has waited too long for partitions: pure timing, no I/O.
+
+    ``observe(assigned, now)`` returns True when the consumer should be recreated (it has
+    held no partition for ``timeout_s``) and raises NoAssignment once ``attempts`` recreations
+    did not help. Holding partitions resets both. ``timeout_s <= 0`` turns the bound off.
+    """
+
+    def __init__(self, timeout_s: float, attempts: int, now: float):
+        self.timeout_s, self.attempts = timeout_s, attempts
+        self.since: float | None = now  # waiting since; None while partitions are held
+        self.recreated = 0
+
+    def unassigned_for(self, now: float) -> float:
+        return 0.0 if self.since is None else now - self.since
+
+    def observe(self, assigned: bool, now: float) -> bool:
+        if assigned:
+            self.since, self.recreated = None, 0
+            return False
+        if self.since is None:
+            self.since = now
+        if self.timeout_s <= 0 or now - self.since < self.timeout_s:
+            return False
+        if self.recreated >= self.attempts:
+            raise NoAssignment(f"no partitions assigned for {now - self.since:.0f} s, "
+                               f"also after recreating the consumer {self.recreated} time(s)")
+        self.recreated += 1
+        self.since = now
+        return True
+
+
+class GroupMember:
+    """A group consumer whose wait for partitions is bounded: after
+    ``consumer_assignment_timeout_s`` without partitions it is closed and made anew, and after
+    ``consumer_recreate_attempts`` such tries the poll raises NoAssignment (the process exits
+    non-zero). The state is exported as Prometheus metrics labelled by group.
+
+    A member without partitions counts as a fault: the project runs at most as many members
+    of a group as the topic has partitions.
+    """
+
+    def __init__(self, settings: Settings, group: str, make: Callable[[], KafkaConsumer]):
+        self.group, self.make = group, make
+        self.watch = AssignmentWatch(settings.consumer_assignment_timeout_s, settings.consumer_recreate_attempts,
+                                     time.monotonic())
+        self.consumer = make()
+
+    def poll(self, timeout_ms: int) -> dict:
+        polled = self.consumer.poll(timeout_ms=timeout_ms)
+        assigned = len(self.consumer.assignment())
+        now = time.monotonic()
+        if self.watch.observe(assigned > 0, now):
+            self._recreate()
+        ASSIGNED_PARTITIONS.labels(self.group).set(assigned)
+        UNASSIGNED_SECONDS.labels(self.group).set(self.watch.unassigned_for(now))
+        return polled
+
+    def _recreate(self) -> None:
+        log.warning("consumer of group %s: no partitions assigned for %.0f s; recreating it (attempt %d of %d)",
+                    self.group, self.watch.timeout_s, self.watch.recreated, self.watch.attempts)
+        RECREATED.labels(self.group).inc()
+        self.consumer.close(autocommit=False)
+        try:
+            self.consumer = self.make()
+        except KafkaError as exc:
+            raise NoAssignment(f"group {self.group}: could not recreate the consumer: {exc}") from exc
 
 
 def send_event(prod: KafkaProducer, settings: Settings, event: Event):

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     ray_metrics_port: int = 28080
     serve_host: str = "127.0.0.1"
     serve_port: int = 28000
+    # Serve kills a proxy whose ready or health check takes longer than this (Ray's defaults:
+    # 5 s and 10 s), which a busy 2-core machine exceeds; the deploy then fails with ActorDiedError.
+    serve_proxy_ready_check_timeout_s: float = 30.0
+    serve_proxy_health_check_timeout_s: float = 30.0
 
     # Online features.
     recent_items: int = 50
@@ -45,6 +49,10 @@ class Settings(BaseSettings):
     stream_group: str = "features"
     archive_group: str = "archive"
     stream_batch: int = 500
+    # A group consumer that holds no partition this long is recreated; after this many
+    # recreations it exits non-zero (recsys.kafka_io.GroupMember). 0 s turns the bound off.
+    consumer_assignment_timeout_s: float = 30.0
+    consumer_recreate_attempts: int = 1
 
     # Retraining schedule (training/scheduler.py).
     retrain_interval_s: float = 24 * 3600.0

@@ -30,7 +30,10 @@ class SyntheticSource:
     cluster of the moment and otherwise follows global popularity. Sessions are short
     runs of events by one user: views, some clicks, fewer carts and purchases.
     With ``shift_at`` in (0, 1), every user moves to another cluster after that
-    fraction of the events (taste drift, for retraining tests).
+    fraction of the events (taste drift, for retraining tests). With ``new_items_at`` in
+    (0, 1), the catalogue is replaced after that fraction of the events by a new season's
+    collection: the same clusters and popularity under new ids (``n{k}`` instead of ``i{k}``),
+    which a model trained before it has never seen.
     Generated in chunks, so 10 million events never sit in memory at once.
     """
 
@@ -44,6 +47,7 @@ class SyntheticSource:
     start_ms: int = 1_700_000_000_000
     events_per_s: float = 20.0
     shift_at: float = 0.0
+    new_items_at: float = 0.0
     name: str = field(default="synthetic", init=False)
 
     def __post_init__(self):
@@ -66,6 +70,7 @@ class SyntheticSource:
     def events_iter(self) -> Iterator[Event]:
         rng = np.random.default_rng(self.seed + 1)
         shift_index = int(self.shift_at * self.events) if 0 < self.shift_at < 1 else None
+        new_items_index = int(self.new_items_at * self.events) if 0 < self.new_items_at < 1 else None
         produced, ts = 0, float(self.start_ms)
         types = [EventType.view, EventType.click, EventType.add_to_cart, EventType.purchase]
         while produced < self.events:
@@ -84,8 +89,9 @@ class SyntheticSource:
                     if produced >= self.events:
                         return
                     ts += rng.exponential(1000.0 / self.events_per_s)
+                    season = "n" if new_items_index is not None and produced >= new_items_index else "i"
                     yield Event(event_id=f"syn{self.seed}-{produced}", user_id=f"u{user}",
-                                item_id=f"i{item}", type=types[min(step, 3)], ts=int(ts))
+                                item_id=f"{season}{item}", type=types[min(step, 3)], ts=int(ts))
                     produced += 1
 
 

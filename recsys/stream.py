@@ -39,7 +39,8 @@ class StreamWorker:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.store = FeatureStore(settings)
-        self.consumer = kafka_io.consumer(settings, settings.stream_group)
+        self.member = kafka_io.GroupMember(settings, settings.stream_group,
+                                           lambda: kafka_io.consumer(settings, settings.stream_group))
         self.dlq = kafka_io.producer(settings)
         self.stats = StreamStats()
         self.stopping = False
@@ -59,7 +60,7 @@ class StreamWorker:
             return
         self.dlq.flush()
         # Asynchronous: a commit lost in a crash only replays events the dedup markers absorb.
-        self.consumer.commit_async()
+        self.member.consumer.commit_async()
         self.stats.consumed += len(records)
         self.stats.applied += sum(applied)
         self.stats.duplicates += len(applied) - sum(applied)
@@ -87,11 +88,11 @@ class StreamWorker:
         last_record = time.monotonic()
         try:
             while not self.stopping:
-                polled = self.consumer.poll(timeout_ms=200)
+                polled = self.member.poll(timeout_ms=200)
                 records = [r for batch in polled.values() for r in batch]
                 if records:
                     self.process(records)
-                if records or not self.consumer.assignment():  # idle time counts once partitions are ours
+                if records or not self.member.consumer.assignment():  # idle time counts once partitions are ours
                     last_record = time.monotonic()
                 elif until_idle is not None and time.monotonic() - last_record >= until_idle:
                     break
@@ -102,9 +103,10 @@ class StreamWorker:
         return self.stats
 
     def close(self) -> None:
-        if self.consumer.assignment():
-            self.consumer.commit()
-        self.consumer.close(autocommit=False)
+        consumer = self.member.consumer
+        if consumer.assignment():
+            consumer.commit()
+        consumer.close(autocommit=False)
         self.dlq.close()
 
 

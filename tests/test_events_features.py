@@ -82,6 +82,14 @@ def test_synthetic_shift_moves_users_to_other_clusters():
     assert home / len(late) < 0.2
 
 
+def test_synthetic_new_season_replaces_the_catalogue_at_the_given_fraction():
+    events = list(open_source("synthetic:events=4000,users=100,items=400,seed=5,new_items_at=0.25").events_iter())
+    assert all(e.item_id.startswith("i") for e in events[:1000])
+    assert all(e.item_id.startswith("n") for e in events[1000:])
+    same_shape = list(open_source("synthetic:events=4000,users=100,items=400,seed=5").events_iter())
+    assert [e.item_id[1:] for e in events] == [e.item_id[1:] for e in same_shape]  # same draws, new ids
+
+
 def test_csv_source_detects_seconds_and_orders(tmp_path):
     path = tmp_path / "e.csv"
     path.write_text("who,what,when,extra\nu1,b,20,x\nu2,a,10,y\nu1,c,20,z\n")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter, defaultdict
 
@@ -185,3 +187,73 @@ def test_worker_rides_out_a_redis_restart(scratch, ml100k):
     store = FeatureStore(scratch.settings)
     users = Counter(e.user_id for e in events)
     assert {u.user_id: u.counts.get("rating") for u in store.users(sorted(users))} == dict(users)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _consumer_metrics(port: int, group: str) -> dict:
+    """The consumer's assignment metrics as the worker's Prometheus endpoint serves them."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if s.labels.get("group") == group}
+
+
+def _wait_for_metric(worker, port: int, group: str, name: str, minimum: float, timeout_s: float = 60) -> dict:
+    import httpx
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert worker.poll() is None, worker.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, f"{name} never reached {minimum}"
+        try:
+            metrics = _consumer_metrics(port, group)
+            if metrics.get(name, -1) >= minimum:
+                return metrics
+        except httpx.HTTPError:
+            pass  # the endpoint is not up yet
+        time.sleep(0.2)
+
+
+def test_worker_without_partitions_recreates_its_consumer_then_exits_nonzero(scratch):
+    """The bound on waiting for partitions: a worker whose topic is gone never gets any; it shows
+    that as a metric, recreates its consumer once after the timeout, and then exits 2 with a message."""
+    from recsys import stack
+    stack.delete_topics(scratch.settings)
+    port = _free_port()
+    env = {**scratch.env, "RECSYS_CONSUMER_ASSIGNMENT_TIMEOUT_S": "3", "RECSYS_CONSUMER_RECREATE_ATTEMPTS": "1"}
+    worker = subprocess.Popen([sys.executable, "-m", "recsys.cli", "stream", "--metrics-port", str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    group = scratch.settings.stream_group
+    waiting = _wait_for_metric(worker, port, group, "recsys_consumer_unassigned_seconds", 1.0)
+    assert waiting["recsys_consumer_assigned_partitions"] == 0
+    out, err = worker.communicate(timeout=120)
+    assert worker.returncode == 2, err[-2000:]
+    assert "no partitions assigned for 3 s; recreating it (attempt 1 of 1)" in err
+    assert "recsys stream: no partitions assigned for 3 s, also after recreating the consumer 1 time(s)" in err
+    assert out == ""
+
+
+def test_worker_recreated_after_a_missing_topic_comes_back_consumes_everything(scratch, ml100k):
+    """Joined while the topic is unavailable, recreated after the timeout, then it works: every event applied."""
+    from recsys import stack
+    stack.delete_topics(scratch.settings)
+    port = _free_port()
+    env = {**scratch.env, "RECSYS_CONSUMER_ASSIGNMENT_TIMEOUT_S": "3", "RECSYS_CONSUMER_RECREATE_ATTEMPTS": "20"}
+    worker = subprocess.Popen([sys.executable, "-m", "recsys.cli", "stream", "--until-idle", "3",
+                               "--metrics-port", str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    group = scratch.settings.stream_group
+    _wait_for_metric(worker, port, group, "recsys_consumer_recreated_total", 1.0)
+    stack.ensure_topics(scratch.settings)
+    events = list(MovieLensSource(ml100k).events_iter())[:2000]
+    replay(events, scratch.settings, progress=False)
+    out, err = worker.communicate(timeout=180)
+    assert worker.returncode == 0, err[-2000:]
+    assert "recreating it" in err
+    assert json.loads(out.strip().splitlines()[-1])["applied"] == 2000

@@ -106,9 +106,12 @@ def test_synthetic_beats_popularity_widely_and_one_or_two_workers_agree(ray_sess
     for w, card in cards.items():
         tt, pop = card["metrics"]["two_tower"], card["metrics"]["popularity"]
         # Most held-out items here are repeats of items already seen (removed from the ranking), so the
-        # ceiling is low; "wide" = at least 2.5x popularity and 5 points above it.
-        assert tt["hr@10"] >= 2.5 * pop["hr@10"] and tt["hr@10"] - pop["hr@10"] >= 0.05, (w, tt, pop)
+        # ceiling is low. Over 5 runs (10 models): HR@10 0.100-0.118 (mean 0.108, sd 0.006), most-popular
+        # 0.038; "wide" = at least 2x popularity and 4 points above it, 5 sd below the mean.
+        assert tt["hr@10"] >= 2 * pop["hr@10"] and tt["hr@10"] - pop["hr@10"] >= 0.04, (w, tt, pop)
     h1, h2 = cards[1]["metrics"]["two_tower"]["hr@10"], cards[2]["metrics"]["two_tower"]["hr@10"]
+    print(f"HR@10 1 worker {h1:.4f}, 2 workers {h2:.4f}, most-popular {cards[1]['metrics']['popularity']['hr@10']:.4f}")
+    # Measured |h1 - h2| over 5 runs: 0.001-0.018 (sd of the difference 0.007); the bound is about 0.06.
     assert abs(h1 - h2) <= 0.05 + 0.1 * max(h1, h2), (h1, h2)
     assert [c["version"] for c in cards.values()] == ["v0001", "v0002"]
     reg = Registry(settings.registry_dir)

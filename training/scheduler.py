@@ -119,7 +119,11 @@ def training_window(settings: Settings) -> pa.Table:
 
 
 def run_once(settings: Settings, trigger: str = "manual", table: Optional[pa.Table] = None) -> dict:
-    """One retraining run under the lock; returns its history record. Raises Busy if another runs."""
+    """One retraining run under the lock; returns its history record. Raises Busy if another runs.
+
+    ``table`` trains on other data than the archive's window (a test's corrupted data, say);
+    the gate still judges both models on the window's hold-out, never on the data under test.
+    """
     from training.job import evaluate_version, train
     registry = Registry(settings.registry_dir)
     with RunLock(settings):
@@ -128,10 +132,12 @@ def run_once(settings: Settings, trigger: str = "manual", table: Optional[pa.Tab
                            started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         started = time.monotonic()
         try:
-            table = training_window(settings) if table is None else table
-            card = train(table, workers=settings.retrain_workers, epochs=settings.retrain_epochs,
-                         settings=settings, promote=False)
+            holdout = training_window(settings)
+            card = train(holdout if table is None else table, workers=settings.retrain_workers,
+                         epochs=settings.retrain_epochs, settings=settings, promote=False)
             metrics = card["metrics"]
+            if table is not None:
+                metrics = evaluate_version(registry.path(card["version"]), holdout, settings)["metrics"]
             record.window = card["data_window"]
             record.candidate = {"version": card["version"], "hr@10": metrics["two_tower"]["hr@10"],
                                 "ndcg@10": metrics["two_tower"]["ndcg@10"]}
@@ -139,7 +145,7 @@ def run_once(settings: Settings, trigger: str = "manual", table: Optional[pa.Tab
             current_version = registry.current()
             current_hr = None
             if current_version:
-                cur = evaluate_version(registry.path(current_version), table, settings)["metrics"]["two_tower"]
+                cur = evaluate_version(registry.path(current_version), holdout, settings)["metrics"]["two_tower"]
                 current_hr = cur["hr@10"]
                 record.current = {"version": current_version, "hr@10": cur["hr@10"], "ndcg@10": cur["ndcg@10"]}
             passed, record.reason = gate(record.candidate["hr@10"], current_hr, record.popularity_hr10,
