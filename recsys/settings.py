@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     # 5 s and 10 s), which a busy 2-core machine exceeds; the deploy then fails with ActorDiedError.
     serve_proxy_ready_check_timeout_s: float = 30.0
     serve_proxy_health_check_timeout_s: float = 30.0
+    # Ray starts its workers (Serve's proxy and replicas, Train workers) at nice 15, so any other
+    # process on the machine takes the CPU first; a serving node's API must not yield that way.
+    ray_worker_niceness: int = 0
 
     # Online features.
     recent_items: int = 50

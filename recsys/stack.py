@@ -319,9 +319,11 @@ RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
 for _key, _value in RAY_ENV.items():  # read by ray at import: set before anything imports it
     os.environ.setdefault(_key, _value)
 
-def serve_env(s: Settings) -> dict[str, str]:
-    """Serve's health-check timeouts, read by its controller from the cluster's environment."""
-    return {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": f"{s.serve_proxy_ready_check_timeout_s:g}",
+def ray_cluster_env(s: Settings) -> dict[str, str]:
+    """Settings the cluster's processes read from its environment: worker niceness (the
+    raylet) and Serve's health-check timeouts (its controller)."""
+    return {"RAY_worker_niceness": str(s.ray_worker_niceness),
+            "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": f"{s.serve_proxy_ready_check_timeout_s:g}",
             "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": f"{s.serve_proxy_health_check_timeout_s:g}"}
 
 
@@ -349,7 +351,7 @@ def start_ray(settings: Settings | None = None, progress: Callable[[str], None] 
     progress(f"ray: starting a local cluster ({s.ray_num_cpus:g} logical CPUs)")
     done = subprocess.run([_ray_exe(), "start", "--head", f"--port={s.ray_port}", f"--num-cpus={s.ray_num_cpus:g}", "--include-dashboard=false",
                            f"--metrics-export-port={s.ray_metrics_port}", "--disable-usage-stats"],
-                          capture_output=True, text=True, env={**os.environ, **RAY_ENV, **serve_env(s)})
+                          capture_output=True, text=True, env={**os.environ, **RAY_ENV, **ray_cluster_env(s)})
     if done.returncode != 0:
         raise StackError(f"ray start failed:\n{(done.stdout + done.stderr)[-2000:]}")
     return ray_address(s) or f"127.0.0.1:{s.ray_port}"

@@ -270,7 +270,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 # ---- the driver -------------------------------------------------------------------------------
 
-def ensure_ray(workers: int, use_gpu: bool) -> bool:
+def ensure_ray(workers: int, use_gpu: bool, worker_niceness: int = 0) -> bool:
     """Start a private local Ray sized for this box, or join ``RAY_ADDRESS`` when it is set;
     True if this call connected (the caller then disconnects when done).
 
@@ -280,6 +280,7 @@ def ensure_ray(workers: int, use_gpu: bool) -> bool:
     import ray
     if ray.is_initialized():
         return False
+    os.environ["RAY_worker_niceness"] = str(worker_niceness)  # read by the raylet this call may start
     env = {"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}}
     common = dict(include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level="ERROR",
                   logging_config=ray.LoggingConfig(encoding="TEXT", log_level="ERROR"), runtime_env=env)
@@ -293,7 +294,7 @@ def ensure_ray(workers: int, use_gpu: bool) -> bool:
 
 def run_ray_training(prep: Prepared, cfg: ModelConfig, workers: int = 2, use_gpu: bool = False,
                      mixed_precision: bool = False, max_failures: int = 2, resume_from: Optional[Path] = None,
-                     fail: Optional[dict] = None, storage: Optional[Path] = None) -> dict:
+                     fail: Optional[dict] = None, storage: Optional[Path] = None, worker_niceness: int = 0) -> dict:
     """Train on Ray; returns {"checkpoint_dir": local copy of the last checkpoint, "meta": ..., "seconds": ...}."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -305,7 +306,7 @@ def run_ray_training(prep: Prepared, cfg: ModelConfig, workers: int = 2, use_gpu
         raise TrainingError("mixed precision (mixed_float16) is for GPUs only: add --use-gpu")
     if resume_from is not None:
         validate_checkpoint(resume_from)
-    started = ensure_ray(workers, use_gpu)
+    started = ensure_ray(workers, use_gpu, worker_niceness)
     try:
         gpus = ray.cluster_resources().get("GPU", 0)
         if use_gpu and gpus < workers:
@@ -390,7 +391,7 @@ def train(source: str | pa.Table = "synthetic", workers: int = 2, epochs: Option
     prep = prepared
     t_prep = time.perf_counter() - t_start
     run = run_ray_training(prep, cfg, workers, use_gpu, mixed_precision, max_failures, resume_from, fail,
-                           storage=Path(settings.home).resolve() / "ray_results")
+                           storage=Path(settings.home).resolve() / "ray_results", worker_niceness=settings.ray_worker_niceness)
     weights = _load_serving_weights(run["checkpoint_dir"])
     two_tower, user_emb, item_emb = evaluate_weights(prep, weights, cfg)
     base = baselines if baselines is not None else evaluation.baselines(prep.split, ease_lambda)
