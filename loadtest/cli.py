@@ -34,7 +34,7 @@ def handler(args: argparse.Namespace) -> int:
         summary = runner.run(settings, opts, progress=log)
     except runner.LoadTestError as exc:
         print(f"recsys loadtest: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     if args.json:
         print(json.dumps(summary, default=str))
     else:

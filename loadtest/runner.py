@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from recsys.errors import RecsysError
 from recsys.settings import Settings
 from loadtest import report
 from loadtest.shapes import Profile
@@ -27,7 +28,7 @@ LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 ROOT = LOCUSTFILE.parent.parent
 
 
-class LoadTestError(RuntimeError):
+class LoadTestError(RecsysError):
     """Could not run the load test at all (no service to load, Locust failed to start)."""
 
 
@@ -67,7 +68,7 @@ class ReplicaSampler:
         self.available = self._connect(settings, progress)
 
     def _connect(self, settings: Settings, progress) -> bool:
-        from recsys import stack
+        from deploy.local import stack
         if not stack.ray_address(settings):
             self.error = "no local Ray cluster: replicas not sampled"
             return False
@@ -169,7 +170,7 @@ class WorkerThread:
         self._stopping.set()
         worker = self.worker
         if worker is not None:
-            worker.stopping = True
+            worker.stopping.set()
 
     def stop(self) -> dict:
         self.kill()

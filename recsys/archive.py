@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import threading
 import time
 from collections import defaultdict
@@ -139,12 +138,9 @@ def run_archiver(settings: Settings, until_idle: float | None = None, flush_reco
                                               max_poll_records=5000)
         return listener.consumer
     member = kafka_io.GroupMember(settings, settings.archive_group, make_consumer)
-    stopping = threading.Event()
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, lambda *_: stopping.set()) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
     buffer: dict[int, list[tuple[int, Event]]] = defaultdict(list)
     stats = {"consumed": 0, "archived": 0, "skipped": 0}
-    last_record = last_flush = time.monotonic()
+    last_flush = time.monotonic()
 
     def flush():
         for partition, rows in buffer.items():
@@ -154,29 +150,24 @@ def run_archiver(settings: Settings, until_idle: float | None = None, flush_reco
         buffer.clear()
         member.consumer.commit()
 
+    def on_poll(polled):
+        nonlocal last_flush
+        for tp, records in polled.items():
+            for r in records:
+                stats["consumed"] += 1
+                try:
+                    buffer[tp.partition].append((r.offset, parse_event(r.value)))
+                except BadEvent:
+                    stats["skipped"] += 1
+        pending = sum(map(len, buffer.values()))
+        now = time.monotonic()
+        if pending >= flush_records or (pending and now - last_flush >= flush_seconds):
+            flush()
+            last_flush = now
+
     try:
-        while not stopping.is_set():
-            polled = member.poll(timeout_ms=200)
-            for tp, records in polled.items():
-                for r in records:
-                    stats["consumed"] += 1
-                    try:
-                        buffer[tp.partition].append((r.offset, parse_event(r.value)))
-                    except BadEvent:
-                        stats["skipped"] += 1
-                last_record = time.monotonic()
-            if not member.consumer.assignment():  # idle time counts once partitions are ours
-                last_record = time.monotonic()
-            pending = sum(map(len, buffer.values()))
-            now = time.monotonic()
-            if pending >= flush_records or (pending and now - last_flush >= flush_seconds):
-                flush()
-                last_flush = now
-            if until_idle is not None and not pending and now - last_record >= until_idle:
-                break
+        kafka_io.consume(member, on_poll, threading.Event(), until_idle, busy=lambda: any(buffer.values()))
         flush()
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
         member.consumer.close(autocommit=False)
     return stats

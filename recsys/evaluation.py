@@ -20,12 +20,14 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
+from recsys.errors import InvalidInput
+
 MIN_INTERACTIONS = 5
 KS = (10, 50)
 EASE_LAMBDAS = (50.0, 200.0, 500.0)
 
 
-class EvaluationError(ValueError):
+class EvaluationError(InvalidInput):
     """The data cannot be evaluated (too few users or items); the message says why."""
 
 

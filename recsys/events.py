@@ -7,6 +7,8 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from recsys.errors import InvalidInput
+
 
 class EventType(str, Enum):
     view = "view"
@@ -30,7 +32,7 @@ class Event(BaseModel):
         return self.model_dump_json(exclude_none=True).encode()
 
 
-class BadEvent(ValueError):
+class BadEvent(InvalidInput):
     """A record that is not a valid event; ``reason`` says why, for the dead-letter topic."""
 
     def __init__(self, reason: str):

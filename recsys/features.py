@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Iterable, NamedTuple, Protocol
 
 from recsys.events import Event, EventType
 
@@ -63,6 +63,14 @@ def event_ops(event: Event, keys: Keys, recent_items: int, half_life_s: float) -
         Op("hincr", keys.item(event.item_id), t, 1),
         Op("zlogadd", keys.trending, event.item_id, log_weight(event.ts, half_life_s)),
     ]
+
+
+COUNT_TYPES = [t.value for t in EventType]  # the order of the model's counts vector
+
+
+def counts_vector(counts: dict[str, int]) -> list[float]:
+    """The counts by type in ``COUNT_TYPES`` order, as log(1 + count)."""
+    return [math.log1p(counts.get(t, 0)) for t in COUNT_TYPES]
 
 
 @dataclass
@@ -121,3 +129,41 @@ class MemoryFeatures:
         return UserFeatures(user_id, list(self.lists.get(keys.user(user_id, "recent"), [])),
                             set(self.sets.get(keys.user(user_id, "seen"), set())),
                             dict(self.hashes.get(keys.user(user_id, "counts"), {})))
+
+
+class OnlineFeatures(Protocol):
+    """The online features as the stream worker writes them and the request path reads them:
+    ``recsys.feature_store.FeatureStore`` in Redis, ``MemoryStore`` in memory (training data)."""
+
+    def apply_events(self, events: Iterable[Event]) -> list[bool]:
+        """Apply each event once per event id; True where applied, False for a duplicate."""
+
+    def user(self, user_id: str) -> UserFeatures: ...
+
+    def item_counts(self, item_id: str) -> dict[str, int]: ...
+
+    def trending(self, k: int = 10) -> list[tuple[str, float]]:
+        """The top-k items by time-decayed count, highest first (ties: the larger id first)."""
+
+
+class MemoryStore:
+    """``OnlineFeatures`` in plain dicts: the same operations as the Redis store, in memory."""
+
+    def __init__(self, prefix: str = "mem", recent_items: int = 50, half_life_s: float = 24 * 3600.0):
+        self.keys, self.recent_items, self.half_life_s = Keys(prefix), recent_items, half_life_s
+        self.state = MemoryFeatures()
+
+    def apply_events(self, events: Iterable[Event]) -> list[bool]:
+        return [self.state.apply(e.event_id, event_ops(e, self.keys, self.recent_items, self.half_life_s))
+                for e in events]
+
+    def user(self, user_id: str) -> UserFeatures:
+        return self.state.user(self.keys, user_id)
+
+    def item_counts(self, item_id: str) -> dict[str, int]:
+        return dict(self.state.hashes.get(self.keys.item(item_id), {}))
+
+    def trending(self, k: int = 10) -> list[tuple[str, float]]:
+        scores = self.state.zsets.get(self.keys.trending, {})
+        return sorted(scores.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:k]
+

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import logging
+import signal
+import socket
+import struct
+import threading
 import time
 from typing import Callable, Iterable
 
@@ -10,6 +14,7 @@ from kafka.errors import KafkaError
 from prometheus_client import Counter, Gauge
 from tqdm import tqdm
 
+from recsys.errors import RecsysError
 from recsys.events import Event
 from recsys.settings import Settings
 
@@ -41,6 +46,27 @@ def consumer(settings: Settings, group: str, listener=None, **overrides) -> Kafk
     return cons
 
 
+def bootstrap_hostport(s: Settings) -> tuple[str, int]:
+    host, port = s.kafka_bootstrap.rsplit(":", 1)
+    return host, int(port)
+
+
+def kafka_answers(s: Settings) -> bool:
+    """True if the broker answers an ApiVersions request.
+
+    Spoken raw: a KafkaAdminClient whose bootstrap fails leaks its IO thread, and
+    a starting broker accepts connections well before it answers them.
+    """
+    request = struct.pack(">hhih", 18, 0, 7, -1)  # ApiVersions v0, correlation id 7, no client id
+    try:
+        with socket.create_connection(bootstrap_hostport(s), timeout=2) as sock:
+            sock.sendall(struct.pack(">i", len(request)) + request)
+            reply = sock.recv(8)
+    except OSError:
+        return False
+    return len(reply) == 8 and struct.unpack(">ii", reply)[1] == 7
+
+
 log = logging.getLogger(__name__)
 ASSIGNED_PARTITIONS = Gauge("recsys_consumer_assigned_partitions", "partitions this consumer holds", ["group"])
 UNASSIGNED_SECONDS = Gauge("recsys_consumer_unassigned_seconds",
@@ -49,7 +75,7 @@ RECREATED = Counter("recsys_consumer_recreated_total", "consumers recreated afte
                     ["group"])
 
 
-class NoAssignment(RuntimeError):
+class NoAssignment(RecsysError):
     """A group consumer got no partitions in time, even after being recreated."""
 
 
@@ -158,3 +184,27 @@ def replay(events: Iterable[Event], settings: Settings, rate: float = 0.0, limit
     return {"produced": produced, "seconds": round(elapsed, 3),
             "events_per_s": round(produced / elapsed, 1) if elapsed else None,
             "first_ts": first_ts, "last_ts": last_ts, "topic": settings.events_topic}
+
+
+def consume(member: GroupMember, on_poll: Callable[[dict], None], stopping: threading.Event,
+            until_idle: float | None = None, busy: Callable[[], bool] = lambda: False) -> None:
+    """The loop of every group consumer: poll, and hand each poll to ``on_poll`` (empty ones
+    too, for work that is due by time), until SIGTERM or SIGINT sets ``stopping``, or until
+    ``until_idle`` seconds pass without records while partitions are held and nothing is
+    ``busy``. Signal handlers are installed from the main thread only, and restored after."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = ({sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+                if in_main else {})
+    last_record = time.monotonic()
+    try:
+        while not stopping.is_set():
+            polled = member.poll(timeout_ms=200)
+            on_poll(polled)
+            now = time.monotonic()
+            if any(polled.values()) or not member.consumer.assignment():  # idle counts once partitions are ours
+                last_record = now
+            elif until_idle is not None and not busy() and now - last_record >= until_idle:
+                break
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

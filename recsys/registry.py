@@ -19,10 +19,12 @@ import uuid
 from pathlib import Path
 from typing import Callable, Optional
 
+from recsys.errors import InvalidInput
+
 _VERSION = re.compile(r"^v(\d{4,})$")
 
 
-class RegistryError(ValueError):
+class RegistryError(InvalidInput):
     """A registry operation that cannot be done; the message says why."""
 
 

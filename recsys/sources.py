@@ -15,10 +15,11 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from recsys.errors import InvalidInput
 from recsys.events import Event, EventType
 
 
-class SourceError(ValueError):
+class SourceError(InvalidInput):
     """A source spec or file that cannot be read; the message says what to fix."""
 
 

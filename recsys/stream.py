@@ -9,8 +9,7 @@ the commit replays the batch, and the dedup markers make the replay change nothi
 """
 from __future__ import annotations
 
-import signal
-import sys
+import logging
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -21,6 +20,8 @@ from recsys import kafka_io
 from recsys.events import BadEvent, parse_event
 from recsys.feature_store import FeatureStore
 from recsys.settings import Settings
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class StreamStats:
@@ -43,7 +44,7 @@ class StreamWorker:
                                            lambda: kafka_io.consumer(settings, settings.stream_group))
         self.dlq = kafka_io.producer(settings)
         self.stats = StreamStats()
-        self.stopping = False
+        self.stopping = threading.Event()  # set by SIGTERM/SIGINT, or by an embedding thread
 
     def process(self, records) -> None:
         """One batch: effects first (Redis, dead letters), offsets after."""
@@ -73,32 +74,21 @@ class StreamWorker:
             try:
                 return self.store.apply_events(events)
             except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
-                if self.stopping:
+                if self.stopping.is_set():
                     return None
-                print(f"recsys stream: Redis unavailable ({exc}); retrying in {delay:.1f}s", file=sys.stderr)
+                log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
     def run(self, until_idle: float | None = None) -> StreamStats:
         """Consume until SIGTERM/SIGINT, or until ``until_idle`` seconds pass with no record."""
-        def stop(*_):
-            self.stopping = True
-        in_main = threading.current_thread() is threading.main_thread()
-        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
-        last_record = time.monotonic()
+        def on_poll(polled):
+            records = [r for batch in polled.values() for r in batch]
+            if records:
+                self.process(records)
         try:
-            while not self.stopping:
-                polled = self.member.poll(timeout_ms=200)
-                records = [r for batch in polled.values() for r in batch]
-                if records:
-                    self.process(records)
-                if records or not self.member.consumer.assignment():  # idle time counts once partitions are ours
-                    last_record = time.monotonic()
-                elif until_idle is not None and time.monotonic() - last_record >= until_idle:
-                    break
+            kafka_io.consume(self.member, on_poll, self.stopping, until_idle)
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             self.close()
         return self.stats
 

@@ -2,8 +2,8 @@
 
 The features of every interaction are computed from the user's history strictly
 before it, by the same code the online stream worker runs: ``recsys.features.event_ops``
-applied to a ``MemoryFeatures`` (the offline twin of the Redis store), read with
-``MemoryFeatures.user`` before the event's own operations are applied.
+applied to a ``MemoryStore`` (the offline twin of the Redis store), read with
+``MemoryStore.user`` before the event's own operations are applied.
 
 Tables are the event-log layout (``recsys.archive``): event_id, user_id, item_id, type,
 value, ts (ms). ``events_table`` builds one from any iterable of events (a source).
@@ -16,14 +16,14 @@ import numpy as np
 import pyarrow as pa
 
 from recsys import archive
+from recsys.errors import InvalidInput
 from recsys.events import Event, EventType
-from recsys.features import Keys, MemoryFeatures, UserFeatures, event_ops
+from recsys.features import MemoryStore, UserFeatures
 
-COUNT_TYPES = [t.value for t in EventType]  # the order of the counts vector
 REQUIRED = ("user_id", "item_id", "ts")
 
 
-class DataError(ValueError):
+class DataError(InvalidInput):
     """Events that cannot be used for training; the message says why."""
 
 
@@ -67,14 +67,14 @@ def iter_point_in_time(table: pa.Table, recent_items: int = 50, half_life_s: flo
                        prefix: str = "pit") -> Iterator[tuple[Event, UserFeatures]]:
     """(event, the user's features strictly before it), for every row in time order.
 
-    Each event's features are read with ``MemoryFeatures.user`` and only then are the
+    Each event's features are read with ``MemoryStore.user`` and only then are the
     event's ``event_ops`` applied, exactly like the stream worker would have left Redis.
     A duplicate event id changes nothing (the store is idempotent), as online.
     """
-    keys, mem = Keys(prefix), MemoryFeatures()
+    store = MemoryStore(prefix, recent_items, half_life_s)
     for event in iter_events(sort_table(table)):
-        feats = mem.user(keys, event.user_id)
-        mem.apply(event.event_id, event_ops(event, keys, recent_items, half_life_s))
+        feats = store.user(event.user_id)
+        store.apply_events([event])
         yield event, feats
 
 
@@ -90,12 +90,6 @@ def user_features_at(table: pa.Table, user_id: str, ts: int, recent_items: int =
     check_table(table)
     import pyarrow.compute as pc
     mask = pc.and_(pc.equal(table.column("user_id"), str(user_id)), pc.less(table.column("ts"), int(ts)))
-    keys, mem = Keys("pit"), MemoryFeatures()
-    for event in iter_events(sort_table(table.filter(mask))):
-        mem.apply(event.event_id, event_ops(event, keys, recent_items, half_life_s))
-    return mem.user(keys, str(user_id))
-
-
-def counts_vector(counts: dict[str, int]) -> list[float]:
-    """The counts by type in ``COUNT_TYPES`` order, as log(1 + count)."""
-    return [float(np.log1p(counts.get(t, 0))) for t in COUNT_TYPES]
+    store = MemoryStore("pit", recent_items, half_life_s)
+    store.apply_events(iter_events(sort_table(table.filter(mask))))
+    return store.user(str(user_id))

@@ -9,6 +9,7 @@ one is loaded, so a swap fails nothing.
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import urllib.request
@@ -22,13 +23,15 @@ from pydantic import TypeAdapter, ValidationError
 from ray import serve
 from ray.util import metrics
 
+from recsys.errors import RecsysError, Unavailable
 from recsys.events import Event
 from recsys.feature_store import FeatureStore, connect
-from recsys.kafka_io import producer, send_event
+from recsys.kafka_io import kafka_answers, producer, send_event
 from recsys.settings import Settings
-from recsys.stack import kafka_answers
 from serving.models import load_servable, current_version
 from serving.recommend import recommend
+
+log = logging.getLogger(__name__)
 
 K_MAX = 100
 MAX_BATCH = 1000
@@ -47,13 +50,10 @@ EVENTS_ACCEPTED = metrics.Counter("recsys_events_accepted_total", "events accept
 MODEL_VERSION = metrics.Gauge("recsys_model_version_info", "1 for the version this replica serves", tag_keys=("version",))
 
 
-class Unavailable(Exception):
-    """A backing service (Redis, Kafka) failed: the client gets a 503 with this message."""
-
-
-@app.exception_handler(Unavailable)
-async def _unavailable(_: Request, exc: Unavailable):
-    return JSONResponse(status_code=503, content={"detail": str(exc)})
+@app.exception_handler(RecsysError)
+async def _recsys_error(_: Request, exc: RecsysError):
+    """The error family's one mapping to HTTP: its status, and its message as the detail."""
+    return JSONResponse(status_code=exc.http_status, content={"detail": str(exc)})
 
 
 @serve.deployment
@@ -89,7 +89,7 @@ class RecsysApi:
             try:
                 self._swap_to(current_version(self.settings))
             except Exception as exc:  # a broken version must not stop the watcher; keep serving the old one
-                print(f"recsys: model swap failed, still serving {self.version}: {exc!r}")
+                log.error("model swap failed, still serving %s: %r", self.version, exc)
 
     # -- kafka -----------------------------------------------------------
     def _kafka(self):

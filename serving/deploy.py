@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from recsys import stack
+from deploy.local import stack
 from recsys.settings import Settings
 
 CONFIG = Path(__file__).with_name("config.yaml")

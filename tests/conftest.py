@@ -1,6 +1,6 @@
 """Fixtures for tests against the real local stack (Kafka broker, Redis server, Ray).
 
-The stack is started by the project's own ``recsys.stack.up`` (idempotent) and, if this
+The stack is started by the project's own ``deploy.local.stack.up`` (idempotent) and, if this
 session started it, stopped at the end. Each test gets its own topics, consumer groups,
 Redis key prefix and archive folder, so tests never see each other's data.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from recsys import stack
-from recsys.bench import scratch_settings, settings_env
+from deploy.local import stack
+from cli.bench_stream import scratch_settings, settings_env
 from recsys.feature_store import FeatureStore
 from recsys.settings import get_settings
 
@@ -41,11 +41,11 @@ class Scratch:
         stack.ensure_topics(self.settings)
 
     def cli(self, *args: str, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "recsys.cli", *args], env=self.env, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "cli", *args], env=self.env, capture_output=True,
                               text=True, check=True, **kw)
 
     def popen(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "recsys.cli", *args], env=self.env,
+        return subprocess.Popen([sys.executable, "-m", "cli", *args], env=self.env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def close(self):

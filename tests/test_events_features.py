@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from recsys.events import BadEvent, Event, EventType, parse_event
+from recsys.events import BadEvent, Event, parse_event
 from recsys.features import Keys, MemoryFeatures, event_ops, log_weight
 from recsys.sources import SourceError, open_source
 

@@ -175,7 +175,7 @@ def app(live_stack, tmp_path_factory):
 
 
 def _loadtest_cmd() -> list[str]:
-    return [sys.executable, "-m", "recsys.cli", "loadtest"]
+    return [sys.executable, "-m", "cli", "loadtest"]
 
 
 def test_smoke_profile_has_no_errors_scales_up_and_down_and_loses_nothing(app, tmp_path):

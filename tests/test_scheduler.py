@@ -114,7 +114,7 @@ def test_two_runs_at_once_train_one_at_a_time(scratch):
     s = _settings(scratch)
     _archive(scratch, SyntheticSource(events=8_000, **SMALL).events_iter())
     env = {**scratch.env, "RECSYS_RETRAIN_WORKERS": "1", "RECSYS_RETRAIN_EPOCHS": "2", "RECSYS_RETRAIN_WINDOW_DAYS": "0"}
-    cmd = [sys.executable, "-m", "recsys.cli", "retrain-now", "--json"]
+    cmd = [sys.executable, "-m", "cli", "retrain-now", "--json"]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     codes = sorted(p.returncode for p in procs)
@@ -133,7 +133,7 @@ def test_killed_run_leaves_everything_as_it_was(scratch):
     env = {**scratch.env, "RECSYS_RETRAIN_WORKERS": "1", "RECSYS_RETRAIN_EPOCHS": "500", "RECSYS_RETRAIN_WINDOW_DAYS": "0",
            "RECSYS_RETRAIN_LOCK_TTL_S": "3"}
     started = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", "retrain-now"], env=env, start_new_session=True,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "retrain-now"], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while not any(p.stat().st_mtime > started for p in (s.home / "ray_results").glob("train-*/checkpoint_*")):

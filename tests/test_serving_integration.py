@@ -13,11 +13,10 @@ import threading
 import time
 
 import httpx
-import numpy as np
 import pytest
 from kafka import KafkaConsumer
 
-from recsys import stack
+from deploy.local import stack
 from recsys.evaluation import split_table
 from recsys.feature_store import FeatureStore
 from recsys.kafka_io import replay

@@ -169,7 +169,7 @@ def test_archive_reader_keeps_one_copy_of_an_event_sent_twice(scratch, ml100k):
 
 
 def test_worker_rides_out_a_redis_restart(scratch, ml100k):
-    from recsys import stack
+    from deploy.local import stack
     events = list(MovieLensSource(ml100k).events_iter())[:5000]
     worker = scratch.popen("stream", "--until-idle", "5")
     time.sleep(3)  # joined the group
@@ -223,11 +223,11 @@ def _wait_for_metric(worker, port: int, group: str, name: str, minimum: float, t
 def test_worker_without_partitions_recreates_its_consumer_then_exits_nonzero(scratch):
     """The bound on waiting for partitions: a worker whose topic is gone never gets any; it shows
     that as a metric, recreates its consumer once after the timeout, and then exits 2 with a message."""
-    from recsys import stack
+    from deploy.local import stack
     stack.delete_topics(scratch.settings)
     port = _free_port()
     env = {**scratch.env, "RECSYS_CONSUMER_ASSIGNMENT_TIMEOUT_S": "3", "RECSYS_CONSUMER_RECREATE_ATTEMPTS": "1"}
-    worker = subprocess.Popen([sys.executable, "-m", "recsys.cli", "stream", "--metrics-port", str(port)], env=env,
+    worker = subprocess.Popen([sys.executable, "-m", "cli", "stream", "--metrics-port", str(port)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     group = scratch.settings.stream_group
     waiting = _wait_for_metric(worker, port, group, "recsys_consumer_unassigned_seconds", 1.0)
@@ -241,11 +241,11 @@ def test_worker_without_partitions_recreates_its_consumer_then_exits_nonzero(scr
 
 def test_worker_recreated_after_a_missing_topic_comes_back_consumes_everything(scratch, ml100k):
     """Joined while the topic is unavailable, recreated after the timeout, then it works: every event applied."""
-    from recsys import stack
+    from deploy.local import stack
     stack.delete_topics(scratch.settings)
     port = _free_port()
     env = {**scratch.env, "RECSYS_CONSUMER_ASSIGNMENT_TIMEOUT_S": "3", "RECSYS_CONSUMER_RECREATE_ATTEMPTS": "20"}
-    worker = subprocess.Popen([sys.executable, "-m", "recsys.cli", "stream", "--until-idle", "3",
+    worker = subprocess.Popen([sys.executable, "-m", "cli", "stream", "--until-idle", "3",
                                "--metrics-port", str(port)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     group = scratch.settings.stream_group
@@ -257,3 +257,26 @@ def test_worker_recreated_after_a_missing_topic_comes_back_consumes_everything(s
     assert worker.returncode == 0, err[-2000:]
     assert "recreating it" in err
     assert json.loads(out.strip().splitlines()[-1])["applied"] == 2000
+
+
+def test_redis_and_memory_stores_hold_the_same_features(scratch):
+    """The OnlineFeatures protocol's parity: one event stream (every event type, repeated items,
+    and 2,000 duplicate event ids) applied to the Redis store and to the in-memory store that
+    builds the training data gives the same features for every user and item, and the same trending."""
+    from recsys.features import MemoryStore, OnlineFeatures
+    from recsys.sources import SyntheticSource
+    s = scratch.settings
+    events = list(SyntheticSource(events=20_000, users=300, items=200, seed=11).events_iter())
+    stores: list[OnlineFeatures] = [FeatureStore(s), MemoryStore(s.redis_prefix, s.recent_items, s.trending_half_life_s)]
+    stream = events + events[:2_000]
+    for i in range(0, len(stream), 500):
+        applied = [store.apply_events(stream[i:i + 500]) for store in stores]
+        assert applied[0] == applied[1]
+    users, items = sorted({e.user_id for e in events}), sorted({e.item_id for e in events})
+    assert len(users) > 250 and len(items) > 150
+    redis_store, memory = stores
+    assert [u.to_json() for u in redis_store.users(users)] == [memory.user(u).to_json() for u in users]
+    assert {i: redis_store.item_counts(i) for i in items} == {i: memory.item_counts(i) for i in items}
+    online, offline = redis_store.trending(len(items)), memory.trending(len(items))
+    assert [item for item, _ in online] == [item for item, _ in offline]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(online, offline)) < 1e-9

@@ -48,7 +48,7 @@ def _env(settings) -> dict:
 
 
 def _cli(settings, *args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "recsys.cli", *args], cwd=REPO, env=_env(settings),
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO, env=_env(settings),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -84,6 +84,12 @@ def test_movielens_two_workers_beats_itemknn_and_publishes_a_servable_model(ml10
     from serving.recommend import recommend
     rec = recommend(model, feats[0], 10, trending=[])
     assert len(rec.items) == 10 and not rec.fallback and not set(rec.items) & feats[0].seen
+    # Serving the published model never imports TensorFlow (a fresh process, as a Serve replica).
+    serve_only = ("import sys; from recsys.settings import Settings; from serving.models import load_servable; "
+                  f"m = load_servable(Settings(registry_dir={str(settings.registry_dir)!r}), 'v0001'); "
+                  "print(sorted(k for k in sys.modules if k.split('.')[0] in ('tensorflow', 'tf_keras', 'keras')))")
+    loaded = subprocess.run([sys.executable, "-c", serve_only], capture_output=True, text=True)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", (loaded.stdout[-500:], loaded.stderr[-2000:])
 
     # `evaluate` on the published version reproduces the card's figure.
     r = _cli(settings, "evaluate", "--model", "current", "--source", f"movielens:{ml100k}", "--json")
@@ -150,7 +156,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint_and_checkpoints_resume_o
 # ---- the towers ------------------------------------------------------------------------------------
 
 def test_numpy_user_tower_matches_the_tensorflow_tower():
-    from recsys.model import ModelConfig, NumpyUserTower, Vocab, build_model, item_embeddings_np, model_weights
+    from recsys.model import ModelConfig, NumpyUserTower, Vocab, item_embeddings_np
+    from training.model import build_model, model_weights
     cfg = ModelConfig(dim=16, user_dim=8, hidden=32, history=7, share_item_table=False)
     genres = np.random.default_rng(0).integers(0, 2, (21, 4)).astype(np.float32)
     model = build_model(cfg, n_users=10, n_items=20, item_genres=genres)

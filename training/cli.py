@@ -1,4 +1,4 @@
-"""``recsys train | evaluate | models`` and ``recsys bench train`` (mounted by recsys.cli).
+"""``recsys train | evaluate | models`` and ``recsys bench train`` (mounted by cli.main).
 
 ``register(subparsers)`` adds the subcommands; each handler takes the argparse Namespace
 and returns an exit code. Errors print one line on stderr and return 2; the registry is
@@ -22,9 +22,10 @@ def _source_options(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _fail(command: str, exc: BaseException) -> int:
+    from recsys.errors import RecsysError
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     print(f"recsys {command}: {msg}", file=sys.stderr)
-    return 2
+    return exc.exit_code if isinstance(exc, RecsysError) else 2
 
 
 def _lam(value: str):
@@ -37,15 +38,12 @@ def _lam(value: str):
 
 
 def _known_errors():
+    """Errors of bad input met while training or evaluating: one line and exit 2, not a traceback.
+    Beside the project's own family, numpy's and pyarrow's ValueErrors on malformed data."""
     from pydantic import ValidationError
 
-    from recsys.evaluation import EvaluationError
-    from recsys.registry import RegistryError
-    from recsys.sources import SourceError
-    from recsys.training_data import DataError
-    from training.job import TrainingError
-    return (SourceError, DataError, EvaluationError, RegistryError, TrainingError, ValidationError,
-            FileNotFoundError, ValueError)
+    from recsys.errors import RecsysError
+    return (RecsysError, ValidationError, FileNotFoundError, ValueError)
 
 
 def cmd_train(args) -> int:

@@ -25,20 +25,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-
 import numpy as np
 import pyarrow as pa
 
 from recsys import evaluation
+from recsys.errors import RecsysError
 from recsys.ann import build_index
-from recsys.model import ModelConfig, Vocab, encode_users, export, NumpyUserTower
+from recsys.features import COUNT_TYPES
+from recsys.model import ModelConfig, NumpyUserTower, Vocab, encode_users, export
+from training.model import tf_env
 from recsys.training_data import DataError, events_table, iter_point_in_time, sort_table
 
 CHECKPOINT_FILES = ("state.npz", "serving_weights.npz", "meta.json")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RecsysError):
     """Training could not produce a model; the message says why."""
 
 
@@ -63,7 +64,7 @@ class Prepared:
         users = np.zeros(n, dtype=np.int32)
         items = np.zeros(n, dtype=np.int32)
         hist = np.zeros((n, hist_len), dtype=np.int32)
-        counts = np.zeros((n, 5), dtype=np.float32)
+        counts = np.zeros((n, len(COUNT_TYPES)), dtype=np.float32)
         ii = self.vocab.item_index
         self.test_features = {}
         test_rows = set(self.split.test_index.tolist())
@@ -135,7 +136,7 @@ def _opt_vars(opt):
 
 
 def _save_checkpoint(folder: Path, model, opt, epoch: int, history: list, start_epoch: int) -> None:
-    from recsys.model import model_weights
+    from training.model import model_weights
     mw = model.get_weights()
     ov = [v.numpy() for v in _opt_vars(opt)]
     np.savez(folder / "state.npz", **{f"m{i}": w for i, w in enumerate(mw)}, **{f"o{i}": w for i, w in enumerate(ov)})
@@ -161,7 +162,7 @@ def _restore_checkpoint(folder: Path, model, opt) -> dict:
 # ---- the worker loop --------------------------------------------------------------------------
 
 def train_loop_per_worker(config: dict) -> None:
-    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    os.environ.update(tf_env())
     import ray
     import ray.train
     import tensorflow as tf
@@ -180,7 +181,7 @@ def train_loop_per_worker(config: dict) -> None:
     if config["use_gpu"] and config["mixed_precision"]:
         tf_keras.mixed_precision.set_global_policy("mixed_float16")
 
-    from recsys.model import build_model, sampled_softmax_loss
+    from training.model import build_model, sampled_softmax_loss
     cfg = ModelConfig.from_dict(config["model"])
     shard = ray.get(config["shards"][rank])  # this worker's shard only
     log_q = tf.constant(config["log_q"])
@@ -281,7 +282,7 @@ def ensure_ray(workers: int, use_gpu: bool, worker_niceness: int = 0) -> bool:
     if ray.is_initialized():
         return False
     os.environ["RAY_worker_niceness"] = str(worker_niceness)  # read by the raylet this call may start
-    env = {"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}}
+    env = {"env_vars": tf_env()}
     common = dict(include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level="ERROR",
                   logging_config=ray.LoggingConfig(encoding="TEXT", log_level="ERROR"), runtime_env=env)
     address = os.environ.get("RAY_ADDRESS")
@@ -298,6 +299,7 @@ def run_ray_training(prep: Prepared, cfg: ModelConfig, workers: int = 2, use_gpu
     """Train on Ray; returns {"checkpoint_dir": local copy of the last checkpoint, "meta": ..., "seconds": ...}."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    os.environ.update(tf_env())  # ray.train.tensorflow imports TensorFlow in this process
     from ray.train.tensorflow import TensorflowTrainer
 
     if workers < 1:

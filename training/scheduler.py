@@ -28,16 +28,13 @@ import pyarrow.compute as pc
 from croniter import croniter
 
 from recsys.archive import read_events
+from recsys.errors import Busy
 from recsys.feature_store import connect
 from recsys.registry import Registry
 from recsys.settings import Settings
 
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
-
-
-class Busy(RuntimeError):
-    """Another run holds the lock."""
 
 
 class RunLock:

@@ -11,7 +11,6 @@ import re
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import time
 import uuid
@@ -25,9 +24,11 @@ from kafka.errors import TopicAlreadyExistsError
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from recsys.errors import RecsysError
+from recsys.kafka_io import bootstrap_hostport, kafka_answers
 from recsys.settings import Settings, get_settings
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "local"
+DEPLOY = Path(__file__).resolve().parent
 # Text that /proc/<pid>/cmdline must contain for a recorded pid to still be ours.
 MARKERS = {"kafka": "kafka.Kafka", "redis": "redis-server"}
 KAFKA_TIMEOUT_S = 90
@@ -37,7 +38,7 @@ STOP_TIMEOUT_S = 30
 _children: dict[str, subprocess.Popen] = {}
 
 
-class StackError(RuntimeError):
+class StackError(RecsysError):
     """A stack problem the CLI reports in one line (exit 1)."""
 
 
@@ -187,29 +188,8 @@ def stop_redis(settings: Settings | None = None) -> str:
 
 # ---- kafka -----------------------------------------------------------------
 
-def _kafka_hostport(s: Settings) -> tuple[str, int]:
-    host, port = s.kafka_bootstrap.rsplit(":", 1)
-    return host, int(port)
-
-
 def _admin(s: Settings) -> KafkaAdminClient:
     return KafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, bootstrap_timeout_ms=10000)
-
-
-def kafka_answers(s: Settings) -> bool:
-    """True if the broker answers an ApiVersions request.
-
-    Spoken raw: a KafkaAdminClient whose bootstrap fails leaks its IO thread, and
-    a starting broker accepts connections well before it answers them.
-    """
-    request = struct.pack(">hhih", 18, 0, 7, -1)  # ApiVersions v0, correlation id 7, no client id
-    try:
-        with socket.create_connection(_kafka_hostport(s), timeout=2) as sock:
-            sock.sendall(struct.pack(">i", len(request)) + request)
-            reply = sock.recv(8)
-    except OSError:
-        return False
-    return len(reply) == 8 and struct.unpack(">ii", reply)[1] == 7
 
 
 def _java() -> str:
@@ -246,7 +226,7 @@ def _kafka_libs(s: Settings, progress: Callable[[str], None]) -> Path:
 
 
 def _kafka_config(s: Settings) -> Path:
-    host, port = _kafka_hostport(s)
+    host, port = bootstrap_hostport(s)
     text = Template((DEPLOY / "kafka" / "server.properties").read_text()).substitute(
         host=host, port=port, controller_port=s.kafka_controller_port, log_dirs=_dir(s, "kafka") / "data")
     path = _dir(s, "kafka") / "server.properties"

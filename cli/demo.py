@@ -13,7 +13,7 @@ import time
 
 import httpx
 
-from recsys import stack
+from deploy.local import stack
 from recsys.archive import run_archiver
 from recsys.feature_store import FeatureStore
 from recsys.kafka_io import replay
@@ -86,7 +86,7 @@ def run_demo(settings: Settings, events: int = 20_000, epochs: int = 5) -> int:
         print("before:", _show(before))
         print("after: ", _show(after))
         changed = before["items"] != after["items"]
-    worker.stopping = True
+    worker.stopping.set()
     thread.join(timeout=10)
 
     _step(8, "summary")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from recsys.settings import get_settings
@@ -20,7 +21,7 @@ def _print(obj, as_json: bool) -> None:
 
 
 def cmd_stack(args) -> int:
-    from recsys import stack
+    from deploy.local import stack
     settings = get_settings()
     if args.action == "up":
         result = stack.up(settings, progress=lambda msg: print(msg, file=sys.stderr))
@@ -82,7 +83,7 @@ def cmd_features(args) -> int:
 
 
 def cmd_bench_stream(args) -> int:
-    from recsys.bench import bench_stream
+    from cli.bench_stream import bench_stream
     result = bench_stream(get_settings(), events=args.events, steady_rate=args.rate, steady_seconds=args.seconds)
     _print(result, args.json)
     return 0
@@ -92,7 +93,7 @@ def cmd_serve(args) -> int:
     from serving import deploy
     settings = get_settings()
     if args.action == "up":
-        from recsys import stack
+        from deploy.local import stack
         stack.up(settings, progress=lambda msg: print(msg, file=sys.stderr))
         result = deploy.serve_up(settings, progress=lambda msg: print(msg, file=sys.stderr))
     elif args.action == "down":
@@ -111,12 +112,8 @@ def cmd_bench_serve(args) -> int:
 
 
 def cmd_retrain_now(args) -> int:
-    from training.scheduler import Busy, run_once
-    try:
-        record = run_once(get_settings(), trigger="manual")
-    except Busy as exc:
-        print(f"recsys retrain-now: {exc}", file=sys.stderr)
-        return 1
+    from training.scheduler import run_once
+    record = run_once(get_settings(), trigger="manual")  # Busy: exit 1, through main
     _print(record, args.json)
     return 0 if record["decision"] != "failed" else 1
 
@@ -128,7 +125,7 @@ def cmd_scheduler(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from recsys.demo import run_demo
+    from cli.demo import run_demo
     return run_demo(get_settings(), events=args.events, epochs=args.epochs)
 
 
@@ -142,6 +139,7 @@ def _source_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description="Real-time recommendation reference application.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (default: warnings only)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("stack", help="start, stop or inspect the local Kafka + Redis stack")
@@ -219,13 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
-    from recsys.kafka_io import NoAssignment
-    from recsys.sources import SourceError
-    from recsys.stack import StackError
+    from recsys.errors import RecsysError
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="recsys %(name)s %(levelname)s: %(message)s")
     try:
         return args.func(args)
-    except (SourceError, ValidationError, StackError, NoAssignment) as exc:
+    except RecsysError as exc:  # the family's one mapping to exit codes
+        print(f"recsys {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ValidationError as exc:  # settings from the environment that do not parse
         print(f"recsys {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

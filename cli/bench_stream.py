@@ -15,7 +15,7 @@ import uuid
 import numpy as np
 from kafka import KafkaConsumer
 
-from recsys import stack
+from deploy.local import stack
 from recsys.feature_store import FeatureStore
 from recsys.kafka_io import replay
 from recsys.settings import Settings
@@ -98,7 +98,7 @@ def _freshness(settings: Settings, rate: float, seconds: float) -> dict:
     thread = threading.Thread(target=worker.run, kwargs={"until_idle": 3.0})
     thread.start()
     n = int(rate * seconds)
-    cmd = [sys.executable, "-m", "recsys.cli", "replay", "--source", f"synthetic:events={n},seed=11",
+    cmd = [sys.executable, "-m", "cli", "replay", "--source", f"synthetic:events={n},seed=11",
            "--rate", str(rate), "--quiet"]
     subprocess.run(cmd, env=settings_env(settings), check=True, stdout=subprocess.DEVNULL)
     thread.join()

@@ -1,0 +1,28 @@
+"""The project's one error family.
+
+Every error raised on purpose is a ``RecsysError`` whose message says what went wrong and
+what to do. The ``recsys`` command prints it on one line and exits with ``exit_code``; the
+HTTP API answers with ``http_status``. Those two mappings live here and nowhere else.
+"""
+from __future__ import annotations
+
+
+class RecsysError(Exception):
+    exit_code = 2
+    http_status = 500
+
+
+class InvalidInput(RecsysError, ValueError):
+    """Input that cannot be used as given: a source, events, a request, a version name."""
+    http_status = 422
+
+
+class Unavailable(RecsysError):
+    """A service the work needs does not answer (Redis, Kafka, the metrics exporter)."""
+    http_status = 503
+
+
+class Busy(RecsysError):
+    """Another process holds the work's lock; trying again later is the answer."""
+    exit_code = 1
+    http_status = 409

@@ -1,0 +1,130 @@
+"""The two-tower retrieval model in tf_keras, as trained by ``training.job``.
+
+User tower: user id embedding (index 0 is the out-of-vocabulary bucket: unknown users,
+and a share of known ones dropped out while training so the model learns to serve new
+users), a pooled embedding of the recent items (newest first; a learned weight per
+position, so recent items can count more), log(1 + count) per event type, then a
+ReLU layer and a linear projection, L2-normalized.
+
+Item tower: item id embedding (optionally the same table as the history's) beside the
+item's features (multi-hot genres where the source has them), linearly projected,
+L2-normalized. Score = cosine / temperature.
+
+Loss: in-batch softmax with log-Q correction (Yi et al. 2019), optionally mixed with
+uniformly sampled negatives: every candidate's logit is lowered by the log of its
+expected count among the negatives (B * q_j + M / N), duplicates of the positive masked.
+
+Its weights are exported to the numpy artifact of ``recsys.model``, which serves without TensorFlow.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from recsys.features import COUNT_TYPES
+from recsys.model import ModelConfig
+
+
+def tf_env() -> dict[str, str]:
+    """The environment every process sets before TensorFlow is first imported: tf-keras instead
+    of Keras 3 (whose ``fit`` fails under MultiWorkerMirroredStrategy, keras-team/keras#20585),
+    and TensorFlow's C++ log lines off unless asked for."""
+    return {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+
+
+def _tf():
+    os.environ.update(tf_env())
+    import tensorflow as tf
+    import tf_keras
+    return tf, tf_keras
+
+
+def build_model(cfg: ModelConfig, n_users: int, n_items: int, item_genres: np.ndarray):
+    """The two towers as one tf_keras Model; ``model.user_tower(inputs)`` and ``model.item_tower(idx)``."""
+    tf, keras = _tf()
+
+    class TwoTower(keras.Model):
+        def __init__(self):
+            super().__init__(name="two_tower")
+            self.cfg = cfg
+            init = keras.initializers.RandomNormal(stddev=0.05, seed=cfg.seed)
+            self.user_table = keras.layers.Embedding(n_users + 1, cfg.user_dim, embeddings_initializer=init,
+                                                     name="user_table")
+            self.hist_table = keras.layers.Embedding(n_items + 1, cfg.dim, embeddings_initializer=init,
+                                                     name="hist_table")
+            self.item_table = self.hist_table if cfg.share_item_table else keras.layers.Embedding(
+                n_items + 1, cfg.dim, embeddings_initializer=init, name="item_table")
+            # Position weights start as a decay: newer items count more.
+            self.pos_logits = self.add_weight(
+                name="pos_logits", shape=(cfg.history,), dtype="float32", trainable=True,
+                initializer=keras.initializers.Constant(-np.log1p(np.arange(cfg.history)) * 0.5))
+            self.hidden = keras.layers.Dense(cfg.hidden, activation="relu", name="user_hidden")
+            self.user_out = keras.layers.Dense(cfg.dim, name="user_out")
+            self.item_out = keras.layers.Dense(cfg.dim, name="item_out")
+            self.genres = tf.constant(item_genres.astype(np.float32))
+
+        def user_tower(self, user, hist, counts, training=False):
+            if training and cfg.user_dropout > 0:
+                keep = tf.random.uniform(tf.shape(user)) >= cfg.user_dropout
+                user = tf.where(keep, user, tf.zeros_like(user))
+            u = self.user_table(user)
+            h = self.hist_table(hist)                                    # (B, L, d)
+            mask = tf.cast(hist > 0, tf.float32)
+            w = tf.exp(self.pos_logits)[None, :] * mask                  # (B, L)
+            pooled = tf.reduce_sum(tf.cast(h, tf.float32) * w[..., None], 1) / tf.maximum(
+                tf.reduce_sum(w, 1, keepdims=True), 1e-6)
+            x = tf.concat([tf.cast(u, tf.float32), pooled, counts], axis=1)
+            z = self.user_out(self.hidden(x))
+            return tf.math.l2_normalize(tf.cast(z, tf.float32), axis=1)
+
+        def item_tower(self, item):
+            v = self.item_table(item)
+            x = tf.concat([tf.cast(v, tf.float32), tf.gather(self.genres, item)], axis=1)
+            return tf.math.l2_normalize(tf.cast(self.item_out(x), tf.float32), axis=1)
+
+        def call(self, inputs, training=False):
+            return (self.user_tower(inputs["user"], inputs["hist"], inputs["counts"], training),
+                    self.item_tower(inputs["item"]))
+
+    model = TwoTower()
+    dummy = {"user": tf.zeros([1], tf.int32), "hist": tf.zeros([1, cfg.history], tf.int32),
+             "counts": tf.zeros([1, len(COUNT_TYPES)], tf.float32), "item": tf.zeros([1], tf.int32)}
+    model(dummy)
+    return model
+
+
+def sampled_softmax_loss(model, batch, log_q, n_items: int, cfg: ModelConfig, training: bool = True):
+    """In-batch (+ uniform) softmax loss with log-Q correction, mean over the batch."""
+    tf, _ = _tf()
+    u, v = model(batch, training=training)
+    item = batch["item"]
+    bsz = tf.shape(item)[0]
+    cand_items = item
+    cand_v = v
+    if cfg.random_negatives > 0:
+        neg = tf.random.uniform([cfg.random_negatives], 1, n_items + 1, dtype=tf.int32)
+        cand_items = tf.concat([item, neg], 0)
+        cand_v = tf.concat([v, model.item_tower(neg)], 0)
+    logits = tf.matmul(u, cand_v, transpose_b=True) / cfg.temperature
+    if cfg.logq:
+        expected = tf.cast(bsz, tf.float32) * tf.exp(tf.gather(log_q, cand_items)) + \
+            float(cfg.random_negatives) / float(n_items)
+        logits = logits - tf.math.log(expected)[None, :]
+    # Candidates equal to the positive item (other than itself) are not negatives.
+    same = tf.equal(item[:, None], cand_items[None, :])
+    own = tf.pad(tf.eye(bsz, dtype=tf.bool), [[0, 0], [0, tf.shape(cand_items)[0] - bsz]])
+    logits = tf.where(tf.logical_and(same, tf.logical_not(own)), tf.constant(-1e9, logits.dtype), logits)
+    labels = tf.range(bsz)
+    loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    return tf.reduce_mean(loss)
+
+
+def model_weights(model) -> dict[str, np.ndarray]:
+    """The weights the numpy towers need, by name."""
+    w = {"user_table": model.user_table.embeddings.numpy(), "hist_table": model.hist_table.embeddings.numpy(),
+         "item_table": model.item_table.embeddings.numpy(), "pos_logits": model.pos_logits.numpy(),
+         "hidden_w": model.hidden.kernel.numpy(), "hidden_b": model.hidden.bias.numpy(),
+         "user_out_w": model.user_out.kernel.numpy(), "user_out_b": model.user_out.bias.numpy(),
+         "item_out_w": model.item_out.kernel.numpy(), "item_out_b": model.item_out.bias.numpy()}
+    return {k: np.asarray(v, dtype=np.float32) for k, v in w.items()}
