@@ -26,3 +26,7 @@ class Busy(RecsysError):
     """Another process holds the work's lock; trying again later is the answer."""
     exit_code = 1
     http_status = 409
+
+
+class TrainingError(RecsysError):
+    """Training could not produce a model (a failed run, a bad checkpoint); the message says why."""

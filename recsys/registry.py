@@ -145,8 +145,3 @@ class Registry:
         """Remove temp folders left by a crashed publisher."""
         for p in self.root.glob(".tmp-*"):
             shutil.rmtree(p, ignore_errors=True)
-
-
-def open_registry(settings=None) -> Registry:
-    from recsys.settings import get_settings
-    return Registry((settings or get_settings()).registry_dir)

@@ -19,7 +19,7 @@ import redis
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from kafka.errors import KafkaError
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from ray import serve
 from ray.util import metrics
 
@@ -182,6 +182,19 @@ class RecsysApi:
             raise Unavailable(f"Ray metrics exporter unavailable at {url}: {exc}") from None
 
 
+class AppArgs(BaseModel):
+    """The app's arguments (``args`` in serving/config.yaml), validated by Serve before it deploys:
+    ``settings`` fields override the environment's ``RECSYS_*``; ``deployment`` options are for
+    ``recsys serve``, which reads them from that file (``serve deploy`` applies them itself)."""
 
-# The application object named by serving/config.yaml's import_path (settings from the environment).
-deployment = RecsysApi.bind()
+    model_config = ConfigDict(extra="forbid")
+    settings: dict = {}
+    model_poll_s: float = 1.0
+    deployment: dict = {}
+
+
+def build_app(args: AppArgs) -> serve.Application:
+    """The typed app builder that serving/config.yaml's import_path names."""
+    settings = Settings(**args.settings)  # fails here, at deploy time, not in every replica
+    return RecsysApi.options(**args.deployment).bind(settings=settings.model_dump(mode="json"),
+                                                     model_poll_s=args.model_poll_s)

@@ -63,12 +63,11 @@ def serve_up(settings: Settings, config_path: Path = CONFIG, progress=print) -> 
     """Deploy (or update in place) the recsys app; return once it answers HTTP."""
     from ray import serve
 
-    from serving.app import RecsysApi
+    from serving.app import AppArgs, build_app
     connect_ray(settings, progress)
     config = load_config(config_path)
     start_serve(settings, config["http"])
-    options = config["deployments"]["RecsysApi"]
-    app = RecsysApi.options(**options).bind(settings=settings.model_dump(mode="json"))
+    app = build_app(AppArgs(settings=settings.model_dump(mode="json"), deployment=config["deployments"]["RecsysApi"]))
     progress(f"serve: deploying {APP_NAME} on {base_url(settings)}")
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     wait_http(f"{base_url(settings)}/healthz")

@@ -1,7 +1,12 @@
 """The Serve config and the Kubernetes manifests are valid for the code and Serve's schema."""
 from pathlib import Path
 
+import inspect
+
 import yaml
+from pydantic import BaseModel
+from ray.serve import Application
+from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
 
@@ -20,7 +25,12 @@ def test_serve_configs_follow_the_serve_schema_and_name_real_code():
         schema = ServeDeploySchema.model_validate(config)
         for app in schema.applications:
             module, _, attr = app.import_path.partition(":")
-            assert hasattr(importlib.import_module(module), attr), app.import_path
+            builder = getattr(importlib.import_module(module), attr)
+            # A typed builder, called the way Serve calls it: the config's args are validated
+            # against its argument's model, and it returns the application.
+            args_type = next(iter(inspect.signature(builder).parameters.values())).annotation
+            assert isinstance(args_type, type) and issubclass(args_type, BaseModel), app.import_path
+            assert isinstance(call_user_app_builder_with_args_if_necessary(builder, app.args or {}), Application)
             for dep in app.deployments:
                 auto = AutoscalingConfig(**dep.autoscaling_config)
                 assert auto.min_replicas < auto.max_replicas

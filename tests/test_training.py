@@ -103,7 +103,8 @@ def test_movielens_two_workers_beats_itemknn_and_publishes_a_servable_model(ml10
 def test_synthetic_beats_popularity_widely_and_one_or_two_workers_agree(ray_session, settings):
     from recsys.model import ModelConfig
     from recsys.sources import open_source
-    from training.job import Prepared, train
+    from training.data import Prepared
+    from training.job import train
     from recsys.training_data import events_table
     src = open_source(SYN)
     cfg = ModelConfig.from_dict(FAST)
@@ -128,7 +129,8 @@ def test_synthetic_beats_popularity_widely_and_one_or_two_workers_agree(ray_sess
 
 def test_killed_worker_resumes_from_the_last_checkpoint_and_checkpoints_resume_or_fail_cleanly(
         ray_session, settings, tmp_path):
-    from training.job import TrainingError, train
+    from recsys.errors import TrainingError
+    from training.job import train
     marker = tmp_path / "killed-once"
     card = train(SYN, workers=2, epochs=3, settings=settings, model_config=FAST, max_failures=1, publish=False,
                  fail={"epoch": 2, "rank": 1, "marker": str(marker)})

@@ -70,11 +70,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from recsys.registry import open_registry
+    from recsys.registry import Registry
     from recsys.settings import get_settings
     from training.job import evaluate_version
     try:
-        reg = open_registry()
+        reg = Registry(get_settings().registry_dir)
         folder = reg.path(args.model)
         result = evaluate_version(folder, args.source, get_settings(), _lam(args.ease_lambda),
                                   args.user_col, args.item_col, args.ts_col)
@@ -85,8 +85,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from recsys.registry import RegistryError, open_registry
-    reg = open_registry()
+    from recsys.registry import Registry, RegistryError
+    from recsys.settings import get_settings
+    reg = Registry(get_settings().registry_dir)
     try:
         if args.action == "list":
             out = reg.summary()
@@ -97,7 +98,6 @@ def cmd_models(args) -> int:
                 raise RegistryError("promote: give a version")
             out = reg.promote(args.version)
         elif args.action == "history":
-            from recsys.settings import get_settings
             from training.scheduler import read_history
             out = read_history(get_settings())
             if not args.json:
@@ -135,7 +135,8 @@ def bench_train(args) -> int:
     from recsys.ann import exact_search, recall_at_k
     from recsys.model import ModelConfig
     from recsys.settings import get_settings
-    from training.job import Prepared, default_config, load_table, train
+    from training.data import Prepared, load_table
+    from training.job import default_config, train
     settings = get_settings()
     source = getattr(args, "source", None) or f"movielens:{_default_ml100k()}"
     epochs = getattr(args, "epochs", None) or 5

@@ -1,15 +1,13 @@
-"""The training job: point-in-time examples -> two-tower on Ray Train -> evaluation -> registry.
+"""The training driver: prepared data -> two-tower on Ray Train -> evaluation -> registry.
 
-``train(...)`` runs ``ray.train.tensorflow.TensorflowTrainer`` with N workers; each
-worker builds a ``MultiWorkerMirroredStrategy`` (RING collectives on CPU, NCCL with
-GPUs), reads only its own shard of the examples (one object in the Ray object store
-per worker), runs a custom loop (``strategy.run``: in-batch softmax needs its own step),
-prints progress each epoch and reports a checkpoint each epoch. A killed worker makes
-Ray restart the group (``FailureConfig(max_failures)``) and the loop resumes from the
-last reported checkpoint (``ray.train.get_checkpoint``); ``resume_from`` resumes a new
-run from a checkpoint folder (Ray Train v2 takes it through the loop config).
+``train(...)`` prepares the examples once (``training.data``), puts one shard per worker
+in the object store and runs ``ray.train.tensorflow.TensorflowTrainer`` with N workers
+(``training.worker``: MultiWorkerMirroredStrategy, RING collectives on CPU, NCCL with
+GPUs, a checkpoint each epoch, see ``training.checkpoint``). A killed worker makes Ray
+restart the group (``FailureConfig(max_failures)``) and the loop resumes from the last
+reported checkpoint; ``resume_from`` resumes a new run from a checkpoint folder.
 
-Then the driver evaluates the model against the three baselines on the same split
+Then the driver evaluates the model against the baselines on the same split
 (EVALUATION.md), builds the ANN index, and publishes a version to the registry.
 """
 from __future__ import annotations
@@ -29,247 +27,17 @@ import numpy as np
 import pyarrow as pa
 
 from recsys import evaluation
-from recsys.errors import RecsysError
 from recsys.ann import build_index
-from recsys.features import COUNT_TYPES
-from recsys.model import ModelConfig, NumpyUserTower, Vocab, encode_users, export
+from recsys.errors import TrainingError
+from recsys.model import ModelConfig, NumpyUserTower, export
+from recsys.settings import Settings
+from recsys.training_data import DataError, iter_point_in_time
+from training.checkpoint import validate_checkpoint
+from training.data import Prepared, load_table
+from training.faults import KillWorkerAtEpoch
 from training.model import tf_env
-from recsys.training_data import DataError, events_table, iter_point_in_time, sort_table
+from training.worker import train_loop_per_worker
 
-CHECKPOINT_FILES = ("state.npz", "serving_weights.npz", "meta.json")
-
-
-class TrainingError(RecsysError):
-    """Training could not produce a model; the message says why."""
-
-
-# ---- data --------------------------------------------------------------------------------------
-
-class Prepared:
-    """Everything the workers and the evaluation need, computed once on the driver."""
-
-    def __init__(self, table: pa.Table, item_features, cfg: ModelConfig, recent_items: int):
-        table = sort_table(table)
-        if table.num_rows == 0:
-            raise DataError("no events: the source is empty")
-        self.table = table
-        self.split = evaluation.split_table(table)
-        if self.split.n_users < 2:
-            raise DataError(f"only {self.split.n_users} user: need at least 2 users to train and evaluate")
-        evaluation.check_evaluable(self.split)
-        self.vocab = Vocab.build(self.split.user_ids, self.split.item_ids, item_features)
-        hist_len = min(cfg.history, recent_items)
-        cfg.history = hist_len
-        n = table.num_rows
-        users = np.zeros(n, dtype=np.int32)
-        items = np.zeros(n, dtype=np.int32)
-        hist = np.zeros((n, hist_len), dtype=np.int32)
-        counts = np.zeros((n, len(COUNT_TYPES)), dtype=np.float32)
-        ii = self.vocab.item_index
-        self.test_features = {}
-        test_rows = set(self.split.test_index.tolist())
-        for r, (event, feats) in enumerate(iter_point_in_time(table, recent_items)):
-            enc = encode_users([feats], self.vocab, hist_len)
-            users[r], hist[r], counts[r] = enc["user"][0], enc["hist"][0], enc["counts"][0]
-            items[r] = ii[event.item_id]
-            if r in test_rows:
-                self.test_features[r] = feats
-        train = ~self.split.is_test
-        self.train = {"user": users[train], "hist": hist[train], "counts": counts[train], "item": items[train]}
-        self.test = {"user": users[self.split.test_index], "hist": hist[self.split.test_index],
-                     "counts": counts[self.split.test_index]}
-        freq = np.bincount(items[train], minlength=self.vocab.n_items + 1).astype(np.float64) + 1e-3
-        freq[0] = 1e-3
-        self.log_q = np.log(freq / freq.sum()).astype(np.float32)
-        self.n_train = int(train.sum())
-
-    def shards(self, workers: int, seed: int) -> list[dict]:
-        """Equal-sized shards, one per worker (equal sizes keep the collectives in step)."""
-        perm = np.random.default_rng(seed).permutation(self.n_train)
-        per = self.n_train // workers
-        return [{k: v[perm[w * per:(w + 1) * per]] for k, v in self.train.items()} for w in range(workers)]
-
-
-def load_table(source: str | pa.Table, settings=None, user_col="user_id", item_col="item_id", ts_col="timestamp"):
-    """(events table, item features or None, source name) from a table, ``archive`` or a source spec."""
-    if isinstance(source, pa.Table):
-        return sort_table(source), None, "table"
-    if source == "archive":
-        from recsys.archive import read_events
-        from recsys.settings import get_settings
-        return sort_table(read_events(settings or get_settings())), None, "archive"
-    from recsys.sources import open_source
-    src = open_source(source, user_col, item_col, ts_col)
-    return events_table(src.events_iter()), src.item_features(), source
-
-
-# ---- checkpoints ------------------------------------------------------------------------------
-
-def validate_checkpoint(folder: Path) -> dict:
-    """The checkpoint's meta, or TrainingError saying what is wrong with it."""
-    folder = Path(folder)
-    try:
-        for f in CHECKPOINT_FILES:
-            if not (folder / f).is_file():
-                raise TrainingError(f"checkpoint {folder}: {f} missing")
-        meta = json.loads((folder / "meta.json").read_text())
-        with np.load(folder / "state.npz") as z:
-            n = len(z.files)
-            for k in z.files:
-                z[k]  # reads and CRC-checks every array
-        with np.load(folder / "serving_weights.npz") as z:
-            for k in z.files:
-                z[k]
-        if n != meta["n_model"] + meta["n_opt"]:
-            raise TrainingError(f"checkpoint {folder}: state.npz holds {n} arrays, meta says "
-                                f"{meta['n_model'] + meta['n_opt']}")
-        return meta
-    except TrainingError:
-        raise
-    except Exception as exc:  # zip, json, key errors: all mean a damaged checkpoint
-        raise TrainingError(f"checkpoint {folder} is corrupted: {type(exc).__name__}: {exc}") from None
-
-
-def _opt_vars(opt):
-    v = opt.variables
-    return list(v() if callable(v) else v)
-
-
-def _save_checkpoint(folder: Path, model, opt, epoch: int, history: list, start_epoch: int) -> None:
-    from training.model import model_weights
-    mw = model.get_weights()
-    ov = [v.numpy() for v in _opt_vars(opt)]
-    np.savez(folder / "state.npz", **{f"m{i}": w for i, w in enumerate(mw)}, **{f"o{i}": w for i, w in enumerate(ov)})
-    np.savez(folder / "serving_weights.npz", **model_weights(model))
-    (folder / "meta.json").write_text(json.dumps({"epoch": epoch, "n_model": len(mw), "n_opt": len(ov),
-                                                  "history": history, "start_epoch": start_epoch}))
-
-
-def _restore_checkpoint(folder: Path, model, opt) -> dict:
-    meta = validate_checkpoint(folder)
-    with np.load(Path(folder) / "state.npz") as z:
-        mw = [z[f"m{i}"] for i in range(meta["n_model"])]
-        ov = [z[f"o{i}"] for i in range(meta["n_opt"])]
-    model.set_weights(mw)
-    ovars = _opt_vars(opt)
-    if len(ovars) != len(ov):
-        raise TrainingError(f"checkpoint {folder}: optimizer state has {len(ov)} variables, model needs {len(ovars)}")
-    for var, val in zip(ovars, ov):
-        var.assign(val)
-    return meta
-
-
-# ---- the worker loop --------------------------------------------------------------------------
-
-def train_loop_per_worker(config: dict) -> None:
-    os.environ.update(tf_env())
-    import ray
-    import ray.train
-    import tensorflow as tf
-    import tf_keras
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    threads = int(config.get("threads", 1))
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
-    impl = (tf.distribute.experimental.CommunicationImplementation.NCCL if config["use_gpu"]
-            else tf.distribute.experimental.CommunicationImplementation.RING)
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(
-        communication_options=tf.distribute.experimental.CommunicationOptions(
-            bytes_per_pack=32 * 1024 * 1024, implementation=impl))
-    if config["use_gpu"] and config["mixed_precision"]:
-        tf_keras.mixed_precision.set_global_policy("mixed_float16")
-
-    from training.model import build_model, sampled_softmax_loss
-    cfg = ModelConfig.from_dict(config["model"])
-    shard = ray.get(config["shards"][rank])  # this worker's shard only
-    log_q = tf.constant(config["log_q"])
-    n_items = int(config["n_items"])
-    bsz = cfg.batch_size
-    steps = len(shard["item"]) // bsz
-    if steps == 0:
-        raise TrainingError(f"worker {rank}: {len(shard['item'])} examples, fewer than one batch of {bsz}")
-
-    with strategy.scope():
-        model = build_model(cfg, int(config["n_users"]), n_items, np.asarray(config["item_genres"]))
-        opt = tf_keras.optimizers.Adam(learning_rate=cfg.learning_rate)
-        if config["use_gpu"] and config["mixed_precision"]:
-            opt = tf_keras.mixed_precision.LossScaleOptimizer(opt)
-        opt.build(model.trainable_variables)
-
-    start_epoch, history = 0, []
-    ckpt = ray.train.get_checkpoint()
-    source_ckpt = "ray"
-    if ckpt is None and config.get("resume_from"):
-        ckpt, source_ckpt = ray.train.Checkpoint.from_directory(config["resume_from"]), "resume_from"
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            meta = _restore_checkpoint(Path(d), model, opt)
-        start_epoch, history = meta["epoch"] + 1, meta.get("history", [])
-        if rank == 0:
-            print(f"[train] resumed from the checkpoint of epoch {meta['epoch'] + 1} ({source_ckpt})", flush=True)
-
-    def dataset_fn(input_context):
-        ds = tf.data.Dataset.from_tensor_slices(shard)
-        ds = ds.shuffle(len(shard["item"]), seed=cfg.seed + rank, reshuffle_each_iteration=True).repeat()
-        return ds.batch(bsz, drop_remainder=True).prefetch(4)
-
-    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
-
-    table_floats = (int(config["n_items"]) + 1) * cfg.dim * 2 + (int(config["n_users"]) + 1) * cfg.user_dim
-    dense_grads = table_floats <= int(config.get("dense_grad_limit", 8_000_000))
-
-    def step_fn(batch):
-        with tf.GradientTape() as tape:
-            loss = sampled_softmax_loss(model, batch, log_q, n_items, cfg, training=True)
-            scaled = loss / strategy.num_replicas_in_sync
-            if isinstance(opt, tf_keras.mixed_precision.LossScaleOptimizer):
-                scaled = opt.get_scaled_loss(scaled)
-        grads = tape.gradient(scaled, model.trainable_variables)
-        if isinstance(opt, tf_keras.mixed_precision.LossScaleOptimizer):
-            grads = opt.get_unscaled_gradients(grads)
-        if dense_grads:  # one packed all-reduce beats all-gathering B*L embedding rows per step
-            grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
-        opt.apply_gradients(zip(grads, model.trainable_variables))
-        return loss / strategy.num_replicas_in_sync
-
-    @tf.function
-    def run_epoch(it):
-        total = tf.constant(0.0)
-        for _ in tf.range(steps):
-            total += strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(step_fn, args=(next(it),)), axis=None)
-        return total / steps
-
-    fail = config.get("fail")
-    for epoch in range(start_epoch, cfg.epochs):
-        if fail and epoch + 1 == fail["epoch"] and rank == fail.get("rank", world - 1) \
-                and not os.path.exists(fail["marker"]):
-            # The other workers are already blocked in epoch's first all-reduce; wait past the
-            # controller's poll (2 s) so the last epoch's checkpoint is registered, then die hard.
-            time.sleep(float(fail.get("delay_s", 5.0)))
-            Path(fail["marker"]).write_text(f"worker {rank} killed in epoch {epoch + 1}\n")
-            print(f"[train] fault injection: worker {rank} exits in epoch {epoch + 1}", flush=True)
-            os._exit(1)
-        t0 = time.perf_counter()
-        loss = float(run_epoch(iterator))
-        secs = time.perf_counter() - t0
-        rate = steps * bsz * world / secs
-        history.append({"epoch": epoch + 1, "loss": round(loss, 4), "examples_per_s": round(rate, 1),
-                        "seconds": round(secs, 2)})
-        metrics = {"epoch": epoch + 1, "loss": loss, "examples_per_s": rate, "start_epoch": start_epoch,
-                   "history": json.dumps(history)}
-        if rank == 0:
-            print(f"[train] epoch {epoch + 1}/{cfg.epochs} loss {loss:.4f} examples/s {rate:,.0f} "
-                  f"({secs:.1f}s, {world} worker{'s' * (world > 1)})", flush=True)
-            with tempfile.TemporaryDirectory() as d:
-                _save_checkpoint(Path(d), model, opt, epoch, history, start_epoch)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics)
-
-
-# ---- the driver -------------------------------------------------------------------------------
 
 def ensure_ray(workers: int, use_gpu: bool, worker_niceness: int = 0) -> bool:
     """Start a private local Ray sized for this box, or join ``RAY_ADDRESS`` when it is set;
@@ -322,7 +90,8 @@ def run_ray_training(prep: Prepared, cfg: ModelConfig, workers: int = 2, use_gpu
         config = {"model": asdict(cfg), "shards": shards, "log_q": prep.log_q, "n_items": prep.vocab.n_items,
                   "n_users": prep.vocab.n_users, "item_genres": prep.vocab.item_genres, "use_gpu": use_gpu,
                   "mixed_precision": mixed_precision, "threads": max(1, int(per_worker_cpu)),
-                  "resume_from": str(resume_from) if resume_from else None, "fail": fail}
+                  "resume_from": str(resume_from) if resume_from else None,
+                  "epoch_hooks": [KillWorkerAtEpoch(**fail)] if fail else []}
         trainer = TensorflowTrainer(
             train_loop_per_worker, train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
@@ -365,8 +134,8 @@ def _load_serving_weights(folder: Path) -> dict:
         return {k: z[k] for k in z.files}
 
 
-def train(source: str | pa.Table = "synthetic", workers: int = 2, epochs: Optional[int] = None,
-          use_gpu: bool = False, mixed_precision: bool = False, settings=None, model_config: Optional[dict] = None,
+def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epochs: Optional[int] = None,
+          use_gpu: bool = False, mixed_precision: bool = False, model_config: Optional[dict] = None,
           max_failures: int = 2, resume_from: Optional[Path] = None, fail: Optional[dict] = None,
           publish: bool = True, promote: bool = True, baselines: Optional[dict] = None,
           ease_lambda="test", user_col="user_id", item_col="item_id", ts_col="timestamp",
@@ -376,8 +145,6 @@ def train(source: str | pa.Table = "synthetic", workers: int = 2, epochs: Option
     ``source``: a pyarrow event table, ``"archive"`` (the Parquet event log) or a source spec.
     """
     from recsys.registry import Registry
-    from recsys.settings import get_settings
-    settings = settings or get_settings()
     cfg = ModelConfig.from_dict({**default_config(), **(model_config or {})})
     if epochs is not None:
         cfg.epochs = int(epochs)
@@ -440,12 +207,10 @@ def default_config() -> dict:
     return asdict(ModelConfig())
 
 
-def evaluate_version(version_dir: Path, source: str | pa.Table, settings=None, ease_lambda="test",
+def evaluate_version(version_dir: Path, source: str | pa.Table, settings: Settings, ease_lambda="test",
                      user_col="user_id", item_col="item_id", ts_col="timestamp") -> dict:
     """Metrics of a published model on a source's split, beside the baselines."""
     from recsys.model import load_model
-    from recsys.settings import get_settings
-    settings = settings or get_settings()
     model = load_model(version_dir)
     table, item_features, name = load_table(source, settings, user_col, item_col, ts_col)
     if table.num_rows == 0:

@@ -26,7 +26,7 @@ from redis.retry import Retry
 
 from recsys.errors import RecsysError
 from recsys.kafka_io import bootstrap_hostport, kafka_answers
-from recsys.settings import Settings, get_settings
+from recsys.settings import Settings
 
 DEPLOY = Path(__file__).resolve().parent
 # Text that /proc/<pid>/cmdline must contain for a recorded pid to still be ours.
@@ -167,8 +167,8 @@ def _redis_server() -> str:
     return shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
-def start_redis(settings: Settings | None = None, progress: Callable[[str], None] = print) -> None:
-    s = settings or get_settings()
+def start_redis(settings: Settings, progress: Callable[[str], None] = print) -> None:
+    s = settings
     if redis_answers(s):
         return
     proc = None
@@ -182,8 +182,8 @@ def start_redis(settings: Settings | None = None, progress: Callable[[str], None
     _wait(s, "redis", redis_answers, REDIS_TIMEOUT_S, proc)
 
 
-def stop_redis(settings: Settings | None = None) -> str:
-    return _stop(settings or get_settings(), "redis")
+def stop_redis(settings: Settings) -> str:
+    return _stop(settings, "redis")
 
 
 # ---- kafka -----------------------------------------------------------------
@@ -272,8 +272,8 @@ def ensure_topics(s: Settings, timeout_s: float = 30) -> None:
         admin.wait_for_topics(list(wanted), timeout_ms=int(timeout_s * 1000))
 
 
-def start_kafka(settings: Settings | None = None, progress: Callable[[str], None] = print) -> None:
-    s = settings or get_settings()
+def start_kafka(settings: Settings, progress: Callable[[str], None] = print) -> None:
+    s = settings
     proc = None
     if not kafka_answers(s) and _pid(s, "kafka") is None:
         _java()  # fail before downloading jars it could not run
@@ -286,8 +286,8 @@ def start_kafka(settings: Settings | None = None, progress: Callable[[str], None
     ensure_topics(s)
 
 
-def stop_kafka(settings: Settings | None = None) -> str:
-    return _stop(settings or get_settings(), "kafka")
+def stop_kafka(settings: Settings) -> str:
+    return _stop(settings, "kafka")
 
 
 # ---- ray -------------------------------------------------------------------
@@ -311,9 +311,9 @@ def _ray_exe() -> str:
     return str(Path(os.sys.executable).with_name("ray"))
 
 
-def ray_address(settings: Settings | None = None) -> str | None:
+def ray_address(settings: Settings) -> str | None:
     """The project's local Ray cluster (GCS on a fixed loopback port), or None when none runs."""
-    s = settings or get_settings()
+    s = settings
     try:
         with socket.create_connection(("127.0.0.1", s.ray_port), timeout=1):
             return f"127.0.0.1:{s.ray_port}"
@@ -321,10 +321,10 @@ def ray_address(settings: Settings | None = None) -> str | None:
         return None
 
 
-def start_ray(settings: Settings | None = None, progress: Callable[[str], None] = print) -> str:
+def start_ray(settings: Settings, progress: Callable[[str], None] = print) -> str:
     """A local Ray head (detached by ``ray start``), sized in logical CPUs so that
     fractional Serve replicas and Train workers share a 2-core machine."""
-    s = settings or get_settings()
+    s = settings
     address = ray_address(s)
     if address:
         return address
@@ -337,7 +337,7 @@ def start_ray(settings: Settings | None = None, progress: Callable[[str], None] 
     return ray_address(s) or f"127.0.0.1:{s.ray_port}"
 
 
-def stop_ray(settings: Settings | None = None) -> str:
+def stop_ray(settings: Settings) -> str:
     """``ray stop``: ends the local cluster (every Ray process of this machine's user)."""
     if not ray_address(settings):
         return "not running"
@@ -347,23 +347,23 @@ def stop_ray(settings: Settings | None = None) -> str:
 
 # ---- whole stack -----------------------------------------------------------
 
-def up(settings: Settings | None = None, progress: Callable[[str], None] = print) -> dict:
+def up(settings: Settings, progress: Callable[[str], None] = print) -> dict:
     """Start whatever is not running, wait until both answer, create the topics. Idempotent."""
-    s = settings or get_settings()
+    s = settings
     start_redis(s, progress)
     start_kafka(s, progress)
     return status(s)
 
 
-def down(settings: Settings | None = None) -> dict:
+def down(settings: Settings) -> dict:
     """Stop what ``up`` started; a service started some other way is left alone."""
-    s = settings or get_settings()
+    s = settings
     return {"ray": stop_ray(s), "kafka": stop_kafka(s), "redis": stop_redis(s)}
 
 
-def status(settings: Settings | None = None) -> dict:
+def status(settings: Settings) -> dict:
     """Per service: state "running" only if it answers, our pid (or None), address and log file."""
-    s = settings or get_settings()
+    s = settings
     return {
         "kafka": {"state": "running" if kafka_answers(s) else "stopped", "pid": _pid(s, "kafka"),
                   "bootstrap": s.kafka_bootstrap, "version": s.kafka_version, "log": str(_log(s, "kafka"))},

@@ -1,0 +1,69 @@
+"""The training data, prepared once on the driver: point-in-time examples, the split, shards."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from recsys import evaluation
+from recsys.features import COUNT_TYPES
+from recsys.model import ModelConfig, Vocab, encode_users
+from recsys.settings import Settings
+from recsys.training_data import DataError, events_table, iter_point_in_time, sort_table
+
+
+class Prepared:
+    """Everything the workers and the evaluation need, computed once on the driver."""
+
+    def __init__(self, table: pa.Table, item_features, cfg: ModelConfig, recent_items: int):
+        table = sort_table(table)
+        if table.num_rows == 0:
+            raise DataError("no events: the source is empty")
+        self.table = table
+        self.split = evaluation.split_table(table)
+        if self.split.n_users < 2:
+            raise DataError(f"only {self.split.n_users} user: need at least 2 users to train and evaluate")
+        evaluation.check_evaluable(self.split)
+        self.vocab = Vocab.build(self.split.user_ids, self.split.item_ids, item_features)
+        hist_len = min(cfg.history, recent_items)
+        cfg.history = hist_len
+        n = table.num_rows
+        users = np.zeros(n, dtype=np.int32)
+        items = np.zeros(n, dtype=np.int32)
+        hist = np.zeros((n, hist_len), dtype=np.int32)
+        counts = np.zeros((n, len(COUNT_TYPES)), dtype=np.float32)
+        ii = self.vocab.item_index
+        self.test_features = {}
+        test_rows = set(self.split.test_index.tolist())
+        for r, (event, feats) in enumerate(iter_point_in_time(table, recent_items)):
+            enc = encode_users([feats], self.vocab, hist_len)
+            users[r], hist[r], counts[r] = enc["user"][0], enc["hist"][0], enc["counts"][0]
+            items[r] = ii[event.item_id]
+            if r in test_rows:
+                self.test_features[r] = feats
+        train = ~self.split.is_test
+        self.train = {"user": users[train], "hist": hist[train], "counts": counts[train], "item": items[train]}
+        self.test = {"user": users[self.split.test_index], "hist": hist[self.split.test_index],
+                     "counts": counts[self.split.test_index]}
+        freq = np.bincount(items[train], minlength=self.vocab.n_items + 1).astype(np.float64) + 1e-3
+        freq[0] = 1e-3
+        self.log_q = np.log(freq / freq.sum()).astype(np.float32)
+        self.n_train = int(train.sum())
+
+    def shards(self, workers: int, seed: int) -> list[dict]:
+        """Equal-sized shards, one per worker (equal sizes keep the collectives in step)."""
+        perm = np.random.default_rng(seed).permutation(self.n_train)
+        per = self.n_train // workers
+        return [{k: v[perm[w * per:(w + 1) * per]] for k, v in self.train.items()} for w in range(workers)]
+
+
+def load_table(source: str | pa.Table, settings: Settings, user_col="user_id", item_col="item_id",
+               ts_col="timestamp"):
+    """(events table, item features or None, source name) from a table, ``archive`` or a source spec."""
+    if isinstance(source, pa.Table):
+        return sort_table(source), None, "table"
+    if source == "archive":
+        from recsys.archive import read_events
+        return sort_table(read_events(settings)), None, "archive"
+    from recsys.sources import open_source
+    src = open_source(source, user_col, item_col, ts_col)
+    return events_table(src.events_iter()), src.item_features(), source

@@ -1,0 +1,118 @@
+"""One Ray Train worker: MultiWorkerMirroredStrategy over its own shard, a custom step
+(in-batch softmax needs one), progress and a checkpoint each epoch, resumed from the last
+checkpoint after a restart."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from recsys.errors import TrainingError
+from recsys.model import ModelConfig
+from training.checkpoint import restore_checkpoint, save_checkpoint
+from training.model import tf_env
+
+
+def train_loop_per_worker(config: dict) -> None:
+    os.environ.update(tf_env())
+    import ray
+    import ray.train
+    import tensorflow as tf
+    import tf_keras
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = int(config.get("threads", 1))
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    impl = (tf.distribute.experimental.CommunicationImplementation.NCCL if config["use_gpu"]
+            else tf.distribute.experimental.CommunicationImplementation.RING)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=tf.distribute.experimental.CommunicationOptions(
+            bytes_per_pack=32 * 1024 * 1024, implementation=impl))
+    if config["use_gpu"] and config["mixed_precision"]:
+        tf_keras.mixed_precision.set_global_policy("mixed_float16")
+
+    from training.model import build_model, sampled_softmax_loss
+    cfg = ModelConfig.from_dict(config["model"])
+    shard = ray.get(config["shards"][rank])  # this worker's shard only
+    log_q = tf.constant(config["log_q"])
+    n_items = int(config["n_items"])
+    bsz = cfg.batch_size
+    steps = len(shard["item"]) // bsz
+    if steps == 0:
+        raise TrainingError(f"worker {rank}: {len(shard['item'])} examples, fewer than one batch of {bsz}")
+
+    with strategy.scope():
+        model = build_model(cfg, int(config["n_users"]), n_items, np.asarray(config["item_genres"]))
+        opt = tf_keras.optimizers.Adam(learning_rate=cfg.learning_rate)
+        if config["use_gpu"] and config["mixed_precision"]:
+            opt = tf_keras.mixed_precision.LossScaleOptimizer(opt)
+        opt.build(model.trainable_variables)
+
+    start_epoch, history = 0, []
+    ckpt = ray.train.get_checkpoint()
+    source_ckpt = "ray"
+    if ckpt is None and config.get("resume_from"):
+        ckpt, source_ckpt = ray.train.Checkpoint.from_directory(config["resume_from"]), "resume_from"
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            meta = restore_checkpoint(Path(d), model, opt)
+        start_epoch, history = meta["epoch"] + 1, meta.get("history", [])
+        if rank == 0:
+            print(f"[train] resumed from the checkpoint of epoch {meta['epoch'] + 1} ({source_ckpt})", flush=True)
+
+    def dataset_fn(input_context):
+        ds = tf.data.Dataset.from_tensor_slices(shard)
+        ds = ds.shuffle(len(shard["item"]), seed=cfg.seed + rank, reshuffle_each_iteration=True).repeat()
+        return ds.batch(bsz, drop_remainder=True).prefetch(4)
+
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+
+    table_floats = (int(config["n_items"]) + 1) * cfg.dim * 2 + (int(config["n_users"]) + 1) * cfg.user_dim
+    dense_grads = table_floats <= int(config.get("dense_grad_limit", 8_000_000))
+
+    def step_fn(batch):
+        with tf.GradientTape() as tape:
+            loss = sampled_softmax_loss(model, batch, log_q, n_items, cfg, training=True)
+            scaled = loss / strategy.num_replicas_in_sync
+            if isinstance(opt, tf_keras.mixed_precision.LossScaleOptimizer):
+                scaled = opt.get_scaled_loss(scaled)
+        grads = tape.gradient(scaled, model.trainable_variables)
+        if isinstance(opt, tf_keras.mixed_precision.LossScaleOptimizer):
+            grads = opt.get_unscaled_gradients(grads)
+        if dense_grads:  # one packed all-reduce beats all-gathering B*L embedding rows per step
+            grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        return loss / strategy.num_replicas_in_sync
+
+    @tf.function
+    def run_epoch(it):
+        total = tf.constant(0.0)
+        for _ in tf.range(steps):
+            total += strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(step_fn, args=(next(it),)), axis=None)
+        return total / steps
+
+    for epoch in range(start_epoch, cfg.epochs):
+        for hook in config.get("epoch_hooks", ()):  # e.g. training.faults.KillWorkerAtEpoch in tests
+            hook(epoch, rank, world)
+        t0 = time.perf_counter()
+        loss = float(run_epoch(iterator))
+        secs = time.perf_counter() - t0
+        rate = steps * bsz * world / secs
+        history.append({"epoch": epoch + 1, "loss": round(loss, 4), "examples_per_s": round(rate, 1),
+                        "seconds": round(secs, 2)})
+        metrics = {"epoch": epoch + 1, "loss": loss, "examples_per_s": rate, "start_epoch": start_epoch,
+                   "history": json.dumps(history)}
+        if rank == 0:
+            print(f"[train] epoch {epoch + 1}/{cfg.epochs} loss {loss:.4f} examples/s {rate:,.0f} "
+                  f"({secs:.1f}s, {world} worker{'s' * (world > 1)})", flush=True)
+            with tempfile.TemporaryDirectory() as d:
+                save_checkpoint(Path(d), model, opt, epoch, history, start_epoch)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
