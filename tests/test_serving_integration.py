@@ -53,18 +53,34 @@ def recs(client, user, k=10):
 
 
 def test_served_hr_equals_offline_evaluation(served):
-    s, split, client = served["scratch"], served["split"], served["client"]
+    """Through Kafka, Redis and HTTP, the served answers are exactly those of the same model and
+    ANN index in-process on point-in-time features, and their HR@10 is the offline evaluation's
+    up to the index's approximation (offline scores every item exactly; the index's recall@10
+    is about 0.99, so it may miss a few held-out items: 0.005 once, i.e. 5 of 943 users)."""
+    from recsys.model import load_model
+    from recsys.training_data import iter_point_in_time
+    from serving.recommend import recommend
+    s, split, client, table = served["scratch"], served["split"], served["client"], served["table"]
     registry = Registry(s.settings.registry_dir)
-    offline = evaluate_version(registry.path(served["card"]["version"]), served["table"], s.settings)
-    hits = 0
-    for u, i in zip(split.test_users, split.test_items):
+    offline = evaluate_version(registry.path(served["card"]["version"]), table, s.settings)
+    model = load_model(registry.path(served["card"]["version"]))
+    rows = {int(r): n for n, r in enumerate(split.test_index)}
+    feats = [None] * len(rows)
+    for r, (_, f) in enumerate(iter_point_in_time(table, s.settings.recent_items)):
+        if r in rows:
+            feats[rows[r]] = f
+    hits = in_process_hits = 0
+    for n, (u, i) in enumerate(zip(split.test_users, split.test_items)):
         answer = recs(client, split.user_ids[u])
         assert answer["model_version"] == served["card"]["version"] and not answer["fallback"]
         hits += split.item_ids[i] in [x["item_id"] for x in answer["items"]]
+        in_process_hits += split.item_ids[i] in recommend(model, feats[n], 10, trending=[]).items
     served_hr = hits / len(split.test_users)
     offline_hr = offline["metrics"]["two_tower"]["hr@10"]
-    print(f"served HR@10 {served_hr:.4f}, offline {offline_hr:.4f}, item-kNN {offline['metrics']['itemknn']['hr@10']:.4f}")
-    assert abs(served_hr - offline_hr) <= 0.005
+    print(f"served HR@10 {served_hr:.4f}, same model in-process {in_process_hits / len(split.test_users):.4f}, "
+          f"offline (exact scoring) {offline_hr:.4f}, item-kNN {offline['metrics']['itemknn']['hr@10']:.4f}")
+    assert hits == in_process_hits
+    assert abs(served_hr - offline_hr) <= 0.015
 
 
 def test_a_click_is_reflected_in_recent_items_and_leaves_the_recommendations(served):

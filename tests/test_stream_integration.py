@@ -240,23 +240,35 @@ def test_worker_without_partitions_recreates_its_consumer_then_exits_nonzero(scr
 
 
 def test_worker_recreated_after_a_missing_topic_comes_back_consumes_everything(scratch, ml100k):
-    """Joined while the topic is unavailable, recreated after the timeout, then it works: every event applied."""
+    """Joined while the topic is unavailable, recreated after the timeout, then it works: every
+    event applied. The worker runs until SIGTERM (not --until-idle, which could end it between
+    its assignment and the replay on a busy machine)."""
     from deploy.local import stack
     stack.delete_topics(scratch.settings)
     port = _free_port()
-    env = {**scratch.env, "RECSYS_CONSUMER_ASSIGNMENT_TIMEOUT_S": "3", "RECSYS_CONSUMER_RECREATE_ATTEMPTS": "20"}
-    worker = subprocess.Popen([sys.executable, "-m", "cli", "stream", "--until-idle", "3",
-                               "--metrics-port", str(port)], env=env,
+    env = {**scratch.env, "RECSYS_CONSUMER_ASSIGNMENT_TIMEOUT_S": "3", "RECSYS_CONSUMER_RECREATE_ATTEMPTS": "100"}
+    worker = subprocess.Popen([sys.executable, "-m", "cli", "stream", "--metrics-port", str(port)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    group = scratch.settings.stream_group
-    _wait_for_metric(worker, port, group, "recsys_consumer_recreated_total", 1.0)
-    stack.ensure_topics(scratch.settings)
-    events = list(MovieLensSource(ml100k).events_iter())[:2000]
-    replay(events, scratch.settings, progress=False)
-    out, err = worker.communicate(timeout=180)
+    try:
+        group = scratch.settings.stream_group
+        _wait_for_metric(worker, port, group, "recsys_consumer_recreated_total", 1.0)
+        stack.ensure_topics(scratch.settings)
+        events = list(MovieLensSource(ml100k).events_iter())[:2000]
+        replay(events, scratch.settings, progress=False)
+        users = Counter(e.user_id for e in events)
+        store = FeatureStore(scratch.settings)
+        deadline = time.monotonic() + 180
+        while sum(u.counts.get("rating", 0) for u in store.users(sorted(users))) < 2000:
+            assert worker.poll() is None, worker.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "the recreated worker did not apply the events"
+            time.sleep(0.2)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+    out, err = worker.communicate(timeout=60)
     assert worker.returncode == 0, err[-2000:]
     assert "recreating it" in err
     assert json.loads(out.strip().splitlines()[-1])["applied"] == 2000
+    assert {u.user_id: u.counts.get("rating") for u in store.users(sorted(users))} == dict(users)
 
 
 def test_redis_and_memory_stores_hold_the_same_features(scratch):
