@@ -21,11 +21,9 @@ from pathlib import Path
 
 from locust import FastHttpUser, LoadTestShape, between, events, task
 
+from loadtest.report import EVENTS, EVENTS_RETRIED, RECS
 from loadtest.shapes import Profile, get_profile
 from loadtest.shoppers import Population, ShopperConfig
-
-RECS = "/v1/recommendations/[user]"
-EVENTS = "/v1/events"
 
 
 def _profile() -> Profile:
@@ -130,19 +128,33 @@ class Shopper(FastHttpUser):
             self.shown = items
 
     def post_event(self):
+        """Posts like a well-behaved client: a 503 (a broker that did not answer in time) is retried
+        once after its Retry-After (at most 1 s) with the same event, which the event_id makes
+        idempotent. The first attempt is recorded as EVENTS_RETRIED; an error is what remains."""
         event = POPULATION.event(self.user_id, self.shown)
         with self.client.post(EVENTS, json=event, name=EVENTS, catch_response=True) as resp:
-            if resp.status_code != 202:
-                resp.failure(f"status {resp.status_code}")
+            if resp.status_code != 503:
+                self._check_event(resp, event)
                 return
-            try:
-                accepted = resp.json().get("accepted")
-            except ValueError:
-                accepted = None
-            if accepted != 1:
-                resp.failure(f"accepted {accepted!r}, expected 1")
-                return
-            RECORDER.accepted(event["event_id"])
+            resp.request_meta["name"] = EVENTS_RETRIED
+            resp.success()
+            retry_after = (resp.headers or {}).get("Retry-After") or "1"
+        time.sleep(min(1.0, float(retry_after)) if retry_after.replace(".", "", 1).isdigit() else 1.0)
+        with self.client.post(EVENTS, json=event, name=EVENTS, catch_response=True) as resp:
+            self._check_event(resp, event)
+
+    def _check_event(self, resp, event: dict) -> None:
+        if resp.status_code != 202:
+            resp.failure(f"status {resp.status_code}")
+            return
+        try:
+            accepted = resp.json().get("accepted")
+        except ValueError:
+            accepted = None
+        if accepted != 1:
+            resp.failure(f"accepted {accepted!r}, expected 1")
+            return
+        RECORDER.accepted(event["event_id"])
 
 
 class PeakSeason(LoadTestShape):

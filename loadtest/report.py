@@ -15,6 +15,7 @@ import numpy as np
 
 RECS = "/v1/recommendations/[user]"
 EVENTS = "/v1/events"
+EVENTS_RETRIED = "/v1/events [retried after 503]"  # the shopper's first attempt, retried once
 
 
 @dataclass
@@ -155,6 +156,7 @@ def headline(req: Requests, replicas: list[tuple[float, int]], windows: dict[str
     counts = [n for _, n in replicas]
     return {"requests": int(len(req)), "errors": int(np.sum(~req.ok)),
             "events_posted_requests": int(np.sum(req.route == EVENTS)),
+            "events_retried_after_503": int(np.sum(req.route == EVENTS_RETRIED)),
             "peak_rps_5s": round(float(smooth.max()), 1) if len(smooth) else 0.0,
             "peak_phase_rps": round(len(peak) / dur, 1) if dur > 0 else None,
             "peak_p50_ms": _pct(peak.latency_ms, 50), "peak_p99_ms": _pct(peak.latency_ms, 99),

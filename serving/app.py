@@ -52,8 +52,10 @@ MODEL_VERSION = metrics.Gauge("recsys_model_version_info", "1 for the version th
 
 @app.exception_handler(RecsysError)
 async def _recsys_error(_: Request, exc: RecsysError):
-    """The error family's one mapping to HTTP: its status, and its message as the detail."""
-    return JSONResponse(status_code=exc.http_status, content={"detail": str(exc)})
+    """The error family's one mapping to HTTP: its status, and its message as the detail.
+    A 503 says when to try again; a retried event is deduplicated by its event_id."""
+    headers = {"Retry-After": "1"} if exc.http_status == 503 else None
+    return JSONResponse(status_code=exc.http_status, content={"detail": str(exc)}, headers=headers)
 
 
 @serve.deployment
