@@ -167,8 +167,7 @@ def _redis_server() -> str:
     return shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
-def start_redis(settings: Settings, progress: Callable[[str], None] = print) -> None:
-    s = settings
+def start_redis(s: Settings, progress: Callable[[str], None] = print) -> None:
     if redis_answers(s):
         return
     proc = None
@@ -272,8 +271,7 @@ def ensure_topics(s: Settings, timeout_s: float = 30) -> None:
         admin.wait_for_topics(list(wanted), timeout_ms=int(timeout_s * 1000))
 
 
-def start_kafka(settings: Settings, progress: Callable[[str], None] = print) -> None:
-    s = settings
+def start_kafka(s: Settings, progress: Callable[[str], None] = print) -> None:
     proc = None
     if not kafka_answers(s) and _pid(s, "kafka") is None:
         _java()  # fail before downloading jars it could not run
@@ -311,9 +309,8 @@ def _ray_exe() -> str:
     return str(Path(os.sys.executable).with_name("ray"))
 
 
-def ray_address(settings: Settings) -> str | None:
+def ray_address(s: Settings) -> str | None:
     """The project's local Ray cluster (GCS on a fixed loopback port), or None when none runs."""
-    s = settings
     try:
         with socket.create_connection(("127.0.0.1", s.ray_port), timeout=1):
             return f"127.0.0.1:{s.ray_port}"
@@ -321,10 +318,9 @@ def ray_address(settings: Settings) -> str | None:
         return None
 
 
-def start_ray(settings: Settings, progress: Callable[[str], None] = print) -> str:
+def start_ray(s: Settings, progress: Callable[[str], None] = print) -> str:
     """A local Ray head (detached by ``ray start``), sized in logical CPUs so that
     fractional Serve replicas and Train workers share a 2-core machine."""
-    s = settings
     address = ray_address(s)
     if address:
         return address
@@ -347,23 +343,20 @@ def stop_ray(settings: Settings) -> str:
 
 # ---- whole stack -----------------------------------------------------------
 
-def up(settings: Settings, progress: Callable[[str], None] = print) -> dict:
+def up(s: Settings, progress: Callable[[str], None] = print) -> dict:
     """Start whatever is not running, wait until both answer, create the topics. Idempotent."""
-    s = settings
     start_redis(s, progress)
     start_kafka(s, progress)
     return status(s)
 
 
-def down(settings: Settings) -> dict:
+def down(s: Settings) -> dict:
     """Stop what ``up`` started; a service started some other way is left alone."""
-    s = settings
     return {"ray": stop_ray(s), "kafka": stop_kafka(s), "redis": stop_redis(s)}
 
 
-def status(settings: Settings) -> dict:
+def status(s: Settings) -> dict:
     """Per service: state "running" only if it answers, our pid (or None), address and log file."""
-    s = settings
     return {
         "kafka": {"state": "running" if kafka_answers(s) else "stopped", "pid": _pid(s, "kafka"),
                   "bootstrap": s.kafka_bootstrap, "version": s.kafka_version, "log": str(_log(s, "kafka"))},
