@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     ray_metrics_port: int = 28080
     serve_host: str = "127.0.0.1"
     serve_port: int = 28000
+    # The API's Redis client: a read that takes longer than the timeout is tried again this many
+    # times, then the request gets a 503. A busy machine stalls Redis replies past 0.5 s now and
+    # then; a refused connection (Redis down) still fails within milliseconds per try.
+    serving_redis_timeout_s: float = 1.0
+    serving_redis_retries: int = 1
     # Serve kills a proxy whose ready or health check takes longer than this (Ray's defaults:
     # 5 s and 10 s), which a busy 2-core machine exceeds; the deploy then fails with ActorDiedError.
     serve_proxy_ready_check_timeout_s: float = 30.0

@@ -63,8 +63,9 @@ async def _recsys_error(_: Request, exc: RecsysError):
 class RecsysApi:
     def __init__(self, settings: Optional[dict] = None, model_poll_s: float = 1.0):
         self.settings = Settings(**(settings or {}))
-        # Fail fast (bounded time) when Redis is gone, instead of hanging a request.
-        self.store = FeatureStore(self.settings, connect(self.settings, timeout_s=0.5, retries=0))
+        # Fail within a bounded time when Redis is gone, instead of hanging a request.
+        s = self.settings
+        self.store = FeatureStore(s, connect(s, timeout_s=s.serving_redis_timeout_s, retries=s.serving_redis_retries))
         self._producer = None
         self._producer_lock = threading.Lock()
         self.model, self.version = None, None

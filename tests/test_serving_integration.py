@@ -217,7 +217,7 @@ def test_redis_down_gives_503_quickly_then_recovers(served):
         resp = client.get("/v1/recommendations/1")
         assert resp.status_code == 503 and "Redis" in resp.json()["detail"]
         assert resp.headers["retry-after"] == "1"  # when to try again
-        # Fails fast instead of hanging (0.5 s socket timeout, no retries): a hang would hit the
+        # Fails fast instead of hanging (1 s socket timeout, one retry): a hang would hit the
         # client's 10 s timeout. The bound is generous so a busy machine does not trip it.
         assert time.monotonic() - started < 8.0
         assert client.get("/readyz").status_code == 503
