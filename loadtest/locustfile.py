@@ -22,6 +22,8 @@ from pathlib import Path
 from locust import FastHttpUser, LoadTestShape, between, events, task
 
 from loadtest.report import EVENTS, EVENTS_RETRIED, RECS
+
+EVENT_RETRIES = 3  # a 503'd event is posted again up to this many times, as a client with backoff would
 from loadtest.shapes import Profile, get_profile
 from loadtest.shoppers import Population, ShopperConfig
 
@@ -128,20 +130,20 @@ class Shopper(FastHttpUser):
             self.shown = items
 
     def post_event(self):
-        """Posts like a well-behaved client: a 503 (a broker that did not answer in time) is retried
-        once after its Retry-After (at most 1 s) with the same event, which the event_id makes
-        idempotent. The first attempt is recorded as EVENTS_RETRIED; an error is what remains."""
+        """Posts like a well-behaved client: a 503 (a broker or Redis that did not answer in time)
+        is retried after its Retry-After (at most 1 s), up to EVENT_RETRIES times, with the same
+        event, which the event_id makes idempotent. Each 503'd attempt is recorded as
+        EVENTS_RETRIED; an error is what remains after the last try."""
         event = POPULATION.event(self.user_id, self.shown)
-        with self.client.post(EVENTS, json=event, name=EVENTS, catch_response=True) as resp:
-            if resp.status_code != 503:
-                self._check_event(resp, event)
-                return
-            resp.request_meta["name"] = EVENTS_RETRIED
-            resp.success()
-            retry_after = (resp.headers or {}).get("Retry-After") or "1"
-        time.sleep(min(1.0, float(retry_after)) if retry_after.replace(".", "", 1).isdigit() else 1.0)
-        with self.client.post(EVENTS, json=event, name=EVENTS, catch_response=True) as resp:
-            self._check_event(resp, event)
+        for attempt in range(EVENT_RETRIES + 1):
+            with self.client.post(EVENTS, json=event, name=EVENTS, catch_response=True) as resp:
+                if resp.status_code != 503 or attempt == EVENT_RETRIES:
+                    self._check_event(resp, event)
+                    return
+                resp.request_meta["name"] = EVENTS_RETRIED
+                resp.success()
+                retry_after = (resp.headers or {}).get("Retry-After") or "1"
+            time.sleep(min(1.0, float(retry_after)) if retry_after.replace(".", "", 1).isdigit() else 1.0)
 
     def _check_event(self, resp, event: dict) -> None:
         if resp.status_code != 202:

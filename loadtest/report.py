@@ -15,7 +15,7 @@ import numpy as np
 
 RECS = "/v1/recommendations/[user]"
 EVENTS = "/v1/events"
-EVENTS_RETRIED = "/v1/events [retried after 503]"  # the shopper's first attempt, retried once
+EVENTS_RETRIED = "/v1/events [retried after 503]"  # a 503'd attempt, which the shopper then retried
 
 
 @dataclass
