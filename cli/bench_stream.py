@@ -26,20 +26,20 @@ from recsys.stream import StreamWorker
 def scratch_settings(settings: Settings, tag: str) -> Settings:
     """Fresh topics, consumer groups and Redis prefix, so a run never touches real data."""
     run = f"{tag}-{uuid.uuid4().hex[:8]}"
-    return settings.model_copy(update={
-        "events_topic": f"{run}-events", "dlq_topic": f"{run}-events.dlq", "redis_prefix": run,
-        "stream_group": f"{run}-features", "archive_group": f"{run}-archive"})
+    return settings.updated(
+        kafka={"events_topic": f"{run}-events", "dlq_topic": f"{run}-events.dlq",
+               "stream_group": f"{run}-features", "archive_group": f"{run}-archive"},
+        redis={"prefix": run})
 
 
 def settings_env(settings: Settings) -> dict:
     """The environment that gives a child ``recsys`` process these settings."""
     env = dict(os.environ)
-    for name, value in settings.model_dump().items():
-        key = f"RECSYS_{name.upper()}"
+    for key, value in settings.environment().items():
         if value is None:
             env.pop(key, None)
         else:
-            env[key] = str(value)
+            env[key] = value
     return env
 
 
@@ -48,8 +48,8 @@ def _rate(n: int, seconds: float) -> float:
 
 
 def _raw_kafka_rate(settings: Settings, n: int) -> float:
-    cons = KafkaConsumer(settings.events_topic, bootstrap_servers=settings.kafka_bootstrap, group_id=None,
-                         auto_offset_reset="earliest", max_poll_records=settings.stream_batch)
+    cons = KafkaConsumer(settings.kafka.events_topic, bootstrap_servers=settings.kafka.bootstrap, group_id=None,
+                         auto_offset_reset="earliest", max_poll_records=settings.kafka.poll_batch)
     seen, started = 0, time.monotonic()
     while seen < n:
         seen += sum(len(b) for b in cons.poll(timeout_ms=500).values())
@@ -60,7 +60,7 @@ def _raw_kafka_rate(settings: Settings, n: int) -> float:
 
 def _raw_redis_rate(settings: Settings, events) -> float:
     store = FeatureStore(settings)
-    batch = settings.stream_batch
+    batch = settings.kafka.poll_batch
     started = time.monotonic()
     for i in range(0, len(events), batch):
         store.apply_events(events[i:i + batch])
@@ -111,7 +111,7 @@ def bench_stream(settings: Settings, events: int = 50_000, steady_rate: float = 
                  steady_seconds: float = 10.0) -> dict:
     stack.up(settings, progress=lambda *_: None)
     run, steady = scratch_settings(settings, "bench"), scratch_settings(settings, "bench-steady")
-    raw = run.model_copy(update={"redis_prefix": run.redis_prefix + "-raw"})
+    raw = run.updated(redis={"prefix": run.redis.prefix + "-raw"})
     for s in (run, steady):
         stack.ensure_topics(s)
     try:

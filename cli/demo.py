@@ -7,9 +7,10 @@ answer change.
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
+
+from pathlib import Path
 
 import httpx
 
@@ -36,13 +37,19 @@ def run_demo(settings: Settings, events: int = 20_000, epochs: int = 5) -> int:
     from training.job import train
 
     _step(1, "local stack: Kafka broker, Redis server")
-    print(json.dumps(stack.up(settings)))
+    up = stack.up(settings)
+    print(f"Kafka {settings.kafka.version} on {settings.kafka.bootstrap}, Redis on {settings.redis.url} "
+          f"(logs: {Path(up['kafka']['log']).parent})")
     source = SyntheticSource(events=events)
-    _step(2, f"replay {events} synthetic events into Kafka topic {settings.events_topic}")
-    print(json.dumps(replay(source.events_iter(), settings, total=events)))
+    _step(2, f"replay {events:,} synthetic events into Kafka topic {settings.kafka.events_topic}")
+    sent = replay(source.events_iter(), settings, total=events)
+    print(f"{sent['produced']:,} events in {sent['seconds']:.1f} s ({sent['events_per_s']:,.0f} events/s)")
     _step(3, "stream them into the Redis online features; archive them for training")
-    print("stream:", json.dumps(run_stream(settings, until_idle=3.0)))
-    print("archive:", json.dumps(run_archiver(settings, until_idle=3.0)))
+    streamed = run_stream(settings, until_idle=3.0)
+    archived = run_archiver(settings, until_idle=3.0)
+    print(f"stream worker: {streamed['applied']:,} events applied to Redis ({streamed['duplicates']:,} skipped "
+          f"as already applied, {streamed['dlq']} to the dead-letter topic)")
+    print(f"archiver: {archived['archived']:,} events in the Parquet log for training")
     store = FeatureStore(settings)
     print("trending now:", ", ".join(item for item, _ in store.trending(10)))
 
@@ -53,7 +60,10 @@ def run_demo(settings: Settings, events: int = 20_000, epochs: int = 5) -> int:
           f"{m['popularity']['hr@10']:.3f} | item-kNN {m['itemknn']['hr@10']:.3f} | EASE {m['ease']['hr@10']:.3f}")
 
     _step(5, "serve it with Ray Serve")
-    print(json.dumps(serve_up(settings)))
+    served = serve_up(settings)
+    replicas = sum(served["replicas"].values())
+    print(f"{served['url']} answers with model {served['readyz']['model']} "
+          f"({replicas} replica{'s' * (replicas != 1)}; autoscaled by load)")
     worker = StreamWorker(settings)  # keeps Redis fresh for the events posted below
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
@@ -76,7 +86,7 @@ def run_demo(settings: Settings, events: int = 20_000, epochs: int = 5) -> int:
         now = int(time.time() * 1000)
         batch = [{"event_id": f"demo-{now}-{n}", "user_id": user, "item_id": item, "type": "click", "ts": now + n}
                  for n, item in enumerate(clicked)]
-        print(client.post("/v1/events", json=batch).json())
+        print(f"accepted {client.post('/v1/events', json=batch).json()['accepted']} events")
         deadline = time.monotonic() + 5
         while True:
             after = client.get(f"/v1/recommendations/{user}", params={"k": 5}).json()
@@ -90,7 +100,8 @@ def run_demo(settings: Settings, events: int = 20_000, epochs: int = 5) -> int:
     thread.join(timeout=10)
 
     _step(8, "summary")
-    print(json.dumps({"events": events, "model": card["version"], "hr@10": m["two_tower"]["hr@10"],
-                      "most_popular_hr@10": m["popularity"]["hr@10"], "answer_changed_after_clicks": changed,
-                      "api": base_url(settings), "stop_everything": "recsys serve down && recsys stack down"}))
+    print(f"{events:,} events streamed into Redis and archived; model {card['version']} trained on 2 Ray Train "
+          f"workers, HR@10 {m['two_tower']['hr@10']:.3f} (most-popular {m['popularity']['hr@10']:.3f}); "
+          f"served at {base_url(settings)}; the answer {'changed' if changed else 'did NOT change'} "
+          f"after the clicks.\nStop everything: recsys serve down && recsys stack down")
     return 0 if changed else 1

@@ -4,12 +4,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 from recsys.settings import get_settings
 from loadtest.cli import register as register_loadtest
 from training.cli import add_bench_train_options
 from training.cli import register as register_training
+
+
+def quiet_native_stderr(log_file: Path) -> None:
+    """Quiet by default: what native code writes to file descriptor 2 (TensorFlow's absl lines,
+    gRPC's, Ray's core) is appended to ``log_file``, and so is the stderr of child processes;
+    Python's ``sys.stderr`` (messages, logging, tracebacks, progress bars) keeps the terminal."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    terminal = os.dup(2)
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stderr = os.fdopen(terminal, "w", buffering=1)
 
 
 def _print(obj, as_json: bool) -> None:
@@ -139,7 +153,9 @@ def _source_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description="Real-time recommendation reference application.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (default: warnings only)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log at INFO level, with TensorFlow's, Ray's and kafka-python's lines "
+                             "(default: warnings only; native stderr to .recsys/logs/native-stderr.log)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("stack", help="start, stop or inspect the local Kafka + Redis stack")
@@ -198,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON line")
     p.set_defaults(func=cmd_retrain_now)
 
-    p = sub.add_parser("scheduler", help="retrain on the schedule (RECSYS_RETRAIN_*) and on new events")
+    p = sub.add_parser("scheduler", help="retrain on the schedule (RECSYS_RETRAINING_*) and on new events")
     p.add_argument("--max-runs", type=int, default=None, help="exit after this many runs")
     p.set_defaults(func=cmd_scheduler)
 
@@ -219,9 +235,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from recsys.errors import RecsysError
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="recsys %(name)s %(levelname)s: %(message)s")
     try:
+        if not args.verbose:
+            quiet_native_stderr(get_settings().home / "logs" / "native-stderr.log")
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="recsys %(name)s %(levelname)s: %(message)s")
+        if not args.verbose:  # kafka-python warns of each retry while a broker starts; we report outcomes
+            logging.getLogger("kafka").setLevel(logging.ERROR)
         return args.func(args)
     except RecsysError as exc:  # the family's one mapping to exit codes
         print(f"recsys {args.command}: {exc}", file=sys.stderr)

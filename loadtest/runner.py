@@ -201,7 +201,7 @@ def wait_in_redis(settings: Settings, event_ids: list[str], idle_s: float, max_s
     started = last_progress = time.monotonic()
     missing = list(event_ids)
     while True:
-        flags = present(client, settings.redis_prefix, missing)
+        flags = present(client, settings.redis.prefix, missing)
         still = [eid for eid, ok in zip(missing, flags) if not ok]
         now = time.monotonic()
         if len(still) < len(missing):

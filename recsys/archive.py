@@ -134,10 +134,10 @@ def run_archiver(settings: Settings, until_idle: float | None = None, flush_reco
     listener = _SeekToLedger(archive)
 
     def make_consumer():
-        listener.consumer = kafka_io.consumer(settings, settings.archive_group, listener=listener,
+        listener.consumer = kafka_io.consumer(settings, settings.kafka.archive_group, listener=listener,
                                               max_poll_records=5000)
         return listener.consumer
-    member = kafka_io.GroupMember(settings, settings.archive_group, make_consumer)
+    member = kafka_io.GroupMember(settings, settings.kafka.archive_group, make_consumer)
     buffer: dict[int, list[tuple[int, Event]]] = defaultdict(list)
     stats = {"consumed": 0, "archived": 0, "skipped": 0}
     last_flush = time.monotonic()

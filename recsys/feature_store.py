@@ -44,7 +44,7 @@ return 1
 
 def connect(settings: Settings, timeout_s: float = 2.0, retries: int = 3) -> redis.Redis:
     """A client whose calls fail within about ``timeout_s * (retries + 1)`` when Redis is gone."""
-    return redis.Redis(host=settings.redis_host, port=settings.redis_port, decode_responses=True,
+    return redis.Redis(host=settings.redis.host, port=settings.redis.port, decode_responses=True,
                        socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries))
 
@@ -53,12 +53,12 @@ class FeatureStore:
     def __init__(self, settings: Settings, client: redis.Redis | None = None):
         self.settings = settings
         self.redis = client or connect(settings)
-        self.keys = Keys(settings.redis_prefix)
+        self.keys = Keys(settings.redis.prefix)
         self._apply = self.redis.register_script(_APPLY)
 
     def ops(self, event: Event) -> list[Op]:
         s = self.settings
-        return event_ops(event, self.keys, s.recent_items, s.trending_half_life_s)
+        return event_ops(event, self.keys, s.features.recent_items, s.features.trending_half_life_s)
 
     def apply_events(self, events: Iterable[Event]) -> list[bool]:
         """Apply each event atomically, once per event id, in one pipelined round trip.
@@ -69,7 +69,7 @@ class FeatureStore:
         n = 0
         for event in events:
             ops = self.ops(event)
-            args = [self.settings.dedup_ttl_s]
+            args = [self.settings.features.dedup_ttl_s]
             for op in ops:
                 args += [op.kind, op.member, repr(op.arg)]
             self._apply(keys=[self.keys.dedup(event.event_id)] + [op.key for op in ops], args=args, client=pipe)

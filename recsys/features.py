@@ -5,14 +5,14 @@ are applied by the Redis Lua script (``recsys.feature_store``) online and by
 ``MemoryFeatures`` offline, so training features at an instant equal what Redis
 held at that instant.
 
-Layout (``P`` = settings.redis_prefix, default ``recsys``):
+Layout (``P`` = settings.redis.prefix, default ``recsys``):
 
   P:user:{user_id}:recent   LIST  item ids, newest first, at most ``recent_items``
   P:user:{user_id}:seen     SET   every item the user interacted with
   P:user:{user_id}:counts   HASH  event type -> count
   P:item:{item_id}:counts   HASH  event type -> count
   P:trending                ZSET  item id -> log of the time-decayed event count
-  P:dedup:{event_id}        STRING marker: the event was applied (expires after dedup_ttl_s)
+  P:dedup:{event_id}        STRING marker: the event was applied (expires after features.dedup_ttl_s)
 """
 from __future__ import annotations
 

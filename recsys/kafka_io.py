@@ -21,7 +21,7 @@ from recsys.settings import Settings
 
 def producer(settings: Settings, **overrides) -> KafkaProducer:
     """acks=all and retries: a produce that returns from flush() is on the broker."""
-    conf = dict(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5,
+    conf = dict(bootstrap_servers=settings.kafka.bootstrap, acks="all", linger_ms=5,
                 retries=5, max_in_flight_requests_per_connection=1)
     conf.update(overrides)
     return KafkaProducer(**conf)
@@ -29,25 +29,25 @@ def producer(settings: Settings, **overrides) -> KafkaProducer:
 
 def consumer(settings: Settings, group: str, listener=None, **overrides) -> KafkaConsumer:
     """Manual commits: callers commit only after the effect of a batch is durable."""
-    conf = dict(bootstrap_servers=settings.kafka_bootstrap, group_id=group, enable_auto_commit=False,
-                auto_offset_reset="earliest", max_poll_records=settings.stream_batch,
+    conf = dict(bootstrap_servers=settings.kafka.bootstrap, group_id=group, enable_auto_commit=False,
+                auto_offset_reset="earliest", max_poll_records=settings.kafka.poll_batch,
                 # A crashed member's partitions move to the others after 6 s (the broker's minimum).
                 session_timeout_ms=6000, heartbeat_interval_ms=2000)
     conf.update(overrides)
     cons = KafkaConsumer(**conf)
-    cons.subscribe([settings.events_topic], listener=listener)
+    cons.subscribe([settings.kafka.events_topic], listener=listener)
     # Learn the topic's partitions before the first join. Otherwise the first assignment is
     # empty ("No partition metadata") and the metadata that arrives next forces a second
     # rebalance, which kafka-python 3.0.12 can lose: if poll()'s timeout ends while that
     # JoinGroup/SyncGroup is in flight, the leader's assignment step marks the metadata as
     # handled, nothing collects the finished join, and the member waits forever with no
     # partitions and its heartbeats off. See GroupMember for the bound on what remains.
-    cons.partitions_for_topic(settings.events_topic)
+    cons.partitions_for_topic(settings.kafka.events_topic)
     return cons
 
 
 def bootstrap_hostport(s: Settings) -> tuple[str, int]:
-    host, port = s.kafka_bootstrap.rsplit(":", 1)
+    host, port = s.kafka.bootstrap.rsplit(":", 1)
     return host, int(port)
 
 
@@ -113,8 +113,8 @@ class AssignmentWatch:
 
 class GroupMember:
     """A group consumer whose wait for partitions is bounded: after
-    ``consumer_assignment_timeout_s`` without partitions it is closed and made anew, and after
-    ``consumer_recreate_attempts`` such tries the poll raises NoAssignment (the process exits
+    ``kafka.assignment_timeout_s`` without partitions it is closed and made anew, and after
+    ``kafka.recreate_attempts`` such tries the poll raises NoAssignment (the process exits
     non-zero). The state is exported as Prometheus metrics labelled by group.
 
     A member without partitions counts as a fault: the project runs at most as many members
@@ -123,7 +123,7 @@ class GroupMember:
 
     def __init__(self, settings: Settings, group: str, make: Callable[[], KafkaConsumer]):
         self.group, self.make = group, make
-        self.watch = AssignmentWatch(settings.consumer_assignment_timeout_s, settings.consumer_recreate_attempts,
+        self.watch = AssignmentWatch(settings.kafka.assignment_timeout_s, settings.kafka.recreate_attempts,
                                      time.monotonic())
         self.consumer = make()
 
@@ -150,7 +150,7 @@ class GroupMember:
 
 def send_event(prod: KafkaProducer, settings: Settings, event: Event):
     """Keyed by user id, so one user's events stay in order on one partition."""
-    return prod.send(settings.events_topic, key=event.user_id.encode(), value=event.to_bytes())
+    return prod.send(settings.kafka.events_topic, key=event.user_id.encode(), value=event.to_bytes())
 
 
 def replay(events: Iterable[Event], settings: Settings, rate: float = 0.0, limit: int | None = None,
@@ -183,7 +183,7 @@ def replay(events: Iterable[Event], settings: Settings, rate: float = 0.0, limit
     elapsed = time.monotonic() - started
     return {"produced": produced, "seconds": round(elapsed, 3),
             "events_per_s": round(produced / elapsed, 1) if elapsed else None,
-            "first_ts": first_ts, "last_ts": last_ts, "topic": settings.events_topic}
+            "first_ts": first_ts, "last_ts": last_ts, "topic": settings.kafka.events_topic}
 
 
 def consume(member: GroupMember, on_poll: Callable[[dict], None], stopping: threading.Event,

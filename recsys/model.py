@@ -21,7 +21,7 @@ class ModelConfig:
     dim: int = 64               # output embedding size
     user_dim: int = 32          # user id embedding size
     hidden: int = 256           # user tower hidden layer
-    history: int = 50           # recent items the user tower reads (<= settings.recent_items)
+    history: int = 50           # recent items the user tower reads (<= settings.features.recent_items)
     share_item_table: bool = True
     temperature: float = 0.05
     logq: bool = True

@@ -1,15 +1,96 @@
-"""One typed settings object, read from ``RECSYS_*`` environment variables."""
+"""One typed settings object in sections, read from ``RECSYS_*`` environment variables.
+
+A section's field is ``RECSYS_<SECTION>_<FIELD>``: ``kafka.events_topic`` is
+``RECSYS_KAFKA_EVENTS_TOPIC``, ``retraining.cron`` is ``RECSYS_RETRAINING_CRON``. The
+top-level folders are ``RECSYS_HOME``, ``RECSYS_ARCHIVE_DIR`` and so on.
+"""
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+class KafkaSettings(BaseModel):
+    # Ports stay clear of Ray's defaults (GCS 6379, worker ports 10002-19999).
+    bootstrap: str = "127.0.0.1:29092"
+    controller_port: int = 29093
+    version: str = "4.1.1"
+    events_topic: str = "user-events"
+    dlq_topic: str = "user-events.dlq"
+    events_partitions: int = 4
+    # Consumer groups: the stream worker's and the archiver's.
+    stream_group: str = "features"
+    archive_group: str = "archive"
+    poll_batch: int = 500  # records per poll, and so per Redis round trip
+    # A group consumer that holds no partition this long is recreated; after this many
+    # recreations it exits non-zero (recsys.kafka_io.GroupMember). 0 s turns the bound off.
+    assignment_timeout_s: float = 30.0
+    recreate_attempts: int = 1
+
+
+class RedisSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 26379
+    prefix: str = "recsys"
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+
+class FeatureSettings(BaseModel):
+    """The online features' shape (recsys/features.py), the same in Redis and in training data."""
+    recent_items: int = 50
+    trending_half_life_s: float = 24 * 3600.0
+    dedup_ttl_s: int = 14 * 24 * 3600
+
+
+class RaySettings(BaseModel):
+    num_cpus: float = 4  # logical CPUs for the local cluster; replicas and train workers take fractions
+    port: int = 26380  # the local cluster's GCS; `ray start --head --port`
+    metrics_port: int = 28080
+    # Ray starts its workers (Serve's proxy and replicas, Train workers) at nice 15, so any other
+    # process on the machine takes the CPU first; a serving node's API must not yield that way.
+    worker_niceness: int = 0
+
+
+class ServingSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 28000
+    # The API's Redis client: a read that takes longer than the timeout is tried again this many
+    # times, then the request gets a 503. A busy machine stalls Redis replies past 0.5 s now and
+    # then; a refused connection (Redis down) still fails within milliseconds per try.
+    redis_timeout_s: float = 1.0
+    redis_retries: int = 1
+    # Serve kills a proxy whose ready or health check takes longer than this (Ray's defaults:
+    # 5 s and 10 s), which a busy 2-core machine exceeds; the deploy then fails with ActorDiedError.
+    proxy_ready_check_timeout_s: float = 30.0
+    proxy_health_check_timeout_s: float = 30.0
+
+
+class TrainingSettings(BaseModel):
+    workers: int = 2  # Ray Train workers of a scheduled retraining
+    epochs: int | None = None  # None: the model config's
+
+
+class RetrainingSettings(BaseModel):
+    """The schedule, gate and lock of training/scheduler.py."""
+    interval_s: float = 24 * 3600.0
+    cron: str | None = None  # e.g. "0 3 * * *"; takes precedence over the interval
+    min_new_events: int = 50_000  # new archived events since the current model's data that trigger a run
+    window_days: float = 30.0  # sliding training window, back from the newest event; 0 = everything
+    gate_tolerance: float = 0.02  # publish if candidate HR@10 >= current HR@10 * (1 - tolerance)
+    lock_ttl_s: float = 30.0  # the run lock expires this long after its holder stops renewing it
+    poll_s: float = 10.0
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore",
+                                      env_nested_delimiter="_", env_nested_max_split=1)
 
     # Where everything the local stack and the pipeline write lives (ignored by git).
     home: Path = Field(default=Path(".recsys"), description="state folder: stack data, archive, models")
@@ -17,61 +98,13 @@ class Settings(BaseSettings):
     archive_dir: Path = Field(default=Path(".recsys/archive"), description="Parquet event log")
     registry_dir: Path = Field(default=Path(".recsys/models"), description="model versions")
 
-    # Ports stay clear of Ray's defaults (GCS 6379, worker ports 10002-19999).
-    kafka_bootstrap: str = "127.0.0.1:29092"
-    kafka_controller_port: int = 29093
-    kafka_version: str = "4.1.1"
-    events_topic: str = "user-events"
-    dlq_topic: str = "user-events.dlq"
-    events_partitions: int = 4
-
-    redis_host: str = "127.0.0.1"
-    redis_port: int = 26379
-    redis_prefix: str = "recsys"
-
-    # Ray and Serve.
-    ray_num_cpus: float = 4  # logical CPUs for the local Ray cluster; replicas and train workers take fractions
-    ray_port: int = 26380  # the local cluster's GCS; `ray start --head --port`
-    ray_metrics_port: int = 28080
-    serve_host: str = "127.0.0.1"
-    serve_port: int = 28000
-    # The API's Redis client: a read that takes longer than the timeout is tried again this many
-    # times, then the request gets a 503. A busy machine stalls Redis replies past 0.5 s now and
-    # then; a refused connection (Redis down) still fails within milliseconds per try.
-    serving_redis_timeout_s: float = 1.0
-    serving_redis_retries: int = 1
-    # Serve kills a proxy whose ready or health check takes longer than this (Ray's defaults:
-    # 5 s and 10 s), which a busy 2-core machine exceeds; the deploy then fails with ActorDiedError.
-    serve_proxy_ready_check_timeout_s: float = 30.0
-    serve_proxy_health_check_timeout_s: float = 30.0
-    # Ray starts its workers (Serve's proxy and replicas, Train workers) at nice 15, so any other
-    # process on the machine takes the CPU first; a serving node's API must not yield that way.
-    ray_worker_niceness: int = 0
-
-    # Online features.
-    recent_items: int = 50
-    trending_half_life_s: float = 24 * 3600.0
-    dedup_ttl_s: int = 14 * 24 * 3600
-
-    # Consumers.
-    stream_group: str = "features"
-    archive_group: str = "archive"
-    stream_batch: int = 500
-    # A group consumer that holds no partition this long is recreated; after this many
-    # recreations it exits non-zero (recsys.kafka_io.GroupMember). 0 s turns the bound off.
-    consumer_assignment_timeout_s: float = 30.0
-    consumer_recreate_attempts: int = 1
-
-    # Retraining schedule (training/scheduler.py).
-    retrain_interval_s: float = 24 * 3600.0
-    retrain_cron: str | None = None  # e.g. "0 3 * * *"; takes precedence over the interval
-    retrain_min_new_events: int = 50_000  # new archived events since the current model's data that trigger a run
-    retrain_window_days: float = 30.0  # sliding training window, back from the newest event; 0 = everything
-    retrain_workers: int = 2
-    retrain_epochs: int | None = None  # None: the model config's
-    gate_tolerance: float = 0.02  # publish if candidate HR@10 >= current HR@10 * (1 - tolerance)
-    retrain_lock_ttl_s: float = 30.0  # the run lock expires this long after its holder stops renewing it
-    scheduler_poll_s: float = 10.0
+    kafka: KafkaSettings = KafkaSettings()
+    redis: RedisSettings = RedisSettings()
+    features: FeatureSettings = FeatureSettings()
+    ray: RaySettings = RaySettings()
+    serving: ServingSettings = ServingSettings()
+    training: TrainingSettings = TrainingSettings()
+    retraining: RetrainingSettings = RetrainingSettings()
 
     @field_validator("home", "stack_cache", "archive_dir", "registry_dir")
     @classmethod
@@ -79,9 +112,23 @@ class Settings(BaseSettings):
         """Absolute at load time, so Ray workers (another working directory) see the same folders."""
         return path.expanduser().resolve()
 
-    @property
-    def redis_url(self) -> str:
-        return f"redis://{self.redis_host}:{self.redis_port}/0"
+    def updated(self, **changes: Any) -> Settings:
+        """A copy with ``changes``; a section takes a dict of its fields to change, e.g.
+        ``s.updated(home=path, kafka={"events_topic": "t"})``. Validated like the environment."""
+        data = self.model_dump()
+        for name, value in changes.items():
+            if name not in data:
+                raise TypeError(f"Settings has no field {name!r}")
+            data[name] = {**data[name], **value} if isinstance(value, dict) else value
+        return Settings(**data)
+
+    def environment(self) -> dict[str, str | None]:
+        """These settings as ``RECSYS_*`` variables, for a child process; None for an unset field."""
+        env = {}
+        for name, value in self.model_dump(mode="json").items():
+            fields = {f"{name}_{k}": v for k, v in value.items()} if isinstance(value, dict) else {name: value}
+            env.update({f"RECSYS_{k.upper()}": None if v is None else str(v) for k, v in fields.items()})
+        return env
 
 
 @lru_cache(maxsize=1)

@@ -40,8 +40,8 @@ class StreamWorker:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.store = FeatureStore(settings)
-        self.member = kafka_io.GroupMember(settings, settings.stream_group,
-                                           lambda: kafka_io.consumer(settings, settings.stream_group))
+        self.member = kafka_io.GroupMember(settings, settings.kafka.stream_group,
+                                           lambda: kafka_io.consumer(settings, settings.kafka.stream_group))
         self.dlq = kafka_io.producer(settings)
         self.stats = StreamStats()
         self.stopping = threading.Event()  # set by SIGTERM/SIGINT, or by an embedding thread
@@ -53,7 +53,7 @@ class StreamWorker:
             try:
                 good.append(parse_event(record.value))
             except BadEvent as exc:
-                self.dlq.send(self.settings.dlq_topic, key=record.key, value=record.value or b"",
+                self.dlq.send(self.settings.kafka.dlq_topic, key=record.key, value=record.value or b"",
                               headers=dead_letter_headers(record, exc.reason))
                 self.stats.dlq += 1
         applied = self._apply_until_done(good)
@@ -108,7 +108,7 @@ def run_stream(settings: Settings, until_idle: float | None = None) -> dict:
 def read_dead_letters(settings: Settings, timeout_s: float = 5.0) -> list[dict]:
     """Everything on the dead-letter topic, for tests and inspection."""
     from kafka import KafkaConsumer
-    cons = KafkaConsumer(settings.dlq_topic, bootstrap_servers=settings.kafka_bootstrap, group_id=None,
+    cons = KafkaConsumer(settings.kafka.dlq_topic, bootstrap_servers=settings.kafka.bootstrap, group_id=None,
                          auto_offset_reset="earliest", consumer_timeout_ms=int(timeout_s * 1000))
     out = [{"value": r.value, **{k: v.decode() for k, v in r.headers}} for r in cons]
     cons.close()

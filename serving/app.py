@@ -65,7 +65,7 @@ class RecsysApi:
         self.settings = Settings(**(settings or {}))
         # Fail within a bounded time when Redis is gone, instead of hanging a request.
         s = self.settings
-        self.store = FeatureStore(s, connect(s, timeout_s=s.serving_redis_timeout_s, retries=s.serving_redis_retries))
+        self.store = FeatureStore(s, connect(s, timeout_s=s.serving.redis_timeout_s, retries=s.serving.redis_retries))
         self._producer = None
         self._producer_lock = threading.Lock()
         self.model, self.version = None, None
@@ -177,7 +177,7 @@ class RecsysApi:
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics(self) -> str:
         """This node's Prometheus metrics (every replica's, and Serve's own), from Ray's exporter."""
-        url = f"http://127.0.0.1:{self.settings.ray_metrics_port}/metrics"
+        url = f"http://127.0.0.1:{self.settings.ray.metrics_port}/metrics"
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
                 return resp.read().decode()

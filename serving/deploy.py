@@ -39,7 +39,7 @@ def connect_ray(settings: Settings, progress=print):
 
 def start_serve(settings: Settings, http: dict) -> None:
     from ray import serve
-    serve.start(http_options={"host": settings.serve_host, "port": settings.serve_port,
+    serve.start(http_options={"host": settings.serving.host, "port": settings.serving.port,
                               **{k: v for k, v in http.items() if k not in ("host", "port")}})
 
 
@@ -56,7 +56,7 @@ def wait_http(url: str, timeout_s: float = 60.0) -> None:
 
 
 def base_url(settings: Settings) -> str:
-    return f"http://{settings.serve_host}:{settings.serve_port}"
+    return f"http://{settings.serving.host}:{settings.serving.port}"
 
 
 def serve_up(settings: Settings, config_path: Path = CONFIG, progress=print) -> dict:

@@ -35,8 +35,8 @@ class Scratch:
     """Settings for one test's private topics, groups, prefix and archive, and a way to run the CLI."""
 
     def __init__(self, base, folder: Path, tag: str):
-        self.settings = scratch_settings(base, tag).model_copy(
-            update={"archive_dir": folder / "archive", "registry_dir": folder / "models"})
+        self.settings = scratch_settings(base, tag).updated(
+            archive_dir=folder / "archive", registry_dir=folder / "models")
         self.env = settings_env(self.settings)
         stack.ensure_topics(self.settings)
 

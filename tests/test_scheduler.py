@@ -34,9 +34,9 @@ def test_gate_rules():
     assert not ok and "most-popular" in reason
 
 
-def _settings(scratch, **extra):
-    return scratch.settings.model_copy(update={"retrain_workers": 1, "retrain_epochs": 4, "retrain_window_days": 0,
-                                               "retrain_lock_ttl_s": 3.0, **extra})
+def _settings(scratch, training=None, **retraining):
+    return scratch.settings.updated(training={"workers": 1, "epochs": 4, **(training or {})},
+                                    retraining={"window_days": 0, "lock_ttl_s": 3.0, **retraining})
 
 
 def _archive(scratch, events):
@@ -45,13 +45,13 @@ def _archive(scratch, events):
 
 
 def test_due_trigger_schedule_and_cron(scratch):
-    s = _settings(scratch, retrain_interval_s=60, retrain_min_new_events=10**9)
+    s = _settings(scratch, interval_s=60, min_new_events=10**9)
     assert due_trigger(s, None, 1000.0) == "schedule"
     assert due_trigger(s, 1000.0, 1030.0) is None
     assert due_trigger(s, 1000.0, 1061.0) == "schedule"
-    cron = s.model_copy(update={"retrain_cron": "*/5 * * * *"})  # every 5 minutes
+    cron = s.updated(retraining={"cron": "*/5 * * * *"})  # every 5 minutes
     assert due_trigger(cron, 0.0, 299.0) is None and due_trigger(cron, 0.0, 300.0) == "schedule"
-    assert due_trigger(s.model_copy(update={"retrain_min_new_events": 0}), 1000.0, 1001.0) == "new-events"
+    assert due_trigger(s.updated(retraining={"min_new_events": 0}), 1000.0, 1001.0) == "new-events"
 
 
 def test_publish_good_candidate_reject_sabotaged_one_under_load(scratch):
@@ -101,7 +101,7 @@ def test_publish_good_candidate_reject_sabotaged_one_under_load(scratch):
     table = read_events(s)
     items = np.random.default_rng(0).permutation(table["item_id"].to_numpy(zero_copy_only=False))
     bad = table.set_column(table.column_names.index("item_id"), "item_id", pa.array(items))
-    third = run_once(s.model_copy(update={"gate_tolerance": 0.02}), "manual", table=bad)
+    third = run_once(s.updated(retraining={"gate_tolerance": 0.02}), "manual", table=bad)
     assert third["decision"] == "rejected" and registry.current() == v2
     assert "below" in third["reason"] or "most-popular" in third["reason"]
     history = read_history(s)
@@ -113,7 +113,7 @@ def test_publish_good_candidate_reject_sabotaged_one_under_load(scratch):
 def test_two_runs_at_once_train_one_at_a_time(scratch):
     s = _settings(scratch)
     _archive(scratch, SyntheticSource(events=8_000, **SMALL).events_iter())
-    env = {**scratch.env, "RECSYS_RETRAIN_WORKERS": "1", "RECSYS_RETRAIN_EPOCHS": "2", "RECSYS_RETRAIN_WINDOW_DAYS": "0"}
+    env = {**scratch.env, "RECSYS_TRAINING_WORKERS": "1", "RECSYS_TRAINING_EPOCHS": "2", "RECSYS_RETRAINING_WINDOW_DAYS": "0"}
     cmd = [sys.executable, "-m", "cli", "retrain-now", "--json"]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
@@ -130,8 +130,8 @@ def test_killed_run_leaves_everything_as_it_was(scratch):
     assert run_once(s, "manual")["decision"] == "published"
     registry = Registry(s.registry_dir)
     before = (registry.pointers(), registry.list(), len(read_history(s)))
-    env = {**scratch.env, "RECSYS_RETRAIN_WORKERS": "1", "RECSYS_RETRAIN_EPOCHS": "500", "RECSYS_RETRAIN_WINDOW_DAYS": "0",
-           "RECSYS_RETRAIN_LOCK_TTL_S": "3"}
+    env = {**scratch.env, "RECSYS_TRAINING_WORKERS": "1", "RECSYS_TRAINING_EPOCHS": "500", "RECSYS_RETRAINING_WINDOW_DAYS": "0",
+           "RECSYS_RETRAINING_LOCK_TTL_S": "3"}
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "cli", "retrain-now"], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -149,7 +149,7 @@ def test_killed_run_leaves_everything_as_it_was(scratch):
 
 
 def test_lock_is_exclusive_and_expires(scratch):
-    s = _settings(scratch, retrain_lock_ttl_s=1.0)
+    s = _settings(scratch, lock_ttl_s=1.0)
     with RunLock(s):
         with pytest.raises(Busy):
             RunLock(s).__enter__()
@@ -171,7 +171,7 @@ def test_drift_retrain_on_the_newer_window_wins_and_is_published(scratch):
     source = SyntheticSource(events=40_000, shift_at=0.5, new_items_at=0.5, **SMALL)
     events = list(source.events_iter())
     span_days = (events[-1].ts - events[0].ts) / 86_400_000
-    s = _settings(scratch, retrain_window_days=span_days * 0.45, retrain_epochs=6)
+    s = _settings(scratch, training={"epochs": 6}, window_days=span_days * 0.45)
     _archive(scratch, events[:20_000])
     old = run_once(s, "manual")
     assert old["decision"] == "published"

@@ -66,7 +66,7 @@ def test_served_hr_equals_offline_evaluation(served):
     model = load_model(registry.path(served["card"]["version"]))
     rows = {int(r): n for n, r in enumerate(split.test_index)}
     feats = [None] * len(rows)
-    for r, (_, f) in enumerate(iter_point_in_time(table, s.settings.recent_items)):
+    for r, (_, f) in enumerate(iter_point_in_time(table, s.settings.features.recent_items)):
         if r in rows:
             feats[rows[r]] = f
     hits = in_process_hits = 0
@@ -243,7 +243,7 @@ def test_kafka_down_gives_503_quickly_then_recovers(served):
         time.sleep(0.5)
     # Back for consumers too: a fresh consumer group joins and reads (the broker's group
     # coordinator loads after its produce path is up; later tests need both).
-    consumer = KafkaConsumer(settings.events_topic, bootstrap_servers=settings.kafka_bootstrap,
+    consumer = KafkaConsumer(settings.kafka.events_topic, bootstrap_servers=settings.kafka.bootstrap,
                              group_id=f"after-restart-{time.time_ns()}", auto_offset_reset="earliest")
     try:
         deadline = time.monotonic() + 60

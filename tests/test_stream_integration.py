@@ -49,9 +49,9 @@ def assert_features_match(settings, ml100k):
 
 
 def committed(settings) -> int:
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap)
     try:
-        offsets = admin.list_group_offsets(settings.stream_group).get(settings.stream_group, {})
+        offsets = admin.list_group_offsets(settings.kafka.stream_group).get(settings.kafka.stream_group, {})
         return sum(o.offset for o in offsets.values() if o.offset > 0)
     finally:
         admin.close()
@@ -116,7 +116,7 @@ def test_poison_records_go_to_the_dead_letter_topic(scratch):
     ]
     prod = producer(scratch.settings)
     for value in records:
-        prod.send(scratch.settings.events_topic, key=b"u1", value=value)
+        prod.send(scratch.settings.kafka.events_topic, key=b"u1", value=value)
     prod.flush()
     prod.close()
     stats = stream_json(scratch.cli("stream", "--until-idle", "2"))
@@ -129,7 +129,7 @@ def test_poison_records_go_to_the_dead_letter_topic(scratch):
     assert "item_id" in reasons[records[2]]
     assert "ts" in reasons[records[3]]
     assert "type" in reasons[records[4]]
-    assert all(d["topic"] == scratch.settings.events_topic and d["offset"].isdigit() for d in dead)
+    assert all(d["topic"] == scratch.settings.kafka.events_topic and d["offset"].isdigit() for d in dead)
 
 
 def test_archive_holds_each_event_once_after_sigkill(scratch, ml100k):
@@ -226,10 +226,10 @@ def test_worker_without_partitions_recreates_its_consumer_then_exits_nonzero(scr
     from deploy.local import stack
     stack.delete_topics(scratch.settings)
     port = _free_port()
-    env = {**scratch.env, "RECSYS_CONSUMER_ASSIGNMENT_TIMEOUT_S": "3", "RECSYS_CONSUMER_RECREATE_ATTEMPTS": "1"}
+    env = {**scratch.env, "RECSYS_KAFKA_ASSIGNMENT_TIMEOUT_S": "3", "RECSYS_KAFKA_RECREATE_ATTEMPTS": "1"}
     worker = subprocess.Popen([sys.executable, "-m", "cli", "stream", "--metrics-port", str(port)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    group = scratch.settings.stream_group
+    group = scratch.settings.kafka.stream_group
     waiting = _wait_for_metric(worker, port, group, "recsys_consumer_unassigned_seconds", 1.0)
     assert waiting["recsys_consumer_assigned_partitions"] == 0
     out, err = worker.communicate(timeout=120)
@@ -246,11 +246,11 @@ def test_worker_recreated_after_a_missing_topic_comes_back_consumes_everything(s
     from deploy.local import stack
     stack.delete_topics(scratch.settings)
     port = _free_port()
-    env = {**scratch.env, "RECSYS_CONSUMER_ASSIGNMENT_TIMEOUT_S": "3", "RECSYS_CONSUMER_RECREATE_ATTEMPTS": "100"}
+    env = {**scratch.env, "RECSYS_KAFKA_ASSIGNMENT_TIMEOUT_S": "3", "RECSYS_KAFKA_RECREATE_ATTEMPTS": "100"}
     worker = subprocess.Popen([sys.executable, "-m", "cli", "stream", "--metrics-port", str(port)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        group = scratch.settings.stream_group
+        group = scratch.settings.kafka.stream_group
         _wait_for_metric(worker, port, group, "recsys_consumer_recreated_total", 1.0)
         stack.ensure_topics(scratch.settings)
         events = list(MovieLensSource(ml100k).events_iter())[:2000]
@@ -279,7 +279,7 @@ def test_redis_and_memory_stores_hold_the_same_features(scratch):
     from recsys.sources import SyntheticSource
     s = scratch.settings
     events = list(SyntheticSource(events=20_000, users=300, items=200, seed=11).events_iter())
-    stores: list[OnlineFeatures] = [FeatureStore(s), MemoryStore(s.redis_prefix, s.recent_items, s.trending_half_life_s)]
+    stores: list[OnlineFeatures] = [FeatureStore(s), MemoryStore(s.redis.prefix, s.features.recent_items, s.features.trending_half_life_s)]
     stream = events + events[:2_000]
     for i in range(0, len(stream), 500):
         applied = [store.apply_events(stream[i:i + 500]) for store in stores]

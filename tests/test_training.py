@@ -36,7 +36,7 @@ def ray_session():
 @pytest.fixture
 def settings(tmp_path):
     from recsys.settings import get_settings
-    return get_settings().model_copy(update={"home": tmp_path / "home", "registry_dir": tmp_path / "models"})
+    return get_settings().updated(home=tmp_path / "home", registry_dir=tmp_path / "models")
 
 
 def _env(settings) -> dict:
@@ -108,7 +108,7 @@ def test_synthetic_beats_popularity_widely_and_one_or_two_workers_agree(ray_sess
     from recsys.training_data import events_table
     src = open_source(SYN)
     cfg = ModelConfig.from_dict(FAST)
-    prep = Prepared(events_table(src.events_iter()), None, cfg, settings.recent_items)
+    prep = Prepared(events_table(src.events_iter()), None, cfg, settings.features.recent_items)
     cards = {w: train(SYN, workers=w, epochs=4, settings=settings, model_config=FAST, prepared=prep) for w in (1, 2)}
     for w, card in cards.items():
         tt, pop = card["metrics"]["two_tower"], card["metrics"]["popularity"]

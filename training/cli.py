@@ -144,10 +144,10 @@ def bench_train(args) -> int:
     try:
         table, item_features, _ = load_table(source, settings)
         cfg = ModelConfig.from_dict(default_config())
-        prep = Prepared(table, item_features, cfg, settings.recent_items)
+        prep = Prepared(table, item_features, cfg, settings.features.recent_items)
         base = evaluation.baselines(prep.split)
         with tempfile.TemporaryDirectory() as tmp:
-            s = settings.model_copy(update={"registry_dir": Path(tmp) / "models", "home": Path(tmp)})
+            s = settings.updated(registry_dir=Path(tmp) / "models", home=Path(tmp))
             t = time.perf_counter()
             card2 = train(source, workers=2, epochs=epochs, settings=s, prepared=prep, baselines=base)
             quality_s = time.perf_counter() - t

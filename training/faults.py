@@ -1,10 +1,13 @@
 """Fault injection for tests of training's recovery; never used by production runs."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -25,5 +28,5 @@ class KillWorkerAtEpoch:
         # controller's poll (2 s) so the last epoch's checkpoint is registered, then die hard.
         time.sleep(self.delay_s)
         Path(self.marker).write_text(f"worker {rank} killed in epoch {epoch + 1}\n")
-        print(f"[train] fault injection: worker {rank} exits in epoch {epoch + 1}", flush=True)
+        log.warning("fault injection: worker %d exits in epoch %d", rank, epoch + 1)  # flushed by its handler
         os._exit(1)

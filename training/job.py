@@ -13,6 +13,7 @@ Then the driver evaluates the model against the baselines on the same split
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -38,19 +39,37 @@ from training.faults import KillWorkerAtEpoch
 from training.model import tf_env
 from training.worker import train_loop_per_worker
 
+log = logging.getLogger(__name__)
 
-def ensure_ray(workers: int, use_gpu: bool, worker_niceness: int = 0) -> bool:
+
+def _stderr_to(path: str) -> None:
+    """A Ray worker's setup hook: append its stderr (TensorFlow's absl lines, Ray Train's INFO
+    lines) to ``path`` instead of forwarding it to the driver; its stdout still reaches it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def ensure_ray(workers: int, use_gpu: bool, worker_niceness: int = 0, worker_stderr: Optional[Path] = None) -> bool:
     """Start a private local Ray sized for this box, or join ``RAY_ADDRESS`` when it is set;
     True if this call connected (the caller then disconnects when done).
 
     ``address="local"``: training does not compete with the Serve replicas of the stack's
     cluster (``ray start``); a process already connected to a cluster trains there.
+    ``worker_stderr``: a file for the workers' stderr (quiet); None forwards it to the driver.
     """
     import ray
     if ray.is_initialized():
         return False
     os.environ["RAY_worker_niceness"] = str(worker_niceness)  # read by the raylet this call may start
     env = {"env_vars": tf_env()}
+    if worker_stderr is not None:
+        worker_stderr.parent.mkdir(parents=True, exist_ok=True)
+        path = str(worker_stderr)
+
+        def quiet_worker() -> None:  # Ray wants a named function here, not a partial
+            _stderr_to(path)
+        env["worker_process_setup_hook"] = quiet_worker
     common = dict(include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level="ERROR",
                   logging_config=ray.LoggingConfig(encoding="TEXT", log_level="ERROR"), runtime_env=env)
     address = os.environ.get("RAY_ADDRESS")
@@ -63,7 +82,8 @@ def ensure_ray(workers: int, use_gpu: bool, worker_niceness: int = 0) -> bool:
 
 def run_ray_training(prep: Prepared, cfg: ModelConfig, workers: int = 2, use_gpu: bool = False,
                      mixed_precision: bool = False, max_failures: int = 2, resume_from: Optional[Path] = None,
-                     fail: Optional[dict] = None, storage: Optional[Path] = None, worker_niceness: int = 0) -> dict:
+                     fail: Optional[dict] = None, storage: Optional[Path] = None, worker_niceness: int = 0,
+                     worker_stderr: Optional[Path] = None) -> dict:
     """Train on Ray; returns {"checkpoint_dir": local copy of the last checkpoint, "meta": ..., "seconds": ...}."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -76,7 +96,7 @@ def run_ray_training(prep: Prepared, cfg: ModelConfig, workers: int = 2, use_gpu
         raise TrainingError("mixed precision (mixed_float16) is for GPUs only: add --use-gpu")
     if resume_from is not None:
         validate_checkpoint(resume_from)
-    started = ensure_ray(workers, use_gpu, worker_niceness)
+    started = ensure_ray(workers, use_gpu, worker_niceness, worker_stderr)
     try:
         gpus = ray.cluster_resources().get("GPU", 0)
         if use_gpu and gpus < workers:
@@ -153,14 +173,16 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
     t_start = time.perf_counter()
     if prepared is None:
         table, item_features, source_name = load_table(source, settings, user_col, item_col, ts_col)
-        prepared = Prepared(table, item_features, cfg, settings.recent_items)
+        prepared = Prepared(table, item_features, cfg, settings.features.recent_items)
     else:
         source_name = source if isinstance(source, str) else "table"
         cfg.history = prepared.test["hist"].shape[1]
     prep = prepared
     t_prep = time.perf_counter() - t_start
     run = run_ray_training(prep, cfg, workers, use_gpu, mixed_precision, max_failures, resume_from, fail,
-                           storage=Path(settings.home).resolve() / "ray_results", worker_niceness=settings.ray_worker_niceness)
+                           storage=Path(settings.home).resolve() / "ray_results", worker_niceness=settings.ray.worker_niceness,
+                           # quiet unless the command line asked for INFO (-v)
+                           worker_stderr=None if log.isEnabledFor(logging.INFO) else settings.home / "logs" / "ray-workers.log")
     weights = _load_serving_weights(run["checkpoint_dir"])
     two_tower, user_emb, item_emb = evaluate_weights(prep, weights, cfg)
     base = baselines if baselines is not None else evaluation.baselines(prep.split, ease_lambda)
@@ -219,7 +241,7 @@ def evaluate_version(version_dir: Path, source: str | pa.Table, settings: Settin
     evaluation.check_evaluable(split)
     test_rows = set(split.test_index.tolist())
     feats = {}
-    for r, (_, f) in enumerate(iter_point_in_time(table, settings.recent_items)):
+    for r, (_, f) in enumerate(iter_point_in_time(table, settings.features.recent_items)):
         if r in test_rows:
             feats[r] = f
     users = model.user_embedding([feats[r] for r in split.test_index])

@@ -6,7 +6,7 @@ window) -> the gate -> promote, or record the rejection and leave serving untouc
 The Serve replicas follow the registry's ``current`` by themselves (hot swap).
 
 Only one run at a time, across processes and machines: a lock in Redis with an expiry,
-renewed while the run lives, so a crashed holder frees it within ``retrain_lock_ttl_s``.
+renewed while the run lives, so a crashed holder frees it within ``retraining.lock_ttl_s``.
 A run that dies leaves the registry as it was: a version is renamed into place only when
 complete, and ``current`` moves only after the gate.
 """
@@ -42,8 +42,8 @@ class RunLock:
 
     def __init__(self, settings: Settings):
         self.redis = connect(settings)
-        self.key = f"{settings.redis_prefix}:lock:retrain"
-        self.ttl_ms = int(settings.retrain_lock_ttl_s * 1000)
+        self.key = f"{settings.redis.prefix}:lock:retrain"
+        self.ttl_ms = int(settings.retraining.lock_ttl_s * 1000)
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
 
@@ -107,11 +107,11 @@ def gate(candidate_hr: float, current_hr: Optional[float], popularity_hr: float,
 
 
 def training_window(settings: Settings) -> pa.Table:
-    """The newest ``retrain_window_days`` of the archive (everything for 0)."""
+    """The newest ``retraining.window_days`` of the archive (everything for 0)."""
     table = read_events(settings)
-    if table.num_rows and settings.retrain_window_days > 0:
+    if table.num_rows and settings.retraining.window_days > 0:
         newest = pc.max(table["ts"]).as_py()
-        table = table.filter(pc.greater(table["ts"], newest - int(settings.retrain_window_days * 86_400_000)))
+        table = table.filter(pc.greater(table["ts"], newest - int(settings.retraining.window_days * 86_400_000)))
     return table
 
 
@@ -130,8 +130,8 @@ def run_once(settings: Settings, trigger: str = "manual", table: Optional[pa.Tab
         started = time.monotonic()
         try:
             holdout = training_window(settings)
-            card = train(holdout if table is None else table, workers=settings.retrain_workers,
-                         epochs=settings.retrain_epochs, settings=settings, promote=False)
+            card = train(holdout if table is None else table, workers=settings.training.workers,
+                         epochs=settings.training.epochs, settings=settings, promote=False)
             metrics = card["metrics"]
             if table is not None:
                 metrics = evaluate_version(registry.path(card["version"]), holdout, settings)["metrics"]
@@ -146,7 +146,7 @@ def run_once(settings: Settings, trigger: str = "manual", table: Optional[pa.Tab
                 current_hr = cur["hr@10"]
                 record.current = {"version": current_version, "hr@10": cur["hr@10"], "ndcg@10": cur["ndcg@10"]}
             passed, record.reason = gate(record.candidate["hr@10"], current_hr, record.popularity_hr10,
-                                         settings.gate_tolerance)
+                                         settings.retraining.gate_tolerance)
             if passed:
                 registry.promote(card["version"])
             record.decision = "published" if passed else "rejected"
@@ -170,20 +170,20 @@ def due_trigger(settings: Settings, last_run_at: Optional[float], now: float) ->
     """Which trigger fires now, if any: the schedule (cron or interval), then new events."""
     if last_run_at is None:
         return "schedule"
-    if settings.retrain_cron:
-        if croniter(settings.retrain_cron, last_run_at).get_next(float) <= now:
+    if settings.retraining.cron:
+        if croniter(settings.retraining.cron, last_run_at).get_next(float) <= now:
             return "schedule"
-    elif now - last_run_at >= settings.retrain_interval_s:
+    elif now - last_run_at >= settings.retraining.interval_s:
         return "schedule"
-    if new_events_since_current(settings) >= settings.retrain_min_new_events:
+    if new_events_since_current(settings) >= settings.retraining.min_new_events:
         return "new-events"
     return None
 
 
 def run_scheduler(settings: Settings, max_runs: Optional[int] = None, log=print) -> None:
-    """Poll the triggers every ``scheduler_poll_s``; run when one fires and the lock is free."""
-    if settings.retrain_cron and not croniter.is_valid(settings.retrain_cron):
-        raise ValueError(f"RECSYS_RETRAIN_CRON {settings.retrain_cron!r} is not a cron expression")
+    """Poll the triggers every ``retraining.poll_s``; run when one fires and the lock is free."""
+    if settings.retraining.cron and not croniter.is_valid(settings.retraining.cron):
+        raise ValueError(f"RECSYS_RETRAINING_CRON {settings.retraining.cron!r} is not a cron expression")
     runs = 0
     while max_runs is None or runs < max_runs:
         history = read_history(settings)
@@ -196,4 +196,4 @@ def run_scheduler(settings: Settings, max_runs: Optional[int] = None, log=print)
                 log(json.dumps(record))
             except Busy as exc:
                 log(f"scheduler: {exc}; waiting")
-        time.sleep(settings.scheduler_poll_s)
+        time.sleep(settings.retraining.poll_s)

@@ -4,7 +4,9 @@ checkpoint after a restart."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,9 +18,24 @@ from recsys.model import ModelConfig
 from training.checkpoint import restore_checkpoint, save_checkpoint
 from training.model import tf_env
 
+log = logging.getLogger(__name__)
+
+
+def log_progress_to_stdout() -> None:
+    """The ``training`` loggers of a Ray worker write ``[train] ...`` lines to its stdout, which
+    Ray forwards to the driver (its stderr, TensorFlow's and Ray's chatter, may be kept quiet)."""
+    progress = logging.getLogger("training")
+    if not progress.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[train] %(message)s"))
+        progress.addHandler(handler)
+        progress.setLevel(logging.INFO)
+        progress.propagate = False
+
 
 def train_loop_per_worker(config: dict) -> None:
     os.environ.update(tf_env())
+    log_progress_to_stdout()
     import ray
     import ray.train
     import tensorflow as tf
@@ -64,7 +81,7 @@ def train_loop_per_worker(config: dict) -> None:
             meta = restore_checkpoint(Path(d), model, opt)
         start_epoch, history = meta["epoch"] + 1, meta.get("history", [])
         if rank == 0:
-            print(f"[train] resumed from the checkpoint of epoch {meta['epoch'] + 1} ({source_ckpt})", flush=True)
+            log.info("resumed from the checkpoint of epoch %d (%s)", meta["epoch"] + 1, source_ckpt)
 
     def dataset_fn(input_context):
         ds = tf.data.Dataset.from_tensor_slices(shard)
@@ -109,8 +126,8 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {"epoch": epoch + 1, "loss": loss, "examples_per_s": rate, "start_epoch": start_epoch,
                    "history": json.dumps(history)}
         if rank == 0:
-            print(f"[train] epoch {epoch + 1}/{cfg.epochs} loss {loss:.4f} examples/s {rate:,.0f} "
-                  f"({secs:.1f}s, {world} worker{'s' * (world > 1)})", flush=True)
+            log.info("epoch %d/%d loss %.4f examples/s %s (%.1fs, %d worker%s)", epoch + 1, cfg.epochs, loss,
+                     f"{rate:,.0f}", secs, world, "s" * (world > 1))
             with tempfile.TemporaryDirectory() as d:
                 save_checkpoint(Path(d), model, opt, epoch, history, start_epoch)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

@@ -146,7 +146,7 @@ def _stop(s: Settings, name: str) -> str:
 def redis_answers(s: Settings) -> bool:
     # retry=0: the client's default retries make a refused connection take ~5 s.
     try:
-        with redis.Redis(host=s.redis_host, port=s.redis_port, socket_connect_timeout=1, socket_timeout=1,
+        with redis.Redis(host=s.redis.host, port=s.redis.port, socket_connect_timeout=1, socket_timeout=1,
                          retry=Retry(NoBackoff(), 0)) as r:
             return bool(r.ping())
     except redis.RedisError:
@@ -172,9 +172,9 @@ def start_redis(s: Settings, progress: Callable[[str], None] = print) -> None:
         return
     proc = None
     if _pid(s, "redis") is None:
-        progress(f"redis: starting on {s.redis_host}:{s.redis_port}")
+        progress(f"redis: starting on {s.redis.host}:{s.redis.port}")
         proc = _spawn(s, "redis", [
-            _redis_server(), "--bind", s.redis_host, "--port", str(s.redis_port),
+            _redis_server(), "--bind", s.redis.host, "--port", str(s.redis.port),
             "--dir", str(_dir(s, "redis")), "--daemonize", "no",
             "--appendonly", "yes", "--save", "",
         ])
@@ -188,7 +188,7 @@ def stop_redis(settings: Settings) -> str:
 # ---- kafka -----------------------------------------------------------------
 
 def _admin(s: Settings) -> KafkaAdminClient:
-    return KafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, bootstrap_timeout_ms=10000)
+    return KafkaAdminClient(bootstrap_servers=s.kafka.bootstrap, bootstrap_timeout_ms=10000)
 
 
 def _java() -> str:
@@ -200,24 +200,24 @@ def _java() -> str:
 
 def _kafka_libs(s: Settings, progress: Callable[[str], None]) -> Path:
     """The broker's jars, fetched once with Maven into <stack_cache>/kafka-<version>/libs."""
-    libs = s.stack_cache.resolve() / f"kafka-{s.kafka_version}" / "libs"
-    if (libs / f"kafka_2.13-{s.kafka_version}.jar").exists():
+    libs = s.stack_cache.resolve() / f"kafka-{s.kafka.version}" / "libs"
+    if (libs / f"kafka_2.13-{s.kafka.version}.jar").exists():
         return libs
     mvn = shutil.which("mvn")
     if not mvn:
         raise StackError("mvn not found: install Maven to fetch the Kafka jars (Debian: apt-get install maven)")
-    progress(f"kafka: fetching Kafka {s.kafka_version} jars from Maven Central (first start only)")
+    progress(f"kafka: fetching Kafka {s.kafka.version} jars from Maven Central (first start only)")
     partial = libs.with_name("libs.partial")
     shutil.rmtree(partial, ignore_errors=True)
     # -U: retry a download that failed before instead of trusting Maven's cached failure.
     done = subprocess.run(
         [mvn, "-q", "-B", "-U", "-Dstyle.color=never", "-f", str(DEPLOY / "kafka" / "pom.xml"),
-         f"-Dkafka.version={s.kafka_version}", "dependency:copy-dependencies", f"-DoutputDirectory={partial}"],
+         f"-Dkafka.version={s.kafka.version}", "dependency:copy-dependencies", f"-DoutputDirectory={partial}"],
         capture_output=True, text=True)
     if done.returncode != 0:
         out = done.stdout + done.stderr
         first_error = re.search(r"\[ERROR\] (\S.*)", out)
-        raise StackError(f"mvn could not fetch Kafka {s.kafka_version}: "
+        raise StackError(f"mvn could not fetch Kafka {s.kafka.version}: "
                          f"{first_error.group(1) if first_error else out[-2000:]}")
     shutil.rmtree(libs, ignore_errors=True)
     partial.rename(libs)  # only a complete download counts as cached
@@ -227,7 +227,7 @@ def _kafka_libs(s: Settings, progress: Callable[[str], None]) -> Path:
 def _kafka_config(s: Settings) -> Path:
     host, port = bootstrap_hostport(s)
     text = Template((DEPLOY / "kafka" / "server.properties").read_text()).substitute(
-        host=host, port=port, controller_port=s.kafka_controller_port, log_dirs=_dir(s, "kafka") / "data")
+        host=host, port=port, controller_port=s.kafka.controller_port, log_dirs=_dir(s, "kafka") / "data")
     path = _dir(s, "kafka") / "server.properties"
     path.write_text(text)
     return path
@@ -257,7 +257,7 @@ def ensure_topics(s: Settings, timeout_s: float = 30) -> None:
 
     Retries TopicAlreadyExists: right after a delete the name can still be taken.
     """
-    wanted = {s.events_topic: s.events_partitions, s.dlq_topic: 1}
+    wanted = {s.kafka.events_topic: s.kafka.events_partitions, s.kafka.dlq_topic: 1}
     deadline = time.monotonic() + timeout_s
     with _admin(s) as admin:
         while missing := {t: n for t, n in wanted.items() if t not in admin.list_topics()}:
@@ -278,7 +278,7 @@ def start_kafka(s: Settings, progress: Callable[[str], None] = print) -> None:
         libs = _kafka_libs(s, progress)
         config = _kafka_config(s)
         _format_storage(s, libs, config, progress)
-        progress(f"kafka: starting {s.kafka_version} on {s.kafka_bootstrap}")
+        progress(f"kafka: starting {s.kafka.version} on {s.kafka.bootstrap}")
         proc = _spawn(s, "kafka", _java_cmd(libs, "kafka.Kafka", str(config)))
     _wait(s, "kafka", kafka_answers, KAFKA_TIMEOUT_S, proc)
     ensure_topics(s)
@@ -300,9 +300,9 @@ for _key, _value in RAY_ENV.items():  # read by ray at import: set before anythi
 def ray_cluster_env(s: Settings) -> dict[str, str]:
     """Settings the cluster's processes read from its environment: worker niceness (the
     raylet) and Serve's health-check timeouts (its controller)."""
-    return {"RAY_worker_niceness": str(s.ray_worker_niceness),
-            "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": f"{s.serve_proxy_ready_check_timeout_s:g}",
-            "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": f"{s.serve_proxy_health_check_timeout_s:g}"}
+    return {"RAY_worker_niceness": str(s.ray.worker_niceness),
+            "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": f"{s.serving.proxy_ready_check_timeout_s:g}",
+            "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": f"{s.serving.proxy_health_check_timeout_s:g}"}
 
 
 def _ray_exe() -> str:
@@ -312,8 +312,8 @@ def _ray_exe() -> str:
 def ray_address(s: Settings) -> str | None:
     """The project's local Ray cluster (GCS on a fixed loopback port), or None when none runs."""
     try:
-        with socket.create_connection(("127.0.0.1", s.ray_port), timeout=1):
-            return f"127.0.0.1:{s.ray_port}"
+        with socket.create_connection(("127.0.0.1", s.ray.port), timeout=1):
+            return f"127.0.0.1:{s.ray.port}"
     except OSError:
         return None
 
@@ -324,13 +324,13 @@ def start_ray(s: Settings, progress: Callable[[str], None] = print) -> str:
     address = ray_address(s)
     if address:
         return address
-    progress(f"ray: starting a local cluster ({s.ray_num_cpus:g} logical CPUs)")
-    done = subprocess.run([_ray_exe(), "start", "--head", f"--port={s.ray_port}", f"--num-cpus={s.ray_num_cpus:g}", "--include-dashboard=false",
-                           f"--metrics-export-port={s.ray_metrics_port}", "--disable-usage-stats"],
+    progress(f"ray: starting a local cluster ({s.ray.num_cpus:g} logical CPUs)")
+    done = subprocess.run([_ray_exe(), "start", "--head", f"--port={s.ray.port}", f"--num-cpus={s.ray.num_cpus:g}", "--include-dashboard=false",
+                           f"--metrics-export-port={s.ray.metrics_port}", "--disable-usage-stats"],
                           capture_output=True, text=True, env={**os.environ, **RAY_ENV, **ray_cluster_env(s)})
     if done.returncode != 0:
         raise StackError(f"ray start failed:\n{(done.stdout + done.stderr)[-2000:]}")
-    return ray_address(s) or f"127.0.0.1:{s.ray_port}"
+    return ray_address(s) or f"127.0.0.1:{s.ray.port}"
 
 
 def stop_ray(settings: Settings) -> str:
@@ -359,16 +359,16 @@ def status(s: Settings) -> dict:
     """Per service: state "running" only if it answers, our pid (or None), address and log file."""
     return {
         "kafka": {"state": "running" if kafka_answers(s) else "stopped", "pid": _pid(s, "kafka"),
-                  "bootstrap": s.kafka_bootstrap, "version": s.kafka_version, "log": str(_log(s, "kafka"))},
+                  "bootstrap": s.kafka.bootstrap, "version": s.kafka.version, "log": str(_log(s, "kafka"))},
         "redis": {"state": "running" if redis_answers(s) else "stopped", "pid": _pid(s, "redis"),
-                  "url": s.redis_url, "log": str(_log(s, "redis"))},
+                  "url": s.redis.url, "log": str(_log(s, "redis"))},
         "ray": {"state": "running" if ray_address(s) else "stopped", "address": ray_address(s)},
     }
 
 
 def delete_topics(settings: Settings, timeout_s: float = 30) -> None:
     """Delete the events and dead-letter topics and wait until they are gone."""
-    topics = [settings.events_topic, settings.dlq_topic]
+    topics = [settings.kafka.events_topic, settings.kafka.dlq_topic]
     deadline = time.monotonic() + timeout_s
     with _admin(settings) as admin:
         existing = [t for t in topics if t in admin.list_topics()]
