@@ -238,10 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.verbose:
             quiet_native_stderr(get_settings().home / "logs" / "native-stderr.log")
+            # kafka-python warns of each retry while a broker starts; we report outcomes
+            logging.getLogger("kafka").setLevel(logging.ERROR)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="recsys %(name)s %(levelname)s: %(message)s")
-        if not args.verbose:  # kafka-python warns of each retry while a broker starts; we report outcomes
-            logging.getLogger("kafka").setLevel(logging.ERROR)
         return args.func(args)
     except RecsysError as exc:  # the family's one mapping to exit codes
         print(f"recsys {args.command}: {exc}", file=sys.stderr)
