@@ -102,9 +102,13 @@ def serve_status(settings: Settings) -> dict:
 
 
 def serve_down(settings: Settings) -> dict:
+    """Shut Serve down: the app, its controller and proxies, and the HAProxy they started."""
     from ray import serve
-    if not stack.ray_address(settings):
-        return {"state": "stopped"}
-    connect_ray(settings, progress=lambda *_: None)
-    serve.delete(APP_NAME)
-    return {"state": "deleted"}
+    if stack.ray_address(settings):
+        ray = connect_ray(settings, progress=lambda *_: None)
+        try:
+            serve.shutdown()
+        except ray.exceptions.ActorDiedError:  # Ray 2.60: shutdown kills the controller it waits on
+            pass
+    stack.stop_haproxy(settings)
+    return {"state": "stopped"}
