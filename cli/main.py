@@ -120,9 +120,10 @@ def cmd_serve(args) -> int:
 
 def cmd_bench_serve(args) -> int:
     from serving.bench import bench_serve
-    result = bench_serve(get_settings(), replicas=args.replicas, concurrency=args.concurrency, seconds=args.seconds)
+    result = bench_serve(get_settings(), replicas=args.replicas, concurrency=args.concurrency, seconds=args.seconds,
+                         progress=lambda msg: print(msg, file=sys.stderr))
     _print(result, args.json)
-    return 0
+    return 1 if args.check and not result["pass"] else 0
 
 
 def cmd_retrain_now(args) -> int:
@@ -200,10 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench_stream)
     b = bench.add_parser("train", help="two-tower vs baselines on MovieLens-100K; 1 vs 2 workers; ANN vs exact")
     add_bench_train_options(b)
-    b = bench.add_parser("serve", help="recommendation endpoint vs a no-op Serve endpoint under the same load")
-    b.add_argument("--replicas", type=int, default=2, help="fixed replicas of each endpoint")
+    b = bench.add_parser("serve", help="no-op and recommendation endpoints behind Serve's default and HAProxy "
+                                        "ingress, and under plain uvicorn: req/s, p99, CPU-ms per request")
+    b.add_argument("--replicas", type=int, default=2, help="fixed replicas (uvicorn: workers) of each variant")
     b.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
-    b.add_argument("--seconds", type=float, default=20.0, help="load time per endpoint")
+    b.add_argument("--seconds", type=float, default=20.0, help="measured load time per variant (two runs)")
+    b.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     b.add_argument("--json", action="store_true", help="one JSON line")
     b.set_defaults(func=cmd_bench_serve)
 

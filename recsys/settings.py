@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -61,6 +61,11 @@ class RaySettings(BaseModel):
 class ServingSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 28000
+    # "haproxy": HAProxy in front of the replicas, which answer HTTP themselves (Ray Serve's
+    # HA proxy and throughput-optimized modes); "proxy": Ray Serve's default Python proxy.
+    ingress: Literal["haproxy", "proxy"] = "haproxy"
+    haproxy_stats_port: int = 28404  # HAProxy's stats page and Prometheus exporter, on loopback
+    haproxy_metrics_port: int = 28101
     # The API's Redis client: a read that takes longer than the timeout is tried again this many
     # times, then the request gets a 503. A busy machine stalls Redis replies past 0.5 s now and
     # then; a refused connection (Redis down) still fails within milliseconds per try.

@@ -58,13 +58,13 @@ async def _recsys_error(_: Request, exc: RecsysError):
     return JSONResponse(status_code=exc.http_status, content={"detail": str(exc)}, headers=headers)
 
 
-@serve.deployment
-@serve.ingress(app)
-class RecsysApi:
-    def __init__(self, settings: Optional[dict] = None, model_poll_s: float = 1.0):
-        self.settings = Settings(**(settings or {}))
+class RecsysService:
+    """The request path itself, free of Serve: one per process (a Serve replica, or plain
+    uvicorn in ``recsys bench serve``'s ceiling variant)."""
+
+    def __init__(self, settings: Settings, model_poll_s: float = 1.0):
+        self.settings = s = settings
         # Fail within a bounded time when Redis is gone, instead of hanging a request.
-        s = self.settings
         self.store = FeatureStore(s, connect(s, timeout_s=s.serving.redis_timeout_s, retries=s.serving.redis_retries))
         self._producer = None
         self._producer_lock = threading.Lock()
@@ -104,11 +104,18 @@ class RecsysApi:
                     raise Unavailable(f"Kafka unavailable: {exc}") from None
             return self._producer
 
-    # -- routes ----------------------------------------------------------
-    @app.get("/v1/recommendations/{user_id}")
-    def recommendations(self, user_id: str, k: int = Query(10, ge=1, le=K_MAX)):
-        """Top-k unseen items; the cold-start fallback (trending) for users without history.
-        The Server-Timing header gives the time of each stage in ms."""
+    def produce(self, events: list[Event]) -> None:
+        """Accepted means on the broker: nothing is lost after a 202."""
+        prod = self._kafka()
+        futures = [send_event(prod, self.settings, e) for e in events]
+        try:
+            for f in futures:
+                f.get(timeout=2.0)
+        except KafkaError as exc:
+            raise Unavailable(f"Kafka unavailable: {exc!r}") from None
+
+    # -- requests --------------------------------------------------------
+    def recommendations(self, user_id: str, k: int) -> JSONResponse:
         started = time.perf_counter()
         model = self.model
         try:
@@ -127,46 +134,9 @@ class RecsysApi:
         timing = ", ".join(f"{stage};dur={ms:.3f}" for stage, ms in rec.stages_ms.items())
         return JSONResponse(rec.to_json(user_id), headers={"Server-Timing": timing})
 
-    @app.post("/v1/events", status_code=202)
-    async def events(self, request: Request) -> dict:
-        started = time.perf_counter()
-        if int(request.headers.get("content-length") or 0) > MAX_BATCH * MAX_EVENT_BYTES:
-            raise HTTPException(413, detail=f"body over {MAX_BATCH * MAX_EVENT_BYTES} bytes; at most {MAX_BATCH} events per request")
-        try:
-            body = json.loads(await request.body())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise HTTPException(422, detail=[{"loc": ["body"], "msg": f"malformed JSON: {exc}"}]) from None
-        batch = body if isinstance(body, list) else [body]
-        if len(batch) > MAX_BATCH:
-            raise HTTPException(413, detail=f"batch of {len(batch)} events; at most {MAX_BATCH} per request")
-        try:
-            events = EVENTS.validate_python(batch)
-        except ValidationError as exc:
-            raise HTTPException(422, detail=[{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]) from None
-        await asyncio.to_thread(self._produce, events)  # off the event loop: waits for the broker
-        EVENTS_ACCEPTED.inc(len(events))
-        LATENCY_MS.observe((time.perf_counter() - started) * 1e3, tags={"route": "events"})
-        return {"accepted": len(events)}
-
-    def _produce(self, events: list[Event]) -> None:
-        """Accepted means on the broker: nothing is lost after a 202."""
-        prod = self._kafka()
-        futures = [send_event(prod, self.settings, e) for e in events]
-        try:
-            for f in futures:
-                f.get(timeout=2.0)
-        except KafkaError as exc:
-            raise Unavailable(f"Kafka unavailable: {exc!r}") from None
-
-    @app.get("/healthz")
-    def healthz(self) -> dict:
-        return {"status": "ok"}
-
-    @app.get("/readyz")
-    def readyz(self):
+    def readiness(self) -> dict:
         checks = {"model": self.version, "redis": self._redis_ok(), "kafka": kafka_answers(self.settings)}
-        ready = checks["model"] is not None and checks["redis"] and checks["kafka"]
-        return JSONResponse(status_code=200 if ready else 503, content={"ready": ready, **checks})
+        return {"ready": checks["model"] is not None and checks["redis"] and checks["kafka"], **checks}
 
     def _redis_ok(self) -> bool:
         try:
@@ -174,15 +144,83 @@ class RecsysApi:
         except redis.RedisError:
             return False
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    def metrics(self) -> str:
-        """This node's Prometheus metrics (every replica's, and Serve's own), from Ray's exporter."""
+    def metrics_text(self) -> str:
         url = f"http://127.0.0.1:{self.settings.ray.metrics_port}/metrics"
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
                 return resp.read().decode()
         except OSError as exc:
             raise Unavailable(f"Ray metrics exporter unavailable at {url}: {exc}") from None
+
+
+_service: Optional[RecsysService] = None  # this process's; set by the Serve replica or by install()
+
+
+def install(service: RecsysService) -> None:
+    global _service
+    _service = service
+
+
+def service() -> RecsysService:
+    if _service is None:
+        raise Unavailable("the service is starting")
+    return _service
+
+
+# -- routes ------------------------------------------------------------------
+@app.get("/v1/recommendations/{user_id}")
+def recommendations(user_id: str, k: int = Query(10, ge=1, le=K_MAX)):
+    """Top-k unseen items; the cold-start fallback (trending) for users without history.
+    The Server-Timing header gives the time of each stage in ms."""
+    return service().recommendations(user_id, k)
+
+
+@app.post("/v1/events", status_code=202)
+async def events(request: Request) -> dict:
+    started = time.perf_counter()
+    if int(request.headers.get("content-length") or 0) > MAX_BATCH * MAX_EVENT_BYTES:
+        raise HTTPException(413, detail=f"body over {MAX_BATCH * MAX_EVENT_BYTES} bytes; at most {MAX_BATCH} events per request")
+    try:
+        body = json.loads(await request.body())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HTTPException(422, detail=[{"loc": ["body"], "msg": f"malformed JSON: {exc}"}]) from None
+    batch = body if isinstance(body, list) else [body]
+    if len(batch) > MAX_BATCH:
+        raise HTTPException(413, detail=f"batch of {len(batch)} events; at most {MAX_BATCH} per request")
+    try:
+        accepted = EVENTS.validate_python(batch)
+    except ValidationError as exc:
+        raise HTTPException(422, detail=[{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]) from None
+    await asyncio.to_thread(service().produce, accepted)  # off the event loop: waits for the broker
+    EVENTS_ACCEPTED.inc(len(accepted))
+    LATENCY_MS.observe((time.perf_counter() - started) * 1e3, tags={"route": "events"})
+    return {"accepted": len(accepted)}
+
+
+@app.get("/healthz")
+def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@app.get("/readyz")
+def readyz():
+    checks = service().readiness()
+    return JSONResponse(status_code=200 if checks["ready"] else 503, content=checks)
+
+
+@app.get("/metrics", response_class=PlainTextResponse)
+def metrics_page() -> str:
+    """This node's Prometheus metrics (every replica's, and Serve's own), from Ray's exporter."""
+    return service().metrics_text()
+
+
+@serve.deployment
+@serve.ingress(app)
+class RecsysApi:
+    """The Serve deployment: its replica process holds one RecsysService for the routes above."""
+
+    def __init__(self, settings: Optional[dict] = None, model_poll_s: float = 1.0):
+        install(RecsysService(Settings(**(settings or {})), model_poll_s))
 
 
 class AppArgs(BaseModel):

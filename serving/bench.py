@@ -1,20 +1,33 @@
-"""``recsys bench serve``: the recommendation endpoint against a no-op Serve endpoint.
+"""``recsys bench serve``: four ways of answering the same requests, in one run.
 
-Both run in the same Serve instance with the same replica settings (fixed replicas,
-the config's CPUs per replica) and get the same closed-loop HTTP load from a separate
-process, so the ratios say what the recommendation path costs on top of Serve itself.
+  a  the no-op endpoint behind Ray Serve's default ingress (its Python proxy): the old floor
+  b  the no-op endpoint behind the HAProxy ingress (Serve's HA proxy + throughput-optimized modes)
+  c  the recommendation endpoint behind the HAProxy ingress: what ``recsys serve`` runs
+  d  the same FastAPI app and handler code under plain uvicorn, no Serve: the ceiling
+
+Every variant gets the same closed-loop HTTP client (a separate process), concurrency and
+known users, its own warm-up, and two measured runs in alternating order (a b c d, then
+d c b a), so a noisy neighbour hurts all alike. Besides req/s and latency, each run counts
+the CPU time of every process on the serving path (proxy or HAProxy, replicas, controller;
+uvicorn's workers) per answered request: on a shared machine that is steadier than req/s.
 """
 from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import os
 import random
+import subprocess
+import sys
 import time
 
 import numpy as np
+import psutil
 from fastapi import FastAPI, Query
 from ray import serve
 
+from deploy.local import stack
+from recsys.errors import RecsysError
 from recsys.feature_store import FeatureStore
 from recsys.settings import Settings
 from serving.deploy import base_url, connect_ray, load_config, serve_up, start_serve, wait_http
@@ -22,43 +35,51 @@ from serving.deploy import base_url, connect_ray, load_config, serve_up, start_s
 noop_app = FastAPI()
 
 
+@noop_app.get("/v1/recommendations/{user_id}")
+def noop_recommendations(user_id: str, k: int = Query(10, ge=1, le=100)) -> dict:
+    return {"user_id": user_id, "items": []}
+
+
 @serve.deployment
 @serve.ingress(noop_app)
 class NoopApi:
-    @noop_app.get("/v1/recommendations/{user_id}")
-    def recommendations(self, user_id: str, k: int = Query(10, ge=1, le=100)) -> dict:
-        return {"user_id": user_id, "items": []}
+    """The recommendation route answered with nothing: what Serve itself costs."""
+
+
+VARIANTS = {"a": ("proxy", "noop"), "b": ("haproxy", "noop"), "c": ("haproxy", "recsys"), "d": ("uvicorn", "recsys")}
+TARGETS = {  # (c) against the others, from the same run
+    "c/a throughput": (">=", 3.0), "c/a p99": ("<=", 1.0), "c/b throughput": (">=", 0.8),
+    "c/d throughput": (">=", 0.5), "c/a cpu_ms_per_request": ("<=", 1 / 3)}
 
 
 async def _closed_loop(urls: list[str], concurrency: int, seconds: float) -> dict:
     import aiohttp
-    latencies, errors, stages = [], 0, {}
+    latencies, errors, answered, personal = [], 0, 0, 0
     deadline = time.monotonic() + seconds
 
     async def client(session):
-        nonlocal errors
+        nonlocal errors, answered, personal
         while time.monotonic() < deadline:
             t0 = time.perf_counter()
             try:
                 async with session.get(random.choice(urls)) as resp:
-                    await resp.read()
-                    ok = resp.status == 200
-                    for part in filter(None, resp.headers.get("Server-Timing", "").split(", ")):
-                        name, _, dur = part.partition(";dur=")
-                        stages.setdefault(name, []).append(float(dur))
-            except aiohttp.ClientError:
-                ok = False
+                    body = await resp.json() if resp.status == 200 else None
+            except (aiohttp.ClientError, ValueError):
+                body = None
             latencies.append((time.perf_counter() - t0) * 1e3)
-            errors += not ok
+            if body is None:
+                errors += 1
+                continue
+            answered += 1
+            personal += body.get("fallback") is False  # a model's answer, not trending
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         started = time.monotonic()
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
         elapsed = time.monotonic() - started
     lat = np.array(latencies)
-    return {"requests": len(lat), "errors": errors, "rps": round(len(lat) / elapsed, 1),
-            "p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2),
-            "stages_mean_ms": {k: round(float(np.mean(v)), 3) for k, v in stages.items()}}
+    return {"answered": answered, "errors": errors, "personal": personal, "seconds": elapsed,
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
 
 
 def _load_process(urls, concurrency, seconds, queue):
@@ -76,44 +97,144 @@ def closed_loop(urls: list[str], concurrency: int, seconds: float) -> dict:
     return result
 
 
-def bench_serve(settings: Settings, replicas: int = 2, concurrency: int = 16, seconds: float = 15.0,
-                users: int = 500) -> dict:
-    config = load_config()
-    options = dict(config["deployments"]["RecsysApi"])
-    options.pop("autoscaling_config", None)
-    options["num_replicas"] = replicas
-    connect_ray(settings, progress=lambda *_: None)
-    start_serve(settings, config["http"])
-    from serving.app import RecsysApi
-    serve.run(RecsysApi.options(**options).bind(settings=settings.model_dump(mode="json")),
-              name="recsys", route_prefix="/", blocking=False)
-    serve.run(NoopApi.options(**options).bind(), name="noop", route_prefix="/noop", blocking=False)
-    base = base_url(settings)
-    wait_http(f"{base}/noop/v1/recommendations/u?k=10")
-    store = FeatureStore(settings)
-    known = [k.split(":")[-2] for k in store.redis.scan_iter(match=f"{store.keys.prefix}:user:*:recent", count=1000)]
-    ids = random.Random(0).sample(known, min(users, len(known))) if known else ["nobody"]
-    rec_urls = [f"{base}/v1/recommendations/{u}?k=10" for u in ids]
-    noop_urls = [f"{base}/noop/v1/recommendations/{u}?k=10" for u in ids]
-    closed_loop(rec_urls, concurrency, 3)  # warm-up: imports, connections, caches
-    runs = {"noop": [], "recsys": []}
-    for _ in range(2):  # interleaved, so a noisy neighbour hurts both alike
-        runs["noop"].append(closed_loop(noop_urls, concurrency, seconds / 2))
-        runs["recsys"].append(closed_loop(rec_urls, concurrency, seconds / 2))
-    serve.delete("noop")
-    serve_up(settings, progress=lambda *_: None)  # back to the autoscaling config
-    noop, rec = (_merge(runs[name]) for name in ("noop", "recsys"))
-    return {"replicas": replicas, "concurrency": concurrency, "users": len(ids), "noop": noop, "recsys": rec,
-            "throughput_ratio": round(rec["rps"] / noop["rps"], 3),
-            "p99_ratio": round(rec["p99_ms"] / noop["p99_ms"], 3),
-            "targets": {"throughput_ratio": ">= 0.8", "p99_ratio": "<= 1.5"}}
+def serve_path_pids(s: Settings) -> set[int]:
+    """Serve's processes (controller, proxies, replicas) and this stack's HAProxy."""
+    pids = set(stack.haproxy_pids(s))
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if cmd.startswith(("ray::Serve", "ray::ProxyActor", "ray::HAProxyManager")):
+            pids.add(proc.info["pid"])
+    return pids
 
 
-def _merge(runs: list[dict]) -> dict:
-    n = sum(r["requests"] for r in runs)
-    return {"requests": n, "errors": sum(r["errors"] for r in runs),
-            "rps": round(sum(r["rps"] for r in runs) / len(runs), 1),
+def _cpu_s(pids: set[int]) -> dict[int, float]:
+    out = {}
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            out[pid] = t.user + t.system
+        except psutil.Error:
+            continue
+    return out
+
+
+def measure(urls: list[str], concurrency: int, seconds: float, pids) -> dict:
+    """One measured run; ``pids()`` names the serving path's processes (looked up again at
+    the end, so a process that started during the run counts from zero)."""
+    before = _cpu_s(pids())
+    run = closed_loop(urls, concurrency, seconds)
+    after = _cpu_s(pids())
+    run["cpu_s"] = sum(t - before.get(pid, 0.0) for pid, t in after.items())
+    return run
+
+
+def _summary(runs: list[dict]) -> dict:
+    answered = sum(r["answered"] for r in runs)
+    seconds = sum(r["seconds"] for r in runs)
+    return {"requests": answered, "errors": sum(r["errors"] for r in runs),
+            "rps": round(answered / seconds, 1),  # errors are not throughput
             "p50_ms": round(float(np.mean([r["p50_ms"] for r in runs])), 2),
             "p99_ms": round(max(r["p99_ms"] for r in runs), 2),
-            "stages_mean_ms": {k: round(float(np.mean([r["stages_mean_ms"].get(k, 0) for r in runs])), 3)
-                               for k in runs[-1]["stages_mean_ms"]}}
+            "personal_share": round(sum(r["personal"] for r in runs) / answered, 3) if answered else 0.0,
+            "cpu_ms_per_request": round(1e3 * sum(r["cpu_s"] for r in runs) / answered, 3) if answered else None}
+
+
+class _Cluster:
+    """The local Ray cluster in one ingress mode at a time, with the apps a variant needs."""
+
+    def __init__(self, settings: Settings, replicas: int):
+        self.settings, self.replicas, self.mode = settings, replicas, None
+        options = dict(load_config()["deployments"]["RecsysApi"])
+        options.pop("autoscaling_config", None)
+        self.options = {**options, "num_replicas": replicas}
+
+    def ensure(self, mode: str) -> Settings:
+        from serving.app import RecsysApi
+        s = self.settings.updated(serving={"ingress": mode})
+        if mode != self.mode:
+            import ray
+            ray.shutdown()
+            stack.stop_ray(s)
+            connect_ray(s, progress=lambda *_: None)
+            start_serve(s, load_config()["http"])
+            serve.run(RecsysApi.options(**self.options).bind(settings=s.model_dump(mode="json")),
+                      name="recsys", route_prefix="/", blocking=False)
+            serve.run(NoopApi.options(**self.options).bind(), name="noop", route_prefix="/noop", blocking=False)
+            wait_http(f"{base_url(s)}/noop/v1/recommendations/u?k=10")
+            wait_http(f"{base_url(s)}/readyz")
+            self.mode = mode
+        return s
+
+
+class _Uvicorn:
+    """serving.plain under uvicorn with as many worker processes as Serve has replicas."""
+
+    def __init__(self, settings: Settings, workers: int, port: int):
+        self.url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, **{k: v for k, v in settings.environment().items() if v is not None}}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "serving.plain:create", "--factory", "--host", "127.0.0.1",
+             "--port", str(port), "--workers", str(workers), "--no-access-log", "--log-level", "warning"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_http(f"{self.url}/readyz")
+
+    def pids(self) -> set[int]:
+        parent = psutil.Process(self.proc.pid)
+        return {parent.pid, *(c.pid for c in parent.children(recursive=True))}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def _known_users(settings: Settings, n: int) -> list[str]:
+    store = FeatureStore(settings)
+    known = [k.split(":")[-2] for k in store.redis.scan_iter(match=f"{store.keys.prefix}:user:*:recent", count=1000)]
+    if not known:
+        raise RecsysError("bench serve needs users with history in Redis and a published model: run `recsys demo` first")
+    return random.Random(0).sample(known, min(n, len(known)))
+
+
+def bench_serve(settings: Settings, replicas: int = 2, concurrency: int = 16, seconds: float = 20.0,
+                users: int = 500, uvicorn_port: int = 28090, progress=print) -> dict:
+    ids = _known_users(settings, users)
+    cluster = _Cluster(settings, replicas)
+    plain = None
+    runs = {v: [] for v in VARIANTS}
+    try:
+        for order in ("abcd", "dcba"):
+            for v in order:
+                mode, endpoint = VARIANTS[v]
+                if mode == "uvicorn":
+                    plain = plain or _Uvicorn(settings, replicas, uvicorn_port)
+                    base, pids = plain.url, plain.pids
+                else:
+                    s = cluster.ensure(mode)
+                    base = base_url(s) + ("/noop" if endpoint == "noop" else "")
+                    pids = lambda s=s: serve_path_pids(s)  # noqa: E731
+                urls = [f"{base}/v1/recommendations/{u}?k=10" for u in ids]
+                progress(f"bench serve: {v} ({endpoint}, {mode}) warm-up, then {seconds / 2:g} s")
+                closed_loop(urls, concurrency, 3)
+                runs[v].append(measure(urls, concurrency, seconds / 2, pids))
+    finally:
+        if plain:
+            plain.stop()
+    stack.stop_ray(settings)
+    serve_up(settings, progress=lambda *_: None)  # back to the configured ingress and autoscaling
+    variants = {v: {"endpoint": VARIANTS[v][1], "ingress": VARIANTS[v][0], **_summary(runs[v])} for v in VARIANTS}
+    return {"replicas": replicas, "concurrency": concurrency, "users": len(ids), "variants": variants,
+            **judge(variants)}
+
+
+def judge(variants: dict) -> dict:
+    """The ratios of (c) to the others, and whether each meets its target."""
+    a, b, c, d = (variants[v] for v in "abcd")
+    ratios = {"c/a throughput": c["rps"] / a["rps"], "c/a p99": c["p99_ms"] / a["p99_ms"],
+              "c/b throughput": c["rps"] / b["rps"], "c/d throughput": c["rps"] / d["rps"],
+              "c/a cpu_ms_per_request": c["cpu_ms_per_request"] / a["cpu_ms_per_request"]}
+    passed = {name: (ratios[name] >= bound if op == ">=" else ratios[name] <= bound)
+              for name, (op, bound) in TARGETS.items()}
+    passed["c answers from the model"] = c["personal_share"] >= 0.9 and c["errors"] == 0
+    return {"ratios": {k: round(v, 3) for k, v in ratios.items()},
+            "targets": {k: f"{op} {bound:.3g}" for k, (op, bound) in TARGETS.items()},
+            "passed": passed, "pass": all(passed.values())}

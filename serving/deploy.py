@@ -102,9 +102,27 @@ def serve_status(settings: Settings) -> dict:
 
 
 def serve_down(settings: Settings) -> dict:
+    """Shut Serve down: the app, its controller and proxies, and the HAProxy they started."""
     from ray import serve
-    if not stack.ray_address(settings):
-        return {"state": "stopped"}
-    connect_ray(settings, progress=lambda *_: None)
-    serve.delete(APP_NAME)
-    return {"state": "deleted"}
+    if stack.ray_address(settings):
+        ray = connect_ray(settings, progress=lambda *_: None)
+        try:
+            serve.shutdown()
+        except ray.exceptions.ActorDiedError:  # Ray 2.60: shutdown kills the controller it waits on
+            pass
+        _wait_controller_gone(ray)
+    stack.stop_haproxy(settings)
+    return {"state": "stopped"}
+
+
+def _wait_controller_gone(ray, timeout_s: float = 60.0) -> None:
+    """Until Serve's controller actor is gone: a deploy that starts while a shutdown is still
+    draining direct-ingress replicas gets a controller that the shutdown then kills."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+        except ValueError:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"Serve's controller still alive {timeout_s:.0f}s after shutdown")

@@ -42,3 +42,26 @@ def test_every_manifest_parses():
     assert len(files) >= 8
     kinds = {doc["kind"] for f in files for doc in yaml.safe_load_all(f.read_text()) if doc}
     assert {"RayService", "RayJob", "CronJob", "StatefulSet", "Deployment", "PodMonitor"} <= kinds
+
+
+def test_serving_pods_run_the_haproxy_ingress_and_only_ray_pods_reach_their_other_ports():
+    """rayservice.yaml turns on the HAProxy ingress on head and workers alike, and the
+    NetworkPolicy that selects those pods admits outside traffic only to the front door (8000)
+    and metrics (8080, from the monitoring namespace); the replicas' own ports only from Ray pods."""
+    service = yaml.safe_load((ROOT / "deploy" / "k8s" / "rayservice.yaml").read_text())
+    cluster = service["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])]
+    policy = yaml.safe_load((ROOT / "deploy" / "k8s" / "networkpolicy.yaml").read_text())
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    for template in templates:
+        env = {e["name"]: e["value"] for c in template["spec"]["containers"] for e in c.get("env", [])}
+        assert env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" and env.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1"
+        assert selector.items() <= template["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    for rule in policy["spec"]["ingress"]:
+        peers = rule.get("from", [])
+        if peers == [{"podSelector": {"matchLabels": selector}}]:
+            continue  # Ray's own pods: every port
+        assert {p["port"] for p in rule["ports"]} <= {8000, 8080}, rule
+    kustomization = yaml.safe_load((ROOT / "deploy" / "k8s" / "kustomization.yaml").read_text())
+    assert "networkpolicy.yaml" in kustomization["resources"]

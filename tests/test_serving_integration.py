@@ -7,6 +7,7 @@ posted events reach Redis.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import shutil
 import threading
@@ -251,3 +252,57 @@ def test_kafka_down_gives_503_quickly_then_recovers(served):
             assert time.monotonic() < deadline, "no consumer group could read 60 s after the broker restart"
     finally:
         consumer.close()
+
+
+def _listeners(pids) -> list[tuple[str, int, int]]:
+    """(address, port, pid) of every listening TCP socket of these processes."""
+    import psutil
+    return [(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids]
+
+
+def test_haproxy_listens_on_loopback_and_replica_ports_answer_as_the_front_door(served):
+    """The ingress's own sockets: HAProxy (front door, stats, Prometheus) listens on loopback
+    only (deploy/local/haproxy-loopback). The replicas' HTTP ports, which Serve's HAProxy mode
+    binds to all interfaces so that HAProxy on another node can reach them, answer exactly as
+    the front door does: same routes, same answers, same errors. (Ray's own processes, GCS,
+    raylet and agents, bind all interfaces too; that predates the ingress: see README.)"""
+    import psutil
+    from ray.serve._private.constants import (RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT,
+                                              RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT)
+    client, settings = served["client"], served["scratch"].settings
+    haproxy = _listeners(set(stack.haproxy_pids(settings)))
+    assert ("127.0.0.1", settings.serving.port) in {(ip, port) for ip, port, _ in haproxy}
+    assert all(ipaddress.ip_address(ip).is_loopback for ip, _, _ in haproxy), haproxy
+    replicas = {p.pid for p in psutil.process_iter(["cmdline"])
+                if " ".join(p.info["cmdline"] or []).startswith("ray::ServeReplica:recsys:RecsysApi")}
+    direct = [(ip, port) for ip, port, _ in _listeners(replicas)
+              if RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT <= port <= RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT]
+    assert direct, "no replica answers HTTP on its own port: is the HAProxy ingress on?"
+    for ip, port in direct:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as replica:
+            for path in ("/v1/recommendations/1?k=5", "/v1/recommendations/2?k=0", "/healthz", "/nope"):
+                front, own = client.get(path), replica.get(path)
+                assert (front.status_code, front.json()) == (own.status_code, own.json()), (port, path)
+            bad = {"event_id": "x", "user_id": "1", "item_id": "1", "type": "nope", "ts": 1}
+            assert replica.post("/v1/events", json=bad).json() == client.post("/v1/events", json=bad).json()
+
+
+def test_serve_down_and_ray_stop_leave_no_haproxy_and_a_redeploy_works(served):
+    """Last in this module: it takes the app down twice. HAProxy runs while Serve does;
+    `recsys serve down` and `ray stop` (also `recsys stack down`) leave none behind, so the
+    next deploy can bind its ports."""
+    import ray
+
+    from serving.deploy import serve_down
+    client, settings = served["client"], served["scratch"].settings
+    assert stack.haproxy_pids(settings), "the HAProxy ingress is not running"
+    serve_down(settings)
+    assert not stack.haproxy_pids(settings)
+    serve_up(settings, progress=lambda *_: None)
+    assert recs(client, "1")["items"] and stack.haproxy_pids(settings)
+    ray.shutdown()  # this process's connection to the cluster about to stop
+    stack.stop_ray(settings)
+    assert not stack.haproxy_pids(settings) and not stack.ray_address(settings)
+    serve_up(settings, progress=lambda *_: None)
+    assert recs(client, "1")["items"]

