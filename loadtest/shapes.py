@@ -114,12 +114,12 @@ class Profile:
 # machine (Locust, Serve, Kafka, Redis and the stream worker all share the 2 cores).
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
-        name="smoke", base=4, ramp_to=8, peak=24,
+        name="smoke", base=4, ramp_to=8, peak=60,
         baseline_s=10, ramp_s=10, surge_s=15, peak_s=30, decay_s=10, cooldown_s=30,
         wait_min_s=0.0, wait_max_s=0.1,
         description="CI: every phase, under 2 minutes"),
     "peak": Profile(
-        name="peak", base=4, ramp_to=8, peak=28,
+        name="peak", base=4, ramp_to=8, peak=70,
         baseline_s=60, ramp_s=90, surge_s=40, peak_s=180, decay_s=90, cooldown_s=60,
         wait_min_s=0.0, wait_max_s=0.1,
         description="peak season for people: ~8.5 minutes"),

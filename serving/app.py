@@ -15,6 +15,7 @@ import time
 import urllib.request
 from typing import Optional
 
+import numpy as np
 import redis
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -25,11 +26,12 @@ from ray.util import metrics
 
 from recsys.errors import RecsysError, Unavailable
 from recsys.events import Event
-from recsys.feature_store import FeatureStore, connect
+from recsys.features import UserFeatures
+from recsys.feature_store import FeatureReader, FeatureStore, connect, connect_async
 from recsys.kafka_io import kafka_answers, producer, send_event
 from recsys.settings import Settings
 from serving.models import load_servable, current_version
-from serving.recommend import recommend
+from serving.recommend import ServableModel, embed_together, needs_model, recommend
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +64,13 @@ class RecsysService:
     """The request path itself, free of Serve: one per process (a Serve replica, or plain
     uvicorn in ``recsys bench serve``'s ceiling variant)."""
 
-    def __init__(self, settings: Settings, model_poll_s: float = 1.0):
+    def __init__(self, settings: Settings, model_poll_s: float = 1.0, batch_tower: bool = True):
         self.settings = s = settings
+        self.batch_tower = batch_tower  # @serve.batch works in a Serve replica only
         # Fail within a bounded time when Redis is gone, instead of hanging a request.
-        self.store = FeatureStore(s, connect(s, timeout_s=s.serving.redis_timeout_s, retries=s.serving.redis_retries))
+        bounded = {"timeout_s": s.serving.redis_timeout_s, "retries": s.serving.redis_retries}
+        self.store = FeatureStore(s, connect(s, **bounded))  # readiness
+        self.reader = FeatureReader(s, connect_async(s, **bounded))  # the request path
         self._producer = None
         self._producer_lock = threading.Lock()
         self.model, self.version = None, None
@@ -115,17 +120,23 @@ class RecsysService:
             raise Unavailable(f"Kafka unavailable: {exc!r}") from None
 
     # -- requests --------------------------------------------------------
-    def recommendations(self, user_id: str, k: int) -> JSONResponse:
+    async def recommendations(self, user_id: str, k: int) -> JSONResponse:
         started = time.perf_counter()
         model = self.model
         try:
-            t0 = time.perf_counter()
-            user, trending = self.store.user_and_trending(user_id, 2 * k)
-            features_ms = (time.perf_counter() - t0) * 1e3
+            user, trending = await self.reader.user_and_trending(user_id, 2 * k)
+            features_ms = (time.perf_counter() - started) * 1e3
         except redis.RedisError as exc:
             raise Unavailable(f"Redis unavailable: {exc}") from None
-        rec = recommend(model, user, k, trending)
+        query, tower_ms = None, None
+        if needs_model(model, user):
+            t0 = time.perf_counter()
+            query = await self._embed((model, user)) if self.batch_tower else model.user_embedding([user])
+            tower_ms = (time.perf_counter() - t0) * 1e3
+        rec = recommend(model, user, k, trending, query=query)
         rec.stages_ms["features"] = features_ms
+        if tower_ms is not None:
+            rec.stages_ms["user_tower"] = tower_ms  # the wait for the batch included
         for stage, ms in rec.stages_ms.items():
             STAGE_MS.observe(ms, tags={"stage": stage})
         if rec.fallback:
@@ -133,6 +144,12 @@ class RecsysService:
         LATENCY_MS.observe((time.perf_counter() - started) * 1e3, tags={"route": "recommendations"})
         timing = ", ".join(f"{stage};dur={ms:.3f}" for stage, ms in rec.stages_ms.items())
         return JSONResponse(rec.to_json(user_id), headers={"Server-Timing": timing})
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0005)
+    async def _embed(self, requests: list[tuple[ServableModel, UserFeatures]]) -> list[np.ndarray]:
+        """The user tower once for the requests that arrive together (measured: 8% less CPU
+        per request at 8 in flight; README, "Serving")."""
+        return embed_together(requests)
 
     def readiness(self) -> dict:
         checks = {"model": self.version, "redis": self._redis_ok(), "kafka": kafka_answers(self.settings)}
@@ -169,10 +186,12 @@ def service() -> RecsysService:
 
 # -- routes ------------------------------------------------------------------
 @app.get("/v1/recommendations/{user_id}")
-def recommendations(user_id: str, k: int = Query(10, ge=1, le=K_MAX)):
+async def recommendations(user_id: str, k: int = Query(10, ge=1, le=K_MAX)):
     """Top-k unseen items; the cold-start fallback (trending) for users without history.
-    The Server-Timing header gives the time of each stage in ms."""
-    return service().recommendations(user_id, k)
+    The Server-Timing header gives the time of each stage in ms. Async: the work is a
+    Redis round trip and about half a millisecond of numpy, cheaper on the event loop than
+    a hop to the thread pool."""
+    return await service().recommendations(user_id, k)
 
 
 @app.post("/v1/events", status_code=202)

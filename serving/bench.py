@@ -3,7 +3,8 @@
   a  the no-op endpoint behind Ray Serve's default ingress (its Python proxy): the old floor
   b  the no-op endpoint behind the HAProxy ingress (Serve's HA proxy + throughput-optimized modes)
   c  the recommendation endpoint behind the HAProxy ingress: what ``recsys serve`` runs
-  d  the same FastAPI app and handler code under plain uvicorn, no Serve: the ceiling
+  d  the same FastAPI app and handler code under plain uvicorn, no Serve: the ceiling (its
+     user tower unbatched: ``@serve.batch`` needs a Serve replica)
 
 Every variant gets the same closed-loop HTTP client (a separate process), concurrency and
 known users, its own warm-up, and two measured runs in alternating order (a b c d, then
@@ -152,8 +153,6 @@ class _Cluster:
         from serving.app import RecsysApi
         s = self.settings.updated(serving={"ingress": mode})
         if mode != self.mode:
-            import ray
-            ray.shutdown()
             stack.stop_ray(s)
             connect_ray(s, progress=lambda *_: None)
             start_serve(s, load_config()["http"])

@@ -45,14 +45,35 @@ def trending_answer(trending: list[tuple[str, float]], seen: set[str], k: int, v
     return Recommendation([i for i, _ in picked], [s for _, s in picked], True, version, stages)
 
 
+def needs_model(model: ServableModel | None, user: UserFeatures) -> bool:
+    """Whether ``recommend`` will ask the model (else it answers with trending items)."""
+    return model is not None and not user.is_new
+
+
+def embed_together(requests: list[tuple[ServableModel, UserFeatures]]) -> list[np.ndarray]:
+    """Each request's (1, dim) user embedding, one tower call per model: a batch taken while
+    the model is swapped holds two versions, and a request must get its own version's."""
+    out: list[np.ndarray | None] = [None] * len(requests)
+    by_model: dict[int, list[int]] = {}
+    for i, (model, _) in enumerate(requests):
+        by_model.setdefault(id(model), []).append(i)
+    for rows in by_model.values():
+        model = requests[rows[0]][0]
+        for i, emb in zip(rows, model.user_embedding([requests[i][1] for i in rows])):
+            out[i] = emb[None, :]
+    return out
+
+
 def recommend(model: ServableModel | None, user: UserFeatures, k: int, trending: list[tuple[str, float]],
-              candidates_per_k: int = 4) -> Recommendation:
-    """Top-k unseen items for one user; trending items when the user has no history or no model."""
+              candidates_per_k: int = 4, query: np.ndarray | None = None) -> Recommendation:
+    """Top-k unseen items for one user; trending items when the user has no history or no model.
+    ``query``: the user's embedding by ``model``, when the caller computed it (in a batch)."""
     stages: dict[str, float] = {}
-    if model is None or user.is_new:
+    if not needs_model(model, user):
         return trending_answer(trending, user.seen, k, model.version if model else None, stages)
     t0 = time.perf_counter()
-    query = model.user_embedding([user])
+    if query is None:
+        query = model.user_embedding([user])
     t1 = time.perf_counter()
     # Ask for enough candidates that k survive the seen filter.
     n = min(len(model.item_ids), candidates_per_k * k + len(user.seen))

@@ -2,7 +2,7 @@
 import numpy as np
 
 from recsys.features import UserFeatures
-from serving.recommend import recommend
+from serving.recommend import embed_together, recommend
 
 
 class TinyModel:
@@ -58,3 +58,21 @@ def test_a_user_who_saw_almost_everything_is_topped_up_from_trending():
     user = UserFeatures("u", ["i0"], {"i0", "i1", "i2", "i3"}, {"view": 4})
     rec = recommend(model, user, 3, [("i9", 1.0), ("i4", 0.5), ("i8", 0.1)])
     assert rec.items == ["i4", "i9", "i8"]
+
+
+def test_a_batch_across_a_model_swap_embeds_each_request_with_its_own_model():
+    old, new = TinyModel(), TinyModel()
+    new.user_embedding = lambda users: -TinyModel.user_embedding(new, users)  # another version
+    users = [UserFeatures(f"u{j}", [f"i{j}"], {f"i{j}"}, {"view": 1}) for j in range(4)]
+    batch = [(old, users[0]), (new, users[1]), (old, users[2]), (new, users[3])]
+    out = embed_together(batch)
+    for (model, user), emb in zip(batch, out):
+        assert emb.shape == (1, 20)
+        np.testing.assert_array_equal(emb, model.user_embedding([user]))
+
+
+def test_a_precomputed_query_gives_the_same_answer_as_the_model():
+    user = UserFeatures("u", ["i4"], {"i4", "i5"}, {"click": 2})
+    model = TinyModel()
+    assert recommend(model, user, 3, TRENDING, query=model.user_embedding([user])).items == \
+        recommend(model, user, 3, TRENDING).items

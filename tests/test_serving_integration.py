@@ -262,8 +262,8 @@ def _listeners(pids) -> list[tuple[str, int, int]]:
 
 
 def test_haproxy_listens_on_loopback_and_replica_ports_answer_as_the_front_door(served):
-    """The ingress's own sockets: HAProxy (front door, stats, Prometheus) listens on loopback
-    only (deploy/local/haproxy-loopback). The replicas' HTTP ports, which Serve's HAProxy mode
+    """The stack's sockets: Kafka, Redis and HAProxy (front door, stats, Prometheus) listen on
+    loopback only (HAProxy through deploy/local/haproxy-loopback). The replicas' HTTP ports, which Serve's HAProxy mode
     binds to all interfaces so that HAProxy on another node can reach them, answer exactly as
     the front door does: same routes, same answers, same errors. (Ray's own processes, GCS,
     raylet and agents, bind all interfaces too; that predates the ingress: see README.)"""
@@ -271,6 +271,11 @@ def test_haproxy_listens_on_loopback_and_replica_ports_answer_as_the_front_door(
     from ray.serve._private.constants import (RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT,
                                               RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT)
     client, settings = served["client"], served["scratch"].settings
+    for name, service in stack.status(settings).items():
+        if name in ("kafka", "redis"):
+            own = _listeners({service["pid"]})
+            assert own and all(ipaddress.ip_address(ip.removeprefix("::ffff:")).is_loopback for ip, _, _ in own), \
+                (name, own)
     haproxy = _listeners(set(stack.haproxy_pids(settings)))
     assert ("127.0.0.1", settings.serving.port) in {(ip, port) for ip, port, _ in haproxy}
     assert all(ipaddress.ip_address(ip).is_loopback for ip, _, _ in haproxy), haproxy
