@@ -86,6 +86,12 @@ def cmd_archive(args) -> int:
 
 def cmd_features(args) -> int:
     from recsys.feature_store import FeatureStore
+    if args.kind == "rebuild":
+        from recsys.rebuild import rebuild_features
+        _print(rebuild_features(get_settings(), progress=lambda msg: print(msg, file=sys.stderr)), args.json)
+        return 0
+    if not args.id:
+        raise SystemExit(f"recsys features {args.kind}: give the {args.kind} id")
     store = FeatureStore(get_settings())
     if args.kind == "user":
         result = store.user(args.id).to_json()
@@ -185,9 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve Prometheus metrics on 127.0.0.1:PORT")
     p.set_defaults(func=cmd_archive)
 
-    p = sub.add_parser("features", help="print what Redis holds for a user or an item")
-    p.add_argument("kind", choices=["user", "item"])
-    p.add_argument("id")
+    p = sub.add_parser("features", help="print what Redis holds for a user or an item; or rebuild it all from "
+                                        "the archive (stop the stream workers first)")
+    p.add_argument("kind", choices=["user", "item", "rebuild"])
+    p.add_argument("id", nargs="?", help="the user's or item's id")
     p.add_argument("--json", action="store_true", help="one JSON line")
     p.set_defaults(func=cmd_features)
 

@@ -11,6 +11,7 @@ Layout: ``archive/day=YYYY-MM-DD/p{partition}-{first:012d}-{last:012d}.parquet``
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -26,13 +27,19 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from kafka import ConsumerRebalanceListener
+from kafka.errors import KafkaError
 
 from recsys import kafka_io
-from recsys.events import BadEvent, Event, parse_event
+from recsys.events import BadEvent, Event, EventTimeBounds, parse_event
 from recsys.settings import Settings
+
+log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema([("event_id", pa.string()), ("user_id", pa.string()), ("item_id", pa.string()),
                     ("type", pa.string()), ("value", pa.float64()), ("ts", pa.int64())])
+# On disk each row also keeps its Kafka offset (files written before it have none): the order in
+# which a feature rebuild applies a partition's events, exactly as the stream worker did.
+FILE_SCHEMA = SCHEMA.append(pa.field("offset", pa.int64()))
 _FILE = re.compile(r"p(\d+)-(\d+)-(\d+)\.parquet$")
 
 
@@ -85,7 +92,7 @@ class Archive:
             folder = self.root / f"day={day}"
             folder.mkdir(exist_ok=True)
             name = f"p{partition}-{rows[0][0]:012d}-{rows[-1][0]:012d}.parquet"
-            table = events_table([e for _, e in rows])
+            table = events_table([e for _, e in rows]).append_column("offset", pa.array([o for o, _ in rows], pa.int64()))
             _atomic_write(folder / name, lambda p: pq.write_table(table, p))
         last = max(offset for offset, _ in records)
         _atomic_write(self.ledger_dir / f"p{partition}", lambda p: p.write_text(str(last)))
@@ -110,6 +117,29 @@ def read_events(settings: Settings, start_ts: int | None = None, end_ts: int | N
     return table if first.all() else table.filter(pa.array(first))
 
 
+def read_partition_log(settings: Settings, partition: int) -> pa.Table:
+    """One partition's archived events with their offsets, in offset order (rows of files
+    written before offsets were kept: in file order, after the others of lower offsets)."""
+    files = sorted(Path(settings.archive_dir).glob(f"day=*/p{partition}-*.parquet"),
+                   key=lambda f: int(_FILE.search(f.name).group(2)))
+    if not files:
+        return FILE_SCHEMA.empty_table()
+    tables = [pq.read_table(f).cast(FILE_SCHEMA) if "offset" in pq.read_schema(f).names else
+              pq.read_table(f).append_column("offset", pa.array([None] * pq.read_metadata(f).num_rows, pa.int64()))
+              for f in files]
+    table = pa.concat_tables(tables)
+    offsets = table["offset"].to_numpy(zero_copy_only=False)
+    known = ~pd.isna(offsets)
+    if known.all():
+        return table.take(pa.array(np.argsort(offsets.astype(np.int64), kind="stable")))
+    return table  # file order: exact within a file, and files follow their first offsets
+
+
+def archived_partitions(settings: Settings) -> list[int]:
+    return sorted({int(m.group(1)) for f in Path(settings.archive_dir).glob("day=*/p*.parquet")
+                   if (m := _FILE.search(f.name))})
+
+
 class _SeekToLedger(ConsumerRebalanceListener):
     def __init__(self, archive: Archive):
         self.archive = archive
@@ -128,9 +158,14 @@ def run_archiver(settings: Settings, until_idle: float | None = None, flush_reco
     """Append events to the archive until SIGTERM, or ``until_idle`` seconds without records.
 
     Records are buffered up to ``flush_records`` or ``flush_seconds`` so files are not tiny.
-    Malformed records are skipped here: the stream worker dead-letters them.
+    A record that is not a valid event (bounds included) goes to the dead-letter topic with the
+    reason, like the stream worker's (header ``consumer``: this group): no record can stop the
+    archive. Offsets are committed once the files are written and the dead letters acknowledged.
     """
     archive = Archive(settings.archive_dir)
+    bounds = EventTimeBounds.of(settings.features)
+    dlq = kafka_io.producer(settings, max_block_ms=5000, request_timeout_ms=5000)
+    bad: list[tuple[object, str]] = []
     listener = _SeekToLedger(archive)
 
     def make_consumer():
@@ -139,7 +174,7 @@ def run_archiver(settings: Settings, until_idle: float | None = None, flush_reco
         return listener.consumer
     member = kafka_io.GroupMember(settings, settings.kafka.archive_group, make_consumer)
     buffer: dict[int, list[tuple[int, Event]]] = defaultdict(list)
-    stats = {"consumed": 0, "archived": 0, "skipped": 0}
+    stats = {"consumed": 0, "archived": 0, "dlq": 0}
     last_flush = time.monotonic()
 
     def flush():
@@ -148,6 +183,15 @@ def run_archiver(settings: Settings, until_idle: float | None = None, flush_reco
                 archive.write_batch(partition, rows)
                 stats["archived"] += len(rows)
         buffer.clear()
+        delay = 0.1
+        while bad:
+            try:
+                stats["dlq"] += kafka_io.dead_letter(dlq, settings, settings.kafka.archive_group, bad)
+                bad.clear()
+            except KafkaError as exc:
+                log.warning("the dead-letter topic unavailable (%r); retrying in %.1fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
         member.consumer.commit()
 
     def on_poll(polled):
@@ -156,18 +200,19 @@ def run_archiver(settings: Settings, until_idle: float | None = None, flush_reco
             for r in records:
                 stats["consumed"] += 1
                 try:
-                    buffer[tp.partition].append((r.offset, parse_event(r.value)))
-                except BadEvent:
-                    stats["skipped"] += 1
-        pending = sum(map(len, buffer.values()))
+                    buffer[tp.partition].append((r.offset, parse_event(r.value, bounds)))
+                except BadEvent as exc:
+                    bad.append((r, exc.reason))
+        pending = sum(map(len, buffer.values())) + len(bad)
         now = time.monotonic()
         if pending >= flush_records or (pending and now - last_flush >= flush_seconds):
             flush()
             last_flush = now
 
     try:
-        kafka_io.consume(member, on_poll, threading.Event(), until_idle, busy=lambda: any(buffer.values()))
+        kafka_io.consume(member, on_poll, threading.Event(), until_idle, busy=lambda: any(buffer.values()) or bool(bad))
         flush()
     finally:
         member.consumer.close(autocommit=False)
+        dlq.close()
     return stats

@@ -28,5 +28,9 @@ class Busy(RecsysError):
     http_status = 409
 
 
+class LockLost(RecsysError):
+    """A lock was not renewed within its TTL: another process may hold it now."""
+
+
 class TrainingError(RecsysError):
     """Training could not produce a model (a failed run, a bad checkpoint); the message says why."""

@@ -2,12 +2,37 @@
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import dataclass
 from enum import Enum
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from recsys.errors import InvalidInput
+from recsys.settings import FeatureSettings
+
+
+@dataclass(frozen=True)
+class EventTimeBounds:
+    """The event times accepted: from ``oldest_ms`` to now plus ``max_skew_s``. A time far in
+    the future would take over the trending scores and shrink the retraining window (one in
+    the year 33658 stopped the archiver for good); one before any real data is a unit mistake."""
+
+    oldest_ms: int
+    max_skew_s: float
+
+    @classmethod
+    def of(cls, features: FeatureSettings) -> "EventTimeBounds":
+        return cls(features.oldest_event_ms, features.max_clock_skew_s)
+
+    def check(self, ts: int, now_s: float | None = None) -> None:
+        newest = int(((time.time() if now_s is None else now_s) + self.max_skew_s) * 1000)
+        if not self.oldest_ms <= ts <= newest:
+            raise ValueError(f"event time {ts} ms is outside [{self.oldest_ms} ms, now + {self.max_skew_s:g} s]")
+
+
+DEFAULT_BOUNDS = EventTimeBounds.of(FeatureSettings())
 
 
 class EventType(str, Enum):
@@ -25,8 +50,19 @@ class Event(BaseModel):
     user_id: str = Field(min_length=1, max_length=128)
     item_id: str = Field(min_length=1, max_length=128)
     type: EventType
-    value: Optional[float] = None
+    value: Optional[float] = Field(default=None, allow_inf_nan=False)
     ts: int = Field(ge=0, description="event time, milliseconds since the epoch")
+
+    @field_validator("ts")
+    @classmethod
+    def _event_time_in_bounds(cls, ts: int, info: ValidationInfo) -> int:
+        """Checked where events come in from outside (the API, the consumers): they validate
+        with ``context={"bounds": EventTimeBounds}``. Code that builds events (sources,
+        tests) states its own times."""
+        bounds = (info.context or {}).get("bounds")
+        if bounds is not None:
+            bounds.check(ts)
+        return ts
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
@@ -40,7 +76,7 @@ class BadEvent(InvalidInput):
         self.reason = reason
 
 
-def parse_event(raw: bytes | None) -> Event:
+def parse_event(raw: bytes | None, bounds: EventTimeBounds = DEFAULT_BOUNDS) -> Event:
     """Decode one Kafka record value, raising BadEvent with a short reason."""
     if raw is None:
         raise BadEvent("empty record")
@@ -51,7 +87,7 @@ def parse_event(raw: bytes | None) -> Event:
     if not isinstance(data, dict):
         raise BadEvent(f"not a JSON object: {type(data).__name__}")
     try:
-        return Event.model_validate(data)
+        return Event.model_validate(data, context={"bounds": bounds})
     except ValidationError as exc:
         raise BadEvent("; ".join(f"{'.'.join(map(str, e['loc'])) or 'event'}: {e['msg']}" for e in exc.errors())) from None
 

@@ -1,6 +1,7 @@
 """The online feature store in Redis: atomic, once-per-event updates and one-round-trip reads."""
 from __future__ import annotations
 
+import itertools
 from typing import Iterable
 
 import redis
@@ -13,33 +14,65 @@ from recsys.events import Event
 from recsys.features import Keys, Op, UserFeatures, event_ops
 from recsys.settings import Settings
 
-# KEYS[1] is the event's dedup marker, KEYS[2..] the keys of the ops;
-# ARGV = ttl, then (kind, member, arg) per op. Applies everything or nothing.
+# KEYS[1] is the event's dedup marker, KEYS[2] its partition's applied offset and KEYS[3] the
+# partition's refused offsets (both the marker again when the event has no position), KEYS[4..]
+# the keys of the ops; ARGV = marker ttl, the event's offset (-1: none), then (kind, member, arg)
+# per op. An event at or below its partition's applied offset, or whose event id was applied
+# within the ttl, changes nothing. A write Redis refuses (a key of the wrong type) takes the
+# marker back, records the offset as refused and returns the error: the event applies when it
+# comes again, though later events of its partition moved the applied offset past it (Redis
+# does not roll a script back: ops before the failing one stay).
 _APPLY = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) == false then return 0 end
-for i = 2, #KEYS do
-  local j = 2 + (i - 2) * 3
+local offset = tonumber(ARGV[2])
+local refused = false
+if offset >= 0 then
+  local applied = redis.call('GET', KEYS[2])
+  if applied and offset <= tonumber(applied) then
+    if redis.call('ZSCORE', KEYS[3], ARGV[2]) == false then return 0 end
+    refused = true
+  end
+end
+local function settle()
+  if refused then redis.call('ZREM', KEYS[3], ARGV[2])
+  elseif offset >= 0 then redis.call('SET', KEYS[2], ARGV[2]) end
+end
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) == false then
+  settle()
+  return 0
+end
+local function try(...)
+  local r = redis.pcall(...)
+  if type(r) == 'table' and r.err then
+    redis.call('DEL', KEYS[1])
+    if offset >= 0 then redis.call('ZADD', KEYS[3], offset, ARGV[2]) end
+    error(r)
+  end
+  return r
+end
+for i = 4, #KEYS do
+  local j = 3 + (i - 4) * 3
   local kind, member, arg = ARGV[j], ARGV[j + 1], ARGV[j + 2]
   if kind == 'recent' then
-    redis.call('LPUSH', KEYS[i], member)
-    redis.call('LTRIM', KEYS[i], 0, tonumber(arg) - 1)
+    try('LPUSH', KEYS[i], member)
+    try('LTRIM', KEYS[i], 0, tonumber(arg) - 1)
   elseif kind == 'sadd' then
-    redis.call('SADD', KEYS[i], member)
+    try('SADD', KEYS[i], member)
   elseif kind == 'hincr' then
-    redis.call('HINCRBY', KEYS[i], member, tonumber(arg))
+    try('HINCRBY', KEYS[i], member, tonumber(arg))
   elseif kind == 'zlogadd' then
     local w = tonumber(arg)
-    local old = redis.call('ZSCORE', KEYS[i], member)
+    local old = try('ZSCORE', KEYS[i], member)
     if old then
       old = tonumber(old)
       local m = math.max(old, w)
       w = m + math.log(math.exp(old - m) + math.exp(w - m))
     end
-    redis.call('ZADD', KEYS[i], w, member)
+    try('ZADD', KEYS[i], w, member)
   else
-    return redis.error_reply('unknown op ' .. kind)
+    try('UNKNOWN-OP-' .. kind)
   end
 end
+settle()
 return 1
 """
 
@@ -98,21 +131,31 @@ class FeatureStore:
         s = self.settings
         return event_ops(event, self.keys, s.features.recent_items, s.features.trending_half_life_s)
 
-    def apply_events(self, events: Iterable[Event]) -> list[bool]:
-        """Apply each event atomically, once per event id, in one pipelined round trip.
+    def apply_events(self, events: Iterable[Event], positions: list[tuple[str, int, int]] | None = None) -> list[bool]:
+        """Apply each event atomically in one pipelined round trip: once per event id within
+        ``features.dedup_ttl_s`` (a client's retry), and, given each event's (topic, partition,
+        offset), once per position for good (a replay of the topic, however old).
 
         Returns, per event, True when applied and False when it was a duplicate.
         """
         pipe = self.redis.pipeline(transaction=False)
         n = 0
-        for event in events:
+        for event, position in zip(events, positions or itertools.repeat(None)):
+            marker = self.keys.dedup(event.event_id)
+            args = [self.settings.features.dedup_ttl_s, position[2] if position else -1]
             ops = self.ops(event)
-            args = [self.settings.features.dedup_ttl_s]
             for op in ops:
                 args += [op.kind, op.member, repr(op.arg)]
-            self._apply(keys=[self.keys.dedup(event.event_id)] + [op.key for op in ops], args=args, client=pipe)
+            place = [self.keys.applied(*position[:2]), self.keys.refused(*position[:2])] if position else [marker] * 2
+            self._apply(keys=[marker, *place] + [op.key for op in ops], args=args, client=pipe)
             n += 1
         return [bool(r) for r in pipe.execute()] if n else []
+
+    def applied_offsets(self, topic: str, partitions: Iterable[int]) -> dict[int, int | None]:
+        """Per partition, the highest offset whose effects are in the store (None: none yet)."""
+        parts = list(partitions)
+        values = self.redis.mget([self.keys.applied(topic, p) for p in parts]) if parts else []
+        return {p: int(v) if v is not None else None for p, v in zip(parts, values)}
 
     def user(self, user_id: str) -> UserFeatures:
         return self.users([user_id])[0]

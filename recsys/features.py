@@ -13,6 +13,8 @@ Layout (``P`` = settings.redis.prefix, default ``recsys``):
   P:item:{item_id}:counts   HASH  event type -> count
   P:trending                ZSET  item id -> log of the time-decayed event count
   P:dedup:{event_id}        STRING marker: the event was applied (expires after features.dedup_ttl_s)
+  P:applied:{topic}:{p}     STRING the highest offset of partition p whose event is applied
+  P:refused:{topic}:{p}     ZSET  offsets of partition p whose writes Redis refused (applied when they come again)
 """
 from __future__ import annotations
 
@@ -46,6 +48,14 @@ class Keys:
 
     def dedup(self, event_id: str) -> str:
         return f"{self.prefix}:dedup:{event_id}"
+
+    def applied(self, topic: str, partition: int) -> str:
+        """The highest offset of this partition whose event's effects are in the store."""
+        return f"{self.prefix}:applied:{topic}:{partition}"
+
+    def refused(self, topic: str, partition: int) -> str:
+        """Offsets of this partition whose writes Redis refused, to apply when they come again."""
+        return f"{self.prefix}:refused:{topic}:{partition}"
 
 
 def log_weight(ts_ms: int, half_life_s: float) -> float:
@@ -135,8 +145,9 @@ class OnlineFeatures(Protocol):
     """The online features as the stream worker writes them and the request path reads them:
     ``recsys.feature_store.FeatureStore`` in Redis, ``MemoryStore`` in memory (training data)."""
 
-    def apply_events(self, events: Iterable[Event]) -> list[bool]:
-        """Apply each event once per event id; True where applied, False for a duplicate."""
+    def apply_events(self, events: Iterable[Event], positions: list[tuple[str, int, int]] | None = None) -> list[bool]:
+        """Apply each event once per event id (and, given its (topic, partition, offset), once per
+        position); True where applied, False for a duplicate."""
 
     def user(self, user_id: str) -> UserFeatures: ...
 
@@ -153,7 +164,8 @@ class MemoryStore:
         self.keys, self.recent_items, self.half_life_s = Keys(prefix), recent_items, half_life_s
         self.state = MemoryFeatures()
 
-    def apply_events(self, events: Iterable[Event]) -> list[bool]:
+    def apply_events(self, events: Iterable[Event], positions: list[tuple[str, int, int]] | None = None) -> list[bool]:
+        """Positions are not kept: a memory store sees each event once (training data)."""
         return [self.state.apply(e.event_id, event_ops(e, self.keys, self.recent_items, self.half_life_s))
                 for e in events]
 

@@ -148,6 +148,21 @@ class GroupMember:
             raise NoAssignment(f"group {self.group}: could not recreate the consumer: {exc}") from exc
 
 
+def dead_letter(prod: KafkaProducer, settings: Settings, group: str, bad: list[tuple[object, str]]) -> int:
+    """Send each (record, reason) to the dead-letter topic, with the reason, the consumer group
+    that rejected it and its source position as headers and the original bytes as value, and
+    wait until the broker has every one (raises KafkaError if not): then its offset may be
+    committed."""
+    futures = [prod.send(settings.kafka.dlq_topic, key=record.key, value=record.value or b"",
+                         headers=[("reason", reason.encode()[:1000]), ("consumer", group.encode()),
+                                  ("topic", record.topic.encode()), ("partition", str(record.partition).encode()),
+                                  ("offset", str(record.offset).encode())])
+               for record, reason in bad]
+    for f in futures:
+        f.get(timeout=30)
+    return len(futures)
+
+
 def send_event(prod: KafkaProducer, settings: Settings, event: Event):
     """Keyed by user id, so one user's events stay in order on one partition."""
     return prod.send(settings.kafka.events_topic, key=event.user_id.encode(), value=event.to_bytes())

@@ -159,7 +159,12 @@ class ServingModel:
 
     def __init__(self, folder: Path):
         from recsys.ann import load_index
+        from recsys.registry import CARD, verify_files
         self.folder = Path(folder)
+        card = self.folder / CARD
+        self.card: dict = json.loads(card.read_text()) if card.exists() else {}
+        if "files" in self.card:  # a truncated or swapped file fails here, not in a request
+            verify_files(self.folder, self.card["files"])
         self.config = ModelConfig.from_dict(json.loads((self.folder / "model_config.json").read_text()))
         self.vocab = Vocab.load(self.folder)
         with np.load(self.folder / "user_tower.npz") as z:
@@ -168,8 +173,6 @@ class ServingModel:
         self.item_ids: list[str] = self.vocab.item_ids
         self.item_embeddings: np.ndarray = np.load(self.folder / "item_embeddings.npy")
         self.index = load_index(self.folder / "ann", self.item_embeddings)
-        card = self.folder / "model_card.json"
-        self.card: dict = json.loads(card.read_text()) if card.exists() else {}
         self.version: str = self.card.get("version", self.folder.name)
 
     def user_embedding(self, features: Sequence[UserFeatures]) -> np.ndarray:

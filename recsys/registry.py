@@ -11,6 +11,7 @@ never sees a half-written version. Both pointers live in one small file replaced
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -26,6 +27,29 @@ _VERSION = re.compile(r"^v(\d{4,})$")
 
 class RegistryError(InvalidInput):
     """A registry operation that cannot be done; the message says why."""
+
+
+class CorruptVersion(RegistryError):
+    """A version whose files do not match the sha256 sums in its model card."""
+
+
+CARD = "model_card.json"
+
+
+def file_sums(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a version folder but its card, by path relative to the folder."""
+    folder = Path(folder)
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file() and f.name != CARD}
+
+
+def verify_files(folder: Path, expected: dict[str, str]) -> None:
+    """Raise CorruptVersion naming each file that is missing or whose sum differs."""
+    got = file_sums(folder)
+    bad = sorted(name for name, digest in expected.items() if got.get(name) != digest)
+    if bad:
+        raise CorruptVersion(f"{Path(folder).name}: {', '.join(bad)} missing or changed since training "
+                             f"(sha256 in {CARD})")
 
 
 class Registry:

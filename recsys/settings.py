@@ -46,7 +46,13 @@ class FeatureSettings(BaseModel):
     """The online features' shape (recsys/features.py), the same in Redis and in training data."""
     recent_items: int = 50
     trending_half_life_s: float = 24 * 3600.0
-    dedup_ttl_s: int = 14 * 24 * 3600
+    # A retried POST of one event id (a new Kafka record) is absorbed this long; a replay of the
+    # topic needs no marker (each partition's applied offset is kept with the effects).
+    dedup_ttl_s: int = 3600
+    # Event time accepted (recsys.events.EventTimeBounds): from this instant (1990-01-01, before
+    # any data set the project reads) to now plus this clock skew.
+    oldest_event_ms: int = 631_152_000_000
+    max_clock_skew_s: float = 300.0
 
 
 class RaySettings(BaseModel):

@@ -1,11 +1,13 @@
 """The stream worker: Kafka ``user-events`` -> Redis online features, at least once, effects once.
 
-Per poll: decode every record, send bad ones to the dead-letter topic (reason and
-source position in headers, original bytes as value), apply the good ones to Redis
-in one pipelined round trip (each event atomic and deduplicated by event id),
-flush the dead letters, and only then commit the offsets (asynchronously; a final
-synchronous commit on a clean exit). A crash anywhere before
-the commit replays the batch, and the dedup markers make the replay change nothing.
+Per poll: decode every record, apply the good ones to Redis in one pipelined round trip
+(each event atomic, and applied once: by its partition's applied offset, kept in Redis with
+the effects, and by its event id for a client's retries), send the bad ones to the dead-letter
+topic (reason and source position in headers, original bytes as value) and wait for the
+broker's acknowledgement, and only then commit the batch's offsets. Redis or the dead-letter
+topic away: the worker retries the batch until they are back. Every exit (SIGTERM, SIGINT,
+an exception) commits only the offsets of batches whose effects are done, so a batch cut
+short comes again, and the replay changes nothing.
 """
 from __future__ import annotations
 
@@ -15,9 +17,11 @@ import time
 from dataclasses import asdict, dataclass
 
 import redis
+from kafka import OffsetAndMetadata, TopicPartition
+from kafka.errors import KafkaError
 
 from recsys import kafka_io
-from recsys.events import BadEvent, parse_event
+from recsys.events import BadEvent, EventTimeBounds, parse_event
 from recsys.feature_store import FeatureStore
 from recsys.settings import Settings
 
@@ -31,52 +35,67 @@ class StreamStats:
     dlq: int = 0
 
 
-def dead_letter_headers(record, reason: str) -> list[tuple[str, bytes]]:
-    return [("reason", reason.encode()[:1000]), ("topic", record.topic.encode()),
-            ("partition", str(record.partition).encode()), ("offset", str(record.offset).encode())]
+REDIS_AWAY = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+def next_offsets(records) -> dict[TopicPartition, OffsetAndMetadata]:
+    """The offsets to commit once these records are done: each partition's last offset + 1."""
+    last: dict[TopicPartition, int] = {}
+    for r in records:
+        tp = TopicPartition(r.topic, r.partition)
+        last[tp] = max(last.get(tp, -1), r.offset)
+    return {tp: OffsetAndMetadata(offset + 1, "", -1) for tp, offset in last.items()}
 
 
 class StreamWorker:
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.bounds = EventTimeBounds.of(settings.features)
         self.store = FeatureStore(settings)
         self.member = kafka_io.GroupMember(settings, settings.kafka.stream_group,
                                            lambda: kafka_io.consumer(settings, settings.kafka.stream_group))
-        self.dlq = kafka_io.producer(settings)
+        # A send to a missing or unwritable dead-letter topic fails after 5 s and is tried again.
+        self.dlq = kafka_io.producer(settings, max_block_ms=5000, request_timeout_ms=5000)
         self.stats = StreamStats()
+        self.done: dict[TopicPartition, OffsetAndMetadata] = {}  # offsets whose effects are done
         self.stopping = threading.Event()  # set by SIGTERM/SIGINT, or by an embedding thread
 
-    def process(self, records) -> None:
-        """One batch: effects first (Redis, dead letters), offsets after."""
-        good = []
+    def process(self, records) -> bool:
+        """One batch: effects first (Redis, acknowledged dead letters), offsets after.
+        False when stopped before the effects were done: nothing is committed then."""
+        good, positions, bad = [], [], []
         for record in records:
             try:
-                good.append(parse_event(record.value))
+                good.append(parse_event(record.value, self.bounds))
+                positions.append((record.topic, record.partition, record.offset))
             except BadEvent as exc:
-                self.dlq.send(self.settings.kafka.dlq_topic, key=record.key, value=record.value or b"",
-                              headers=dead_letter_headers(record, exc.reason))
-                self.stats.dlq += 1
-        applied = self._apply_until_done(good)
-        if applied is None:  # stopping while Redis is away: no commit, the batch comes again
-            return
-        self.dlq.flush()
+                bad.append((record, exc.reason))
+        applied = self._until_done(lambda: self.store.apply_events(good, positions), "Redis", REDIS_AWAY)
+        if applied is None or self._until_done(
+                lambda: kafka_io.dead_letter(self.dlq, self.settings, self.settings.kafka.stream_group, bad),
+                "the dead-letter topic", (KafkaError,)) is None:
+            return False
+        offsets = next_offsets(records)
+        self.done.update(offsets)
         # Asynchronous: a commit lost in a crash only replays events the dedup markers absorb.
-        self.member.consumer.commit_async()
+        self.member.consumer.commit_async(offsets=offsets)
         self.stats.consumed += len(records)
         self.stats.applied += sum(applied)
         self.stats.duplicates += len(applied) - sum(applied)
+        self.stats.dlq += len(bad)
+        return True
 
-    def _apply_until_done(self, events) -> list[bool] | None:
-        """Retry the batch while Redis is unreachable or restarting; the dedup markers make
-        a partly applied batch safe to apply again."""
+    def _until_done(self, effect, what: str, transient: tuple):
+        """Run ``effect`` until it succeeds, waiting out ``transient`` errors; None if stopped
+        meanwhile. A partly applied batch is safe to apply again (dedup markers)."""
         delay = 0.1
         while True:
             try:
-                return self.store.apply_events(events)
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+                return effect()
+            except transient as exc:
                 if self.stopping.is_set():
                     return None
-                log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
+                log.warning("%s unavailable (%r); retrying in %.1fs", what, exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -84,8 +103,8 @@ class StreamWorker:
         """Consume until SIGTERM/SIGINT, or until ``until_idle`` seconds pass with no record."""
         def on_poll(polled):
             records = [r for batch in polled.values() for r in batch]
-            if records:
-                self.process(records)
+            if records and not self.process(records):
+                self.stopping.set()  # stopped mid-batch: poll no further
         try:
             kafka_io.consume(self.member, on_poll, self.stopping, until_idle)
         finally:
@@ -93,11 +112,18 @@ class StreamWorker:
         return self.stats
 
     def close(self) -> None:
+        """Commit what is done (synchronously, for the partitions still held), nothing else."""
         consumer = self.member.consumer
-        if consumer.assignment():
-            consumer.commit()
-        consumer.close(autocommit=False)
-        self.dlq.close()
+        held = consumer.assignment()
+        # Held, and ahead of the group's position: a partition that moved away and came back
+        # with nothing processed since must not be rewound to what was done before.
+        done = {tp: om for tp, om in self.done.items() if tp in held and om.offset > (consumer.committed(tp) or 0)}
+        try:
+            if done:
+                consumer.commit(offsets=done)
+        finally:
+            consumer.close(autocommit=False)
+            self.dlq.close()
 
 
 def run_stream(settings: Settings, until_idle: float | None = None) -> dict:

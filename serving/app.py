@@ -25,12 +25,12 @@ from ray import serve
 from ray.util import metrics
 
 from recsys.errors import RecsysError, Unavailable
-from recsys.events import Event
+from recsys.events import Event, EventTimeBounds
 from recsys.features import UserFeatures
 from recsys.feature_store import FeatureReader, FeatureStore, connect, connect_async
 from recsys.kafka_io import kafka_answers, producer, send_event
 from recsys.settings import Settings
-from serving.models import load_servable, current_version
+from serving.models import current_version, load_order, load_servable
 from serving.recommend import ServableModel, embed_together, needs_model, recommend
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ STAGE_MS = metrics.Histogram("recsys_stage_ms", "time per stage of a recommendat
                              boundaries=[0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100], tag_keys=("stage",))
 FALLBACKS = metrics.Counter("recsys_fallback_total", "answers given by the cold-start fallback")
 EVENTS_ACCEPTED = metrics.Counter("recsys_events_accepted_total", "events accepted into Kafka")
+MODEL_LOAD_FAILURES = metrics.Counter("recsys_model_load_failures_total",
+                                      "model versions that failed to load (the replica served another)")
 MODEL_VERSION = metrics.Gauge("recsys_model_version_info", "1 for the version this replica serves", tag_keys=("version",))
 
 
@@ -67,14 +69,20 @@ class RecsysService:
     def __init__(self, settings: Settings, model_poll_s: float = 1.0, batch_tower: bool = True):
         self.settings = s = settings
         self.batch_tower = batch_tower  # @serve.batch works in a Serve replica only
+        self.bounds = EventTimeBounds.of(s.features)
         # Fail within a bounded time when Redis is gone, instead of hanging a request.
         bounded = {"timeout_s": s.serving.redis_timeout_s, "retries": s.serving.redis_retries}
         self.store = FeatureStore(s, connect(s, **bounded))  # readiness
         self.reader = FeatureReader(s, connect_async(s, **bounded))  # the request path
         self._producer = None
         self._producer_lock = threading.Lock()
-        self.model, self.version = None, None
-        self._swap_to(current_version(self.settings))
+        self.model, self.version, self.load_failure = None, None, None
+        for version in load_order(s):  # the current version, else the last good one: no crash loop
+            try:
+                self._swap_to(version)
+                break
+            except Exception as exc:
+                self._load_failed(version, exc)
         self._watch = threading.Thread(target=self._watch_registry, args=(model_poll_s,), daemon=True)
         self._watch.start()
 
@@ -91,13 +99,23 @@ class RecsysService:
         if version:
             MODEL_VERSION.set(1, tags={"version": version})
 
+    def _load_failed(self, version: str, exc: Exception) -> None:
+        self.load_failure = {"version": version, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        MODEL_LOAD_FAILURES.inc()
+        log.error("model %s failed to load, serving %s: %r", version, self.version, exc)
+
     def _watch_registry(self, every_s: float) -> None:
         while True:
             time.sleep(every_s)
+            version = None
             try:
-                self._swap_to(current_version(self.settings))
+                version = current_version(self.settings)
+                if version == (self.load_failure or {}).get("version"):
+                    continue  # versions never change: tried once is enough
+                self._swap_to(version)
+                self.load_failure = None  # the current version is the one served
             except Exception as exc:  # a broken version must not stop the watcher; keep serving the old one
-                log.error("model swap failed, still serving %s: %r", self.version, exc)
+                self._load_failed(version, exc)
 
     # -- kafka -----------------------------------------------------------
     def _kafka(self):
@@ -152,7 +170,8 @@ class RecsysService:
         return embed_together(requests)
 
     def readiness(self) -> dict:
-        checks = {"model": self.version, "redis": self._redis_ok(), "kafka": kafka_answers(self.settings)}
+        checks = {"model": self.version, "redis": self._redis_ok(), "kafka": kafka_answers(self.settings),
+                  "model_load_failure": self.load_failure}
         return {"ready": checks["model"] is not None and checks["redis"] and checks["kafka"], **checks}
 
     def _redis_ok(self) -> bool:
@@ -207,7 +226,7 @@ async def events(request: Request) -> dict:
     if len(batch) > MAX_BATCH:
         raise HTTPException(413, detail=f"batch of {len(batch)} events; at most {MAX_BATCH} per request")
     try:
-        accepted = EVENTS.validate_python(batch)
+        accepted = EVENTS.validate_python(batch, context={"bounds": service().bounds})
     except ValidationError as exc:
         raise HTTPException(422, detail=[{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]) from None
     await asyncio.to_thread(service().produce, accepted)  # off the event loop: waits for the broker

@@ -12,3 +12,14 @@ def current_version(settings: Settings) -> str | None:
 
 def load_servable(settings: Settings, version: str):
     return load_model(Registry(settings.registry_dir).path(version))
+
+
+def load_order(settings: Settings) -> list[str]:
+    """The versions a starting server tries, in order: current, previous, then the others newest
+    first, so that one broken version never leaves a new replica without a model."""
+    registry = Registry(settings.registry_dir)
+    current, previous = registry.current(), registry.previous()
+    if current is None:
+        return []
+    head = [current] + ([previous] if previous and previous != current else [])
+    return head + [v for v in reversed(registry.list()) if v not in head]

@@ -1,10 +1,11 @@
 """Unit tests of pure logic: the event contract, the feature operations, the sources."""
 import json
 import math
+import time
 
 import pytest
 
-from recsys.events import BadEvent, Event, parse_event
+from recsys.events import BadEvent, Event, EventTimeBounds, parse_event
 from recsys.features import Keys, MemoryFeatures, event_ops, log_weight
 from recsys.sources import SourceError, open_source
 
@@ -14,8 +15,27 @@ def ev(i, user="u1", item="a", ts=1000, type_="click"):
 
 
 def test_parse_event_round_trip():
-    e = Event(event_id="x", user_id="u", item_id="i", type="rating", value=4.0, ts=5)
+    e = Event(event_id="x", user_id="u", item_id="i", type="rating", value=4.0, ts=1_700_000_000_000)
     assert parse_event(e.to_bytes()) == e
+
+
+def test_event_time_is_bounded_and_values_are_finite_on_the_wire():
+    bounds = EventTimeBounds(oldest_ms=1_000_000, max_skew_s=300)
+    now = time.time()
+    bounds.check(1_000_000, now)
+    bounds.check(int((now + 299) * 1000), now)
+    for ts in (999_999, int((now + 301) * 1000), 10**15):
+        with pytest.raises(ValueError, match="outside"):
+            bounds.check(ts, now)
+    wire = {"event_id": "1", "user_id": "u", "item_id": "i", "type": "rating", "ts": 1_700_000_000_000}
+    for bad, field in (({"ts": 10**15}, "ts"), ({"ts": 1}, "ts"), ({"value": float("nan")}, "value"),
+                       ({"value": float("inf")}, "value")):
+        with pytest.raises(BadEvent) as info:
+            parse_event(json.dumps({**wire, **bad}).encode())
+        assert info.value.reason.startswith(field), info.value.reason
+    assert parse_event(json.dumps(wire).encode()).ts == wire["ts"]
+    # Code that builds events states its own times (a test's ts=1000, MovieLens's 1997).
+    assert Event(**{**wire, "ts": 1000}).ts == 1000
 
 
 @pytest.mark.parametrize("raw, fragment", [

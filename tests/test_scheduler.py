@@ -181,3 +181,25 @@ def test_drift_retrain_on_the_newer_window_wins_and_is_published(scratch):
     assert new["decision"] == "published", new
     assert new["current"]["hr@10"] <= 0.01, new  # the old catalogue is gone from the newest window
     assert new["candidate"]["hr@10"] >= 0.05 and new["candidate"]["hr@10"] > new["current"]["hr@10"] + 0.04, new
+
+
+def test_a_run_whose_lock_lapses_aborts_without_promoting(scratch, monkeypatch):
+    """Issue 12: Redis blocked for over twice the lock TTL while the run trains. The renewal
+    survives the errors but cannot renew in time, so the run records why and promotes nothing."""
+    import redis as redis_py
+
+    import training.job
+    s = _settings(scratch, lock_ttl_s=1.0)
+
+    def train_while_redis_is_blocked(table, **_):
+        blocker = redis_py.Redis(host=s.redis.host, port=s.redis.port)
+        blocker.execute_command("CLIENT", "PAUSE", 2500, "ALL")  # every client's commands wait 2.5 s
+        time.sleep(3.5)
+        return {"version": "v9999", "metrics": {}, "data_window": {}}
+    monkeypatch.setattr(training.job, "train", train_while_redis_is_blocked)
+    record = run_once(s, "manual")
+    assert record["decision"] == "failed" and "LockLost" in record["reason"] and "TTL" in record["reason"], record
+    assert Registry(s.registry_dir).current() is None
+    assert read_history(s)[-1]["reason"] == record["reason"]
+    with RunLock(s):  # and the lock is free again
+        pass

@@ -166,6 +166,39 @@ def test_promote_and_rollback_swap_without_failures(served):
     assert registry.current() == v1
 
 
+def test_a_corrupt_version_is_refused_and_a_new_replica_starts_on_the_last_good_one(served):
+    """Issue 12: a promoted version with a truncated .npy fails its sha256 check. Running
+    replicas keep serving the good version and say so in /readyz, the failure is counted in
+    /metrics, and a new replica (the same start-up code, in this process) starts on the last
+    good version instead of crash-looping."""
+    from serving.app import RecsysService
+    s, client = served["scratch"], served["client"]
+    registry = Registry(s.settings.registry_dir)
+    good = registry.current()
+    assert registry.show(good)["files"], "a trained version carries its files' sha256"
+    bad = registry.publish(lambda folder, version: _copy_version(registry.path(good), folder, version), promote=False)
+    embeddings = registry.path(bad) / "item_embeddings.npy"
+    embeddings.write_bytes(embeddings.read_bytes()[:1000])
+    registry.promote(bad)
+    try:
+        deadline = time.monotonic() + 15
+        while not (ready := client.get("/readyz").json()).get("model_load_failure"):
+            assert time.monotonic() < deadline, f"no replica noticed the corrupt version: {ready}"
+            time.sleep(0.5)
+        assert ready["model"] == good and ready["model_load_failure"]["version"] == bad
+        assert "item_embeddings.npy" in ready["model_load_failure"]["error"]
+        assert recs(client, "1")["model_version"] == good
+        fresh = RecsysService(s.settings, model_poll_s=3600, batch_tower=False)
+        assert fresh.version == good and fresh.load_failure["version"] == bad
+        deadline = time.monotonic() + 60
+        while "recsys_model_load_failures_total" not in client.get("/metrics").text:
+            assert time.monotonic() < deadline, "the load failure was not counted in /metrics"
+            time.sleep(1)
+    finally:
+        registry.rollback()
+    assert registry.current() == good
+
+
 def _copy_version(src, dst, version):
     shutil.copytree(src, dst, dirs_exist_ok=True)
     card = json.loads((dst / "model_card.json").read_text())
@@ -190,6 +223,10 @@ def test_bad_events_give_422_and_oversized_batches_413(served):
     assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", 0, "type"]
     resp = client.post("/v1/events", json=[{"event_id": "x", "user_id": "u", "item_id": "i", "type": "view"}])
     assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", 0, "ts"]
+    event = {"event_id": "x", "user_id": "u", "item_id": "i", "type": "rating", "ts": int(time.time() * 1000)}
+    for field, bad in (("ts", {"ts": 10**15}), ("ts", {"ts": 1}), ("value", {"value": float("nan")})):
+        resp = client.post("/v1/events", content=json.dumps({**event, **bad}), headers={"content-type": "application/json"})
+        assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", 0, field], (bad, resp.text)
     big = [{"event_id": str(n), "user_id": "u", "item_id": "i", "type": "view", "ts": 1} for n in range(1001)]
     resp = client.post("/v1/events", json=big)
     assert resp.status_code == 413 and "1000" in resp.json()["detail"]
@@ -229,7 +266,8 @@ def test_redis_down_gives_503_quickly_then_recovers(served):
 
 def test_kafka_down_gives_503_quickly_then_recovers(served):
     client, settings = served["client"], served["scratch"].settings
-    event = {"event_id": f"k-{time.time_ns()}", "user_id": "1", "item_id": "1", "type": "view", "ts": 1}
+    event = {"event_id": f"k-{time.time_ns()}", "user_id": "1", "item_id": "1", "type": "view",
+             "ts": int(time.time() * 1000)}
     stack.stop_kafka(settings)
     try:
         started = time.monotonic()

@@ -1,7 +1,9 @@
 """Issue 2 acceptance: events through the real Kafka broker into the real Redis server."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -168,18 +170,27 @@ def test_archive_reader_keeps_one_copy_of_an_event_sent_twice(scratch, ml100k):
     assert sorted(ids) == sorted(e.event_id for e in events)
 
 
-def test_worker_rides_out_a_redis_restart(scratch, ml100k):
+@contextlib.contextmanager
+def worker_holding_a_batch_without_redis(scratch, events, *worker_args):
+    """A stream worker joins its group, Redis stops, the events arrive: the worker holds a batch
+    it cannot apply. Redis starts again when the block ends."""
     from deploy.local import stack
-    events = list(MovieLensSource(ml100k).events_iter())[:5000]
-    worker = scratch.popen("stream", "--until-idle", "5")
+    worker = scratch.popen("stream", *worker_args)
     time.sleep(3)  # joined the group
     stack.stop_redis(scratch.settings)
     try:
         replay(events, scratch.settings, progress=False)
-        time.sleep(2)  # the worker holds a batch it cannot apply
+        time.sleep(3)
         assert worker.poll() is None, worker.stderr.read()
+        yield worker
     finally:
         stack.start_redis(scratch.settings, progress=lambda *_: None)
+
+
+def test_worker_rides_out_a_redis_restart(scratch, ml100k):
+    events = list(MovieLensSource(ml100k).events_iter())[:5000]
+    with worker_holding_a_batch_without_redis(scratch, events, "--until-idle", "5") as worker:
+        pass
     out, err = worker.communicate(timeout=120)
     assert worker.returncode == 0, err
     assert "Redis unavailable" in err
@@ -292,3 +303,207 @@ def test_redis_and_memory_stores_hold_the_same_features(scratch):
     online, offline = redis_store.trending(len(items)), memory.trending(len(items))
     assert [item for item, _ in online] == [item for item, _ in offline]
     assert max(abs(a - b) for (_, a), (_, b) in zip(online, offline)) < 1e-9
+
+
+def _expected(events):
+    """Per user: rating counts, seen set and last-50 list; per item: rating counts. In the
+    order sent, which is each user's order in Kafka (keyed by user)."""
+    users, items, recent = Counter(), Counter(), defaultdict(list)
+    for e in events:
+        users[e.user_id] += 1
+        items[e.item_id] += 1
+        recent[e.user_id].append(e.item_id)
+    return users, items, recent
+
+
+def assert_exact(settings, events):
+    users, items, recent = _expected(events)
+    store = FeatureStore(settings)
+    got = {u.user_id: (u.counts, u.seen, u.recent) for u in store.users(sorted(users))}
+    want = {u: ({"rating": users[u]}, set(recent[u]), list(reversed(recent[u][-50:]))) for u in users}
+    wrong = [u for u in users if got[u] != want[u]]
+    assert not wrong, f"{len(wrong)} users differ, e.g. {wrong[:3]}"
+    wrong = [i for i in items if store.item_counts(i) != {"rating": items[i]}]
+    assert not wrong, f"{len(wrong)} items differ, e.g. {wrong[:3]}"
+
+
+def test_sigterm_during_a_redis_outage_commits_nothing_unapplied(scratch, ml100k):
+    """Issue 12: a worker stopped while it waits for Redis commits nothing of that batch (before,
+    its exit committed the polled position: the batch was lost)."""
+    events = list(MovieLensSource(ml100k).events_iter())[:5000]
+    with worker_holding_a_batch_without_redis(scratch, events) as worker:
+        worker.send_signal(signal.SIGTERM)
+        out, err = worker.communicate(timeout=60)
+        assert worker.returncode == 0, err
+        assert "Redis unavailable" in err
+        assert committed(scratch.settings) == 0, "offsets of unapplied events were committed"
+    stats = stream_json(scratch.cli("stream", "--until-idle", "3"))
+    assert stats["applied"] == 5000
+    assert_exact(scratch.settings, events)
+
+
+def test_a_redis_error_that_is_not_a_connection_error_commits_nothing_unapplied(scratch, ml100k):
+    """A key of the wrong type makes Redis refuse one event's writes (a ResponseError): the
+    worker exits non-zero without committing that batch, and that event's dedup marker is
+    taken back. Once the key is fixed, a rerun makes the features exact."""
+    events = list(MovieLensSource(ml100k).events_iter())[:3000]
+    store = FeatureStore(scratch.settings)
+    victim = events[1234].user_id
+    store.redis.set(store.keys.user(victim, "recent"), "not a list")
+    replay(events, scratch.settings, progress=False)
+    failed = subprocess.run([sys.executable, "-m", "cli", "stream", "--until-idle", "3"], env=scratch.env,
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode != 0 and "WRONGTYPE" in failed.stderr, failed.stderr[-2000:]
+    assert committed(scratch.settings) < 3000
+    store.redis.delete(store.keys.user(victim, "recent"))
+    stats = stream_json(scratch.cli("stream", "--until-idle", "3"))
+    assert stats["applied"] >= 1  # at least the victim's event, whose marker was taken back
+    assert_exact(scratch.settings, events)
+
+
+def test_an_unwritable_dead_letter_topic_holds_the_commit_until_it_is_back(scratch):
+    """The dead-letter topic gone: the worker keeps trying, commits nothing meanwhile, and once
+    the topic is back every poison record is in it and every good event in Redis."""
+    from deploy.local import stack
+    s = scratch.settings
+    with stack._admin(s) as admin:
+        admin.delete_topics([s.kafka.dlq_topic])
+    good = [{"event_id": f"ok-{n}", "user_id": f"u{n % 7}", "item_id": f"i{n}", "type": "click",
+             "ts": 1_700_000_000_000 + n} for n in range(200)]
+    poison = [b"{not json %d" % n for n in range(0, 200, 7)]
+    prod = producer(s)
+    for n, event in enumerate(good):
+        prod.send(s.kafka.events_topic, key=event["user_id"].encode(), value=json.dumps(event).encode())
+        if n % 7 == 0:
+            prod.send(s.kafka.events_topic, key=event["user_id"].encode(), value=b"{not json %d" % n)
+    prod.flush()
+    prod.close()
+    worker = scratch.popen("stream")
+    try:
+        time.sleep(12)  # joined, applied the good events, failing on the dead letters
+        assert worker.poll() is None, worker.stderr.read()
+        assert committed(s) == 0, "offsets committed before their dead letters were written"
+        stack.ensure_topics(s)
+        deadline = time.monotonic() + 90
+        while committed(s) < len(good) + len(poison):
+            assert worker.poll() is None, worker.stderr.read()
+            assert time.monotonic() < deadline, f"committed {committed(s)} of {len(good) + len(poison)}"
+            time.sleep(0.5)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        out, err = worker.communicate(timeout=60)
+    assert "dead-letter topic unavailable" in err
+    dead = read_dead_letters(s)
+    assert sorted({d["value"] for d in dead}) == sorted(poison)
+    assert all(d["consumer"] == s.kafka.stream_group for d in dead)
+    store = FeatureStore(s)
+    assert sum(u.counts.get("click", 0) for u in store.users([f"u{n}" for n in range(7)])) == len(good)
+
+
+def test_random_bytes_and_json_among_valid_traffic_all_land_in_the_dead_letter_topic(scratch):
+    """Fuzz (issue 12): 1,000 random byte strings and random JSON values mixed into valid traffic.
+    The stream worker and the archiver keep running to the end, the valid events are exact in
+    Redis and in the archive, and every bad record is in the dead-letter topic (once per
+    consumer group that rejected it)."""
+    import random
+    s = scratch.settings
+    rng = random.Random(12)
+    now_ms = int(time.time() * 1000)
+
+    def random_json():
+        pick = rng.randrange(6)
+        if pick == 0:
+            return rng.choice([None, True, 3, -1.5, "text", [], {}])
+        if pick == 1:  # a valid-looking event with one field wrong
+            event = {"event_id": "f", "user_id": "u", "item_id": "i", "type": "view", "ts": now_ms}
+            key = rng.choice(list(event))
+            event[key] = rng.choice([None, "", 10**15, -5, "x" * 300, [1], {"a": 1}, float("nan")])
+            return event
+        if pick == 2:
+            return {"ts": rng.choice([10**15, 1, -1]), "event_id": "e", "user_id": "u", "item_id": "i", "type": "view"}
+        if pick == 3:
+            return {"event_id": "e", "user_id": "u", "item_id": "i", "type": "rating", "value": float("inf"), "ts": now_ms}
+        return [rng.random() for _ in range(rng.randrange(5))]
+
+    bad = []
+    for n in range(1000):
+        if n % 2:
+            bad.append(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64))))
+        else:
+            bad.append(json.dumps(random_json()).encode())
+    good = [{"event_id": f"ok-{n}", "user_id": f"u{n % 50}", "item_id": f"i{n % 90}", "type": "rating",
+             "value": 4.0, "ts": now_ms - 10_000 + n} for n in range(3000)]
+    prod = producer(s)
+    stream = [json.dumps(e).encode() for e in good] + bad
+    rng.shuffle(stream)
+    for value in stream:
+        prod.send(s.kafka.events_topic, key=b"k%d" % rng.randrange(8), value=value)
+    prod.flush()
+    prod.close()
+    stats = stream_json(scratch.cli("stream", "--until-idle", "3"))
+    assert stats == {"consumed": 4000, "applied": 3000, "duplicates": 0, "dlq": 1000}
+    archived = json.loads(scratch.cli("archive", "--until-idle", "3").stdout.strip().splitlines()[-1])
+    assert archived["archived"] == 3000 and archived["dlq"] == 1000
+    dead = read_dead_letters(s)
+    for group in (s.kafka.stream_group, s.kafka.archive_group):
+        mine = sorted(d["value"] for d in dead if d["consumer"] == group)
+        assert mine == sorted(bad), group
+    store = FeatureStore(s)
+    want = Counter(e["user_id"] for e in good)
+    assert {u.user_id: u.counts.get("rating") for u in store.users(sorted(want))} == dict(want)
+    assert sorted(read_events(s).column("event_id").to_pylist()) == sorted(e["event_id"] for e in good)
+
+
+def _snapshot(settings, users, items):
+    store = FeatureStore(settings)
+    return ([u.to_json() for u in store.users(users)], [store.item_counts(i) for i in items])
+
+
+def test_redis_lost_with_its_files_is_rebuilt_exactly_from_the_archive(scratch, ml100k):
+    """Issue 12: kill -9 Redis and delete its data files, `recsys features rebuild`, then the
+    stream worker catches up: every MovieLens-100K user's and item's features equal those from
+    before the crash. The stream ran ahead of the archive (the last 30,000 events were in Redis
+    only), so the rebuild must also move the worker's group back to the archive's end."""
+    import shutil
+
+    from deploy.local import stack
+    s = scratch.settings
+    events = list(MovieLensSource(ml100k).events_iter())
+    replay(events[:70_000], s, progress=False)
+    scratch.cli("archive", "--until-idle", "3")
+    replay(events[70_000:], s, progress=False)
+    stats = stream_json(scratch.cli("stream", "--until-idle", "3"))
+    assert stats["applied"] == 100_000
+    users, items = sorted({e.user_id for e in events}), sorted({e.item_id for e in events})
+    before = _snapshot(s, users, items)
+    os.kill(stack._pid(s, "redis"), signal.SIGKILL)
+    time.sleep(0.5)
+    shutil.rmtree(stack._dir(s, "redis"))
+    stack.start_redis(s, progress=lambda *_: None)
+    assert FeatureStore(s).redis.dbsize() == 0, "Redis came back with data"
+    rebuilt = stream_json(scratch.cli("features", "rebuild", "--json"))
+    assert rebuilt["events"] == 70_000 and rebuilt["applied"] == 70_000
+    caught_up = stream_json(scratch.cli("stream", "--until-idle", "3"))
+    assert caught_up["applied"] == 30_000 and caught_up["duplicates"] == 0
+    assert _snapshot(s, users, items) == before
+
+
+def test_replaying_the_whole_topic_from_offset_zero_changes_nothing_without_markers(scratch, ml100k):
+    """Issue 12: the applied offsets make a replay of the topic exact however old its events:
+    here the event-id markers are gone (as after their TTL) and the group starts from 0 again."""
+    s = scratch.settings
+    events = list(MovieLensSource(ml100k).events_iter())[:20_000]
+    replay(events, s, progress=False)
+    scratch.cli("stream", "--until-idle", "3")
+    users, items = sorted({e.user_id for e in events}), sorted({e.item_id for e in events})
+    before = _snapshot(s, users, items)
+    store = FeatureStore(s)
+    markers = list(store.redis.scan_iter(match=f"{store.keys.prefix}:dedup:*", count=5000))
+    assert len(markers) == 20_000
+    for i in range(0, len(markers), 5000):
+        store.redis.delete(*markers[i:i + 5000])
+    replay_group = {**scratch.env, "RECSYS_KAFKA_STREAM_GROUP": s.kafka.stream_group + "-replay"}
+    again = stream_json(subprocess.run([sys.executable, "-m", "cli", "stream", "--until-idle", "3"], env=replay_group,
+                                       capture_output=True, text=True, check=True))
+    assert again == {"consumed": 20_000, "applied": 0, "duplicates": 20_000, "dlq": 0}
+    assert _snapshot(s, users, items) == before

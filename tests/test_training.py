@@ -225,6 +225,31 @@ def test_registry_promote_rollback_and_atomic_pointers(tmp_path):
     assert reg.current() == v3
 
 
+def test_file_sums_name_every_changed_or_missing_file_and_servers_try_the_last_good_version(tmp_path):
+    from recsys.registry import CorruptVersion, file_sums, verify_files
+    from serving.models import load_order
+    folder = tmp_path / "v0001"
+    (folder / "ann").mkdir(parents=True)
+    (folder / "a.npy").write_bytes(b"1234")
+    (folder / "ann" / "b.npy").write_bytes(b"5678")
+    (folder / "model_card.json").write_text("{}")
+    sums = file_sums(folder)
+    assert sorted(sums) == ["a.npy", "ann/b.npy"]  # the card is not its own sum
+    verify_files(folder, sums)
+    (folder / "a.npy").write_bytes(b"12")
+    (folder / "ann" / "b.npy").unlink()
+    with pytest.raises(CorruptVersion, match=r"a\.npy, ann/b\.npy"):
+        verify_files(folder, sums)
+
+    reg = Registry(tmp_path / "models")
+    settings = type("S", (), {"registry_dir": reg.root})()
+    assert load_order(settings) == []
+    for tag in "abcd":
+        _publish(reg, tag)
+    reg.promote("v0002")  # current v0002, previous v0004
+    assert load_order(settings) == ["v0002", "v0004", "v0003", "v0001"]
+
+
 def test_failed_publish_leaves_the_registry_untouched(tmp_path):
     reg = Registry(tmp_path / "models")
     _publish(reg, "a")

@@ -31,6 +31,7 @@ from recsys import evaluation
 from recsys.ann import build_index
 from recsys.errors import TrainingError
 from recsys.model import ModelConfig, NumpyUserTower, export
+from recsys.registry import CARD, Registry, file_sums
 from recsys.settings import Settings
 from recsys.training_data import DataError, iter_point_in_time
 from training.checkpoint import validate_checkpoint
@@ -164,7 +165,6 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
 
     ``source``: a pyarrow event table, ``"archive"`` (the Parquet event log) or a source spec.
     """
-    from recsys.registry import Registry
     cfg = ModelConfig.from_dict({**default_config(), **(model_config or {})})
     if epochs is not None:
         cfg.epochs = int(epochs)
@@ -216,7 +216,8 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
             export(folder, weights, prep.vocab, cfg)
             index.save(folder / "ann")
             card["version"] = version
-            (folder / "model_card.json").write_text(json.dumps(card, indent=1))
+            card["files"] = file_sums(folder)  # checked when a server loads the version
+            (folder / CARD).write_text(json.dumps(card, indent=1))
 
         card["version"] = Registry(settings.registry_dir).publish(write, promote=promote)
         return card

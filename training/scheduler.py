@@ -25,10 +25,11 @@ from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import redis
 from croniter import croniter
 
 from recsys.archive import read_events
-from recsys.errors import Busy
+from recsys.errors import Busy, LockLost
 from recsys.feature_store import connect
 from recsys.registry import Registry
 from recsys.settings import Settings
@@ -38,7 +39,11 @@ _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPI
 
 
 class RunLock:
-    """A Redis lock with an expiry, renewed by a thread while held; released only by its owner."""
+    """A Redis lock with an expiry, renewed by a thread while held; released only by its owner.
+
+    The renewal outlives Redis errors. A renewal that does not succeed within the TTL of the
+    last one (Redis down or blocked, or the key taken over) marks the lock lost: ``check()``
+    then raises, and the run must not promote (another run may be promoting meanwhile)."""
 
     def __init__(self, settings: Settings):
         self.redis = connect(settings)
@@ -46,22 +51,47 @@ class RunLock:
         self.ttl_ms = int(settings.retraining.lock_ttl_s * 1000)
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
+        self.lost: Optional[str] = None
 
     def __enter__(self):
         if not self.redis.set(self.key, self.token, nx=True, px=self.ttl_ms):
             raise Busy(f"another retraining run is in progress (lock held by {self.redis.get(self.key)})")
-        self._thread = threading.Thread(target=self._renew, daemon=True)
+        self._thread = threading.Thread(target=self._renew, args=(time.monotonic() + self.ttl_ms / 1000,), daemon=True)
         self._thread.start()
         return self
 
-    def _renew(self):
-        while not self._stop.wait(self.ttl_ms / 3000):
-            self.redis.eval(_RENEW, 1, self.key, self.token, self.ttl_ms)
+    def _renew(self, valid_until: float):
+        ttl_s = self.ttl_ms / 1000
+        while not self._stop.wait(ttl_s / 3):
+            try:
+                renewed, error = self.redis.eval(_RENEW, 1, self.key, self.token, self.ttl_ms), None
+            except redis.RedisError as exc:
+                renewed, error = None, exc
+            now = time.monotonic()
+            if renewed == 1 and now <= valid_until:
+                valid_until = now + ttl_s
+                continue
+            if renewed == 0:
+                self.lost = f"the run lock expired (not renewed within its {ttl_s:g} s TTL): another run may hold it"
+            elif renewed == 1:  # renewed, but only after it had lapsed: another run may have held it
+                self.lost = f"the run lock was renewed only after its {ttl_s:g} s TTL had passed"
+            elif now > valid_until:
+                self.lost = f"the run lock was not renewed within its {ttl_s:g} s TTL: {error!r}"
+            else:
+                continue  # an error within the TTL: try again
+            return
+
+    def check(self) -> None:
+        if self.lost:
+            raise LockLost(self.lost)
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.redis.eval(_RELEASE, 1, self.key, self.token)
+        try:
+            self.redis.eval(_RELEASE, 1, self.key, self.token)
+        except redis.RedisError:
+            pass  # it expires by itself
 
 
 @dataclass
@@ -123,7 +153,7 @@ def run_once(settings: Settings, trigger: str = "manual", table: Optional[pa.Tab
     """
     from training.job import evaluate_version, train
     registry = Registry(settings.registry_dir)
-    with RunLock(settings):
+    with RunLock(settings) as lock:
         registry.clean_temp()  # what a killed run left behind
         record = RunRecord(run_id=uuid.uuid4().hex[:12], trigger=trigger,
                            started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -132,6 +162,7 @@ def run_once(settings: Settings, trigger: str = "manual", table: Optional[pa.Tab
             holdout = training_window(settings)
             card = train(holdout if table is None else table, workers=settings.training.workers,
                          epochs=settings.training.epochs, settings=settings, promote=False)
+            lock.check()  # not worth evaluating if it cannot promote
             metrics = card["metrics"]
             if table is not None:
                 metrics = evaluate_version(registry.path(card["version"]), holdout, settings)["metrics"]
@@ -147,6 +178,7 @@ def run_once(settings: Settings, trigger: str = "manual", table: Optional[pa.Tab
                 record.current = {"version": current_version, "hr@10": cur["hr@10"], "ndcg@10": cur["ndcg@10"]}
             passed, record.reason = gate(record.candidate["hr@10"], current_hr, record.popularity_hr10,
                                          settings.retraining.gate_tolerance)
+            lock.check()  # a run whose lock lapsed must not promote: another may be promoting
             if passed:
                 registry.promote(card["version"])
             record.decision = "published" if passed else "rejected"

@@ -1,0 +1,58 @@
+"""``recsys features rebuild``: the online features again, exactly, from the Parquet archive.
+
+For when Redis lost its data (AOF everysec can lose a second; a disk can lose everything).
+Each partition's archived events are applied in offset order with the stream worker's own
+operations, each partition's applied offset is set to the archive's last, and the stream
+worker's group is moved to the offset after it: the worker then continues with no gap (the
+events it had applied beyond the archive come again) and no double count (the archived ones
+are not read again, and the applied offsets would skip them anyway).
+"""
+from __future__ import annotations
+
+from kafka import KafkaAdminClient, OffsetAndMetadata, TopicPartition
+from kafka.errors import NoError
+
+from recsys.archive import Archive, read_partition_log
+from recsys.errors import Busy, Unavailable
+from recsys.feature_store import FeatureStore
+from recsys.settings import Settings
+from recsys.training_data import iter_events
+
+
+def rebuild_features(settings: Settings, batch: int = 5000, progress=print) -> dict:
+    """Clear this prefix's online features and rebuild them from the archive (see above)."""
+    topic, group = settings.kafka.events_topic, settings.kafka.stream_group
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap)
+    try:
+        if admin.describe_groups([group]).get(group, {}).get("members"):
+            raise Busy(f"stream workers of group {group!r} are running: stop them (recsys stream) before a rebuild")
+        described = [t for t in admin.describe_topics([topic]) if t.get("name") == topic and not t.get("error_code")]
+        partitions = sorted(p["partition_index"] for p in described[0]["partitions"]) if described else []
+        if not partitions:
+            raise Unavailable(f"Kafka topic {topic!r} not found")
+        archive, store = Archive(settings.archive_dir), FeatureStore(settings)
+        cleared = store.clear()
+        ends, events, applied = {}, 0, 0
+        for p in partitions:
+            pending = []
+            for event in iter_events(read_partition_log(settings, p)):
+                pending.append(event)
+                if len(pending) == batch:
+                    applied += sum(store.apply_events(pending))
+                    events, pending = events + len(pending), []
+            applied += sum(store.apply_events(pending))
+            events += len(pending)
+            last = archive.last_offset(p)
+            if last >= 0:
+                store.redis.set(store.keys.applied(topic, p), last)
+            ends[p] = last + 1
+            progress(f"rebuild: partition {p} done ({events:,} events so far); the stream resumes at offset {ends[p]:,}")
+        errors = admin.alter_group_offsets(group, {TopicPartition(topic, p): OffsetAndMetadata(end, "", -1)
+                                                   for p, end in ends.items()})
+        failed = {tp.partition: e.__name__ for tp, e in errors.items() if e is not NoError}
+        if failed:
+            raise Busy(f"could not move group {group!r} to the archive's end ({failed}): did a stream worker start?")
+    finally:
+        admin.close()
+    return {"events": events, "applied": applied, "duplicates": events - applied, "cleared_keys": cleared,
+            "resume_offsets": {str(p): end for p, end in ends.items()}}
