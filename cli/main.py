@@ -102,6 +102,13 @@ def cmd_features(args) -> int:
     return 0
 
 
+def cmd_chaos(args) -> int:
+    from cli.chaos import run_chaos
+    result = run_chaos(get_settings(), args.scenario, progress=lambda msg: print(msg, file=sys.stderr))
+    _print(result, args.json)
+    return 0 if result["passed"] else 1
+
+
 def cmd_bench_stream(args) -> int:
     from cli.bench_stream import bench_stream
     result = bench_stream(get_settings(), events=args.events, steady_rate=args.rate, steady_seconds=args.seconds)
@@ -197,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", nargs="?", help="the user's or item's id")
     p.add_argument("--json", action="store_true", help="one JSON line")
     p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("chaos", help="a long fault scenario (system test): one JSON line with what was lost, "
+                                     "failed and how long recovery took; exit 1 when it did not pass")
+    p.add_argument("scenario", choices=["redis-rebuild", "replica-kill", "controller-kill"])
+    p.add_argument("--json", action="store_true", help="one JSON line")
+    p.set_defaults(func=cmd_chaos)
 
     p = sub.add_parser("bench", help="benchmarks that print ratios against a reference measured in the same run")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
