@@ -77,7 +77,7 @@ class StreamWorker:
             return False
         offsets = next_offsets(records)
         self.done.update(offsets)
-        # Asynchronous: a commit lost in a crash only replays events the dedup markers absorb.
+        # Asynchronous: a commit lost in a crash only replays events the applied offsets absorb.
         self.member.consumer.commit_async(offsets=offsets)
         self.stats.consumed += len(records)
         self.stats.applied += sum(applied)
@@ -87,7 +87,7 @@ class StreamWorker:
 
     def _until_done(self, effect, what: str, transient: tuple):
         """Run ``effect`` until it succeeds, waiting out ``transient`` errors; None if stopped
-        meanwhile. A partly applied batch is safe to apply again (dedup markers)."""
+        meanwhile. A partly applied batch is safe to apply again (applied offsets, markers)."""
         delay = 0.1
         while True:
             try:
