@@ -11,7 +11,6 @@ Layout: ``archive/day=YYYY-MM-DD/p{partition}-{first:012d}-{last:012d}.parquet``
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 import threading
@@ -33,7 +32,6 @@ from recsys import kafka_io
 from recsys.events import BadEvent, Event, EventTimeBounds, parse_event
 from recsys.settings import Settings
 
-log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema([("event_id", pa.string()), ("user_id", pa.string()), ("item_id", pa.string()),
                     ("type", pa.string()), ("value", pa.float64()), ("ts", pa.int64())])
@@ -183,15 +181,11 @@ def run_archiver(settings: Settings, until_idle: float | None = None, flush_reco
                 archive.write_batch(partition, rows)
                 stats["archived"] += len(rows)
         buffer.clear()
-        delay = 0.1
-        while bad:
-            try:
-                stats["dlq"] += kafka_io.dead_letter(dlq, settings, settings.kafka.archive_group, bad)
-                bad.clear()
-            except KafkaError as exc:
-                log.warning("the dead-letter topic unavailable (%r); retrying in %.1fs", exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        if bad:
+            stats["dlq"] += kafka_io.until_done(
+                lambda: kafka_io.dead_letter(dlq, settings, settings.kafka.archive_group, bad),
+                "the dead-letter topic", (KafkaError,))
+            bad.clear()
         member.consumer.commit()
 
     def on_poll(polled):

@@ -201,6 +201,22 @@ def replay(events: Iterable[Event], settings: Settings, rate: float = 0.0, limit
             "first_ts": first_ts, "last_ts": last_ts, "topic": settings.kafka.events_topic}
 
 
+def until_done(effect: Callable, what: str, transient: tuple, stopping: threading.Event | None = None):
+    """A consumer's effect (a batch into Redis, dead letters to the broker), run until it
+    succeeds, waiting out ``transient`` errors (0.1 s, doubling to 5 s); None if ``stopping``
+    is set meanwhile. The effects are safe to run again (applied offsets, markers)."""
+    delay = 0.1
+    while True:
+        try:
+            return effect()
+        except transient as exc:
+            if stopping is not None and stopping.is_set():
+                return None
+            log.warning("%s unavailable (%r); retrying in %.1fs", what, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 def consume(member: GroupMember, on_poll: Callable[[dict], None], stopping: threading.Event,
             until_idle: float | None = None, busy: Callable[[], bool] = lambda: False) -> None:
     """The loop of every group consumer: poll, and hand each poll to ``on_poll`` (empty ones

@@ -11,9 +11,7 @@ short comes again, and the replay changes nothing.
 """
 from __future__ import annotations
 
-import logging
 import threading
-import time
 from dataclasses import asdict, dataclass
 
 import redis
@@ -25,7 +23,6 @@ from recsys.events import BadEvent, EventTimeBounds, parse_event
 from recsys.feature_store import FeatureStore
 from recsys.settings import Settings
 
-log = logging.getLogger(__name__)
 
 @dataclass
 class StreamStats:
@@ -70,10 +67,11 @@ class StreamWorker:
                 positions.append((record.topic, record.partition, record.offset))
             except BadEvent as exc:
                 bad.append((record, exc.reason))
-        applied = self._until_done(lambda: self.store.apply_events(good, positions), "Redis", REDIS_AWAY)
-        if applied is None or self._until_done(
+        applied = kafka_io.until_done(lambda: self.store.apply_events(good, positions), "Redis", REDIS_AWAY,
+                                      self.stopping)
+        if applied is None or kafka_io.until_done(
                 lambda: kafka_io.dead_letter(self.dlq, self.settings, self.settings.kafka.stream_group, bad),
-                "the dead-letter topic", (KafkaError,)) is None:
+                "the dead-letter topic", (KafkaError,), self.stopping) is None:
             return False
         offsets = next_offsets(records)
         self.done.update(offsets)
@@ -84,20 +82,6 @@ class StreamWorker:
         self.stats.duplicates += len(applied) - sum(applied)
         self.stats.dlq += len(bad)
         return True
-
-    def _until_done(self, effect, what: str, transient: tuple):
-        """Run ``effect`` until it succeeds, waiting out ``transient`` errors; None if stopped
-        meanwhile. A partly applied batch is safe to apply again (applied offsets, markers)."""
-        delay = 0.1
-        while True:
-            try:
-                return effect()
-            except transient as exc:
-                if self.stopping.is_set():
-                    return None
-                log.warning("%s unavailable (%r); retrying in %.1fs", what, exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     def run(self, until_idle: float | None = None) -> StreamStats:
         """Consume until SIGTERM/SIGINT, or until ``until_idle`` seconds pass with no record."""
