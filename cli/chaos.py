@@ -20,8 +20,6 @@ import threading
 import time
 from collections import Counter
 
-import psutil
-
 from cli.bench_stream import scratch_settings
 from deploy.local import stack
 from recsys.archive import run_archiver
@@ -83,16 +81,12 @@ def redis_rebuild(settings: Settings, events: int = 50_000, progress=print) -> d
         shutil.rmtree(home, ignore_errors=True)
 
 
-def _serve_pids(prefix: str) -> list[int]:
-    return [p.pid for p in psutil.process_iter(["cmdline"]) if " ".join(p.info["cmdline"] or []).startswith(prefix)]
-
-
 def _serving_fault(settings: Settings, scenario: str, seconds: float, concurrency: int, progress) -> dict:
     """Load on two fixed replicas; the fault a third of the way in; count what failed, and time
     how long until the cluster is whole again."""
     import ray
 
-    from serving.bench import _Cluster, _known_users, closed_loop
+    from serving.bench import _Cluster, _known_users, closed_loop, pids_named
     from serving.deploy import base_url, replicas, serve_up
     ids = _known_users(settings, 500)
     cluster = _Cluster(settings, replicas=2)
@@ -104,7 +98,7 @@ def _serving_fault(settings: Settings, scenario: str, seconds: float, concurrenc
     load.start()
     time.sleep(seconds / 3)
     kind = "ray::ServeReplica:recsys:RecsysApi" if scenario == "replica-kill" else "ray::ServeController"
-    before = set(_serve_pids(kind))
+    before = pids_named(kind)
     if not before:
         raise InvalidInput(f"chaos {scenario}: found no process to kill")
     victim = min(before)
@@ -116,7 +110,7 @@ def _serving_fault(settings: Settings, scenario: str, seconds: float, concurrenc
         # Whole again: a new process in the victim's place, and Serve (its controller answering)
         # counts two running replicas.
         try:
-            if set(_serve_pids(kind)) - before and replicas().get("RecsysApi", 0) >= 2:
+            if pids_named(kind) - before and replicas().get("RecsysApi", 0) >= 2:
                 recovery_s = time.monotonic() - killed
         except Exception:  # the controller is away: serve.status() fails until it is back
             pass

@@ -98,14 +98,16 @@ def closed_loop(urls: list[str], concurrency: int, seconds: float) -> dict:
     return result
 
 
+def pids_named(*prefixes: str) -> set[int]:
+    """Processes whose command line starts with one of these (Ray names its actors' processes
+    ``ray::<Class>``, e.g. ``ray::ServeReplica:recsys:RecsysApi``)."""
+    return {proc.info["pid"] for proc in psutil.process_iter(["pid", "cmdline"])
+            if " ".join(proc.info["cmdline"] or []).startswith(prefixes)}
+
+
 def serve_path_pids(s: Settings) -> set[int]:
     """Serve's processes (controller, proxies, replicas) and this stack's HAProxy."""
-    pids = set(stack.haproxy_pids(s))
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if cmd.startswith(("ray::Serve", "ray::ProxyActor", "ray::HAProxyManager")):
-            pids.add(proc.info["pid"])
-    return pids
+    return set(stack.haproxy_pids(s)) | pids_named("ray::Serve", "ray::ProxyActor", "ray::HAProxyManager")
 
 
 def _cpu_s(pids: set[int]) -> dict[int, float]:
