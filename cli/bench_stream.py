@@ -48,7 +48,7 @@ def _rate(n: int, seconds: float) -> float:
 
 
 def _raw_kafka_rate(settings: Settings, n: int) -> float:
-    cons = KafkaConsumer(settings.kafka.events_topic, bootstrap_servers=settings.kafka.bootstrap, group_id=None,
+    cons = KafkaConsumer(settings.kafka.events_topic, bootstrap_servers=settings.kafka.servers, group_id=None,
                          auto_offset_reset="earliest", max_poll_records=settings.kafka.poll_batch)
     seen, started = 0, time.monotonic()
     while seen < n:

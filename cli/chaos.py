@@ -3,6 +3,10 @@ Kafka's system tests stand apart from its unit tests. Each prints one JSON line 
 sent, acknowledged, archived, lost and duplicated, failed requests, recovery seconds, and
 whether it passed.
 
+  kafka-leader-kill  a private 3-broker Kafka (replication factor 3, min.insync.replicas 2):
+                   events posted through the API at 600/s for 60 s while the leader of partition 0
+                   is killed with kill -9 three times (and restarted); every event answered 202 is
+                   archived, and retried 503s count once
   redis-rebuild    a private Redis (its own port and folder) loses its process and its files;
                    ``recsys features rebuild`` and the stream worker bring every feature back
   replica-kill     kill -9 one of two Serve replicas under load: ≤ 1% failed, back in 30 s
@@ -13,25 +17,34 @@ The serving scenarios need the demo's model and users (``recsys demo`` first), a
 """
 from __future__ import annotations
 
+import asyncio
+import itertools
+import multiprocessing as mp
 import os
+import random
 import shutil
 import signal
 import threading
 import time
+import uuid
 from collections import Counter
+
+import numpy as np
 
 from cli.bench_stream import scratch_settings
 from deploy.local import stack
-from recsys.archive import run_archiver
+from recsys.archive import read_partition_log, run_archiver
 from recsys.errors import InvalidInput
 from recsys.feature_store import FeatureStore
-from recsys.kafka_io import replay
+from recsys.kafka_io import broker_answers, replay
 from recsys.rebuild import rebuild_features
 from recsys.settings import Settings
 from recsys.sources import SyntheticSource
 from recsys.stream import run_stream
 
 CHAOS_REDIS_PORT_OFFSET = 11  # the private Redis of redis-rebuild: the stack's port + 11
+CHAOS_KAFKA_PORT_OFFSET = 20  # the private brokers and controllers of kafka-leader-kill: the stack's + 20
+CHAOS_API_PORT_OFFSET = 91  # its API (serving.plain under uvicorn): the serving port + 91
 
 
 def _feature_counts(store: FeatureStore, users: list[str], items: list[str]) -> tuple[Counter, list]:
@@ -81,57 +94,243 @@ def redis_rebuild(settings: Settings, events: int = 50_000, progress=print) -> d
         shutil.rmtree(home, ignore_errors=True)
 
 
-def _serving_fault(settings: Settings, scenario: str, seconds: float, concurrency: int, progress) -> dict:
-    """Load on two fixed replicas; the fault a third of the way in; count what failed, and time
-    how long until the cluster is whole again."""
+async def _post_events(url: str, rate: float, seconds: float, concurrency: int, started_event=None) -> dict:
+    """Events posted one per request at ``rate`` per second. Each is retried with its event_id
+    after a 503 or a dropped connection until it gets a 202, as a client should, while the
+    next events go on (a client does not stall behind one partition). Returns the event ids
+    answered 202 with their attempts, the times of those answers, and per event the time from
+    its first try to its 202."""
+    import aiohttp
+    rng = random.Random(7)
+    started = time.monotonic()
+    if started_event is not None:
+        started_event.set()
+    give_up = started + seconds + 30
+    acked: dict[str, tuple[str, int]] = {}  # event id -> (item id, attempts)
+    ok_at: list[float] = []
+    waited: list[float] = []
+    statuses: Counter = Counter()
+
+    async def post(session, event):
+        first = time.monotonic()
+        for attempt in itertools.count(1):
+            try:
+                async with session.post(url, json=event) as resp:
+                    status = resp.status
+                    await resp.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                status = 0  # no answer
+            statuses[status] += 1
+            if status == 202:
+                acked[event["event_id"]] = (event["item_id"], attempt)
+                now = time.monotonic()
+                ok_at.append(now - started)
+                waited.append(now - first)
+                return
+            if status not in (0, 503) or time.monotonic() > give_up:
+                return
+            await asyncio.sleep(0.2)
+
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout) as session:
+        tasks = []
+        for n in itertools.count():
+            due = started + n / rate
+            if due >= started + seconds:
+                break
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            event = {"event_id": uuid.uuid4().hex, "user_id": f"u{rng.randrange(2000)}",
+                     "item_id": f"i{rng.randrange(500)}", "type": "view", "ts": int(time.time() * 1000)}
+            tasks.append(asyncio.create_task(post(session, event)))
+        await asyncio.gather(*tasks)
+    return {"sent": len(tasks), "acked": acked, "ok_at": sorted(ok_at), "waited": waited,
+            "statuses": dict(statuses), "seconds": seconds}
+
+
+def _event_load_process(url, rate, seconds, concurrency, started, queue):
+    queue.put(asyncio.run(_post_events(url, rate, seconds, concurrency, started)))
+
+
+def _leader(s: Settings, partition: int = 0) -> int:
+    from kafka import KafkaAdminClient
+    with KafkaAdminClient(bootstrap_servers=s.kafka.servers, bootstrap_timeout_ms=10000) as admin:
+        (topic,) = admin.describe_topics([s.kafka.events_topic])
+    return next(p["leader_id"] for p in topic["partitions"] if p["partition_index"] == partition)
+
+
+def _wait_back_in_sync(s: Settings, server: str, timeout_s: float) -> bool:
+    """True once the restarted broker answers and every partition of the events topic has all
+    its replicas in sync again (an ISR read before that can still list the dead broker)."""
+    from kafka import KafkaAdminClient
+    deadline = time.monotonic() + timeout_s
+    while not broker_answers(server):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    while time.monotonic() < deadline:
+        try:
+            with KafkaAdminClient(bootstrap_servers=s.kafka.servers, bootstrap_timeout_ms=5000) as admin:
+                (topic,) = admin.describe_topics([s.kafka.events_topic])
+            if all(len(p["isr_nodes"]) == s.kafka.replication_factor for p in topic["partitions"]):
+                return True
+        except Exception:  # a broker is still away: ask again
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def kafka_leader_kill(settings: Settings, seconds: float = 60.0, rate: float = 600.0, kills: int = 3,
+                      concurrency: int = 512, progress=print) -> dict:
+    """Kafka's replication_test, hard-bounce flavour, through the project's own API."""
+    from serving.bench import _Uvicorn
+    home = settings.home / "chaos-kafka"
+    shutil.rmtree(home, ignore_errors=True)
+    host, port = settings.kafka.bootstrap.rsplit(":", 1)
+    s = settings.updated(home=home, archive_dir=home / "archive", registry_dir=home / "models",
+                         kafka={"bootstrap": f"{host}:{int(port) + CHAOS_KAFKA_PORT_OFFSET}", "brokers": 3,
+                                "controller_port": settings.kafka.controller_port + CHAOS_KAFKA_PORT_OFFSET},
+                         redis={"port": settings.redis.port + CHAOS_REDIS_PORT_OFFSET + 1})
+    nodes = {n.node_id: n for n in stack.kafka_nodes(s)}
+    api = None
+    try:
+        stack.start_redis(s, progress)
+        stack.start_kafka(s, progress)
+        api = _Uvicorn(s, workers=1, port=settings.serving.port + CHAOS_API_PORT_OFFSET, ready_path="/healthz")
+        ctx = mp.get_context("spawn")
+        queue, load_started = ctx.Queue(), ctx.Event()
+        load = ctx.Process(target=_event_load_process,
+                           args=(f"{api.url}/v1/events", rate, seconds, concurrency, load_started, queue))
+        progress(f"chaos: {rate:g} events/s through the API for {seconds:g} s; kill -9 the leader {kills} times")
+        load.start()
+        load_started.wait(timeout=60)
+        started = time.monotonic()
+        bounces = []
+        for k in range(kills):
+            time.sleep(max(0.0, started + (k + 1) * seconds / (kills + 1) - time.monotonic()))
+            node = nodes[_leader(s)]
+            progress(f"chaos: kill -9 {node.name}, leader of partition 0")
+            killed = time.monotonic()
+            os.kill(stack._pid(s, node.name), signal.SIGKILL)
+            time.sleep(2.0)
+            stack.start_kafka_node(s, node, progress)
+            in_sync = _wait_back_in_sync(s, node.server, timeout_s=60)
+            bounces.append({"node": node.node_id, "at_s": round(killed - started, 1),
+                            "back_in_sync_s": round(time.monotonic() - killed, 1) if in_sync else None})
+        result = queue.get(timeout=seconds + 120)
+        load.join()
+        archived = run_archiver(s, until_idle=3)["archived"]
+        run_stream(s, until_idle=3)
+        return _replication_figures(s, result, archived, bounces)
+    finally:
+        if api is not None:
+            api.stop()
+        stack.stop_kafka(s)
+        stack.stop_redis(s)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _replication_figures(s: Settings, load: dict, archived: int, bounces: list) -> dict:
+    """Every 202 in the archive; a copy only where the client retried; effects once per event."""
+    acked = load["acked"]
+    records = Counter()
+    for p in range(s.kafka.events_partitions):
+        records.update(read_partition_log(s, p)["event_id"].to_pylist())
+    lost = sum(1 for e in acked if e not in records)
+    first_try_copies = sum(records[e] - 1 for e, (_, attempts) in acked.items() if attempts == 1 and records[e] > 1)
+    store = FeatureStore(s)
+    applied = sum(sum(store.item_counts(i).values()) for i in {item for item, _ in acked.values()})
+    duplicated = applied - len(records)  # events counted in Redis beyond one per archived event id
+    statuses = Counter(load["statuses"])
+    ok_at = [0.0, *load["ok_at"]]
+    longest_gap = max(b - a for a, b in zip(ok_at, ok_at[1:]))  # with no 202 at all
+    waited = np.array(load["waited"])  # an event's first try to its 202: its partition's outage
+    responses = sum(statuses.values())
+    events_per_s = len(acked) / load["seconds"]
+    passed = (not lost and not duplicated and not first_try_copies and events_per_s >= 500
+              and len(bounces) == 3 and all(b["back_in_sync_s"] is not None for b in bounces))
+    return {"scenario": "kafka-leader-kill", "events_sent": load["sent"], "acknowledged": len(acked),
+            "archived": len(records), "archived_records": archived, "lost": lost, "duplicated": duplicated,
+            "copies_from_client_retries": sum(records.values()) - len(records) - first_try_copies,
+            "copies_without_retry": first_try_copies, "events_per_s": round(events_per_s, 1),
+            "responses": responses, "share_503": round(statuses.get(503, 0) / responses, 4),
+            "no_answer": statuses.get(0, 0), "failed_requests": responses - statuses.get(202, 0),
+            "longest_unavailability_s": round(float(waited.max()), 2), "longest_without_any_202_s": round(longest_gap, 2),
+            "wait_for_202_p99_s": round(float(np.percentile(waited, 99)), 2), "kills": bounces,
+            "recovery_s": max((b["back_in_sync_s"] or 0) for b in bounces), "passed": passed}
+
+
+def _serving_fault(settings: Settings, scenario: str, progress) -> dict:
+    """Locust's shoppers (``CHAOS_PROFILE``: about half of what Locust and Serve reach together
+    on 2 cores) on two fixed replicas, their posted events followed into Redis; the fault a
+    third of the way in; count what failed, and time how long until the cluster is whole again."""
     import ray
 
-    from serving.bench import _Cluster, _known_users, closed_loop, pids_named
+    from loadtest.runner import Options, run as run_load
+    from loadtest.shapes import CHAOS_PROFILE
+    from serving.bench import _Cluster, pids_named
     from serving.deploy import base_url, replicas, serve_up
-    ids = _known_users(settings, 500)
     cluster = _Cluster(settings, replicas=2)
     s = cluster.ensure(settings.serving.ingress)
-    urls = [f"{base_url(s)}/v1/recommendations/{u}?k=10" for u in ids]
-    closed_loop(urls, concurrency, 3)  # warm-up
-    result: dict = {}
-    load = threading.Thread(target=lambda: result.update(closed_loop(urls, concurrency, seconds)))
-    load.start()
-    time.sleep(seconds / 3)
+    out = settings.home / "chaos-serving" / scenario
+    shutil.rmtree(out, ignore_errors=True)
     kind = "ray::ServeReplica:recsys:RecsysApi" if scenario == "replica-kill" else "ray::ServeController"
-    before = pids_named(kind)
-    if not before:
-        raise InvalidInput(f"chaos {scenario}: found no process to kill")
-    victim = min(before)
-    progress(f"chaos: kill -9 {scenario.split('-')[0]} pid {victim}")
-    killed = time.monotonic()
-    os.kill(victim, signal.SIGKILL)
-    recovery_s = None
-    while recovery_s is None and time.monotonic() - killed < 120:
-        # Whole again: a new process in the victim's place, and Serve (its controller answering)
-        # counts two running replicas.
-        try:
-            if pids_named(kind) - before and replicas().get("RecsysApi", 0) >= 2:
-                recovery_s = time.monotonic() - killed
-        except Exception:  # the controller is away: serve.status() fails until it is back
-            pass
-        time.sleep(0.2)
-    load.join()
+    fault: dict = {}
+
+    def inject() -> None:  # a third of the way into the load (Locust writes shape_start.txt when it starts)
+        while not (out / "shape_start.txt").exists():
+            time.sleep(0.2)
+        time.sleep(CHAOS_PROFILE.duration_s / 3)
+        before = pids_named(kind)
+        if not before:
+            fault["error"] = f"found no {kind} process to kill"
+            return
+        victim = min(before)
+        progress(f"chaos: kill -9 {scenario.split('-')[0]} pid {victim}")
+        killed = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        while time.monotonic() - killed < 120:
+            # Whole again: a new process in the victim's place, and Serve (its controller
+            # answering) counts two running replicas.
+            try:
+                if pids_named(kind) - before and replicas().get("RecsysApi", 0) >= 2:
+                    fault["recovery_s"] = time.monotonic() - killed
+                    return
+            except Exception:  # the controller is away: serve.status() fails until it is back
+                pass
+            time.sleep(0.2)
+
+    injector = threading.Thread(target=inject, daemon=True)
+    injector.start()
+    summary = run_load(s, Options(profile=CHAOS_PROFILE, host=base_url(s), out=out, settle_max_s=0, cooldown_max_s=0),
+                       progress=progress)
+    injector.join(timeout=130)
     ray.shutdown()
     stack.stop_ray(settings)
     serve_up(settings, progress=lambda *_: None)  # back to the configured deployment
-    sent = result["answered"] + result["errors"]
-    failed_share = result["errors"] / sent if sent else 1.0
-    passed = failed_share <= 0.01 and recovery_s is not None and (scenario != "replica-kill" or recovery_s <= 30)
-    return {"scenario": scenario, "requests": sent, "failed_requests": result["errors"],
-            "failed_share": round(failed_share, 4), "p99_ms": round(result["p99_ms"], 1),
+    if "error" in fault:
+        raise InvalidInput(f"chaos {scenario}: {fault['error']}")
+    from loadtest.report import Requests
+    requests = Requests.read_csv(out / "requests.csv", float((out / "shape_start.txt").read_text()))
+    sent, failed = len(requests), int((~requests.ok).sum())
+    failed_share = failed / sent if sent else 1.0
+    recovery_s = fault.get("recovery_s")
+    events = summary["events"]
+    lost = events["posted"] - events["in_redis"]
+    passed = (failed_share <= 0.01 and recovery_s is not None and not lost
+              and (scenario != "replica-kill" or recovery_s <= 30))
+    return {"scenario": scenario, "requests": sent, "rps": round(sent / CHAOS_PROFILE.duration_s, 1),
+            "failed_requests": failed, "failed_share": round(failed_share, 4),
+            "p99_ms": round(float(np.percentile(requests.latency_ms, 99)), 1) if sent else None,
             "recovery_s": round(recovery_s, 1) if recovery_s is not None else None,
-            "events_sent": 0, "acknowledged": 0, "archived": 0, "lost": 0, "duplicated": 0, "passed": passed}
+            "events_sent": events["posted"], "acknowledged": events["posted"], "archived": None,
+            "lost": lost, "duplicated": 0, "passed": passed, "report": str(out)}
 
 
 SCENARIOS = {
+    "kafka-leader-kill": lambda s, progress: kafka_leader_kill(s, progress=progress),
     "redis-rebuild": lambda s, progress: redis_rebuild(s, progress=progress),
-    "replica-kill": lambda s, progress: _serving_fault(s, "replica-kill", 30.0, 4, progress),
-    "controller-kill": lambda s, progress: _serving_fault(s, "controller-kill", 30.0, 4, progress),
+    "replica-kill": lambda s, progress: _serving_fault(s, "replica-kill", progress),
+    "controller-kill": lambda s, progress: _serving_fault(s, "controller-kill", progress),
 }
 
 

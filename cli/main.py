@@ -37,6 +37,8 @@ def _print(obj, as_json: bool) -> None:
 def cmd_stack(args) -> int:
     from deploy.local import stack
     settings = get_settings()
+    if args.brokers is not None:
+        settings = settings.updated(kafka={"brokers": args.brokers})
     if args.action == "up":
         result = stack.up(settings, progress=lambda msg: print(msg, file=sys.stderr))
     elif args.action == "down":
@@ -174,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stack", help="start, stop or inspect the local Kafka + Redis stack")
     p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--brokers", type=int, default=None,
+                   help="Kafka nodes: 3 runs a replicated cluster (replication factor 3, min.insync.replicas 2); "
+                        "default RECSYS_KAFKA_BROKERS (1). Other commands read RECSYS_KAFKA_BROKERS to find them all")
     p.add_argument("--json", action="store_true", help="one JSON line")
     p.set_defaults(func=cmd_stack)
 
@@ -207,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chaos", help="a long fault scenario (system test): one JSON line with what was lost, "
                                      "failed and how long recovery took; exit 1 when it did not pass")
-    p.add_argument("scenario", choices=["redis-rebuild", "replica-kill", "controller-kill"])
+    p.add_argument("scenario", choices=["kafka-leader-kill", "redis-rebuild", "replica-kill", "controller-kill"])
     p.add_argument("--json", action="store_true", help="one JSON line")
     p.set_defaults(func=cmd_chaos)
 

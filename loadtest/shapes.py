@@ -125,6 +125,12 @@ PROFILES: dict[str, Profile] = {
         description="peak season for people: ~8.5 minutes"),
 }
 
+# `recsys chaos replica-kill|controller-kill`: a flat load at about half of what Locust and two
+# Serve replicas reach together on 2 cores (the peak profile's 70 shoppers: about 650 req/s).
+CHAOS_PROFILE = Profile(name="chaos", base=35, ramp_to=35, peak=35, baseline_s=5, ramp_s=0, surge_s=0, peak_s=40,
+                        decay_s=0, cooldown_s=0, wait_min_s=0.0, wait_max_s=0.1,
+                        description="chaos: 35 shoppers for 45 s, a fault a third of the way in")
+
 
 def get_profile(name: str) -> Profile:
     try:

@@ -20,8 +20,10 @@ from recsys.settings import Settings
 
 
 def producer(settings: Settings, **overrides) -> KafkaProducer:
-    """acks=all and retries: a produce that returns from flush() is on the broker."""
-    conf = dict(bootstrap_servers=settings.kafka.bootstrap, acks="all", linger_ms=5,
+    """acks=all (on min.insync.replicas brokers), retries, and idempotence, so that a retry
+    after a lost reply or a leader change writes no second copy: a produce that returns
+    from flush() is on the brokers once."""
+    conf = dict(bootstrap_servers=settings.kafka.servers, acks="all", enable_idempotence=True, linger_ms=5,
                 retries=5, max_in_flight_requests_per_connection=1)
     conf.update(overrides)
     return KafkaProducer(**conf)
@@ -29,7 +31,7 @@ def producer(settings: Settings, **overrides) -> KafkaProducer:
 
 def consumer(settings: Settings, group: str, listener=None, **overrides) -> KafkaConsumer:
     """Manual commits: callers commit only after the effect of a batch is durable."""
-    conf = dict(bootstrap_servers=settings.kafka.bootstrap, group_id=group, enable_auto_commit=False,
+    conf = dict(bootstrap_servers=settings.kafka.servers, group_id=group, enable_auto_commit=False,
                 auto_offset_reset="earliest", max_poll_records=settings.kafka.poll_batch,
                 # A crashed member's partitions move to the others after 6 s (the broker's minimum).
                 session_timeout_ms=6000, heartbeat_interval_ms=2000)
@@ -46,25 +48,26 @@ def consumer(settings: Settings, group: str, listener=None, **overrides) -> Kafk
     return cons
 
 
-def bootstrap_hostport(s: Settings) -> tuple[str, int]:
-    host, port = s.kafka.bootstrap.rsplit(":", 1)
-    return host, int(port)
-
-
-def kafka_answers(s: Settings) -> bool:
-    """True if the broker answers an ApiVersions request.
+def broker_answers(server: str) -> bool:
+    """True if the broker at ``host:port`` answers an ApiVersions request.
 
     Spoken raw: a KafkaAdminClient whose bootstrap fails leaks its IO thread, and
     a starting broker accepts connections well before it answers them.
     """
+    host, port = server.rsplit(":", 1)
     request = struct.pack(">hhih", 18, 0, 7, -1)  # ApiVersions v0, correlation id 7, no client id
     try:
-        with socket.create_connection(bootstrap_hostport(s), timeout=2) as sock:
+        with socket.create_connection((host, int(port)), timeout=2) as sock:
             sock.sendall(struct.pack(">i", len(request)) + request)
             reply = sock.recv(8)
     except OSError:
         return False
     return len(reply) == 8 and struct.unpack(">ii", reply)[1] == 7
+
+
+def kafka_answers(s: Settings) -> bool:
+    """True if any of the brokers answers (clients find the others through it)."""
+    return any(broker_answers(server) for server in s.kafka.servers)
 
 
 log = logging.getLogger(__name__)

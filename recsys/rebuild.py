@@ -22,7 +22,7 @@ from recsys.training_data import iter_events
 def rebuild_features(settings: Settings, batch: int = 5000, progress=print) -> dict:
     """Clear this prefix's online features and rebuild them from the archive (see above)."""
     topic, group = settings.kafka.events_topic, settings.kafka.stream_group
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap)
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka.servers)
     try:
         if admin.describe_groups([group]).get(group, {}).get("members"):
             raise Busy(f"stream workers of group {group!r} are running: stop them (recsys stream) before a rebuild")

@@ -15,9 +15,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class KafkaSettings(BaseModel):
-    # Ports stay clear of Ray's defaults (GCS 6379, worker ports 10002-19999).
+    # Ports stay clear of Ray's defaults (GCS 6379, worker ports 10002-19999). Broker i of
+    # ``brokers`` (from 0) listens on the bootstrap port + 2i, its controller on controller_port + 2i.
     bootstrap: str = "127.0.0.1:29092"
     controller_port: int = 29093
+    brokers: int = Field(1, ge=1, le=5)  # 3: replication factor 3, min.insync.replicas 2
     version: str = "4.1.1"
     events_topic: str = "user-events"
     dlq_topic: str = "user-events.dlq"
@@ -30,6 +32,21 @@ class KafkaSettings(BaseModel):
     # recreations it exits non-zero (recsys.kafka_io.GroupMember). 0 s turns the bound off.
     assignment_timeout_s: float = 30.0
     recreate_attempts: int = 1
+
+    @property
+    def servers(self) -> list[str]:
+        """Every broker's host:port, for clients to bootstrap from whichever answers."""
+        host, port = self.bootstrap.rsplit(":", 1)
+        return [f"{host}:{int(port) + 2 * i}" for i in range(self.brokers)]
+
+    @property
+    def replication_factor(self) -> int:
+        return min(self.brokers, 3)
+
+    @property
+    def min_insync_replicas(self) -> int:
+        """An acknowledged write is on this many brokers; one broker may be down meanwhile."""
+        return max(1, self.replication_factor - 1)
 
 
 class RedisSettings(BaseModel):

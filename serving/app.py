@@ -62,6 +62,19 @@ async def _recsys_error(_: Request, exc: RecsysError):
     return JSONResponse(status_code=exc.http_status, content={"detail": str(exc)}, headers=headers)
 
 
+def _awaitable(future, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+    """A kafka-python send future as an asyncio one (its callbacks run on the producer's thread)."""
+    out = loop.create_future()
+
+    def settle(how: str, value) -> None:
+        if not out.done():
+            getattr(out, how)(value)
+
+    future.add_callback(lambda meta: loop.call_soon_threadsafe(settle, "set_result", meta))
+    future.add_errback(lambda exc: loop.call_soon_threadsafe(settle, "set_exception", exc))
+    return out
+
+
 class RecsysService:
     """The request path itself, free of Serve: one per process (a Serve replica, or plain
     uvicorn in ``recsys bench serve``'s ceiling variant)."""
@@ -127,14 +140,19 @@ class RecsysService:
                     raise Unavailable(f"Kafka unavailable: {exc}") from None
             return self._producer
 
-    def produce(self, events: list[Event]) -> None:
-        """Accepted means on the broker: nothing is lost after a 202."""
+    def _send(self, events: list[Event]) -> list:
         prod = self._kafka()
-        futures = [send_event(prod, self.settings, e) for e in events]
+        return [send_event(prod, self.settings, e) for e in events]
+
+    async def produce(self, events: list[Event], timeout_s: float = 2.0) -> None:
+        """Accepted means on the brokers: nothing is lost after a 202. Only the send runs in a
+        thread (it can wait for metadata); the acknowledgements are awaited on the event loop,
+        so requests that wait for a broker hold no thread while a leader is being replaced."""
+        loop = asyncio.get_running_loop()
+        futures = await asyncio.to_thread(self._send, events)
         try:
-            for f in futures:
-                f.get(timeout=2.0)
-        except KafkaError as exc:
+            await asyncio.wait_for(asyncio.gather(*(_awaitable(f, loop) for f in futures)), timeout_s)
+        except (KafkaError, asyncio.TimeoutError) as exc:
             raise Unavailable(f"Kafka unavailable: {exc!r}") from None
 
     # -- requests --------------------------------------------------------
@@ -229,7 +247,7 @@ async def events(request: Request) -> dict:
         accepted = EVENTS.validate_python(batch, context={"bounds": service().bounds})
     except ValidationError as exc:
         raise HTTPException(422, detail=[{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]) from None
-    await asyncio.to_thread(service().produce, accepted)  # off the event loop: waits for the broker
+    await service().produce(accepted)
     EVENTS_ACCEPTED.inc(len(accepted))
     LATENCY_MS.observe((time.perf_counter() - started) * 1e3, tags={"route": "events"})
     return {"accepted": len(accepted)}

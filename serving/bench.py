@@ -170,14 +170,14 @@ class _Cluster:
 class _Uvicorn:
     """serving.plain under uvicorn with as many worker processes as Serve has replicas."""
 
-    def __init__(self, settings: Settings, workers: int, port: int):
+    def __init__(self, settings: Settings, workers: int, port: int, ready_path: str = "/readyz"):
         self.url = f"http://127.0.0.1:{port}"
         env = {**os.environ, **{k: v for k, v in settings.environment().items() if v is not None}}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "serving.plain:create", "--factory", "--host", "127.0.0.1",
              "--port", str(port), "--workers", str(workers), "--no-access-log", "--log-level", "warning"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_http(f"{self.url}/readyz")
+        wait_http(f"{self.url}{ready_path}")
 
     def pids(self) -> set[int]:
         parent = psutil.Process(self.proc.pid)

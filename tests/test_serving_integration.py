@@ -282,7 +282,7 @@ def test_kafka_down_gives_503_quickly_then_recovers(served):
         time.sleep(0.5)
     # Back for consumers too: a fresh consumer group joins and reads (the broker's group
     # coordinator loads after its produce path is up; later tests need both).
-    consumer = KafkaConsumer(settings.kafka.events_topic, bootstrap_servers=settings.kafka.bootstrap,
+    consumer = KafkaConsumer(settings.kafka.events_topic, bootstrap_servers=settings.kafka.servers,
                              group_id=f"after-restart-{time.time_ns()}", auto_offset_reset="earliest")
     try:
         deadline = time.monotonic() + 60

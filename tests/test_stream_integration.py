@@ -51,7 +51,7 @@ def assert_features_match(settings, ml100k):
 
 
 def committed(settings) -> int:
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap)
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka.servers)
     try:
         offsets = admin.list_group_offsets(settings.kafka.stream_group).get(settings.kafka.stream_group, {})
         return sum(o.offset for o in offsets.values() if o.offset > 0)

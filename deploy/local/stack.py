@@ -1,6 +1,7 @@
-"""Start, stop and inspect the local stack: one Kafka 4 KRaft node and one Redis.
+"""Start, stop and inspect the local stack: Kafka 4 in KRaft mode (one node, or
+``kafka.brokers`` nodes that are each broker and controller) and one Redis.
 
-Both run as detached child processes whose pids are kept in ``<home>/run``, so
+All run as detached child processes whose pids are kept in ``<home>/run``, so
 ``down`` stops only what ``up`` started. See deploy/local/README.md.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from dataclasses import dataclass
 from string import Template
 from typing import Callable
 
@@ -30,11 +32,12 @@ from redis.retry import Retry
 
 from recsys import RAY_ENV
 from recsys.errors import RecsysError
-from recsys.kafka_io import bootstrap_hostport, kafka_answers
+from recsys.kafka_io import broker_answers
 from recsys.settings import Settings
 
 DEPLOY = Path(__file__).resolve().parent
-# Text that /proc/<pid>/cmdline must contain for a recorded pid to still be ours.
+# Text that /proc/<pid>/cmdline must contain for a recorded pid to still be ours, by the
+# service's name up to a dash ("kafka-2" is a Kafka node).
 MARKERS = {"kafka": "kafka.Kafka", "redis": "redis-server"}
 KAFKA_TIMEOUT_S = 90
 REDIS_TIMEOUT_S = 15
@@ -69,7 +72,7 @@ def _alive(pid: int, name: str) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return MARKERS[name].encode() in cmdline
+    return MARKERS[name.split("-")[0]].encode() in cmdline
 
 
 def _pid(s: Settings, name: str) -> int | None:
@@ -125,24 +128,30 @@ def _wait(s: Settings, name: str, answers: Callable[[Settings], bool], timeout_s
         time.sleep(0.5)
 
 
-def _stop(s: Settings, name: str) -> str:
-    """SIGTERM our process, SIGKILL it if it outlives STOP_TIMEOUT_S. Returns what happened."""
-    pid = _pid(s, name)
-    _pidfile(s, name).unlink(missing_ok=True)
-    if pid is None:
+def _stop(s: Settings, *names: str) -> str:
+    """SIGTERM our processes (all at once: a Kafka node's controlled shutdown needs the
+    others' quorum), SIGKILL any that outlives STOP_TIMEOUT_S. Returns what happened."""
+    pids = {name: _pid(s, name) for name in names}
+    for name, pid in pids.items():
+        _pidfile(s, name).unlink(missing_ok=True)
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+    running = {name: pid for name, pid in pids.items() if pid is not None}
+    if not running:
         return "not running"
-    os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT_S
     how = "stopped"
-    while _alive(pid, name):
+    while alive := [(name, pid) for name, pid in running.items() if _alive(pid, name)]:
         if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
+            for _, pid in alive:
+                os.kill(pid, signal.SIGKILL)
             how = "killed"
             break
         time.sleep(0.2)
-    child = _children.pop(name, None)
-    if child is not None and child.pid == pid:
-        child.wait()
+    for name, pid in running.items():
+        child = _children.pop(name, None)
+        if child is not None and child.pid == pid:
+            child.wait()
     return how
 
 
@@ -193,7 +202,23 @@ def stop_redis(settings: Settings) -> str:
 # ---- kafka -----------------------------------------------------------------
 
 def _admin(s: Settings) -> KafkaAdminClient:
-    return KafkaAdminClient(bootstrap_servers=s.kafka.bootstrap, bootstrap_timeout_ms=10000)
+    return KafkaAdminClient(bootstrap_servers=s.kafka.servers, bootstrap_timeout_ms=10000)
+
+
+@dataclass(frozen=True)
+class KafkaNode:
+    """One KRaft node (broker and controller in one JVM). ``name`` names its pid file, log and
+    folder: "kafka" for a single node, "kafka-1".."kafka-N" in a cluster of N."""
+    node_id: int
+    name: str
+    server: str  # host:port of its broker
+    controller_port: int
+
+
+def kafka_nodes(s: Settings) -> list[KafkaNode]:
+    n = s.kafka.brokers
+    return [KafkaNode(i + 1, "kafka" if n == 1 else f"kafka-{i + 1}", server, s.kafka.controller_port + 2 * i)
+            for i, server in enumerate(s.kafka.servers)]
 
 
 def _java() -> str:
@@ -229,11 +254,17 @@ def _kafka_libs(s: Settings, progress: Callable[[str], None]) -> Path:
     return libs
 
 
-def _kafka_config(s: Settings) -> Path:
-    host, port = bootstrap_hostport(s)
+def _kafka_config(s: Settings, node: KafkaNode) -> Path:
+    host, port = node.server.rsplit(":", 1)
+    nodes = kafka_nodes(s)
+    # One node: a dynamic quorum of itself (format --standalone); a cluster: all nodes vote.
+    quorum = (f"controller.quorum.bootstrap.servers={host}:{node.controller_port}" if len(nodes) == 1 else
+              "controller.quorum.voters=" + ",".join(f"{n.node_id}@{host}:{n.controller_port}" for n in nodes))
     text = Template((DEPLOY / "kafka" / "server.properties").read_text()).substitute(
-        host=host, port=port, controller_port=s.kafka.controller_port, log_dirs=_dir(s, "kafka") / "data")
-    path = _dir(s, "kafka") / "server.properties"
+        node_id=node.node_id, quorum=quorum, host=host, port=port, controller_port=node.controller_port,
+        log_dirs=_dir(s, node.name) / "data", replication_factor=s.kafka.replication_factor,
+        min_insync_replicas=s.kafka.min_insync_replicas)
+    path = _dir(s, node.name) / "server.properties"
     path.write_text(text)
     return path
 
@@ -243,32 +274,47 @@ def _java_cmd(libs: Path, *args: str) -> list[str]:
             f"-Dlog4j2.configurationFile={DEPLOY / 'kafka' / 'log4j2.xml'}", "-cp", f"{libs}/*", *args]
 
 
-def _format_storage(s: Settings, libs: Path, config: Path, progress: Callable[[str], None]) -> None:
-    """First start only: write meta.properties and the single-voter KRaft quorum."""
-    if (_dir(s, "kafka") / "data" / "meta.properties").exists():
+def _cluster_id(s: Settings) -> str:
+    """The id every node's storage is formatted with: a formatted node's, else a new one
+    (Kafka cluster ids are a random UUID in unpadded URL-safe base64)."""
+    for node in kafka_nodes(s):
+        meta = _dir(s, node.name) / "data" / "meta.properties"
+        if meta.exists():
+            found = re.search(r"^cluster\.id=(\S+)", meta.read_text(), re.M)
+            if found:
+                return found.group(1)
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+
+
+def _format_storage(s: Settings, node: KafkaNode, libs: Path, config: Path, progress: Callable[[str], None]) -> None:
+    """First start only: write meta.properties (and, for a single node, its one-voter quorum)."""
+    if (_dir(s, node.name) / "data" / "meta.properties").exists():
         return
-    # Kafka cluster ids are a random UUID in unpadded URL-safe base64.
-    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
-    progress(f"kafka: formatting storage (cluster id {cluster_id})")
+    cluster_id = _cluster_id(s)
+    progress(f"{node.name}: formatting storage (cluster id {cluster_id})")
+    standalone = ["--standalone"] if s.kafka.brokers == 1 else []
+    # "--cluster-id=": an id may start with "-", which the tool would take for an option.
     done = subprocess.run(
-        _java_cmd(libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config), "--standalone"),
+        _java_cmd(libs, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(config),
+                  *standalone),
         capture_output=True, text=True)
     if done.returncode != 0:
-        raise StackError(f"kafka storage format failed:\n{(done.stdout + done.stderr)[-2000:]}")
+        raise StackError(f"{node.name} storage format failed:\n{(done.stdout + done.stderr)[-2000:]}")
 
 
 def ensure_topics(s: Settings, timeout_s: float = 30) -> None:
-    """Create the events and dead-letter topics if missing.
+    """Create the events and dead-letter topics if missing, replicated on up to 3 brokers.
 
     Retries TopicAlreadyExists: right after a delete the name can still be taken.
     """
     wanted = {s.kafka.events_topic: s.kafka.events_partitions, s.kafka.dlq_topic: 1}
+    configs = {"min.insync.replicas": str(s.kafka.min_insync_replicas)}
     deadline = time.monotonic() + timeout_s
     with _admin(s) as admin:
         while missing := {t: n for t, n in wanted.items() if t not in admin.list_topics()}:
             try:
-                admin.create_topics({t: {"num_partitions": n, "replication_factor": 1}
-                                     for t, n in missing.items()})
+                admin.create_topics({t: {"num_partitions": n, "replication_factor": s.kafka.replication_factor,
+                                         "configs": configs} for t, n in missing.items()})
             except TopicAlreadyExistsError:
                 if time.monotonic() > deadline:
                     raise StackError(f"kafka: topics {sorted(missing)} still being deleted after {timeout_s:.0f}s")
@@ -276,21 +322,43 @@ def ensure_topics(s: Settings, timeout_s: float = 30) -> None:
         admin.wait_for_topics(list(wanted), timeout_ms=int(timeout_s * 1000))
 
 
+def _other_kafka(s: Settings, nodes: list[KafkaNode]) -> str | None:
+    """A Kafka node of another layout (a single node when a cluster is wanted, or the reverse)
+    that ``up`` started and that still runs: it holds the ports."""
+    ours = {n.name for n in nodes}
+    for pidfile in _dir(s, "run").glob("kafka*.pid"):
+        if pidfile.stem not in ours and _pid(s, pidfile.stem) is not None:
+            return pidfile.stem
+    return None
+
+
+def start_kafka_node(s: Settings, node: KafkaNode, progress: Callable[[str], None] = print) -> subprocess.Popen | None:
+    """Spawn one node unless it answers or runs already; the spawned child, or None."""
+    if broker_answers(node.server) or _pid(s, node.name) is not None:
+        return None
+    _java()  # fail before downloading jars it could not run
+    libs = _kafka_libs(s, progress)
+    config = _kafka_config(s, node)
+    _format_storage(s, node, libs, config, progress)
+    progress(f"{node.name}: starting Kafka {s.kafka.version} on {node.server}")
+    return _spawn(s, node.name, _java_cmd(libs, "kafka.Kafka", str(config)))
+
+
 def start_kafka(s: Settings, progress: Callable[[str], None] = print) -> None:
-    proc = None
-    if not kafka_answers(s) and _pid(s, "kafka") is None:
-        _java()  # fail before downloading jars it could not run
-        libs = _kafka_libs(s, progress)
-        config = _kafka_config(s)
-        _format_storage(s, libs, config, progress)
-        progress(f"kafka: starting {s.kafka.version} on {s.kafka.bootstrap}")
-        proc = _spawn(s, "kafka", _java_cmd(libs, "kafka.Kafka", str(config)))
-    _wait(s, "kafka", kafka_answers, KAFKA_TIMEOUT_S, proc)
+    nodes = kafka_nodes(s)
+    other = _other_kafka(s, nodes)
+    if other is not None:
+        raise StackError(f"kafka: {other} (another layout than {len(nodes)} broker(s)) runs on these ports; "
+                         "`recsys stack down` first")
+    procs = {node.name: start_kafka_node(s, node, progress) for node in nodes}
+    for node in nodes:  # all started before any is waited for: a cluster answers once its quorum is up
+        _wait(s, node.name, lambda _s, server=node.server: broker_answers(server), KAFKA_TIMEOUT_S, procs[node.name])
     ensure_topics(s)
 
 
 def stop_kafka(settings: Settings) -> str:
-    return _stop(settings, "kafka")
+    """Stop every Kafka node ``up`` started, of whatever layout."""
+    return _stop(settings, *(f.stem for f in _dir(settings, "run").glob("kafka*.pid")))
 
 
 # ---- ray -------------------------------------------------------------------
@@ -410,11 +478,22 @@ def down(s: Settings) -> dict:
     return {"ray": stop_ray(s), "kafka": stop_kafka(s), "redis": stop_redis(s)}
 
 
+def _kafka_status(s: Settings) -> dict:
+    nodes = kafka_nodes(s)
+    up_ = [n for n in nodes if broker_answers(n.server)]
+    state = "running" if len(up_) == len(nodes) else f"degraded ({len(up_)} of {len(nodes)} up)" if up_ else "stopped"
+    brokers = [{"server": n.server, "pid": _pid(s, n.name), "state": "running" if n in up_ else "stopped",
+                "log": str(_log(s, n.name))} for n in nodes]
+    first = brokers[0]
+    return {"state": state, "pid": first["pid"], "bootstrap": ",".join(s.kafka.servers), "version": s.kafka.version,
+            "replication_factor": s.kafka.replication_factor, "log": first["log"],
+            **({"brokers": brokers} if len(nodes) > 1 else {})}
+
+
 def status(s: Settings) -> dict:
     """Per service: state "running" only if it answers, our pid (or None), address and log file."""
     return {
-        "kafka": {"state": "running" if kafka_answers(s) else "stopped", "pid": _pid(s, "kafka"),
-                  "bootstrap": s.kafka.bootstrap, "version": s.kafka.version, "log": str(_log(s, "kafka"))},
+        "kafka": _kafka_status(s),
         "redis": {"state": "running" if redis_answers(s) else "stopped", "pid": _pid(s, "redis"),
                   "url": s.redis.url, "log": str(_log(s, "redis"))},
         "ray": {"state": "running" if ray_address(s) else "stopped", "address": ray_address(s)},
