@@ -77,17 +77,16 @@ class BadEvent(InvalidInput):
 
 
 def parse_event(raw: bytes | None, bounds: EventTimeBounds = DEFAULT_BOUNDS) -> Event:
-    """Decode one Kafka record value, raising BadEvent with a short reason."""
+    """Decode one Kafka record value, raising BadEvent with a short reason. Pydantic parses
+    the JSON itself (in Rust: half the CPU of json.loads and a validation of the dict)."""
     if raw is None:
         raise BadEvent("empty record")
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadEvent(f"not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BadEvent(f"not a JSON object: {type(data).__name__}")
-    try:
-        return Event.model_validate(data, context={"bounds": bounds})
+        return Event.model_validate_json(raw, context={"bounds": bounds})
     except ValidationError as exc:
-        raise BadEvent("; ".join(f"{'.'.join(map(str, e['loc'])) or 'event'}: {e['msg']}" for e in exc.errors())) from None
-
+        errors = exc.errors()
+        if errors[0]["type"] == "json_invalid":
+            raise BadEvent(f"not JSON: {errors[0]['msg']}") from None
+        if errors[0]["type"] == "model_type":
+            raise BadEvent(f"not a JSON object: {type(json.loads(raw)).__name__}") from None
+        raise BadEvent("; ".join(f"{'.'.join(map(str, e['loc'])) or 'event'}: {e['msg']}" for e in errors)) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 from typing import Iterable
 
+import hiredis
 import redis
 import redis.asyncio
 from redis.asyncio.retry import Retry as AsyncRetry
@@ -120,6 +121,60 @@ def _user_from(uid: str, res: list) -> UserFeatures:
     return UserFeatures(uid, recent, set(seen), {k: int(v) for k, v in counts.items()})
 
 
+class SentEvents:
+    """A batch of scripts written to one connection of the store's pool, its replies not yet
+    read; the connection goes back to the pool once they are (or is dropped on an error)."""
+
+    def __init__(self, store: FeatureStore, commands: list[tuple]):
+        self.store, self.commands, self.conn = store, commands, None
+        if commands:
+            pool = store.redis.connection_pool
+            conn = pool.get_connection()
+            try:
+                # hiredis packs each command in C; redis-py's own packer first re-checks every argument.
+                conn.send_packed_command([b"".join(hiredis.pack_command(c) for c in commands)])
+            except BaseException:
+                conn.disconnect()
+                pool.release(conn)
+                raise
+            self.conn = conn
+
+    def replies(self) -> list[bool]:
+        """Per event, True when applied, False for a duplicate. Every reply is read before the
+        first error is raised, as a pipeline does; a script Redis no longer holds (it restarted
+        since it was loaded) is loaded and the batch sent again, which changes nothing that
+        was applied."""
+        if self.conn is None:
+            return []
+        conn, self.conn = self.conn, None
+        pool = self.store.redis.connection_pool
+        applied, error = [], None
+        try:
+            for _ in self.commands:
+                try:
+                    applied.append(bool(conn.read_response()))
+                except redis.ResponseError as exc:
+                    error = error or exc
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+        if isinstance(error, redis.exceptions.NoScriptError):
+            self.store.redis.script_load(_APPLY)
+            return SentEvents(self.store, self.commands).replies()
+        if error is not None:
+            raise error
+        return applied
+
+    def drop(self) -> None:
+        """Give up on the replies (the worker stops): the connection is closed, not reused."""
+        if self.conn is not None:
+            self.conn.disconnect()
+            self.store.redis.connection_pool.release(self.conn)
+            self.conn = None
+
+
 class FeatureStore:
     def __init__(self, settings: Settings, client: redis.Redis | None = None):
         self.settings = settings
@@ -138,8 +193,13 @@ class FeatureStore:
 
         Returns, per event, True when applied and False when it was a duplicate.
         """
-        pipe = self.redis.pipeline(transaction=False)
-        n = 0
+        return self.send_events(events, positions).replies()
+
+    def send_events(self, events: Iterable[Event], positions: list[tuple[str, int, int]] | None = None) -> SentEvents:
+        """``apply_events`` in two halves: this one writes the scripts to Redis and returns at
+        once, ``replies()`` waits for their results. Redis runs them on its own core meanwhile,
+        so the stream worker polls and decodes its next batch in that time, in one thread."""
+        commands = []
         for event, position in zip(events, positions or itertools.repeat(None)):
             marker = self.keys.dedup(event.event_id)
             args = [self.settings.features.dedup_ttl_s, position[2] if position else -1]
@@ -147,9 +207,9 @@ class FeatureStore:
             for op in ops:
                 args += [op.kind, op.member, repr(op.arg)]
             place = [self.keys.applied(*position[:2]), self.keys.refused(*position[:2])] if position else [marker] * 2
-            self._apply(keys=[marker, *place] + [op.key for op in ops], args=args, client=pipe)
-            n += 1
-        return [bool(r) for r in pipe.execute()] if n else []
+            keys = [marker, *place] + [op.key for op in ops]
+            commands.append(("EVALSHA", self._apply.sha, len(keys), *keys, *args))
+        return SentEvents(self, commands)
 
     def applied_offsets(self, topic: str, partitions: Iterable[int]) -> dict[int, int | None]:
         """Per partition, the highest offset whose effects are in the store (None: none yet)."""

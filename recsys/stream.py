@@ -8,11 +8,17 @@ broker's acknowledgement, and only then commit the batch's offsets. Redis or the
 topic away: the worker retries the batch until they are back. Every exit (SIGTERM, SIGINT,
 an exception) commits only the offsets of batches whose effects are done, so a batch cut
 short comes again, and the replay changes nothing.
+
+Under a backlog (a poll that returned a full batch), two stages overlap in the one thread:
+the worker writes a batch's scripts to Redis, polls and decodes the next batch while Redis
+runs them on its own core, and only then reads their replies, sends the dead letters and
+commits. Batches still take effect one at a time and in order, which the applied offsets rely
+on. Without a backlog each batch is finished at once, so no event waits for a next poll.
 """
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import redis
 from kafka import OffsetAndMetadata, TopicPartition
@@ -20,7 +26,7 @@ from kafka.errors import KafkaError
 
 from recsys import kafka_io
 from recsys.events import BadEvent, EventTimeBounds, parse_event
-from recsys.feature_store import FeatureStore
+from recsys.feature_store import FeatureStore, SentEvents
 from recsys.settings import Settings
 
 
@@ -33,6 +39,15 @@ class StreamStats:
 
 
 REDIS_AWAY = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+@dataclass
+class Batch:
+    """One poll, decoded: the events with their positions, the bad records with their reasons."""
+    records: list
+    good: list = field(default_factory=list)
+    positions: list = field(default_factory=list)
+    bad: list = field(default_factory=list)
 
 
 def next_offsets(records) -> dict[TopicPartition, OffsetAndMetadata]:
@@ -57,41 +72,92 @@ class StreamWorker:
         self.done: dict[TopicPartition, OffsetAndMetadata] = {}  # offsets whose effects are done
         self.stopping = threading.Event()  # set by SIGTERM/SIGINT, or by an embedding thread
 
-    def process(self, records) -> bool:
-        """One batch: effects first (Redis, acknowledged dead letters), offsets after.
-        False when stopped before the effects were done: nothing is committed then."""
-        good, positions, bad = [], [], []
+    def decode(self, records) -> Batch:
+        batch = Batch(records)
         for record in records:
             try:
-                good.append(parse_event(record.value, self.bounds))
-                positions.append((record.topic, record.partition, record.offset))
+                batch.good.append(parse_event(record.value, self.bounds))
+                batch.positions.append((record.topic, record.partition, record.offset))
             except BadEvent as exc:
-                bad.append((record, exc.reason))
-        applied = kafka_io.until_done(lambda: self.store.apply_events(good, positions), "Redis", REDIS_AWAY,
-                                      self.stopping)
+                batch.bad.append((record, exc.reason))
+        return batch
+
+    def send(self, batch: Batch) -> SentEvents | None:
+        """The batch's scripts written to Redis, replies unread; None if Redis is away (then
+        ``effects`` applies the batch itself, retrying)."""
+        try:
+            return self.store.send_events(batch.good, batch.positions)
+        except REDIS_AWAY:
+            return None
+
+    def effects(self, batch: Batch, sent: SentEvents | None = None) -> list[bool] | None:
+        """Redis writes (their replies, when ``sent`` already), then acknowledged dead letters,
+        each retried while its service is away. Per event, applied or a duplicate; None when
+        stopped before both were done."""
+        def apply() -> list[bool]:
+            nonlocal sent
+            if sent is not None:
+                written, sent = sent, None
+                return written.replies()
+            return self.store.apply_events(batch.good, batch.positions)
+
+        applied = kafka_io.until_done(apply, "Redis", REDIS_AWAY, self.stopping)
         if applied is None or kafka_io.until_done(
-                lambda: kafka_io.dead_letter(self.dlq, self.settings, self.settings.kafka.stream_group, bad),
+                lambda: kafka_io.dead_letter(self.dlq, self.settings, self.settings.kafka.stream_group, batch.bad),
                 "the dead-letter topic", (KafkaError,), self.stopping) is None:
+            return None
+        return applied
+
+    def finish(self, batch: Batch, applied: list[bool] | None) -> bool:
+        """Commit a batch whose effects are done; False (nothing committed) when they are not."""
+        if applied is None:
             return False
-        offsets = next_offsets(records)
+        offsets = next_offsets(batch.records)
         self.done.update(offsets)
         # Asynchronous: a commit lost in a crash only replays events the applied offsets absorb.
         self.member.consumer.commit_async(offsets=offsets)
-        self.stats.consumed += len(records)
+        self.stats.consumed += len(batch.records)
         self.stats.applied += sum(applied)
         self.stats.duplicates += len(applied) - sum(applied)
-        self.stats.dlq += len(bad)
+        self.stats.dlq += len(batch.bad)
         return True
+
+    def process(self, records) -> bool:
+        """One batch, start to end: effects first, offsets after. False when stopped before
+        the effects were done: nothing is committed then."""
+        batch = self.decode(records)
+        return self.finish(batch, self.effects(batch))
 
     def run(self, until_idle: float | None = None) -> StreamStats:
         """Consume until SIGTERM/SIGINT, or until ``until_idle`` seconds pass with no record."""
+        pending: tuple[Batch, SentEvents | None] | None = None  # written to Redis, not finished
+
+        def settle() -> None:
+            nonlocal pending
+            if pending is not None:
+                batch, sent = pending
+                pending = None
+                if not self.finish(batch, self.effects(batch, sent)):
+                    self.stopping.set()  # stopped mid-batch: poll no further
+
         def on_poll(polled):
+            nonlocal pending
             records = [r for batch in polled.values() for r in batch]
-            if records and not self.process(records):
-                self.stopping.set()  # stopped mid-batch: poll no further
+            batch = self.decode(records) if records else None
+            settle()
+            if batch is None or self.stopping.is_set():
+                return
+            pending = (batch, self.send(batch))
+            if len(records) < self.settings.kafka.poll_batch:
+                settle()  # no backlog: the next poll may wait for records, these must not
+
         try:
-            kafka_io.consume(self.member, on_poll, self.stopping, until_idle)
+            kafka_io.consume(self.member, on_poll, self.stopping, until_idle, busy=lambda: pending is not None)
+            settle()
         finally:
+            if pending is not None:  # cut short by an exception: not done, not committed
+                if pending[1] is not None:
+                    pending[1].drop()
             self.close()
         return self.stats
 
