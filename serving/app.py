@@ -17,7 +17,8 @@ from typing import Optional
 
 import numpy as np
 import redis
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Path, Query, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 from kafka.errors import KafkaError
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 K_MAX = 100
 MAX_BATCH = 1000
 MAX_EVENT_BYTES = 2048
+MAX_ID_CHARS = 128  # as Event.user_id
 EVENTS = TypeAdapter(list[Event])
 
 app = FastAPI(title="recsys", version="0.1.0",
@@ -223,7 +225,8 @@ def service() -> RecsysService:
 
 # -- routes ------------------------------------------------------------------
 @app.get("/v1/recommendations/{user_id}")
-async def recommendations(user_id: str, k: int = Query(10, ge=1, le=K_MAX)):
+async def recommendations(user_id: str = Path(min_length=1, max_length=MAX_ID_CHARS),
+                          k: int = Query(10, ge=1, le=K_MAX)):
     """Top-k unseen items; the cold-start fallback (trending) for users without history.
     The Server-Timing header gives the time of each stage in ms. Async: the work is a
     Redis round trip and about half a millisecond of numpy, cheaper on the event loop than
@@ -231,13 +234,48 @@ async def recommendations(user_id: str, k: int = Query(10, ge=1, le=K_MAX)):
     return await service().recommendations(user_id, k)
 
 
-@app.post("/v1/events", status_code=202)
+async def _body(request: Request, limit: int) -> bytes:
+    """The body, read only up to ``limit`` bytes: a 413 as soon as it is exceeded, whether the
+    client declared a Content-Length or sent chunks."""
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise HTTPException(413, detail=f"body over {limit} bytes; at most {MAX_BATCH} events per request")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, detail=f"body over {limit} bytes; at most {MAX_BATCH} events per request")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# The body is parsed by hand (size first, then event-time bounds from the settings); its
+# schema is published for clients and API fuzzers all the same.
+_EVENTS_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "anyOf": [{"$ref": "#/components/schemas/Event"},
+              {"type": "array", "items": {"$ref": "#/components/schemas/Event"}, "maxItems": MAX_BATCH}]}}}}}
+
+
+def _openapi() -> dict:
+    """FastAPI's schema, plus the models of the event body (which the route parses by hand)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        event = TypeAdapter(Event).json_schema(ref_template="#/components/schemas/{model}")
+        models = schema.setdefault("components", {}).setdefault("schemas", {})
+        models.update(event.pop("$defs", {}))
+        models["Event"] = event
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi
+
+
+@app.post("/v1/events", status_code=202, openapi_extra=_EVENTS_BODY)
 async def events(request: Request) -> dict:
     started = time.perf_counter()
-    if int(request.headers.get("content-length") or 0) > MAX_BATCH * MAX_EVENT_BYTES:
-        raise HTTPException(413, detail=f"body over {MAX_BATCH * MAX_EVENT_BYTES} bytes; at most {MAX_BATCH} events per request")
+    raw = await _body(request, MAX_BATCH * MAX_EVENT_BYTES)
     try:
-        body = json.loads(await request.body())
+        body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HTTPException(422, detail=[{"loc": ["body"], "msg": f"malformed JSON: {exc}"}]) from None
     batch = body if isinstance(body, list) else [body]
