@@ -215,6 +215,23 @@ def test_bad_queries_give_422_with_the_field(served, path, status, field):
     assert resp.status_code == status and resp.json()["detail"][0]["loc"][-1] == field
 
 
+def test_hostile_input_gets_4xx_without_being_read_whole(served):
+    client = served["client"]
+    resp = client.get("/v1/recommendations/" + "u" * 129)  # longer than any stored id
+    assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["path", "user_id"]
+    resp = client.get("/v1/recommendations/" + "u" * 20_000)  # got 200 before; over HAProxy's request buffer now
+    assert resp.status_code in (400, 414, 422)
+
+    def chunks():  # no Content-Length: the 413 must come from counting the chunks
+        for _ in range(5000):
+            yield b" " * 1024
+    resp = client.post("/v1/events", content=chunks(), headers={"content-type": "application/json"})
+    assert resp.status_code == 413 and "bytes" in resp.json()["detail"]
+    body = client.get("/openapi.json").json()["paths"]["/v1/events"]["post"]["requestBody"]
+    schema = body["content"]["application/json"]["schema"]
+    assert {"$ref": "#/components/schemas/Event"} in schema["anyOf"]  # the body is published, for fuzzers
+
+
 def test_bad_events_give_422_and_oversized_batches_413(served):
     client = served["client"]
     resp = client.post("/v1/events", content=b"{not json", headers={"content-type": "application/json"})
