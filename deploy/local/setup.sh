@@ -20,9 +20,13 @@ fi
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=.venv/.recsys-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements.lock -nt "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e .
+  # Exactly the locked versions, each checked against its sha256 (pip refuses anything else);
+  # then the project itself, which brings nothing new. Re-lock after changing pyproject.toml:
+  #   pip-compile --generate-hashes --strip-extras --allow-unsafe --no-emit-find-links -o requirements.lock pyproject.toml
+  .venv/bin/pip install -q --require-hashes -r requirements.lock
+  .venv/bin/pip install -q --no-deps -e .
   touch "$stamp"
 fi
 echo "setup: ready (.venv/bin/recsys --help)"
