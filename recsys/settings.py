@@ -89,6 +89,9 @@ class ServingSettings(BaseModel):
     ingress: Literal["haproxy", "proxy"] = "haproxy"
     haproxy_stats_port: int = 28404  # HAProxy's stats page and Prometheus exporter, on loopback
     haproxy_metrics_port: int = 28101
+    # A request (headers and body) must arrive within this long, or HAProxy answers 408
+    # without involving a replica: a client sending a byte a second holds nothing.
+    request_read_timeout_s: int = 10
     # The API's Redis client: a read that takes longer than the timeout is tried again this many
     # times, then the request gets a 503. A busy machine stalls Redis replies past 0.5 s now and
     # then; a refused connection (Redis down) still fails within milliseconds per try.

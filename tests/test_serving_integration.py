@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import shutil
+import socket
 import threading
 import time
 
@@ -230,6 +231,29 @@ def test_hostile_input_gets_4xx_without_being_read_whole(served):
     body = client.get("/openapi.json").json()["paths"]["/v1/events"]["post"]["requestBody"]
     schema = body["content"]["application/json"]["schema"]
     assert {"$ref": "#/components/schemas/Event"} in schema["anyOf"]  # the body is published, for fuzzers
+
+
+def test_a_client_sending_a_byte_a_second_gets_408_and_holds_no_replica(served):
+    settings = served["scratch"].settings
+    limit = settings.serving.request_read_timeout_s
+    with socket.create_connection((settings.serving.host, settings.serving.port), timeout=limit + 20) as slow:
+        slow.sendall(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n")
+        started, answer = time.monotonic(), b""
+        slow.settimeout(1.0)
+        while time.monotonic() - started < limit + 15:
+            try:
+                slow.sendall(b" ")  # one byte a second
+            except OSError:  # closed on us: read what it said
+                pass
+            try:
+                answer = slow.recv(200)
+                break
+            except TimeoutError:  # meanwhile everyone else is served
+                assert served["client"].get("/healthz").status_code == 200
+        waited = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert limit - 1 <= waited <= limit + 10
 
 
 def test_bad_events_give_422_and_oversized_batches_413(served):

@@ -392,6 +392,7 @@ def ray_cluster_env(s: Settings) -> dict[str, str]:
             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(run),
             "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(run / "server-state"),
             "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(run / "metrics.sock"),
+            "RECSYS_HAPROXY_HTTP_REQUEST_TIMEOUT_S": f"{s.serving.request_read_timeout_s:g}",
             "RAY_SERVE_HAPROXY_STATS_PORT": str(s.serving.haproxy_stats_port),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(s.serving.haproxy_metrics_port)})
     return env
