@@ -264,7 +264,7 @@ def _kafka_config(s: Settings, node: KafkaNode) -> Path:
         node_id=node.node_id, quorum=quorum, host=host, port=port, controller_port=node.controller_port,
         log_dirs=_dir(s, node.name) / "data", replication_factor=s.kafka.replication_factor,
         min_insync_replicas=s.kafka.min_insync_replicas,
-        heartbeat_interval_ms=2000 if len(nodes) == 1 else 1000, session_timeout_ms=60_000 if len(nodes) == 1 else 3000)
+        heartbeat_interval_ms=2000 if len(nodes) == 1 else 1000, session_timeout_ms=9000 if len(nodes) == 1 else 3000)
     path = _dir(s, node.name) / "server.properties"
     path.write_text(text)
     return path
