@@ -151,17 +151,21 @@ def _event_load_process(url, rate, seconds, concurrency, started, queue):
     queue.put(asyncio.run(_post_events(url, rate, seconds, concurrency, started)))
 
 
-def _leader(s: Settings, partition: int = 0) -> int:
+def _partitions(s: Settings, bootstrap_timeout_ms: int) -> list[dict]:
+    """The events topic's partitions as the brokers describe them (leader, in-sync replicas)."""
     from kafka import KafkaAdminClient
-    with KafkaAdminClient(bootstrap_servers=s.kafka.servers, bootstrap_timeout_ms=10000) as admin:
+    with KafkaAdminClient(bootstrap_servers=s.kafka.servers, bootstrap_timeout_ms=bootstrap_timeout_ms) as admin:
         (topic,) = admin.describe_topics([s.kafka.events_topic])
-    return next(p["leader_id"] for p in topic["partitions"] if p["partition_index"] == partition)
+    return topic["partitions"]
+
+
+def _leader(s: Settings, partition: int = 0) -> int:
+    return next(p["leader_id"] for p in _partitions(s, 10000) if p["partition_index"] == partition)
 
 
 def _wait_back_in_sync(s: Settings, server: str, timeout_s: float) -> bool:
     """True once the restarted broker answers and every partition of the events topic has all
     its replicas in sync again (an ISR read before that can still list the dead broker)."""
-    from kafka import KafkaAdminClient
     deadline = time.monotonic() + timeout_s
     while not broker_answers(server):
         if time.monotonic() > deadline:
@@ -169,9 +173,7 @@ def _wait_back_in_sync(s: Settings, server: str, timeout_s: float) -> bool:
         time.sleep(0.2)
     while time.monotonic() < deadline:
         try:
-            with KafkaAdminClient(bootstrap_servers=s.kafka.servers, bootstrap_timeout_ms=5000) as admin:
-                (topic,) = admin.describe_topics([s.kafka.events_topic])
-            if all(len(p["isr_nodes"]) == s.kafka.replication_factor for p in topic["partitions"]):
+            if all(len(p["isr_nodes"]) == s.kafka.replication_factor for p in _partitions(s, 5000)):
                 return True
         except Exception:  # a broker is still away: ask again
             pass

@@ -128,16 +128,13 @@ class SentEvents:
     def __init__(self, store: FeatureStore, commands: list[tuple]):
         self.store, self.commands, self.conn = store, commands, None
         if commands:
-            pool = store.redis.connection_pool
-            conn = pool.get_connection()
+            self.conn = store.redis.connection_pool.get_connection()
             try:
                 # hiredis packs each command in C; redis-py's own packer first re-checks every argument.
-                conn.send_packed_command([b"".join(hiredis.pack_command(c) for c in commands)])
+                self.conn.send_packed_command([b"".join(hiredis.pack_command(c) for c in commands)])
             except BaseException:
-                conn.disconnect()
-                pool.release(conn)
+                self.drop()
                 raise
-            self.conn = conn
 
     def replies(self) -> list[bool]:
         """Per event, True when applied, False for a duplicate. Every reply is read before the
