@@ -34,8 +34,9 @@ import numpy as np
 from cli.bench_stream import scratch_settings
 from deploy.local import stack
 from recsys.archive import read_partition_log, run_archiver
+from recsys.auth import KeyStore, Scope
 from recsys.errors import InvalidInput
-from recsys.feature_store import FeatureStore
+from recsys.feature_store import FeatureStore, connect
 from recsys.kafka_io import broker_answers, replay
 from recsys.rebuild import rebuild_features
 from recsys.settings import Settings
@@ -94,7 +95,8 @@ def redis_rebuild(settings: Settings, events: int = 50_000, progress=print) -> d
         shutil.rmtree(home, ignore_errors=True)
 
 
-async def _post_events(url: str, rate: float, seconds: float, concurrency: int, started_event=None) -> dict:
+async def _post_events(url: str, headers: dict, rate: float, seconds: float, concurrency: int,
+                       started_event=None) -> dict:
     """Events posted one per request at ``rate`` per second. Each is retried with its event_id
     after a 503 or a dropped connection until it gets a 202, as a client should, while the
     next events go on (a client does not stall behind one partition). Returns the event ids
@@ -132,7 +134,8 @@ async def _post_events(url: str, rate: float, seconds: float, concurrency: int, 
             await asyncio.sleep(0.2)
 
     timeout = aiohttp.ClientTimeout(total=10)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout,
+                                     headers=headers) as session:
         tasks = []
         for n in itertools.count():
             due = started + n / rate
@@ -147,8 +150,8 @@ async def _post_events(url: str, rate: float, seconds: float, concurrency: int, 
             "statuses": dict(statuses), "seconds": seconds}
 
 
-def _event_load_process(url, rate, seconds, concurrency, started, queue):
-    queue.put(asyncio.run(_post_events(url, rate, seconds, concurrency, started)))
+def _event_load_process(url, headers, rate, seconds, concurrency, started, queue):
+    queue.put(asyncio.run(_post_events(url, headers, rate, seconds, concurrency, started)))
 
 
 def _partitions(s: Settings, bootstrap_timeout_ms: int) -> list[dict]:
@@ -197,11 +200,12 @@ def kafka_leader_kill(settings: Settings, seconds: float = 60.0, rate: float = 6
     try:
         stack.start_redis(s, progress)
         stack.start_kafka(s, progress)
+        key = KeyStore(s, connect(s)).create("chaos", [Scope.events_write], rate_per_s=1e6, burst=10**6)["key"]
         api = _Uvicorn(s, workers=1, port=settings.serving.port + CHAOS_API_PORT_OFFSET, ready_path="/healthz")
         ctx = mp.get_context("spawn")
         queue, load_started = ctx.Queue(), ctx.Event()
-        load = ctx.Process(target=_event_load_process,
-                           args=(f"{api.url}/v1/events", rate, seconds, concurrency, load_started, queue))
+        load = ctx.Process(target=_event_load_process, args=(f"{api.url}/v1/events", {"Authorization": f"Bearer {key}"},
+                                                             rate, seconds, concurrency, load_started, queue))
         progress(f"chaos: {rate:g} events/s through the API for {seconds:g} s; kill -9 the leader {kills} times")
         load.start()
         load_started.wait(timeout=60)
@@ -333,7 +337,13 @@ SCENARIOS = {
     "redis-rebuild": lambda s, progress: redis_rebuild(s, progress=progress),
     "replica-kill": lambda s, progress: _serving_fault(s, "replica-kill", progress),
     "controller-kill": lambda s, progress: _serving_fault(s, "controller-kill", progress),
+    "fuzz": lambda s, progress: _fuzz(s, progress=progress),
 }
+
+
+def _fuzz(settings: Settings, progress) -> dict:
+    from cli.fuzz import fuzz
+    return fuzz(settings, progress=progress)
 
 
 def run_chaos(settings: Settings, scenario: str, progress=print) -> dict:

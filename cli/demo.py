@@ -16,8 +16,10 @@ import httpx
 
 from deploy.local import stack
 from recsys.archive import run_archiver
+from recsys.auth import KeyStore, Scope
 from recsys.feature_store import FeatureStore
 from recsys.kafka_io import replay
+from recsys.privacy import Pseudonyms
 from recsys.settings import Settings
 from recsys.sources import SyntheticSource
 from recsys.stream import StreamWorker, run_stream
@@ -42,7 +44,8 @@ def run_demo(settings: Settings, events: int = 20_000, epochs: int = 5) -> int:
           f"(logs: {Path(up['kafka']['log']).parent})")
     source = SyntheticSource(events=events)
     _step(2, f"replay {events:,} synthetic events into Kafka topic {settings.kafka.events_topic}")
-    sent = replay(source.events_iter(), settings, total=events)
+    pseudonyms = Pseudonyms.of(settings)  # what enters Kafka has no raw user id
+    sent = replay(pseudonyms.events(source.events_iter()), settings, total=events)
     print(f"{sent['produced']:,} events in {sent['seconds']:.1f} s ({sent['events_per_s']:,.0f} events/s)")
     _step(3, "stream them into the Redis online features; archive them for training")
     streamed = run_stream(settings, until_idle=3.0)
@@ -67,7 +70,9 @@ def run_demo(settings: Settings, events: int = 20_000, epochs: int = 5) -> int:
     worker = StreamWorker(settings)  # keeps Redis fresh for the events posted below
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
-    with httpx.Client(base_url=base_url(settings), timeout=10) as client:
+    keys = KeyStore(settings, store.redis)
+    with keys.temporary("demo", [Scope.events_write, Scope.recs_read], rate_per_s=100, burst=100) as key, \
+            httpx.Client(base_url=base_url(settings), timeout=10, headers={"Authorization": f"Bearer {key}"}) as client:
         # The version may take a poll interval to reach every replica.
         deadline = time.monotonic() + 15
         while client.get("/v1/recommendations/u0").json()["model_version"] != card["version"]:
@@ -75,7 +80,10 @@ def run_demo(settings: Settings, events: int = 20_000, epochs: int = 5) -> int:
                 break
             time.sleep(0.3)
         _step(6, "recommendations for a few users (GET /v1/recommendations/{user})")
-        active = [u.user_id for u in store.users([f"u{n}" for n in range(50)]) if u.recent][:3]
+        # The demo knows its users' own ids; Redis knows only their pseudonyms.
+        candidates = [f"u{n}" for n in range(50)]
+        features = store.users([pseudonyms.user_id(u) for u in candidates])
+        active = [u for u, f in zip(candidates, features) if f.recent][:3]
         for user in active + ["brand-new-user"]:
             print(_show(client.get(f"/v1/recommendations/{user}", params={"k": 5}).json()))
 
@@ -103,5 +111,6 @@ def run_demo(settings: Settings, events: int = 20_000, epochs: int = 5) -> int:
     print(f"{events:,} events streamed into Redis and archived; model {card['version']} trained on 2 Ray Train "
           f"workers, HR@10 {m['two_tower']['hr@10']:.3f} (most-popular {m['popularity']['hr@10']:.3f}); "
           f"served at {base_url(settings)}; the answer {'changed' if changed else 'did NOT change'} "
-          f"after the clicks.\nStop everything: recsys serve down && recsys stack down")
+          f"after the clicks.\nThe API needs a key: recsys keys create --name me --scopes recs:read,events:write"
+          f"\nStop everything: recsys serve down && recsys stack down")
     return 0 if changed else 1

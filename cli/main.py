@@ -56,10 +56,12 @@ def open_source_from(args):
 
 def cmd_replay(args) -> int:
     from recsys.kafka_io import replay
+    from recsys.privacy import Pseudonyms
     from recsys.sources import SyntheticSource
     source = open_source_from(args)
     total = source.events if isinstance(source, SyntheticSource) else None
-    result = replay(source.events_iter(), get_settings(), rate=args.rate, limit=args.limit,
+    settings = get_settings()
+    result = replay(Pseudonyms.of(settings).events(source.events_iter()), settings, rate=args.rate, limit=args.limit,
                     total=total, progress=not args.quiet)
     print(json.dumps({**result, "source": args.source}))
     return 0
@@ -96,11 +98,42 @@ def cmd_features(args) -> int:
         raise SystemExit(f"recsys features {args.kind}: give the {args.kind} id")
     store = FeatureStore(get_settings())
     if args.kind == "user":
-        result = store.user(args.id).to_json()
+        from recsys.privacy import Pseudonyms
+        result = store.user(Pseudonyms.of(store.settings).user_id(args.id)).to_json()
     else:
         result = {"item_id": args.id, "counts": store.item_counts(args.id),
                   "trending_log_score": store.trending_score(args.id)}
     _print(result, args.json)
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from recsys.auth import KeyStore, parse_scopes
+    from recsys.feature_store import connect
+    settings = get_settings()
+    store = KeyStore(settings, connect(settings))
+    if args.action == "create":
+        if not args.name or not args.scopes:
+            raise SystemExit("recsys keys create: give --name and --scopes")
+        made = store.create(args.name, parse_scopes(args.scopes), args.rate, args.burst)
+        print("the key is shown this once; keep it in a secret store", file=sys.stderr)
+        _print(made, args.json)
+    elif args.action == "revoke":
+        if not args.id:
+            raise SystemExit("recsys keys revoke: give the key's id (recsys keys list)")
+        _print({"revoked": store.revoke(args.id)}, args.json)
+    else:
+        keys = store.list()
+        if args.json:
+            print(json.dumps(keys))
+        for k in [] if args.json else keys:
+            print(f"{k['id']}  {k['name']:<20} {','.join(k['scopes']):<28} {k['rate_per_s']:g}/s burst {k['burst']}")
+    return 0
+
+
+def cmd_users(args) -> int:
+    from recsys.erasure import forget_user
+    _print(forget_user(get_settings(), args.id), args.json)
     return 0
 
 
@@ -210,9 +243,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON line")
     p.set_defaults(func=cmd_features)
 
+    p = sub.add_parser("keys", help="API keys: create (printed once), list, revoke; stored hashed in Redis")
+    p.add_argument("action", choices=["create", "list", "revoke"])
+    p.add_argument("id", nargs="?", help="revoke: the key's id")
+    p.add_argument("--name", help="create: who or what uses the key")
+    p.add_argument("--scopes", help="create: comma-separated, of events:write, recs:read, admin (all of them)")
+    p.add_argument("--rate", type=float, default=None, help="create: requests per second (default RECSYS_AUTH_RATE_PER_S)")
+    p.add_argument("--burst", type=int, default=None, help="create: bucket size (default RECSYS_AUTH_BURST)")
+    p.add_argument("--json", action="store_true", help="one JSON line")
+    p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("users", help="forget a user: online features, archived events, the next model")
+    p.add_argument("action", choices=["forget"])
+    p.add_argument("id", help="the user's id, as clients send it")
+    p.add_argument("--json", action="store_true", help="one JSON line")
+    p.set_defaults(func=cmd_users)
+
     p = sub.add_parser("chaos", help="a long fault scenario (system test): one JSON line with what was lost, "
                                      "failed and how long recovery took; exit 1 when it did not pass")
-    p.add_argument("scenario", choices=["kafka-leader-kill", "redis-rebuild", "replica-kill", "controller-kill"])
+    p.add_argument("scenario", choices=["kafka-leader-kill", "redis-rebuild", "replica-kill", "controller-kill", "fuzz"])
     p.add_argument("--json", action="store_true", help="one JSON line")
     p.set_defaults(func=cmd_chaos)
 

@@ -2,9 +2,11 @@
 
 Run by ``recsys loadtest`` (which records replicas and checks SLOs), or by hand::
 
+    LOADTEST_API_KEY=$(recsys keys create --name me --scopes recs:read,events:write --json | jq -r .key) \
     LOADTEST_PROFILE=smoke .venv/bin/locust -f loadtest/locustfile.py --headless --host http://127.0.0.1:28000
 
 Environment:
+  LOADTEST_API_KEY       the API key the shoppers send (``recsys loadtest`` makes one per run)
   LOADTEST_PROFILE       a profile of loadtest/shapes.py (default smoke)
   LOADTEST_PROFILE_SPEC  a profile as JSON (Profile.spec()), instead of a name
   LOADTEST_RECORD_DIR    if set: every request goes to requests.csv there (start time, route,
@@ -88,6 +90,7 @@ class Shopper(FastHttpUser):
     """One shopper per visit: recommendations first, then mostly recommendations, some events."""
 
     wait_time = between(PROFILE.wait_min_s, PROFILE.wait_max_s)
+    default_headers = {"Authorization": f"Bearer {os.environ.get('LOADTEST_API_KEY', '')}"}
     # Fail fast instead of piling up when the service is overloaded.
     network_timeout = 10.0
     connection_timeout = 5.0

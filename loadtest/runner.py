@@ -9,6 +9,7 @@ this process aligns them with the replica samples afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -234,6 +235,19 @@ def _end(proc: subprocess.Popen) -> int:
         return proc.wait()
 
 
+@contextlib.contextmanager
+def _api_key(settings: Settings, name: str):
+    """LOADTEST_API_KEY if set (a remote host's key), else a key made for this run and revoked
+    after it, with no rate limit that the run could reach."""
+    if os.environ.get("LOADTEST_API_KEY"):
+        yield os.environ["LOADTEST_API_KEY"]
+        return
+    from recsys.auth import KeyStore, Scope
+    from recsys.feature_store import connect
+    with KeyStore(settings, connect(settings)).temporary(f"loadtest-{name}", [Scope.events_write, Scope.recs_read]) as key:
+        yield key
+
+
 def _run_locust(opts: Options, env: dict, progress) -> tuple[int, float]:
     out = opts.out
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", opts.host,
@@ -281,7 +295,8 @@ def run(settings: Settings, opts: Options, progress=print) -> dict:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     progress(f"loadtest: profile {profile.name} ({profile.duration_s:.0f}s) against {opts.host}; report in {out}")
     try:
-        rc, locust_s = _run_locust(opts, env, progress)
+        with _api_key(settings, profile.name) as key:
+            rc, locust_s = _run_locust(opts, {**env, "LOADTEST_API_KEY": key}, progress)
         start_file = out / "shape_start.txt"
         if not start_file.exists():
             raise LoadTestError(f"Locust did not start the load (exit {rc}); see {out / 'locust.log'}")

@@ -7,7 +7,9 @@ a crash between rename and ledger write) and seeks each partition to ledger + 1,
 the Kafka consumer group's committed offsets are only a progress report.
 
 Layout: ``archive/day=YYYY-MM-DD/p{partition}-{first:012d}-{last:012d}.parquet`` and
-``archive/_ledger/p{partition}``.
+``archive/_ledger/p{partition}``. A forgotten user (``recsys users forget``) has a tombstone,
+``archive/_tombstones/{user}`` holding the time it was made (ms): readers leave out the user's
+events up to that time, including any the archiver writes later from Kafka.
 """
 from __future__ import annotations
 
@@ -96,6 +98,50 @@ class Archive:
         _atomic_write(self.ledger_dir / f"p{partition}", lambda p: p.write_text(str(last)))
 
 
+def tombstones(root: Path) -> dict[str, int]:
+    """Forgotten users and when they were forgotten (ms)."""
+    folder = Path(root) / "_tombstones"
+    return {f.name: int(f.read_text()) for f in folder.iterdir() if not f.name.startswith(".")} if folder.is_dir() else {}
+
+
+def write_tombstone(root: Path, user_id: str, at_ms: int) -> None:
+    folder = Path(root) / "_tombstones"
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_write(folder / user_id, lambda p: p.write_text(str(at_ms)))
+
+
+def forgotten_rows(table: pa.Table, dead: dict[str, int]) -> np.ndarray:
+    """True for the rows of forgotten users up to their tombstone's time."""
+    if not dead or table.num_rows == 0:
+        return np.zeros(table.num_rows, dtype=bool)
+    users = pa.array(list(dead), pa.string())
+    index = pc.index_in(table["user_id"], value_set=users).to_numpy(zero_copy_only=False)
+    known = ~pd.isna(index)
+    until = np.array(list(dead.values()), dtype=np.int64)
+    out = np.zeros(table.num_rows, dtype=bool)
+    out[known] = table["ts"].to_numpy()[known] <= until[index[known].astype(np.int64)]
+    return out
+
+
+def _without_forgotten(table: pa.Table, root: Path) -> pa.Table:
+    gone = forgotten_rows(table, tombstones(root))
+    return table.filter(pa.array(~gone)) if gone.any() else table
+
+
+def purge_user(root: Path, user_id: str, until_ms: int) -> tuple[int, int]:
+    """Rewrite (atomically, same name) every file that holds the user's events up to
+    ``until_ms`` without them. Returns (files rewritten, rows removed)."""
+    files = rows = 0
+    for f in sorted(Path(root).glob("day=*/p*.parquet")):
+        table = pq.read_table(f)
+        gone = forgotten_rows(table, {user_id: until_ms})
+        if gone.any():
+            kept = table.filter(pa.array(~gone))
+            _atomic_write(f, lambda p: pq.write_table(kept, p))
+            files, rows = files + 1, rows + int(gone.sum())
+    return files, rows
+
+
 def read_events(settings: Settings, start_ts: int | None = None, end_ts: int | None = None) -> pa.Table:
     """The archived events (optionally ``start_ts <= ts < end_ts``), sorted by time, once per event id."""
     root = settings.archive_dir
@@ -107,6 +153,7 @@ def read_events(settings: Settings, start_ts: int | None = None, end_ts: int | N
         table = table.filter(pc.greater_equal(table["ts"], start_ts))
     if end_ts is not None:
         table = table.filter(pc.less(table["ts"], end_ts))
+    table = _without_forgotten(table, root)
     # Stable by time: equal times keep file order, i.e. Kafka offset order within a partition,
     # which is each user's order on the wire (and in Redis).
     table = table.take(pa.array(np.argsort(table["ts"].to_numpy(), kind="stable")))
@@ -125,7 +172,7 @@ def read_partition_log(settings: Settings, partition: int) -> pa.Table:
     tables = [pq.read_table(f).cast(FILE_SCHEMA) if "offset" in pq.read_schema(f).names else
               pq.read_table(f).append_column("offset", pa.array([None] * pq.read_metadata(f).num_rows, pa.int64()))
               for f in files]
-    table = pa.concat_tables(tables)
+    table = _without_forgotten(pa.concat_tables(tables), settings.archive_dir)
     offsets = table["offset"].to_numpy(zero_copy_only=False)
     known = ~pd.isna(offsets)
     if known.all():

@@ -11,6 +11,11 @@ class RecsysError(Exception):
     exit_code = 2
     http_status = 500
 
+    @property
+    def http_headers(self) -> dict[str, str]:
+        """Headers of the HTTP answer, e.g. when to try again."""
+        return {}
+
 
 class InvalidInput(RecsysError, ValueError):
     """Input that cannot be used as given: a source, events, a request, a version name."""
@@ -20,6 +25,8 @@ class InvalidInput(RecsysError, ValueError):
 class Unavailable(RecsysError):
     """A service the work needs does not answer (Redis, Kafka, the metrics exporter)."""
     http_status = 503
+    # A retried event is deduplicated by its event_id, so trying again is always safe.
+    http_headers = {"Retry-After": "1"}
 
 
 class Busy(RecsysError):

@@ -53,6 +53,13 @@ class Event(BaseModel):
     value: Optional[float] = Field(default=None, allow_inf_nan=False)
     ts: int = Field(ge=0, description="event time, milliseconds since the epoch")
 
+    @field_validator("ts", mode="before")
+    @classmethod
+    def _integral_number(cls, ts):
+        """1.0 is an integer in JSON Schema (and so in the published schema): taken as 1, also
+        where the API validates strictly (which refuses "1", true and 1.5)."""
+        return int(ts) if isinstance(ts, float) and ts.is_integer() else ts
+
     @field_validator("ts")
     @classmethod
     def _event_time_in_bounds(cls, ts: int, info: ValidationInfo) -> int:

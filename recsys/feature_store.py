@@ -13,6 +13,7 @@ from redis.retry import Retry
 
 from recsys.events import Event
 from recsys.features import Keys, Op, UserFeatures, event_ops
+from recsys.secrets import REDIS_PASSWORD, read_secret
 from recsys.settings import Settings
 
 # KEYS[1] is the event's dedup marker, KEYS[2] its partition's applied offset and KEYS[3] the
@@ -81,14 +82,14 @@ return 1
 def connect(settings: Settings, timeout_s: float = 2.0, retries: int = 3) -> redis.Redis:
     """A client whose calls fail within about ``timeout_s * (retries + 1)`` when Redis is gone."""
     return redis.Redis(host=settings.redis.host, port=settings.redis.port, decode_responses=True,
-                       socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                       password=read_secret(settings, REDIS_PASSWORD), socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries))
 
 
 def connect_async(settings: Settings, timeout_s: float, retries: int) -> redis.asyncio.Redis:
     """The asyncio twin of ``connect``, for the request path of an async server."""
     return redis.asyncio.Redis(host=settings.redis.host, port=settings.redis.port, decode_responses=True,
-                               socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                               password=read_secret(settings, REDIS_PASSWORD), socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                retry=AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), retries))
 
 
@@ -101,13 +102,18 @@ class FeatureReader:
         self.redis = client
         self.keys = Keys(settings.redis.prefix)
 
-    async def user_and_trending(self, user_id: str, n: int) -> tuple[UserFeatures, list[tuple[str, float]]]:
-        """The user and the top-n trending items, in one round trip."""
+    async def user_and_trending(self, user_id: str, n: int, first: tuple | None = None
+                                ) -> tuple[UserFeatures, list[tuple[str, float]], object]:
+        """The user and the top-n trending items, in one round trip; ``first``, a command sent
+        ahead of them in the same round trip (the API key check), and its reply (None without)."""
         pipe = self.redis.pipeline(transaction=False)
+        if first:
+            pipe.execute_command(*first)
         _queue_user(pipe, self.keys, user_id)
         pipe.zrevrange(self.keys.trending, 0, n - 1, withscores=True)
         res = await pipe.execute()
-        return _user_from(user_id, res[:3]), res[3]
+        head, res = (res[0], res[1:]) if first else (None, res)
+        return _user_from(user_id, res[:3]), res[3], head
 
 
 def _queue_user(pipe, keys: Keys, uid: str) -> None:

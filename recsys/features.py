@@ -35,6 +35,9 @@ class Op(NamedTuple):
     arg: float  # recent: max length; hincr: increment; zlogadd: log weight; sadd: unused
 
 
+USER_PARTS = ("recent", "seen", "counts")  # a user's keys: Keys.user(user_id, part)
+
+
 class Keys:
     def __init__(self, prefix: str = "recsys"):
         self.prefix = prefix

@@ -59,6 +59,15 @@ class RedisSettings(BaseModel):
         return f"redis://{self.host}:{self.port}/0"
 
 
+class AuthSettings(BaseModel):
+    """API keys (recsys/auth.py): every route but the probes needs one, with its scope."""
+    # True: GET recommendations needs no key (a public catalogue); events always need one.
+    public_reads: bool = False
+    # A key's token bucket (shared by all replicas, in Redis) unless the key sets its own.
+    rate_per_s: float = Field(50.0, gt=0)
+    burst: int = Field(100, ge=1)
+
+
 class FeatureSettings(BaseModel):
     """The online features' shape (recsys/features.py), the same in Redis and in training data."""
     recent_items: int = 50
@@ -128,7 +137,11 @@ class Settings(BaseSettings):
     stack_cache: Path = Field(default=Path(".stack"), description="cached Kafka jars")
     archive_dir: Path = Field(default=Path(".recsys/archive"), description="Parquet event log")
     registry_dir: Path = Field(default=Path(".recsys/models"), description="model versions")
+    # Secret values are never settings (settings travel to Serve replicas as plain JSON): each is
+    # read from RECSYS_SECRET_<NAME> or from a file of this folder (recsys/secrets.py).
+    secrets_dir: Path = Field(default=Path(".recsys/secrets"), description="secret files, mode 0600")
 
+    auth: AuthSettings = AuthSettings()
     kafka: KafkaSettings = KafkaSettings()
     redis: RedisSettings = RedisSettings()
     features: FeatureSettings = FeatureSettings()
@@ -137,7 +150,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
     retraining: RetrainingSettings = RetrainingSettings()
 
-    @field_validator("home", "stack_cache", "archive_dir", "registry_dir")
+    @field_validator("home", "stack_cache", "archive_dir", "registry_dir", "secrets_dir")
     @classmethod
     def _absolute(cls, path: Path) -> Path:
         """Absolute at load time, so Ray workers (another working directory) see the same folders."""

@@ -8,7 +8,6 @@ one is loaded, so a swap fails nothing.
 """
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -17,20 +16,24 @@ from typing import Optional
 
 import numpy as np
 import redis
-from fastapi import FastAPI, HTTPException, Path, Query, Request
+from fastapi import FastAPI, HTTPException, Path, Query, Request, Security
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from kafka.errors import KafkaError
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from ray import serve
 from ray.util import metrics
 
+from recsys.auth import Authorizer, Scope
 from recsys.errors import RecsysError, Unavailable
 from recsys.events import Event, EventTimeBounds
 from recsys.features import UserFeatures
 from recsys.feature_store import FeatureReader, FeatureStore, connect, connect_async
 from recsys.kafka_io import kafka_answers, producer, send_event
+from recsys.privacy import Pseudonyms
 from recsys.settings import Settings
+from serving.api_models import ERRORS, Accepted, ErrorAnswer, Health, Readiness, Recommendations
 from serving.models import current_version, load_order, load_servable
 from serving.recommend import ServableModel, embed_together, needs_model, recommend
 
@@ -58,10 +61,8 @@ MODEL_VERSION = metrics.Gauge("recsys_model_version_info", "1 for the version th
 
 @app.exception_handler(RecsysError)
 async def _recsys_error(_: Request, exc: RecsysError):
-    """The error family's one mapping to HTTP: its status, and its message as the detail.
-    A 503 says when to try again; a retried event is deduplicated by its event_id."""
-    headers = {"Retry-After": "1"} if exc.http_status == 503 else None
-    return JSONResponse(status_code=exc.http_status, content={"detail": str(exc)}, headers=headers)
+    """The error family's one mapping to HTTP: its status, headers, and its message as the detail."""
+    return JSONResponse(status_code=exc.http_status, content={"detail": str(exc)}, headers=exc.http_headers or None)
 
 
 def _awaitable(future, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
@@ -89,6 +90,8 @@ class RecsysService:
         bounded = {"timeout_s": s.serving.redis_timeout_s, "retries": s.serving.redis_retries}
         self.store = FeatureStore(s, connect(s, **bounded))  # readiness
         self.reader = FeatureReader(s, connect_async(s, **bounded))  # the request path
+        self.authorizer = Authorizer(s, self.reader.redis)
+        self.pseudonyms = Pseudonyms.of(s)
         self._producer = None
         self._producer_lock = threading.Lock()
         self.model, self.version, self.load_failure = None, None, None
@@ -144,7 +147,7 @@ class RecsysService:
 
     def _send(self, events: list[Event]) -> list:
         prod = self._kafka()
-        return [send_event(prod, self.settings, e) for e in events]
+        return [send_event(prod, self.settings, e) for e in self.pseudonyms.events(events)]
 
     async def produce(self, events: list[Event], timeout_s: float = 2.0) -> None:
         """Accepted means on the brokers: nothing is lost after a 202. Only the send runs in a
@@ -158,14 +161,24 @@ class RecsysService:
             raise Unavailable(f"Kafka unavailable: {exc!r}") from None
 
     # -- requests --------------------------------------------------------
-    async def recommendations(self, user_id: str, k: int) -> JSONResponse:
+    async def recommendations(self, user_id: str, k: int, api_key: Optional[str]) -> JSONResponse:
+        """Answered under the client's own id; everything behind the API knows its pseudonym.
+        The key check rides in the features' round trip (one Redis round trip in all)."""
         started = time.perf_counter()
         model = self.model
+        check = None if self.settings.auth.public_reads else self.authorizer.command(api_key, Scope.recs_read)
+        read = lambda: self.reader.user_and_trending(self.pseudonyms.user_id(user_id), 2 * k, first=check)  # noqa: E731
         try:
-            user, trending = await self.reader.user_and_trending(user_id, 2 * k)
+            try:
+                user, trending, decision = await read()
+            except redis.exceptions.NoScriptError:  # Redis restarted since the check's script was loaded
+                await self.authorizer.load()
+                user, trending, decision = await read()
             features_ms = (time.perf_counter() - started) * 1e3
         except redis.RedisError as exc:
             raise Unavailable(f"Redis unavailable: {exc}") from None
+        if check:
+            self.authorizer.judge(decision, Scope.recs_read)
         query, tower_ms = None, None
         if needs_model(model, user):
             t0 = time.perf_counter()
@@ -224,14 +237,30 @@ def service() -> RecsysService:
 
 
 # -- routes ------------------------------------------------------------------
-@app.get("/v1/recommendations/{user_id}")
+_bearer = HTTPBearer(auto_error=False, description="an API key from `recsys keys create`")
+
+
+def _requires(scope: Scope):
+    """A dependency that lets the request on only with a key holding ``scope``, within its rate."""
+    async def check(credentials: Optional[HTTPAuthorizationCredentials] = Security(_bearer)) -> None:
+        await service().authorizer.authorize(credentials.credentials if credentials else None, scope)
+    return check
+
+
+def _errors(*statuses: int) -> dict:
+    return {status: {"model": ErrorAnswer, "description": ERRORS[status]} for status in statuses}
+
+
+@app.get("/v1/recommendations/{user_id}", response_model=Recommendations, responses=_errors(401, 403, 422, 429, 503))
 async def recommendations(user_id: str = Path(min_length=1, max_length=MAX_ID_CHARS),
-                          k: int = Query(10, ge=1, le=K_MAX)):
+                          k: int = Query(10, ge=1, le=K_MAX),
+                          credentials: Optional[HTTPAuthorizationCredentials] = Security(_bearer)):
     """Top-k unseen items; the cold-start fallback (trending) for users without history.
-    The Server-Timing header gives the time of each stage in ms. Async: the work is a
-    Redis round trip and about half a millisecond of numpy, cheaper on the event loop than
-    a hop to the thread pool."""
-    return await service().recommendations(user_id, k)
+    Needs a key with ``recs:read`` (unless reads are public), checked in the same Redis round
+    trip as the features. The Server-Timing header gives the time of each stage in ms. Async:
+    the work is a Redis round trip and about half a millisecond of numpy, cheaper on the event
+    loop than a hop to the thread pool."""
+    return await service().recommendations(user_id, k, credentials.credentials if credentials else None)
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -256,10 +285,14 @@ _EVENTS_BODY = {"requestBody": {"required": True, "content": {"application/json"
 
 
 def _openapi() -> dict:
-    """FastAPI's schema, plus the models of the event body (which the route parses by hand)."""
+    """FastAPI's schema, plus the models of the event body (which the route parses by hand),
+    with the event-time bounds: the newest time is now plus the clock skew when the schema is
+    made, so a time valid by the schema stays valid later."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         event = TypeAdapter(Event).json_schema(ref_template="#/components/schemas/{model}")
+        bounds = service().bounds
+        event["properties"]["ts"].update(minimum=bounds.oldest_ms, maximum=int((time.time() + bounds.max_skew_s) * 1000))
         models = schema.setdefault("components", {}).setdefault("schemas", {})
         models.update(event.pop("$defs", {}))
         models["Event"] = event
@@ -270,42 +303,51 @@ def _openapi() -> dict:
 app.openapi = _openapi
 
 
-@app.post("/v1/events", status_code=202, openapi_extra=_EVENTS_BODY)
-async def events(request: Request) -> dict:
+@app.post("/v1/events", status_code=202, response_model=Accepted, openapi_extra=_EVENTS_BODY,
+          dependencies=[Security(_requires(Scope.events_write))], responses=_errors(401, 403, 413, 422, 429, 503))
+async def events(request: Request):
+    """One event or a batch of up to 1,000: 202 once every one is on the Kafka brokers."""
     started = time.perf_counter()
     raw = await _body(request, MAX_BATCH * MAX_EVENT_BYTES)
+    # One event or a list: parsed as a list either way, strictly (JSON types as the schema says:
+    # no 1.0 for an integer, no false for a number), in pydantic's own JSON parser.
+    if not raw.strip():
+        raise HTTPException(422, detail=[{"loc": ["body"], "msg": "no body: send one event or a list of events"}])
+    batch = raw if raw.lstrip()[:1] == b"[" else b"[" + raw + b"]"
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HTTPException(422, detail=[{"loc": ["body"], "msg": f"malformed JSON: {exc}"}]) from None
-    batch = body if isinstance(body, list) else [body]
-    if len(batch) > MAX_BATCH:
-        raise HTTPException(413, detail=f"batch of {len(batch)} events; at most {MAX_BATCH} per request")
-    try:
-        accepted = EVENTS.validate_python(batch, context={"bounds": service().bounds})
+        accepted = EVENTS.validate_json(batch, strict=True, context={"bounds": service().bounds})
     except ValidationError as exc:
-        raise HTTPException(422, detail=[{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]) from None
+        errors = exc.errors()
+        if errors[0]["type"] == "json_invalid":
+            raise HTTPException(422, detail=[{"loc": ["body"], "msg": f"malformed JSON: {errors[0]['msg']}"}]) from None
+        raise HTTPException(422, detail=[{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in errors]) from None
+    if len(accepted) > MAX_BATCH:
+        raise HTTPException(422, detail=[{"loc": ["body"], "msg": f"batch of {len(accepted)} events; at most {MAX_BATCH} per request"}])
     await service().produce(accepted)
-    EVENTS_ACCEPTED.inc(len(accepted))
+    if accepted:  # an empty batch is accepted too; Ray's counter takes only positive steps
+        EVENTS_ACCEPTED.inc(len(accepted))
     LATENCY_MS.observe((time.perf_counter() - started) * 1e3, tags={"route": "events"})
     return {"accepted": len(accepted)}
 
 
-@app.get("/healthz")
+@app.get("/healthz", response_model=Health)
 def healthz() -> dict:
     return {"status": "ok"}
 
 
-@app.get("/readyz")
+@app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness, "description": "not ready"}})
 def readyz():
     checks = service().readiness()
     return JSONResponse(status_code=200 if checks["ready"] else 503, content=checks)
 
 
-@app.get("/metrics", response_class=PlainTextResponse)
-def metrics_page() -> str:
+@app.get("/metrics", dependencies=[Security(_requires(Scope.admin))], response_class=PlainTextResponse,
+         responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+                    **{status: {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorAnswer"}}},
+                                "description": ERRORS[status]} for status in (401, 403, 429, 503)}})
+def metrics_page() -> PlainTextResponse:
     """This node's Prometheus metrics (every replica's, and Serve's own), from Ray's exporter."""
-    return service().metrics_text()
+    return PlainTextResponse(service().metrics_text())
 
 
 @serve.deployment

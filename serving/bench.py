@@ -28,8 +28,10 @@ from fastapi import FastAPI, Query
 from ray import serve
 
 from deploy.local import stack
+from recsys.auth import KeyStore, Scope
 from recsys.errors import RecsysError
 from recsys.feature_store import FeatureStore
+from recsys.privacy import Pseudonyms
 from recsys.settings import Settings
 from serving.deploy import base_url, connect_ray, load_config, serve_up, start_serve, wait_http
 
@@ -53,7 +55,7 @@ TARGETS = {  # (c) against the others, from the same run
     "c/d throughput": (">=", 0.5), "c/a cpu_ms_per_request": ("<=", 1 / 3)}
 
 
-async def _closed_loop(urls: list[str], concurrency: int, seconds: float) -> dict:
+async def _closed_loop(urls: list[str], concurrency: int, seconds: float, headers: dict) -> dict:
     import aiohttp
     latencies, errors, answered, personal = [], 0, 0, 0
     deadline = time.monotonic() + seconds
@@ -74,7 +76,7 @@ async def _closed_loop(urls: list[str], concurrency: int, seconds: float) -> dic
             answered += 1
             personal += body.get("fallback") is False  # a model's answer, not trending
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), headers=headers) as session:
         started = time.monotonic()
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
         elapsed = time.monotonic() - started
@@ -83,15 +85,15 @@ async def _closed_loop(urls: list[str], concurrency: int, seconds: float) -> dic
             "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
 
 
-def _load_process(urls, concurrency, seconds, queue):
-    queue.put(asyncio.run(_closed_loop(urls, concurrency, seconds)))
+def _load_process(urls, concurrency, seconds, headers, queue):
+    queue.put(asyncio.run(_closed_loop(urls, concurrency, seconds, headers)))
 
 
-def closed_loop(urls: list[str], concurrency: int, seconds: float) -> dict:
+def closed_loop(urls: list[str], concurrency: int, seconds: float, headers: dict) -> dict:
     """Closed-loop load from a separate process (the server keeps its own cores' share)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_load_process, args=(urls, concurrency, seconds, queue))
+    proc = ctx.Process(target=_load_process, args=(urls, concurrency, seconds, headers, queue))
     proc.start()
     result = queue.get(timeout=seconds + 120)
     proc.join()
@@ -121,11 +123,11 @@ def _cpu_s(pids: set[int]) -> dict[int, float]:
     return out
 
 
-def measure(urls: list[str], concurrency: int, seconds: float, pids) -> dict:
+def measure(urls: list[str], concurrency: int, seconds: float, pids, headers: dict) -> dict:
     """One measured run; ``pids()`` names the serving path's processes (looked up again at
     the end, so a process that started during the run counts from zero)."""
     before = _cpu_s(pids())
-    run = closed_loop(urls, concurrency, seconds)
+    run = closed_loop(urls, concurrency, seconds, headers)
     after = _cpu_s(pids())
     run["cpu_s"] = sum(t - before.get(pid, 0.0) for pid, t in after.items())
     return run
@@ -188,9 +190,15 @@ class _Uvicorn:
         self.proc.wait(timeout=30)
 
 
-def _known_users(settings: Settings, n: int) -> list[str]:
-    store = FeatureStore(settings)
-    known = [k.split(":")[-2] for k in store.redis.scan_iter(match=f"{store.keys.prefix}:user:*:recent", count=1000)]
+def _known_users(settings: Settings, n: int, candidates: int = 20_000) -> list[str]:
+    """Users of the demo's synthetic data (ids u0, u1, ...) with history in Redis, which knows
+    them only by their pseudonyms."""
+    store, pseudonyms = FeatureStore(settings), Pseudonyms.of(settings)
+    ids = [f"u{i}" for i in range(candidates)]
+    pipe = store.redis.pipeline(transaction=False)
+    for uid in ids:
+        pipe.exists(store.keys.user(pseudonyms.user_id(uid), "recent"))
+    known = [uid for uid, exists in zip(ids, pipe.execute()) if exists]
     if not known:
         raise RecsysError("bench serve needs users with history in Redis and a published model: run `recsys demo` first")
     return random.Random(0).sample(known, min(n, len(known)))
@@ -202,24 +210,27 @@ def bench_serve(settings: Settings, replicas: int = 2, concurrency: int = 16, se
     cluster = _Cluster(settings, replicas)
     plain = None
     runs = {v: [] for v in VARIANTS}
-    try:
-        for order in ("abcd", "dcba"):
-            for v in order:
-                mode, endpoint = VARIANTS[v]
-                if mode == "uvicorn":
-                    plain = plain or _Uvicorn(settings, replicas, uvicorn_port)
-                    base, pids = plain.url, plain.pids
-                else:
-                    s = cluster.ensure(mode)
-                    base = base_url(s) + ("/noop" if endpoint == "noop" else "")
-                    pids = lambda s=s: serve_path_pids(s)  # noqa: E731
-                urls = [f"{base}/v1/recommendations/{u}?k=10" for u in ids]
-                progress(f"bench serve: {v} ({endpoint}, {mode}) warm-up, then {seconds / 2:g} s")
-                closed_loop(urls, concurrency, 3)
-                runs[v].append(measure(urls, concurrency, seconds / 2, pids))
-    finally:
-        if plain:
-            plain.stop()
+    keys = KeyStore(settings, FeatureStore(settings).redis)
+    with keys.temporary("bench-serve", [Scope.recs_read]) as key:
+        headers = {"Authorization": f"Bearer {key}"}
+        try:
+            for order in ("abcd", "dcba"):
+                for v in order:
+                    mode, endpoint = VARIANTS[v]
+                    if mode == "uvicorn":
+                        plain = plain or _Uvicorn(settings, replicas, uvicorn_port)
+                        base, pids = plain.url, plain.pids
+                    else:
+                        s = cluster.ensure(mode)
+                        base = base_url(s) + ("/noop" if endpoint == "noop" else "")
+                        pids = lambda s=s: serve_path_pids(s)  # noqa: E731
+                    urls = [f"{base}/v1/recommendations/{u}?k=10" for u in ids]
+                    progress(f"bench serve: {v} ({endpoint}, {mode}) warm-up, then {seconds / 2:g} s")
+                    closed_loop(urls, concurrency, 3, headers)
+                    runs[v].append(measure(urls, concurrency, seconds / 2, pids, headers))
+        finally:
+            if plain:
+                plain.stop()
     stack.stop_ray(settings)
     serve_up(settings, progress=lambda *_: None)  # back to the configured ingress and autoscaling
     variants = {v: {"endpoint": VARIANTS[v][1], "ingress": VARIANTS[v][0], **_summary(runs[v])} for v in VARIANTS}

@@ -40,6 +40,19 @@ class Scratch:
         self.env = settings_env(self.settings)
         stack.ensure_topics(self.settings)
 
+    def api_key(self, *scopes, rate_per_s: float = 1e6, burst: int = 10**6, name: str = "test") -> str:
+        """A key of this scratch space (its Redis prefix); admin (every scope) by default."""
+        from recsys.auth import KeyStore, Scope
+        store = KeyStore(self.settings, FeatureStore(self.settings).redis)
+        return store.create(name, list(scopes) or [Scope.admin], rate_per_s, burst)["key"]
+
+    def client(self, *scopes, **kw):
+        """An HTTP client of the deployed app that sends a key of this scratch space."""
+        import httpx
+        from serving.deploy import base_url
+        return httpx.Client(base_url=base_url(self.settings), timeout=10,
+                            headers={"Authorization": f"Bearer {self.api_key(*scopes, **kw)}"})
+
     def cli(self, *args: str, **kw) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "cli", *args], env=self.env, capture_output=True,
                               text=True, check=True, **kw)
@@ -49,8 +62,13 @@ class Scratch:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def close(self):
+        from recsys.auth import auth_prefix
         stack.delete_topics(self.settings)
-        FeatureStore(self.settings).clear()
+        store = FeatureStore(self.settings)
+        store.clear()
+        keys = list(store.redis.scan_iter(match=f"{auth_prefix(self.settings)}:*"))
+        if keys:
+            store.redis.delete(*keys)
 
 
 def _tag(name: str) -> str:

@@ -15,10 +15,11 @@ import pyarrow as pa
 import pytest
 import ray
 
+from recsys.auth import Scope
 from recsys.kafka_io import replay
 from recsys.registry import Registry
 from recsys.sources import SyntheticSource
-from serving.deploy import base_url, serve_up
+from serving.deploy import serve_up
 from training.scheduler import RunLock, Busy, due_trigger, gate, read_history, run_once
 
 SMALL = dict(users=400, items=300, clusters=10, seed=3)
@@ -70,7 +71,7 @@ def test_publish_good_candidate_reject_sabotaged_one_under_load(scratch):
     v1 = registry.current()
     serve_up(s, progress=lambda *_: None)
     ray.shutdown()  # as in production: the retraining process is not attached to the Serve cluster
-    client = httpx.Client(base_url=base_url(s), timeout=10)
+    client = scratch.client(Scope.recs_read)
     log, stop = [], threading.Event()
 
     def hammer():
@@ -186,13 +187,12 @@ def test_drift_retrain_on_the_newer_window_wins_and_is_published(scratch):
 def test_a_run_whose_lock_lapses_aborts_without_promoting(scratch, monkeypatch):
     """Issue 12: Redis blocked for over twice the lock TTL while the run trains. The renewal
     survives the errors but cannot renew in time, so the run records why and promotes nothing."""
-    import redis as redis_py
-
     import training.job
+    from recsys.feature_store import connect
     s = _settings(scratch, lock_ttl_s=1.0)
 
     def train_while_redis_is_blocked(table, **_):
-        blocker = redis_py.Redis(host=s.redis.host, port=s.redis.port)
+        blocker = connect(s)
         blocker.execute_command("CLIENT", "PAUSE", 2500, "ALL")  # every client's commands wait 2.5 s
         time.sleep(3.5)
         return {"version": "v9999", "metrics": {}, "data_window": {}}

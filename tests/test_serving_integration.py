@@ -7,6 +7,7 @@ posted events reach Redis.
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import shutil
@@ -22,10 +23,11 @@ from deploy.local import stack
 from recsys.evaluation import split_table
 from recsys.feature_store import FeatureStore
 from recsys.kafka_io import replay
+from recsys.privacy import Pseudonyms
 from recsys.registry import Registry
 from recsys.sources import MovieLensSource
 from recsys.training_data import events_table, iter_events
-from serving.deploy import base_url, serve_up
+from serving.deploy import serve_up
 from training.job import evaluate_version
 
 
@@ -35,13 +37,13 @@ def served(module_scratch, ml100k):
     table = events_table(MovieLensSource(ml100k).events_iter())
     split = split_table(table)
     train = table.filter(~split.is_test)
-    replay(iter_events(train), s.settings, progress=False)
+    replay(Pseudonyms.of(s.settings).events(iter_events(train)), s.settings, progress=False)  # as `recsys replay` does
     s.cli("archive", "--until-idle", "3")
     s.cli("stream", "--until-idle", "3")
     card = json.loads(s.cli("train", "--source", "archive", "--workers", "2", "--json").stdout.strip().splitlines()[-1])
     worker = s.popen("stream")  # keeps Redis fresh for the posted events
     serve_up(s.settings, progress=lambda *_: None)
-    client = httpx.Client(base_url=base_url(s.settings), timeout=10)
+    client = s.client()
     yield {"scratch": s, "table": table, "split": split, "card": card, "client": client}
     client.close()
     worker.terminate()
@@ -68,9 +70,10 @@ def test_served_hr_equals_offline_evaluation(served):
     model = load_model(registry.path(served["card"]["version"]))
     rows = {int(r): n for n, r in enumerate(split.test_index)}
     feats = [None] * len(rows)
+    pseudonym = Pseudonyms.of(s.settings).user_id  # the model knows users by their pseudonyms
     for r, (_, f) in enumerate(iter_point_in_time(table, s.settings.features.recent_items)):
         if r in rows:
-            feats[rows[r]] = f
+            feats[rows[r]] = dataclasses.replace(f, user_id=pseudonym(f.user_id))
     hits = in_process_hits = 0
     for n, (u, i) in enumerate(zip(split.test_users, split.test_items)):
         answer = recs(client, split.user_ids[u])
@@ -97,10 +100,11 @@ def test_a_click_is_reflected_in_recent_items_and_leaves_the_recommendations(ser
     assert resp.status_code == 202 and resp.json() == {"accepted": 1}
     posted = time.monotonic()
     store = FeatureStore(served["scratch"].settings)
+    pseudonym = Pseudonyms.of(store.settings).user_id(user)
     while True:
         elapsed = time.monotonic() - posted
         gone = clicked not in [x["item_id"] for x in recs(client, user)["items"]]
-        recent = store.user(user).recent[:1] == [clicked]
+        recent = store.user(pseudonym).recent[:1] == [clicked]
         if gone and recent:
             break
         assert elapsed < 30, f"after {elapsed:.2f}s: absent from recommendations {gone}, in recent items {recent}"
@@ -256,7 +260,7 @@ def test_a_client_sending_a_byte_a_second_gets_408_and_holds_no_replica(served):
     assert limit - 1 <= waited <= limit + 10
 
 
-def test_bad_events_give_422_and_oversized_batches_413(served):
+def test_bad_events_and_oversized_batches_give_422(served):
     client = served["client"]
     resp = client.post("/v1/events", content=b"{not json", headers={"content-type": "application/json"})
     assert resp.status_code == 422 and "malformed JSON" in resp.json()["detail"][0]["msg"]
@@ -268,9 +272,13 @@ def test_bad_events_give_422_and_oversized_batches_413(served):
     for field, bad in (("ts", {"ts": 10**15}), ("ts", {"ts": 1}), ("value", {"value": float("nan")})):
         resp = client.post("/v1/events", content=json.dumps({**event, **bad}), headers={"content-type": "application/json"})
         assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", 0, field], (bad, resp.text)
-    big = [{"event_id": str(n), "user_id": "u", "item_id": "i", "type": "view", "ts": 1} for n in range(1001)]
+    for field, bad in (("ts", {"ts": event["ts"] + 0.5}), ("ts", {"ts": str(event["ts"])}), ("value", {"value": False}),
+                       ("item_id", {"item_id": 7})):
+        resp = client.post("/v1/events", json={**event, **bad})  # strict JSON types, as the schema says
+        assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", 0, field], (bad, resp.text)
+    big = [{**event, "event_id": str(n)} for n in range(1001)]
     resp = client.post("/v1/events", json=big)
-    assert resp.status_code == 413 and "1000" in resp.json()["detail"]
+    assert resp.status_code == 422 and "1000" in resp.json()["detail"][0]["msg"]
 
 
 def test_health_ready_docs_and_metrics(served):
@@ -340,36 +348,66 @@ def _listeners(pids) -> list[tuple[str, int, int]]:
             if c.status == psutil.CONN_LISTEN and c.pid in pids]
 
 
-def test_haproxy_listens_on_loopback_and_replica_ports_answer_as_the_front_door(served):
-    """The stack's sockets: Kafka, Redis and HAProxy (front door, stats, Prometheus) listen on
-    loopback only (HAProxy through deploy/local/haproxy-loopback). The replicas' HTTP ports, which Serve's HAProxy mode
-    binds to all interfaces so that HAProxy on another node can reach them, answer exactly as
-    the front door does: same routes, same answers, same errors. (Ray's own processes, GCS,
-    raylet and agents, bind all interfaces too; that predates the ingress: see README.)"""
+def _loopback(ip: str) -> bool:
+    return ipaddress.ip_address(ip.removeprefix("::ffff:")).is_loopback
+
+
+def _refuses_without_ray_token(port: int) -> bool:
+    """A call to Serve's inter-deployment gRPC service without Ray's auth token is refused."""
+    import grpc
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            channel.unary_unary("/ray.serve.ASGIService/HandleRequest")(b"", timeout=10)
+        except grpc.RpcError as exc:
+            return exc.code() == grpc.StatusCode.UNAUTHENTICATED
+    return False
+
+
+def test_every_listening_socket_is_on_loopback_or_refuses_strangers(served):
+    """Issue 13 point 7. Every listening socket of the stack: Kafka, Redis, Ray's own processes
+    (GCS, raylet, agents, workers: Ray's one-machine mode, recsys.RAY_ENV) and HAProxy (front
+    door, stats, Prometheus; through deploy/local/haproxy-loopback) are on loopback, and so are
+    the replicas' own HTTP ports, which answer exactly as the front door does, same routes,
+    answers and errors, and refuse a request without a key (401). The one socket beyond
+    loopback is each replica's inter-deployment gRPC server, which Serve binds to all
+    interfaces whatever the node's address: it refuses a call without Ray's auth token."""
     import psutil
     from ray.serve._private.constants import (RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT,
                                               RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT)
     client, settings = served["client"], served["scratch"].settings
-    for name, service in stack.status(settings).items():
-        if name in ("kafka", "redis"):
-            own = _listeners({service["pid"]})
-            assert own and all(ipaddress.ip_address(ip.removeprefix("::ffff:")).is_loopback for ip, _, _ in own), \
-                (name, own)
-    haproxy = _listeners(set(stack.haproxy_pids(settings)))
-    assert ("127.0.0.1", settings.serving.port) in {(ip, port) for ip, port, _ in haproxy}
-    assert all(ipaddress.ip_address(ip).is_loopback for ip, _, _ in haproxy), haproxy
+    stack_pids = {name: {service["pid"]} for name, service in stack.status(settings).items() if name in ("kafka", "redis")}
+    stack_pids["haproxy"] = set(stack.haproxy_pids(settings))
+    stack_pids["ray"] = {p.pid for p in psutil.process_iter(["cmdline"])
+                         if any("ray" in part for part in (p.info["cmdline"] or [])[:2])} - stack_pids["haproxy"]
     replicas = {p.pid for p in psutil.process_iter(["cmdline"])
                 if " ".join(p.info["cmdline"] or []).startswith("ray::ServeReplica:recsys:RecsysApi")}
-    direct = [(ip, port) for ip, port, _ in _listeners(replicas)
+    listed, guarded = [], []
+    for name, pids in stack_pids.items():
+        own = _listeners(pids)
+        listed += [(name, ip, port) for ip, port, _ in own]
+        assert own, f"no listening socket found for {name}"
+        beyond = [(ip, port, pid) for ip, port, pid in own if not _loopback(ip)]
+        guarded += [(ip, port) for ip, port, pid in beyond if pid in replicas and _refuses_without_ray_token(port)]
+        unguarded = [(ip, port) for ip, port, _ in beyond if (ip, port) not in guarded]
+        assert not unguarded, f"{name} listens beyond loopback: {unguarded}"
+    print("listening sockets:", json.dumps(sorted(set(listed))), "beyond loopback, refusing without Ray's token:",
+          json.dumps(guarded))
+    assert ("haproxy", "127.0.0.1", settings.serving.port) in listed
+    direct = [port for ip, port, _ in _listeners(replicas)
               if RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT <= port <= RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT]
     assert direct, "no replica answers HTTP on its own port: is the HAProxy ingress on?"
-    for ip, port in direct:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as replica:
+    stranger = {"event_id": "x", "user_id": "1", "item_id": "1", "type": "view", "ts": int(time.time() * 1000)}
+    for port in direct:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10, headers=client.headers) as replica, \
+                httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as no_key:
             for path in ("/v1/recommendations/1?k=5", "/v1/recommendations/2?k=0", "/healthz", "/nope"):
                 front, own = client.get(path), replica.get(path)
                 assert (front.status_code, front.json()) == (own.status_code, own.json()), (port, path)
             bad = {"event_id": "x", "user_id": "1", "item_id": "1", "type": "nope", "ts": 1}
             assert replica.post("/v1/events", json=bad).json() == client.post("/v1/events", json=bad).json()
+            assert no_key.get("/v1/recommendations/1").status_code == 401
+            assert no_key.post("/v1/events", json=stranger).status_code == 401
+            assert no_key.get("/metrics").status_code == 401
 
 
 def test_serve_down_and_ray_stop_leave_no_haproxy_and_a_redeploy_works(served):

@@ -64,6 +64,8 @@ def load_table(source: str | pa.Table, settings: Settings, user_col="user_id", i
     if source == "archive":
         from recsys.archive import read_events
         return sort_table(read_events(settings)), None, "archive"
+    from recsys.privacy import Pseudonyms
     from recsys.sources import open_source
     src = open_source(source, user_col, item_col, ts_col)
-    return events_table(src.events_iter()), src.item_features(), source
+    # A source is an edge: its user ids enter the model's vocabulary only as pseudonyms.
+    return events_table(Pseudonyms.of(settings).events(src.events_iter())), src.item_features(), source

@@ -33,6 +33,7 @@ from redis.retry import Retry
 from recsys import RAY_ENV
 from recsys.errors import RecsysError
 from recsys.kafka_io import broker_answers
+from recsys.secrets import REDIS_PASSWORD, USER_ID_KEY, ensure_secret, read_secret
 from recsys.settings import Settings
 
 DEPLOY = Path(__file__).resolve().parent
@@ -161,7 +162,7 @@ def redis_answers(s: Settings) -> bool:
     # retry=0: the client's default retries make a refused connection take ~5 s.
     try:
         with redis.Redis(host=s.redis.host, port=s.redis.port, socket_connect_timeout=1, socket_timeout=1,
-                         retry=Retry(NoBackoff(), 0)) as r:
+                         password=read_secret(s, REDIS_PASSWORD), retry=Retry(NoBackoff(), 0)) as r:
             return bool(r.ping())
     except redis.RedisError:
         return False
@@ -181,6 +182,15 @@ def _redis_server() -> str:
     return shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
+def _redis_config(s: Settings) -> Path:
+    """A config file (mode 0600) that sets the password: on the command line, ``ps`` would show it."""
+    path = _dir(s, "redis") / "redis.conf"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"requirepass {ensure_secret(s, REDIS_PASSWORD)}\n")
+    return path
+
+
 def start_redis(s: Settings, progress: Callable[[str], None] = print) -> None:
     if redis_answers(s):
         return
@@ -188,7 +198,7 @@ def start_redis(s: Settings, progress: Callable[[str], None] = print) -> None:
     if _pid(s, "redis") is None:
         progress(f"redis: starting on {s.redis.host}:{s.redis.port}")
         proc = _spawn(s, "redis", [
-            _redis_server(), "--bind", s.redis.host, "--port", str(s.redis.port),
+            _redis_server(), str(_redis_config(s)), "--bind", s.redis.host, "--port", str(s.redis.port),
             "--dir", str(_dir(s, "redis")), "--daemonize", "no",
             "--appendonly", "yes", "--save", "",
         ])
@@ -469,7 +479,9 @@ def stop_haproxy(s: Settings, timeout_s: float = 10.0) -> None:
 # ---- whole stack -----------------------------------------------------------
 
 def up(s: Settings, progress: Callable[[str], None] = print) -> dict:
-    """Start whatever is not running, wait until both answer, create the topics. Idempotent."""
+    """Start whatever is not running, wait until both answer, create the topics. Idempotent.
+    The secrets (Redis password, user-id key) are made on first start."""
+    ensure_secret(s, USER_ID_KEY)
     start_redis(s, progress)
     start_kafka(s, progress)
     return status(s)

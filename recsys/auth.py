@@ -1,0 +1,224 @@
+"""API keys with scopes, and a token bucket per key: both in Redis, shared by every replica.
+
+A key is ``rsk_`` and 43 random URL-safe characters, shown once when made. Redis keeps only
+its sha256 (the key is 256 random bits, so a fast hash is as good as a slow one), under a
+hash tag so that a key and its bucket share a Redis Cluster slot, and outside the features'
+prefix, so that a feature rebuild (which clears that prefix) keeps the keys:
+
+  <prefix>-auth:apikey:{<sha256>}     hash: id, name, scopes (space-separated), rate, burst, created_ms
+  <prefix>-auth:ratelimit:{<sha256>}  hash: tokens, ts_ms (expires once full again)
+
+One script checks the key, its scope and its bucket in one round trip.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import secrets
+import time
+from enum import Enum
+from typing import NamedTuple
+
+import redis
+import redis.asyncio
+
+from recsys.errors import InvalidInput, RecsysError, Unavailable
+from recsys.settings import Settings
+
+KEY_PREFIX = "rsk_"
+
+
+class Scope(str, Enum):
+    events_write = "events:write"
+    recs_read = "recs:read"
+    admin = "admin"  # every scope
+
+
+class Unauthorized(RecsysError):
+    """No key, or one that Redis does not know (never made, or revoked)."""
+    http_status = 401
+    http_headers = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(RecsysError):
+    """A known key without the route's scope."""
+    http_status = 403
+
+
+class RateLimited(RecsysError):
+    http_status = 429
+
+    def __init__(self, retry_after_s: float):
+        super().__init__(f"rate limit of this API key exceeded: retry after {retry_after_s:.3f} s")
+        self.retry_after_s = retry_after_s
+
+    @property
+    def http_headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
+# KEYS: the key's hash, its bucket. ARGV: the scope, the default rate (tokens/s) and burst.
+# Returns {0: allowed | 1: unknown key | 2: scope missing | 3: over the limit, ms to wait}.
+# Redis's own clock (TIME) serves every replica alike.
+_AUTHORIZE = """
+local key = redis.call('HMGET', KEYS[1], 'scopes', 'rate', 'burst')
+if not key[1] then return {1, 0} end
+local scopes = ' ' .. key[1] .. ' '
+if not (string.find(scopes, ' ' .. ARGV[1] .. ' ', 1, true) or string.find(scopes, ' admin ', 1, true)) then
+  return {2, 0}
+end
+local rate = tonumber(key[2]) or tonumber(ARGV[2])
+local burst = tonumber(key[3]) or tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local bucket = redis.call('HMGET', KEYS[2], 'tokens', 'ts_ms')
+local tokens = tonumber(bucket[1]) or burst
+local last = tonumber(bucket[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - last) * rate / 1000)
+local allowed = tokens >= 1
+if allowed then tokens = tokens - 1 end
+redis.call('HSET', KEYS[2], 'tokens', tostring(tokens), 'ts_ms', now)
+redis.call('PEXPIRE', KEYS[2], math.ceil((burst - tokens) / rate * 1000) + 1000)
+if allowed then return {0, 0} end
+return {3, math.ceil((1 - tokens) / rate * 1000)}
+"""
+
+
+class Decision(NamedTuple):
+    outcome: int  # 0 allowed, 1 unknown key, 2 scope missing, 3 over the limit
+    retry_after_ms: int
+
+    def raise_unless_allowed(self, scope: Scope) -> None:
+        if self.outcome == 1:
+            raise Unauthorized("unknown or revoked API key")
+        if self.outcome == 2:
+            raise Forbidden(f"this API key lacks the scope {scope.value!r}")
+        if self.outcome == 3:
+            raise RateLimited(self.retry_after_ms / 1000)
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def parse_scopes(text: str) -> list[Scope]:
+    """``events:write,recs:read`` as scopes; an unknown name is an error that lists the known ones."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    known = {s.value: s for s in Scope}
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        raise InvalidInput(f"unknown scope {', '.join(bad) or '(none given)'}: choose from {', '.join(known)}")
+    return [known[n] for n in names]
+
+
+def auth_prefix(settings: Settings) -> str:
+    return f"{settings.redis.prefix}-auth"
+
+
+def _key(prefix: str, sha: str) -> str:
+    return f"{prefix}:apikey:{{{sha}}}"
+
+
+def _bucket(prefix: str, sha: str) -> str:
+    return f"{prefix}:ratelimit:{{{sha}}}"
+
+
+class KeyStore:
+    """Make, list and revoke keys (``recsys keys``)."""
+
+    def __init__(self, settings: Settings, client: redis.Redis):
+        self.settings, self.redis, self.prefix = settings, client, auth_prefix(settings)
+
+    def create(self, name: str, scopes: list[Scope], rate_per_s: float | None = None,
+               burst: int | None = None) -> dict:
+        """A new key: the one time its secret is returned."""
+        if rate_per_s is not None and rate_per_s <= 0 or burst is not None and burst < 1:
+            raise InvalidInput("a key's rate must be above 0 per second and its burst at least 1")
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        sha = digest(key)
+        record = {"id": sha[:12], "name": name, "scopes": " ".join(s.value for s in scopes),
+                  "created_ms": int(time.time() * 1000)}
+        if rate_per_s is not None:
+            record["rate"] = rate_per_s
+        if burst is not None:
+            record["burst"] = burst
+        self.redis.hset(_key(self.prefix, sha), mapping=record)
+        return {**self._public(record), "key": key}
+
+    @contextlib.contextmanager
+    def temporary(self, name: str, scopes: list[Scope], rate_per_s: float = 1e6, burst: int = 1_000_000):
+        """A key for one run (a load test, a benchmark), revoked after it; by default no limit
+        that the run could reach, since the run measures the system, not the limiter."""
+        made = self.create(name, scopes, rate_per_s, burst)
+        try:
+            yield made["key"]
+        finally:
+            self.revoke(made["id"])
+
+    def _public(self, record: dict) -> dict:
+        a = self.settings.auth
+        return {"id": record["id"], "name": record["name"], "scopes": record["scopes"].split(),
+                "rate_per_s": float(record.get("rate", a.rate_per_s)), "burst": int(record.get("burst", a.burst)),
+                "created_ms": int(record["created_ms"])}
+
+    def _records(self) -> dict[str, dict]:
+        found = {}
+        for name in self.redis.scan_iter(match=f"{self.prefix}:apikey:*", count=1000):
+            record = self.redis.hgetall(name)
+            if record:
+                found[name] = record
+        return found
+
+    def list(self) -> list[dict]:
+        return sorted((self._public(r) for r in self._records().values()), key=lambda r: r["created_ms"])
+
+    def revoke(self, key_id: str) -> dict:
+        """Revoke the key whose id (from ``create`` or ``list``) is ``key_id``; it fails at once."""
+        for name, record in self._records().items():
+            if record["id"] == key_id:
+                sha = name.rsplit("{", 1)[1].rstrip("}")
+                self.redis.delete(_key(self.prefix, sha), _bucket(self.prefix, sha))
+                return self._public(record)
+        raise InvalidInput(f"no API key with id {key_id!r} (see `recsys keys list`)")
+
+
+
+class Authorizer:
+    """The request path's check, on the API's asyncio Redis client: one command, which the
+    recommendation route sends in the same pipeline as its feature reads (one round trip)."""
+
+    _SHA = hashlib.sha1(_AUTHORIZE.encode()).hexdigest()
+
+    def __init__(self, settings: Settings, client: redis.asyncio.Redis):
+        self.settings, self.redis, self.prefix = settings, client, auth_prefix(settings)
+
+    def command(self, key: str | None, scope: Scope) -> tuple:
+        """The check as one Redis command (EVALSHA); Unauthorized at once when there is no key."""
+        if not key:
+            raise Unauthorized("an API key is required: send the header 'Authorization: Bearer <key>'")
+        sha, a = digest(key), self.settings.auth
+        return ("EVALSHA", self._SHA, 2, _key(self.prefix, sha), _bucket(self.prefix, sha), scope.value,
+                a.rate_per_s, a.burst)
+
+    @staticmethod
+    def judge(reply, scope: Scope) -> None:
+        """Raise Unauthorized, Forbidden or RateLimited for the command's reply, or return."""
+        Decision(int(reply[0]), int(reply[1])).raise_unless_allowed(scope)
+
+    async def load(self) -> None:
+        """Load the script (Redis forgets scripts when it restarts): answers NoScriptError."""
+        await self.redis.script_load(_AUTHORIZE)
+
+    async def authorize(self, key: str | None, scope: Scope) -> None:
+        """The check on its own: raise Unauthorized, Forbidden or RateLimited, or return."""
+        command = self.command(key, scope)
+        try:
+            try:
+                reply = await self.redis.execute_command(*command)
+            except redis.exceptions.NoScriptError:
+                await self.load()
+                reply = await self.redis.execute_command(*command)
+        except redis.RedisError as exc:
+            raise Unavailable(f"Redis unavailable: {exc}") from None
+        self.judge(reply, scope)
