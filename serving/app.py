@@ -154,8 +154,9 @@ class RecsysService:
         thread (it can wait for metadata); the acknowledgements are awaited on the event loop,
         so requests that wait for a broker hold no thread while a leader is being replaced."""
         loop = asyncio.get_running_loop()
-        futures = await asyncio.to_thread(self._send, events)
         try:
+            # send() itself raises when the topic's metadata does not come within max_block_ms.
+            futures = await asyncio.to_thread(self._send, events)
             await asyncio.wait_for(asyncio.gather(*(_awaitable(f, loop) for f in futures)), timeout_s)
         except (KafkaError, asyncio.TimeoutError) as exc:
             raise Unavailable(f"Kafka unavailable: {exc!r}") from None
