@@ -15,6 +15,7 @@ from kafka import KafkaAdminClient
 
 from recsys.archive import read_events
 from recsys.feature_store import FeatureStore
+from recsys.privacy import Pseudonyms
 from recsys.kafka_io import producer, replay
 from recsys.sources import MovieLensSource
 from recsys.stream import read_dead_letters
@@ -33,13 +34,16 @@ def expected_from_u_data(path):
     return users, items, {u: set(lst) for u, lst in recent.items()}, {u: list(reversed(lst[-50:])) for u, lst in recent.items()}
 
 
-def assert_features_match(settings, ml100k):
+def assert_features_match(settings, ml100k, pseudonymized: bool = False):
+    """Redis holds exactly u.data's features; ``pseudonymized``: under the users' pseudonyms
+    (events that came in through ``recsys replay``, an edge)."""
     users, items, seen, recent = expected_from_u_data(ml100k)
     store = FeatureStore(settings)
-    got = store.users(sorted(users))
-    mismatched = [u.user_id for u in got
-                  if u.counts != {"rating": users[u.user_id]} or u.recent != recent[u.user_id]
-                  or u.seen != seen[u.user_id]]
+    stored_id = Pseudonyms.of(settings).user_id if pseudonymized else str
+    raw = sorted(users)
+    got = store.users([stored_id(u) for u in raw])
+    mismatched = [u for u, f in zip(raw, got)
+                  if f.counts != {"rating": users[u]} or f.recent != recent[u] or f.seen != seen[u]]
     assert not mismatched, f"{len(mismatched)} users differ, e.g. {mismatched[:5]}"
     pipe = store.redis.pipeline(transaction=False)
     for item in sorted(items):
@@ -68,8 +72,8 @@ def test_movielens_replay_counts_exact(scratch, ml100k):
     assert stream_json(out)["produced"] == 100_000
     stats = stream_json(scratch.cli("stream", "--until-idle", "3"))
     assert stats == {"consumed": 100_000, "applied": 100_000, "duplicates": 0, "dlq": 0}
-    assert_features_match(scratch.settings, ml100k)
-    # The documented reading command shows the same thing.
+    assert_features_match(scratch.settings, ml100k, pseudonymized=True)
+    # The documented reading command shows the same thing (it takes the client's id).
     user = json.loads(scratch.cli("features", "user", "1", "--json").stdout)
     assert user["counts"]["rating"] == 272 and len(user["recent"]) == 50 and len(user["seen"]) == 272
 
