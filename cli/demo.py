@@ -60,7 +60,8 @@ def run_demo(settings: Settings, events: int = 20_000, epochs: int = 5) -> int:
     card = train("archive", workers=2, epochs=epochs, settings=settings)
     m = card["metrics"]
     print(f"published {card['version']}: HR@10 two-tower {m['two_tower']['hr@10']:.3f} | most-popular "
-          f"{m['popularity']['hr@10']:.3f} | item-kNN {m['itemknn']['hr@10']:.3f} | EASE {m['ease']['hr@10']:.3f}")
+          f"{m['popularity']['hr@10']:.3f} | item-kNN {m['itemknn']['hr@10']:.3f} | EASE {m['ease']['hr@10']:.3f} | "
+          f"recency-weighted EASE {m['recency_ease']['hr@10']:.3f}")
 
     _step(5, "serve it with Ray Serve")
     served = serve_up(settings)

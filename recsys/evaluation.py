@@ -1,16 +1,20 @@
-"""Offline evaluation, exactly as /work/shared/EVALUATION.md defines it.
+"""Offline evaluation, exactly as /work/shared/EVALUATION.md defines it (protocol A).
 
 Temporal leave-last-one-out: per user, interactions sorted by time (ties keep the
 table's order); users with at least 5 interactions give their last one to the test
-set, everything else is training data. For each test user every item is scored, the
-user's training items are removed, and HR@10, NDCG@10 and HR@50 are averaged.
+set and their second-to-last to the validation set; everything else is training data.
+For each target user every item is scored, the items before the target are removed, and
+HR@10, NDCG@10 and HR@50 are averaged.
 
-Baselines on the same split: most-popular, item-kNN (cosine) and EASE^R (Steck 2019),
-whose lambda is picked from {50, 200, 500} as the best HR@10 on the test split itself
-(as the reference figures were measured; ``ease_lambda="validation"`` instead picks it
-on a second leave-last-one-out split carved from the training data).
+Two stages, each with its own input: at the **validation** stage a model sees the training
+interactions only; at the **test** stage it also sees the validation interaction (everything
+before the test target). Every hyperparameter (EASE's lambda, the recency half-life) is
+chosen on the validation stage; the test stage is scored once, with the choice.
 
-Pure numpy: EASE on a few thousand items is one dense inverse.
+Baselines on the same split: most-popular, item-kNN (cosine), EASE^R (Steck 2019) and
+recency-weighted EASE (EASE's weights; the user's row weights each interaction 0.5^(r/h),
+r its recency rank, 0 = newest). Pure numpy: EASE on a few thousand items is one dense
+inverse.
 """
 from __future__ import annotations
 
@@ -24,7 +28,9 @@ from recsys.errors import InvalidInput
 
 MIN_INTERACTIONS = 5
 KS = (10, 50)
-EASE_LAMBDAS = (50.0, 200.0, 500.0)
+EASE_LAMBDAS = (50.0, 200.0, 500.0, 1000.0)
+HALF_LIVES = (1.0, 3.0, 10.0)  # recency-weighted EASE's half-life h, in interactions
+STAGES = ("validation", "test")
 
 
 class EvaluationError(InvalidInput):
@@ -36,8 +42,9 @@ class Split:
     """Integer-coded interactions in time order and the leave-last-one-out split.
 
     ``users[k]``/``items[k]`` are codes into ``user_ids``/``item_ids``; ``is_test[k]`` marks
-    the held-out interactions (one per test user); ``test_users[j]`` holds ``test_items[j]``
-    out, and ``test_index[j]`` is that interaction's row in the table.
+    the held-out test interactions (one per test user), ``is_val[k]`` the validation ones
+    (the second-to-last of the same users); ``test_users[j]`` holds ``test_items[j]`` out,
+    and ``test_index[j]`` is that interaction's row in the table (``val_*`` likewise).
     """
 
     user_ids: np.ndarray
@@ -49,7 +56,11 @@ class Split:
     test_users: np.ndarray
     test_items: np.ndarray
     test_index: np.ndarray
-    _train_matrix: np.ndarray | None = field(default=None, repr=False)
+    is_val: np.ndarray
+    val_users: np.ndarray
+    val_items: np.ndarray
+    val_index: np.ndarray
+    _inputs: dict = field(default_factory=dict, repr=False)
 
     @property
     def n_users(self) -> int:
@@ -59,18 +70,49 @@ class Split:
     def n_items(self) -> int:
         return len(self.item_ids)
 
-    def train_matrix(self) -> np.ndarray:
-        """Binary users x items matrix of the training interactions (float32, dense)."""
-        if self._train_matrix is None:
+    def input_rows(self, stage: str = "test") -> np.ndarray:
+        """The rows a model may learn from at this stage: all but the test targets (test), and
+        but the validation targets too (validation)."""
+        _check_stage(stage)
+        return ~self.is_test & ~self.is_val if stage == "validation" else ~self.is_test
+
+    def targets(self, stage: str = "test") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(users, held-out items, their rows) of the stage."""
+        _check_stage(stage)
+        return ((self.val_users, self.val_items, self.val_index) if stage == "validation"
+                else (self.test_users, self.test_items, self.test_index))
+
+    def input_matrix(self, stage: str = "test") -> np.ndarray:
+        """Binary users x items matrix of the stage's input rows (float32, dense)."""
+        if stage not in self._inputs:
             x = np.zeros((self.n_users, self.n_items), dtype=np.float32)
-            tr = ~self.is_test
-            x[self.users[tr], self.items[tr]] = 1.0
-            self._train_matrix = x
-        return self._train_matrix
+            rows = self.input_rows(stage)
+            x[self.users[rows], self.items[rows]] = 1.0
+            self._inputs[stage] = x
+        return self._inputs[stage]
+
+    def recency_matrix(self, stage: str, half_life: float) -> np.ndarray:
+        """Each input interaction weighted 0.5^(r/h), r its recency rank among the user's input
+        rows (0 = newest); an item met twice keeps its newest weight."""
+        rows = np.flatnonzero(self.input_rows(stage))  # time order
+        users = self.users[rows]
+        by_user = np.lexsort((-np.arange(len(rows)), users))  # per user, newest first
+        starts = np.searchsorted(users[by_user], users[by_user], side="left")
+        rank = np.empty(len(rows), dtype=np.float64)
+        rank[by_user] = np.arange(len(rows)) - starts
+        x = np.zeros((self.n_users, self.n_items), dtype=np.float32)
+        np.maximum.at(x, (users, self.items[rows]), (0.5 ** (rank / half_life)).astype(np.float32))
+        return x
 
     def window(self) -> dict:
         return {"events": int(len(self.users)), "min_ts": int(self.ts.min()), "max_ts": int(self.ts.max()),
-                "users": self.n_users, "items": self.n_items, "test_users": int(len(self.test_users))}
+                "users": self.n_users, "items": self.n_items, "test_users": int(len(self.test_users)),
+                "validation_users": int(len(self.val_users))}
+
+
+def _check_stage(stage: str) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r}: one of {STAGES}")
 
 
 def split_arrays(user_col, item_col, ts_col, min_interactions: int = MIN_INTERACTIONS) -> Split:
@@ -86,15 +128,19 @@ def split_arrays(user_col, item_col, ts_col, min_interactions: int = MIN_INTERAC
     item_ids, items = np.unique(item_col, return_inverse=True)
     users, items = users.astype(np.int64), items.astype(np.int64)
     counts = np.bincount(users, minlength=len(user_ids))
-    # The last row of each user in time order (stable sort keeps ties in table order).
+    # Each user's rows in time order (stable sort keeps ties in table order): the last one is
+    # the test target, the one before it the validation target.
     by_user = np.lexsort((np.arange(len(users)), users))
-    last = np.zeros(len(user_ids), dtype=np.int64)
-    last[users[by_user]] = by_user  # later rows overwrite earlier ones: last wins
+    ends = np.cumsum(counts)
     test_users = np.flatnonzero(counts >= min_interactions)
-    test_index = last[test_users]
+    test_index = by_user[ends[test_users] - 1]
+    val_index = by_user[ends[test_users] - 2]
     is_test = np.zeros(len(users), dtype=bool)
     is_test[test_index] = True
-    return Split(user_ids, item_ids, users, items, ts, is_test, test_users, items[test_index], test_index)
+    is_val = np.zeros(len(users), dtype=bool)
+    is_val[val_index] = True
+    return Split(user_ids, item_ids, users, items, ts, is_test, test_users, items[test_index], test_index,
+                 is_val, test_users.copy(), items[val_index], val_index)
 
 
 def split_table(table: pa.Table, min_interactions: int = MIN_INTERACTIONS) -> Split:
@@ -137,18 +183,21 @@ def metrics_from_ranks(ranks: np.ndarray) -> dict:
     return {"hr@10": round(out["hr@10"], 4), "ndcg@10": round(out["ndcg@10"], 4), "hr@50": round(out["hr@50"], 4)}
 
 
-def evaluate_scorer(split: Split, score_fn: Callable[[np.ndarray], np.ndarray], batch: int = 512) -> dict:
-    """Metrics of ``score_fn(test_positions) -> (len, n_items) scores``.
+def evaluate_scorer(split: Split, score_fn: Callable[[np.ndarray], np.ndarray], batch: int = 512,
+                    stage: str = "test") -> dict:
+    """Metrics of ``score_fn(positions) -> (len, n_items) scores`` on the stage's targets.
 
-    ``test_positions`` index into ``split.test_users`` / ``split.test_index``.
+    ``positions`` index into the stage's targets (``split.targets(stage)``); each user's input
+    items at the stage are removed from the candidates.
     """
-    x = split.train_matrix()
+    users, items, _ = split.targets(stage)
+    x = split.input_matrix(stage)
     ranks = []
-    for lo in range(0, len(split.test_users), batch):
-        pos = np.arange(lo, min(lo + batch, len(split.test_users)))
+    for lo in range(0, len(users), batch):
+        pos = np.arange(lo, min(lo + batch, len(users)))
         scores = np.asarray(score_fn(pos))
-        ranks.append(rank_of_target(scores, split.test_items[pos], x[split.test_users[pos]] > 0))
-    return metrics_from_ranks(np.concatenate(ranks)) | {"users": int(len(split.test_users))}
+        ranks.append(rank_of_target(scores, items[pos], x[users[pos]] > 0))
+    return metrics_from_ranks(np.concatenate(ranks)) | {"users": int(len(users))}
 
 
 # ---- baselines -------------------------------------------------------------------------------
@@ -177,39 +226,46 @@ def ease_weights(x: np.ndarray, lam: float) -> np.ndarray:
     return b
 
 
-def _eval_matrix_model(split: Split, weights: np.ndarray) -> dict:
-    x = split.train_matrix()
-    return evaluate_scorer(split, lambda pos: x[split.test_users[pos]] @ weights)
+def _eval_rows(split: Split, stage: str, rows: np.ndarray, weights: np.ndarray) -> dict:
+    """Metrics of scores = (the users' input rows) x weights."""
+    users = split.targets(stage)[0]
+    return evaluate_scorer(split, lambda pos: rows[users[pos]] @ weights, stage=stage)
 
 
-def baselines(split: Split, ease_lambda: str | float = "test") -> dict:
-    """The three reference baselines on this split: {name: metrics}.
+def _tuned(split: Split, grid: dict, fit: Callable, rows: Callable) -> dict:
+    """Every setting of ``grid`` scored on the validation stage; the best (HR@10, then NDCG@10)
+    scored once on the test stage. ``fit(stage, setting)`` gives the weights, ``rows(stage,
+    setting)`` the users' input rows."""
+    on_val = {name: _eval_rows(split, "validation", rows("validation", setting), fit("validation", setting))
+              for name, setting in grid.items()}
+    best = max(on_val, key=lambda k: (on_val[k]["hr@10"], on_val[k]["ndcg@10"]))
+    test = _eval_rows(split, "test", rows("test", grid[best]), fit("test", grid[best]))
+    return test | {"chosen": grid[best], "validation": on_val[best],
+                   "validation_hr@10_by_setting": {k: v["hr@10"] for k, v in on_val.items()}}
 
-    ``ease_lambda``: "test" (best of {50,200,500} on the test split, as the reference figures),
-    "validation" (best on a leave-last-one-out split of the training data), or a number.
-    """
+
+def baselines(split: Split) -> dict:
+    """The reference baselines on this split, {name: test metrics, with the validation figures and,
+    for the tuned ones, the setting chosen on validation}."""
     check_evaluable(split)
-    x = split.train_matrix()
-    pop = popularity_scores(x)
-    out = {"popularity": evaluate_scorer(split, lambda pos: np.broadcast_to(pop, (len(pos), len(pop))))}
-    out["itemknn"] = _eval_matrix_model(split, itemknn_similarity(x).astype(np.float32))
-    if isinstance(ease_lambda, (int, float)):
-        lam = float(ease_lambda)
-        res = _eval_matrix_model(split, ease_weights(x, lam).astype(np.float32))
-        per = {lam: res}
-    elif ease_lambda == "test":
-        per = {lam: _eval_matrix_model(split, ease_weights(x, lam).astype(np.float32)) for lam in EASE_LAMBDAS}
-        lam = max(per, key=lambda k: (per[k]["hr@10"], per[k]["ndcg@10"]))
-        res = per[lam]
-    elif ease_lambda == "validation":
-        tr = ~split.is_test
-        val = split_arrays(split.user_ids[split.users[tr]], split.item_ids[split.items[tr]], split.ts[tr])
-        xv = val.train_matrix()
-        per = {lam: _eval_matrix_model(val, ease_weights(xv, lam).astype(np.float32)) for lam in EASE_LAMBDAS}
-        lam = max(per, key=lambda k: (per[k]["hr@10"], per[k]["ndcg@10"]))
-        res = _eval_matrix_model(split, ease_weights(x, lam).astype(np.float32))
-    else:
-        raise ValueError(f"ease_lambda: {ease_lambda!r}")
-    out["ease"] = res | {"lambda": lam, "lambda_chosen_on": ease_lambda if isinstance(ease_lambda, str) else "fixed",
-                         "hr@10_by_lambda": {str(k): v["hr@10"] for k, v in per.items()}}
+    out = {}
+    for stage in ("test", "validation"):
+        pop = popularity_scores(split.input_matrix(stage))
+        res = evaluate_scorer(split, lambda pos: np.broadcast_to(pop, (len(pos), len(pop))), stage=stage)
+        out.setdefault("popularity", {}).update(res if stage == "test" else {"validation": res})
+    knn = {stage: itemknn_similarity(split.input_matrix(stage)).astype(np.float32) for stage in STAGES}
+    out["itemknn"] = _eval_rows(split, "test", split.input_matrix("test"), knn["test"]) | {
+        "validation": _eval_rows(split, "validation", split.input_matrix("validation"), knn["validation"])}
+    weights: dict = {}
+
+    def ease(stage: str, setting: dict) -> np.ndarray:
+        key = (stage, setting["lambda"])
+        if key not in weights:
+            weights[key] = ease_weights(split.input_matrix(stage), setting["lambda"]).astype(np.float32)
+        return weights[key]
+
+    out["ease"] = _tuned(split, {f"lambda={lam:g}": {"lambda": lam} for lam in EASE_LAMBDAS}, ease,
+                         lambda stage, _: split.input_matrix(stage))
+    grid = {f"lambda={lam:g},h={h:g}": {"lambda": lam, "half_life": h} for lam in EASE_LAMBDAS for h in HALF_LIVES}
+    out["recency_ease"] = _tuned(split, grid, ease, lambda stage, setting: split.recency_matrix(stage, setting["half_life"]))
     return out

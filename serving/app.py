@@ -103,6 +103,7 @@ class RecsysService:
                 self._load_failed(version, exc)
         self._watch = threading.Thread(target=self._watch_registry, args=(model_poll_s,), daemon=True)
         self._watch.start()
+        threading.Thread(target=self._warm_kafka, daemon=True).start()
 
     # -- model -----------------------------------------------------------
     def _swap_to(self, version: Optional[str]) -> None:
@@ -137,13 +138,28 @@ class RecsysService:
 
     # -- kafka -----------------------------------------------------------
     def _kafka(self):
-        with self._producer_lock:
+        """The producer, made on first use (a replica makes it at start, in the background). While
+        another thread is still making it (a broker that does not answer can hold that for many
+        seconds), a request fails at once with a 503 instead of queueing behind it."""
+        if self._producer is not None:
+            return self._producer
+        if not self._producer_lock.acquire(blocking=False):
+            raise Unavailable("Kafka unavailable: the producer is still connecting")
+        try:
             if self._producer is None:
                 try:
                     self._producer = producer(self.settings, max_block_ms=2000, request_timeout_ms=2000)
                 except KafkaError as exc:
                     raise Unavailable(f"Kafka unavailable: {exc}") from None
             return self._producer
+        finally:
+            self._producer_lock.release()
+
+    def _warm_kafka(self) -> None:
+        try:
+            self._kafka()
+        except Unavailable:  # Kafka down at start: the first event tries again
+            pass
 
     def _send(self, events: list[Event]) -> list:
         prod = self._kafka()
@@ -156,7 +172,7 @@ class RecsysService:
         loop = asyncio.get_running_loop()
         try:
             # send() itself raises when the topic's metadata does not come within max_block_ms.
-            futures = await asyncio.to_thread(self._send, events)
+            futures = await asyncio.wait_for(asyncio.to_thread(self._send, events), timeout_s + 1.0)
             await asyncio.wait_for(asyncio.gather(*(_awaitable(f, loop) for f in futures)), timeout_s)
         except (KafkaError, asyncio.TimeoutError) as exc:
             raise Unavailable(f"Kafka unavailable: {exc!r}") from None

@@ -60,17 +60,19 @@ def test_served_hr_equals_offline_evaluation(served):
     """Through Kafka, Redis and HTTP, the served answers are exactly those of the same model and
     ANN index in-process on point-in-time features, and their HR@10 is the offline evaluation's
     up to the index's approximation (offline scores every item exactly; the index's recall@10
-    is about 0.99, so it may miss a few held-out items: 0.005 once, i.e. 5 of 943 users)."""
+    is about 0.99, so it may miss a few held-out items: 0.005 once, i.e. 5 of 943 users); and
+    it is at least offline EASE's on the same split."""
     from recsys.model import load_model
     from recsys.training_data import iter_point_in_time
     from serving.recommend import recommend
     s, split, client, table = served["scratch"], served["split"], served["client"], served["table"]
     registry = Registry(s.settings.registry_dir)
-    offline = evaluate_version(registry.path(served["card"]["version"]), table, s.settings)
+    pseudonym = Pseudonyms.of(s.settings).user_id  # the model knows users by their pseudonyms
+    known_as_stored = events_table(Pseudonyms.of(s.settings).events(iter_events(table)))
+    offline = evaluate_version(registry.path(served["card"]["version"]), known_as_stored, s.settings)
     model = load_model(registry.path(served["card"]["version"]))
     rows = {int(r): n for n, r in enumerate(split.test_index)}
     feats = [None] * len(rows)
-    pseudonym = Pseudonyms.of(s.settings).user_id  # the model knows users by their pseudonyms
     for r, (_, f) in enumerate(iter_point_in_time(table, s.settings.features.recent_items)):
         if r in rows:
             feats[rows[r]] = dataclasses.replace(f, user_id=pseudonym(f.user_id))
@@ -82,10 +84,13 @@ def test_served_hr_equals_offline_evaluation(served):
         in_process_hits += split.item_ids[i] in recommend(model, feats[n], 10, trending=[]).items
     served_hr = hits / len(split.test_users)
     offline_hr = offline["metrics"]["two_tower"]["hr@10"]
+    m = offline["metrics"]
     print(f"served HR@10 {served_hr:.4f}, same model in-process {in_process_hits / len(split.test_users):.4f}, "
-          f"offline (exact scoring) {offline_hr:.4f}, item-kNN {offline['metrics']['itemknn']['hr@10']:.4f}")
+          f"offline (exact scoring) {offline_hr:.4f}, EASE {m['ease']['hr@10']:.4f}, "
+          f"recency-weighted EASE {m['recency_ease']['hr@10']:.4f}, item-kNN {m['itemknn']['hr@10']:.4f}")
     assert hits == in_process_hits
-    assert abs(served_hr - offline_hr) <= 0.015
+    assert abs(served_hr - offline_hr) <= 0.005  # the ANN's approximation only (issue 14)
+    assert served_hr >= m["ease"]["hr@10"]  # a floor: through the whole pipeline, at least EASE offline
 
 
 def test_a_click_is_reflected_in_recent_items_and_leaves_the_recommendations(served):
@@ -130,45 +135,68 @@ def test_new_user_gets_trending_then_personal_items(served):
 
 
 def _hammer(client, users, stop: threading.Event, log: list):
-    n = 0
-    while not stop.is_set():
-        resp = client.get(f"/v1/recommendations/{users[n % len(users)]}", params={"k": 10})
-        log.append((time.monotonic(), resp.status_code, resp.json().get("model_version")))
-        n += 1
+    """One client: requests back to back, each logged with the time it was sent."""
+    with httpx.Client(base_url=client.base_url, headers=client.headers, timeout=10) as own:
+        n = 0
+        while not stop.is_set():
+            sent = time.monotonic()
+            resp = own.get(f"/v1/recommendations/{users[n % len(users)]}", params={"k": 10})
+            log.append((sent, resp.status_code, resp.json().get("model_version")))
+            n += 1
+
+
+CLIENTS = 8
 
 
 def _swap_under_load(served, change, expect: str):
+    """Eight concurrent clients across the replicas; the swap must fail nothing, and every
+    request sent 3 s or more after it must be answered by the new version."""
     client, split = served["client"], served["split"]
-    users = [split.user_ids[u] for u in split.test_users[:50]]
-    log, stop = [], threading.Event()
-    thread = threading.Thread(target=_hammer, args=(client, users, stop, log))
-    thread.start()
+    users = [split.user_ids[u] for u in split.test_users[:80]]
+    logs, stop = [[] for _ in range(CLIENTS)], threading.Event()
+    threads = [threading.Thread(target=_hammer, args=(client, users[i::CLIENTS], stop, logs[i])) for i in range(CLIENTS)]
+    for t in threads:
+        t.start()
     time.sleep(1.0)
+    swapped = time.monotonic()
     change()
-    deadline = time.monotonic() + 15
-    while not (log and log[-1][2] == expect):
-        assert time.monotonic() < deadline, f"still serving {log[-1][2] if log else None} 15 s after the swap"
-        time.sleep(0.1)
-    time.sleep(2.0)  # more answers after the swap
+    time.sleep(5.0)
     stop.set()
-    thread.join()
+    for t in threads:
+        t.join()
+    log = sorted(entry for per_client in logs for entry in per_client)
     assert all(status == 200 for _, status, _ in log), "a request failed during the swap"
-    first_new = next(i for i, (_, _, v) in enumerate(log) if v == expect)
-    # Every replica must have swapped: after the first answer of the new version, allow the
-    # other replicas one poll interval, then nothing but the new version.
-    settled = [v for t, _, v in log[first_new:] if t > log[first_new][0] + 1.5]
-    assert settled and set(settled) == {expect}
+    late = [v for sent, _, v in log if sent >= swapped + 3.0]
+    assert len(late) >= CLIENTS and set(late) == {expect}, f"3 s after the swap: {set(late)}"
+    first_new = next(sent for sent, _, v in log if v == expect) - swapped
+    print(f"swap to {expect}: {len(log)} requests from {CLIENTS} clients, none failed; first answer of the new "
+          f"version {first_new:.2f} s after the swap")
 
 
-def test_promote_and_rollback_swap_without_failures(served):
+def test_promote_and_rollback_swap_without_failures_across_two_replicas(served, tmp_path):
+    import yaml
+
+    from serving.deploy import CONFIG, replicas
     s = served["scratch"]
-    registry = Registry(s.settings.registry_dir)
-    v1 = served["card"]["version"]
-    # A second version: the same artifact files under a new version (what is tested is the swap).
-    v2 = registry.publish(lambda folder, version: _copy_version(registry.path(v1), folder, version), promote=False)
-    _swap_under_load(served, lambda: registry.promote(v2), v2)
-    _swap_under_load(served, registry.rollback, v1)
-    assert registry.current() == v1
+    config = yaml.safe_load(CONFIG.read_text())
+    scaling = config["applications"][0]["deployments"][0]["autoscaling_config"]
+    scaling.update(min_replicas=2, initial_replicas=2)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    serve_up(s.settings, config_path=tmp_path / "config.yaml", progress=lambda *_: None)
+    try:
+        deadline = time.monotonic() + 120
+        while replicas().get("RecsysApi", 0) < 2:
+            assert time.monotonic() < deadline, f"still {replicas()} replicas"
+            time.sleep(1)
+        registry = Registry(s.settings.registry_dir)
+        v1 = served["card"]["version"]
+        # A second version: the same artifact files under a new version (what is tested is the swap).
+        v2 = registry.publish(lambda folder, version: _copy_version(registry.path(v1), folder, version), promote=False)
+        _swap_under_load(served, lambda: registry.promote(v2), v2)
+        _swap_under_load(served, registry.rollback, v1)
+        assert registry.current() == v1 and replicas().get("RecsysApi", 0) >= 2
+    finally:
+        serve_up(s.settings, progress=lambda *_: None)  # back to the configured autoscaling
 
 
 def test_a_corrupt_version_is_refused_and_a_new_replica_starts_on_the_last_good_one(served):

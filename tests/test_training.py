@@ -65,7 +65,8 @@ def test_movielens_two_workers_beats_itemknn_and_publishes_a_servable_model(ml10
     assert m["two_tower"]["users"] == 943
     assert card["training"]["workers"] == 2 and card["training"]["examples_per_s"] > 0
     assert card["data_window"]["events"] == 100_000 and card["data_window"]["min_ts"] < card["data_window"]["max_ts"]
-    assert card["ann"]["recall@10"] >= 0.98
+    # The ANN's recall on queries that did not choose its nprobe, below a full scan (issue 14).
+    assert card["ann"]["recall@10"] >= 0.98 and not card["ann"]["full_scan"], card["ann"]
 
     reg = Registry(settings.registry_dir)
     assert reg.current() == card["version"] == "v0001"
