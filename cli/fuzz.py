@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cli.bench_stream import scratch_settings
 from deploy.local import stack
-from recsys.auth import KeyStore, Scope, auth_prefix
+from recsys.auth import KeyStore, Scope
 from recsys.feature_store import FeatureStore
 from recsys.settings import Settings
 
@@ -79,9 +79,7 @@ def fuzz(settings: Settings, cases: int = 500, progress=print) -> dict:
         seconds = time.monotonic() - started
     finally:
         store.clear()
-        keys = list(store.redis.scan_iter(match=f"{auth_prefix(s)}:*"))
-        if keys:
-            store.redis.delete(*keys)
+        KeyStore(s, store.redis).clear()
         stack.delete_topics(s)
         serve_up(settings, progress=lambda *_: None)  # back to the configured deployment
     operations = per_operation(out / "events.ndjson")

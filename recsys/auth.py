@@ -146,6 +146,11 @@ class KeyStore:
         self.redis.hset(_key(self.prefix, sha), mapping=record)
         return {**self._public(record), "key": key}
 
+    def clear(self) -> int:
+        """Delete every key and bucket under this prefix (scratch runs and tests)."""
+        names = list(self.redis.scan_iter(match=f"{self.prefix}:*", count=1000))
+        return self.redis.delete(*names) if names else 0
+
     @contextlib.contextmanager
     def temporary(self, name: str, scopes: list[Scope], rate_per_s: float = 1e6, burst: int = 1_000_000):
         """A key for one run (a load test, a benchmark), revoked after it; by default no limit

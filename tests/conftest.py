@@ -62,13 +62,11 @@ class Scratch:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def close(self):
-        from recsys.auth import auth_prefix
+        from recsys.auth import KeyStore
         stack.delete_topics(self.settings)
         store = FeatureStore(self.settings)
         store.clear()
-        keys = list(store.redis.scan_iter(match=f"{auth_prefix(self.settings)}:*"))
-        if keys:
-            store.redis.delete(*keys)
+        KeyStore(self.settings, store.redis).clear()
 
 
 def _tag(name: str) -> str:
