@@ -10,7 +10,7 @@ from pathlib import Path
 
 from recsys.settings import get_settings
 from loadtest.cli import register as register_loadtest
-from training.cli import add_bench_train_options
+from training.cli import add_bench_gate_options, add_bench_train_options
 from training.cli import register as register_training
 
 
@@ -275,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench_stream)
     b = bench.add_parser("train", help="two-tower vs baselines on MovieLens-100K; 1 vs 2 workers; ANN vs exact")
     add_bench_train_options(b)
+    b = bench.add_parser("gate", help="the retraining gate per seed: same-data candidate published, shuffled rejected")
+    add_bench_gate_options(b)
     b = bench.add_parser("serve", help="no-op and recommendation endpoints behind Serve's default and HAProxy "
                                         "ingress, and under plain uvicorn: req/s, p99, CPU-ms per request")
     b.add_argument("--replicas", type=int, default=2, help="fixed replicas (uvicorn: workers) of each variant")
@@ -301,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="the whole loop on synthetic data: stack, Kafka, Redis, Ray Train, Ray Serve")
-    p.add_argument("--events", type=int, default=20_000, help="synthetic events to replay")
-    p.add_argument("--epochs", type=int, default=5, help="training epochs")
+    p.add_argument("--events", type=int, default=100_000, help="synthetic events to replay")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the model config's)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,10 +1,18 @@
-"""Offline evaluation, exactly as /work/shared/EVALUATION.md defines it (protocol A).
+"""Offline evaluation, exactly as /work/shared/EVALUATION.md defines it.
 
-Temporal leave-last-one-out: per user, interactions sorted by time (ties keep the
-table's order); users with at least 5 interactions give their last one to the test
-set and their second-to-last to the validation set; everything else is training data.
-For each target user every item is scored, the items before the target are removed, and
-HR@10, NDCG@10 and HR@50 are averaged.
+**Protocol A** (ratings): temporal leave-last-one-out. Per user, interactions sorted by time
+(ties keep the table's order); users with at least 5 interactions give their last one to the
+test set and their second-to-last to the validation set; everything else is training data.
+
+**Protocol B** (event streams, where a user views, clicks, carts and buys one item): next new
+item. Each (user, item) pair's earliest event is a *first interaction*; users with at least 5
+give their last first interaction to test and the second-to-last to validation. A user's input
+at a target is every event of that user (repeats too) strictly before the target's timestamp;
+nothing at or after it is training data for that user.
+
+For each target user every item is scored, the items the user touched before the target are
+removed, and HR@10, NDCG@10 and HR@50 are averaged. ``protocol_for`` picks B for tables of
+view/click/add_to_cart/purchase events and A for ratings.
 
 Two stages, each with its own input: at the **validation** stage a model sees the training
 interactions only; at the **test** stage it also sees the validation interaction (everything
@@ -19,7 +27,7 @@ inverse.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +39,11 @@ KS = (10, 50)
 EASE_LAMBDAS = (50.0, 200.0, 500.0, 1000.0)
 HALF_LIVES = (1.0, 3.0, 10.0)  # recency-weighted EASE's half-life h, in interactions
 STAGES = ("validation", "test")
+PROTOCOLS = {
+    "A": "temporal leave-last-one-out, full ranking, input items removed",
+    "B": "next new item: first interactions, inputs strictly before the target's time, full ranking, touched items removed",
+}
+STREAM_TYPES = {"view", "click", "add_to_cart", "purchase"}
 
 
 class EvaluationError(InvalidInput):
@@ -60,6 +73,9 @@ class Split:
     val_users: np.ndarray
     val_items: np.ndarray
     val_index: np.ndarray
+    protocol: str = "A"
+    is_positive: Optional[np.ndarray] = None  # rows that can be targets: all (A), first interactions (B)
+    _rows: dict = field(default_factory=dict, repr=False)
     _inputs: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -71,10 +87,20 @@ class Split:
         return len(self.item_ids)
 
     def input_rows(self, stage: str = "test") -> np.ndarray:
-        """The rows a model may learn from at this stage: all but the test targets (test), and
-        but the validation targets too (validation)."""
+        """The rows a model may learn from at this stage: every row of a target user before the
+        stage's target (A: before it in time order; B: strictly before its timestamp), and every
+        row of the other users."""
         _check_stage(stage)
-        return ~self.is_test & ~self.is_val if stage == "validation" else ~self.is_test
+        if stage not in self._rows:
+            target = self.targets(stage)[2]
+            if self.protocol == "A":  # the targets are each user's last rows: drop them (and the test ones)
+                rows = ~self.is_test & (~self.is_val if stage == "validation" else True)
+            else:
+                cutoff = np.full(self.n_users, np.iinfo(np.int64).max, dtype=np.int64)
+                cutoff[self.users[target]] = self.ts[target]
+                rows = self.ts < cutoff[self.users]
+            self._rows[stage] = np.asarray(rows, dtype=bool)
+        return self._rows[stage]
 
     def targets(self, stage: str = "test") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(users, held-out items, their rows) of the stage."""
@@ -92,20 +118,23 @@ class Split:
         return self._inputs[stage]
 
     def recency_matrix(self, stage: str, half_life: float) -> np.ndarray:
-        """Each input interaction weighted 0.5^(r/h), r its recency rank among the user's input
-        rows (0 = newest); an item met twice keeps its newest weight."""
+        """Each input item weighted 0.5^(r/h), r its recency rank among the user's input items
+        (0 = newest; an item met several times counts at its newest event)."""
         rows = np.flatnonzero(self.input_rows(stage))  # time order
+        pair = self.users[rows] * self.n_items + self.items[rows]
+        _, last = np.unique(pair[::-1], return_index=True)  # each pair's newest row
+        rows = np.sort(rows[len(rows) - 1 - last])
         users = self.users[rows]
         by_user = np.lexsort((-np.arange(len(rows)), users))  # per user, newest first
         starts = np.searchsorted(users[by_user], users[by_user], side="left")
         rank = np.empty(len(rows), dtype=np.float64)
         rank[by_user] = np.arange(len(rows)) - starts
         x = np.zeros((self.n_users, self.n_items), dtype=np.float32)
-        np.maximum.at(x, (users, self.items[rows]), (0.5 ** (rank / half_life)).astype(np.float32))
+        x[users, self.items[rows]] = (0.5 ** (rank / half_life)).astype(np.float32)
         return x
 
     def window(self) -> dict:
-        return {"events": int(len(self.users)), "min_ts": int(self.ts.min()), "max_ts": int(self.ts.max()),
+        return {"protocol": self.protocol, "events": int(len(self.users)), "min_ts": int(self.ts.min()), "max_ts": int(self.ts.max()),
                 "users": self.n_users, "items": self.n_items, "test_users": int(len(self.test_users)),
                 "validation_users": int(len(self.val_users))}
 
@@ -115,8 +144,15 @@ def _check_stage(stage: str) -> None:
         raise ValueError(f"stage {stage!r}: one of {STAGES}")
 
 
-def split_arrays(user_col, item_col, ts_col, min_interactions: int = MIN_INTERACTIONS) -> Split:
+def protocol_for(types) -> str:
+    """B for event streams (any view, click, add_to_cart or purchase), A for ratings."""
+    return "B" if types is not None and STREAM_TYPES & set(np.unique(np.asarray(types, dtype=str)).tolist()) else "A"
+
+
+def split_arrays(user_col, item_col, ts_col, min_interactions: int = MIN_INTERACTIONS, protocol: str = "A") -> Split:
     """Build the split from three parallel columns; rows are sorted by ts, ties keep their order."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r}: one of {', '.join(PROTOCOLS)}")
     user_col = np.asarray(user_col).astype(str)
     item_col = np.asarray(item_col).astype(str)
     ts = np.asarray(ts_col, dtype=np.int64)
@@ -127,10 +163,16 @@ def split_arrays(user_col, item_col, ts_col, min_interactions: int = MIN_INTERAC
     user_ids, users = np.unique(user_col, return_inverse=True)
     item_ids, items = np.unique(item_col, return_inverse=True)
     users, items = users.astype(np.int64), items.astype(np.int64)
-    counts = np.bincount(users, minlength=len(user_ids))
-    # Each user's rows in time order (stable sort keeps ties in table order): the last one is
-    # the test target, the one before it the validation target.
-    by_user = np.lexsort((np.arange(len(users)), users))
+    # The candidate targets: every row (A), or each (user, item) pair's first row (B).
+    positives = np.arange(len(users))
+    if protocol == "B":
+        positives = np.sort(np.unique(users * len(item_ids) + items, return_index=True)[1])
+    is_positive = np.zeros(len(users), dtype=bool)
+    is_positive[positives] = True
+    counts = np.bincount(users[positives], minlength=len(user_ids))
+    # Each user's positives in time order (stable sort keeps ties in table order): the last one
+    # is the test target, the one before it the validation target.
+    by_user = positives[np.lexsort((positives, users[positives]))]
     ends = np.cumsum(counts)
     test_users = np.flatnonzero(counts >= min_interactions)
     test_index = by_user[ends[test_users] - 1]
@@ -140,16 +182,20 @@ def split_arrays(user_col, item_col, ts_col, min_interactions: int = MIN_INTERAC
     is_val = np.zeros(len(users), dtype=bool)
     is_val[val_index] = True
     return Split(user_ids, item_ids, users, items, ts, is_test, test_users, items[test_index], test_index,
-                 is_val, test_users.copy(), items[val_index], val_index)
+                 is_val, test_users.copy(), items[val_index], val_index, protocol, is_positive)
 
 
-def split_table(table: pa.Table, min_interactions: int = MIN_INTERACTIONS) -> Split:
-    """The split of an event table (columns user_id, item_id, ts)."""
+def split_table(table: pa.Table, min_interactions: int = MIN_INTERACTIONS, protocol: Optional[str] = None) -> Split:
+    """The split of an event table (columns user_id, item_id, ts; type picks the protocol
+    unless ``protocol`` is given)."""
     if table.num_rows == 0:
         raise EvaluationError("no events: nothing to evaluate")
+    if protocol is None:
+        protocol = protocol_for(table.column("type").to_numpy(zero_copy_only=False)
+                                if "type" in table.column_names else None)
     return split_arrays(table.column("user_id").to_numpy(zero_copy_only=False),
                         table.column("item_id").to_numpy(zero_copy_only=False),
-                        table.column("ts").to_numpy(), min_interactions)
+                        table.column("ts").to_numpy(), min_interactions, protocol)
 
 
 def check_evaluable(split: Split) -> None:
@@ -183,9 +229,9 @@ def metrics_from_ranks(ranks: np.ndarray) -> dict:
     return {"hr@10": round(out["hr@10"], 4), "ndcg@10": round(out["ndcg@10"], 4), "hr@50": round(out["hr@50"], 4)}
 
 
-def evaluate_scorer(split: Split, score_fn: Callable[[np.ndarray], np.ndarray], batch: int = 512,
-                    stage: str = "test") -> dict:
-    """Metrics of ``score_fn(positions) -> (len, n_items) scores`` on the stage's targets.
+def target_ranks(split: Split, score_fn: Callable[[np.ndarray], np.ndarray], batch: int = 512,
+                 stage: str = "test") -> np.ndarray:
+    """0-based rank of each of the stage's targets under ``score_fn(positions) -> (len, n_items)``.
 
     ``positions`` index into the stage's targets (``split.targets(stage)``); each user's input
     items at the stage are removed from the candidates.
@@ -197,7 +243,29 @@ def evaluate_scorer(split: Split, score_fn: Callable[[np.ndarray], np.ndarray], 
         pos = np.arange(lo, min(lo + batch, len(users)))
         scores = np.asarray(score_fn(pos))
         ranks.append(rank_of_target(scores, items[pos], x[users[pos]] > 0))
-    return metrics_from_ranks(np.concatenate(ranks)) | {"users": int(len(users))}
+    return np.concatenate(ranks)
+
+
+def evaluate_scorer(split: Split, score_fn: Callable[[np.ndarray], np.ndarray], batch: int = 512,
+                    stage: str = "test") -> dict:
+    """Metrics of ``score_fn`` (see ``target_ranks``) on the stage's targets."""
+    ranks = target_ranks(split, score_fn, batch, stage)
+    return metrics_from_ranks(ranks) | {"users": int(len(ranks))}
+
+
+def paired_bootstrap(hits_a: np.ndarray, hits_b: np.ndarray, resamples: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> dict:
+    """Mean of hits_a - hits_b over the same targets and its percentile bootstrap interval
+    (users resampled with replacement, ``resamples`` times, a fixed seed)."""
+    d = np.asarray(hits_a, dtype=np.float64) - np.asarray(hits_b, dtype=np.float64)
+    if d.ndim != 1 or len(d) == 0:
+        raise ValueError("paired_bootstrap needs two equal-length, non-empty hit vectors")
+    rng = np.random.default_rng(seed)
+    means = np.concatenate([d[rng.integers(0, len(d), size=(min(100, resamples - k), len(d)))].mean(1)
+                            for k in range(0, resamples, 100)])
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return {"diff": round(float(d.mean()), 4), "low": round(float(low), 4), "high": round(float(high), 4),
+            "level": level, "users": int(len(d)), "resamples": int(resamples), "seed": seed}
 
 
 # ---- baselines -------------------------------------------------------------------------------
@@ -244,14 +312,19 @@ def _tuned(split: Split, grid: dict, fit: Callable, rows: Callable) -> dict:
                    "validation_hr@10_by_setting": {k: v["hr@10"] for k, v in on_val.items()}}
 
 
+def popularity_ranks(split: Split, stage: str = "test") -> np.ndarray:
+    pop = popularity_scores(split.input_matrix(stage))
+    return target_ranks(split, lambda pos: np.broadcast_to(pop, (len(pos), len(pop))), stage=stage)
+
+
 def baselines(split: Split) -> dict:
     """The reference baselines on this split, {name: test metrics, with the validation figures and,
     for the tuned ones, the setting chosen on validation}."""
     check_evaluable(split)
     out = {}
     for stage in ("test", "validation"):
-        pop = popularity_scores(split.input_matrix(stage))
-        res = evaluate_scorer(split, lambda pos: np.broadcast_to(pop, (len(pos), len(pop))), stage=stage)
+        ranks = popularity_ranks(split, stage)
+        res = metrics_from_ranks(ranks) | {"users": int(len(ranks))}
         out.setdefault("popularity", {}).update(res if stage == "test" else {"validation": res})
     knn = {stage: itemknn_similarity(split.input_matrix(stage)).astype(np.float32) for stage in STAGES}
     out["itemknn"] = _eval_rows(split, "test", split.input_matrix("test"), knn["test"]) | {

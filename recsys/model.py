@@ -29,8 +29,20 @@ class ModelConfig:
     user_dropout: float = 0.1   # share of training examples whose user id is replaced by OOV
     batch_size: int = 256       # per worker
     learning_rate: float = 2e-3
+    lr_decay: str = "cosine"    # "cosine" (to 0 over the run: the last epoch's model is stable) | "none"
     epochs: int = 5
+    min_steps: int = 300        # unless epochs are given, more epochs until each worker takes this many steps
     seed: int = 0
+
+    def __post_init__(self):
+        if self.lr_decay not in ("cosine", "none"):
+            raise ValueError(f"lr_decay {self.lr_decay!r}: cosine or none")
+
+    def epochs_for(self, examples: int, workers: int) -> int:
+        """The config's epochs, raised on small data so that each worker takes ``min_steps`` steps
+        (6,000 examples on 2 workers are 11 steps an epoch: 5 epochs barely move the towers)."""
+        steps = max(1, examples // workers // self.batch_size)
+        return max(self.epochs, -(-self.min_steps // steps))
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":

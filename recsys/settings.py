@@ -123,7 +123,10 @@ class RetrainingSettings(BaseModel):
     cron: str | None = None  # e.g. "0 3 * * *"; takes precedence over the interval
     min_new_events: int = 50_000  # new archived events since the current model's data that trigger a run
     window_days: float = 30.0  # sliding training window, back from the newest event; 0 = everything
-    gate_tolerance: float = 0.02  # publish if candidate HR@10 >= current HR@10 * (1 - tolerance)
+    # Publish if the lower bound of the paired bootstrap 95% interval of (candidate - current)
+    # HR@10 is above -gate_margin (absolute HR@10; non-inferiority, EVALUATION.md).
+    gate_margin: float = 0.05
+    gate_resamples: int = 1000
     lock_ttl_s: float = 30.0  # the run lock expires this long after its holder stops renewing it
     poll_s: float = 10.0
 

@@ -27,8 +27,8 @@ class SourceError(InvalidInput):
 class SyntheticSource:
     """Shoppers drawn from taste clusters, items with Zipf-like popularity, sessions in time.
 
-    Every item belongs to one taste cluster; a user browses mostly (``taste``) in the
-    cluster of the moment and otherwise follows global popularity. Sessions are short
+    Every item belongs to one taste cluster; a user browses mostly (``taste``) in their own
+    cluster (one per user, for good) and otherwise follows global popularity. Sessions are short
     runs of events by one user: views, some clicks, fewer carts and purchases.
     With ``shift_at`` in (0, 1), every user moves to another cluster after that
     fraction of the events (taste drift, for retraining tests). With ``new_items_at`` in

@@ -31,7 +31,7 @@ def test_split_holds_out_the_last_two_interactions_of_users_with_five_or_more():
     rows = [("a", f"i{k}", 10 + k) for k in range(5)] + [("b", f"i{k}", 20 + k) for k in range(4)]
     rows.append(("a", "late-but-listed-first", 100))
     rows.insert(0, ("a", "tie-first", 100))  # same ts as the row above: the later table row is the last
-    s = evaluation.split_table(_table(rows))
+    s = evaluation.split_table(_table(rows), protocol="A")
     assert list(s.user_ids[s.test_users]) == ["a"] == list(s.user_ids[s.val_users])  # b has 4: all training
     assert s.item_ids[s.test_items[0]] == "late-but-listed-first"
     assert s.item_ids[s.val_items[0]] == "tie-first"  # the second-to-last: validation
@@ -45,13 +45,69 @@ def test_split_holds_out_the_last_two_interactions_of_users_with_five_or_more():
 
 def test_recency_weights_halve_every_h_interactions_newest_first():
     rows = [("a", f"i{k}", k) for k in range(6)] + [("b", "i0", 1), ("b", "i1", 2)]
-    s = evaluation.split_table(_table(rows))
+    s = evaluation.split_table(_table(rows), protocol="A")
     a, items = list(s.user_ids).index("a"), list(s.item_ids)
     w = s.recency_matrix("test", half_life=1.0)[a]  # a's input: i0..i4 (i5 is the test target)
     assert [w[items.index(f"i{k}")] for k in range(5)] == [1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0]
     w3 = s.recency_matrix("validation", half_life=3.0)[a]  # i0..i3; i4 is the validation target
     assert w3[items.index("i3")] == 1.0 and w3[items.index("i0")] == pytest.approx(0.5)
     assert w3[items.index("i4")] == 0.0
+
+
+def test_protocol_b_targets_the_next_new_item_with_inputs_strictly_before_its_time():
+    """A user views, clicks and buys the same items: the targets are the last two *first*
+    interactions; the input at a target is every event (repeats too) strictly before its time."""
+    rows = [("a", "i0", 1, "view"), ("a", "i0", 2, "click"), ("a", "i1", 3, "view"), ("a", "i2", 4, "view"),
+            ("a", "i1", 5, "purchase"), ("a", "i3", 6, "view"),          # i3: validation (4th new item)
+            ("a", "i3", 7, "click"), ("a", "i2", 8, "click"),
+            ("a", "i4", 9, "view"),                                        # i4: test (5th new item)
+            ("a", "i5", 9, "view"),                                        # same time, later row: test target
+            ("a", "i4", 10, "purchase"), ("a", "i0", 11, "view"),          # after the test target
+            ("b", "i0", 1, "view"), ("b", "i1", 2, "view"), ("b", "i1", 3, "click")]
+    s = evaluation.split_table(_table(rows))
+    assert s.protocol == "B" and evaluation.protocol_for(["rating"]) == "A"
+    items = list(s.item_ids)
+    a = list(s.user_ids).index("a")
+    assert list(s.user_ids[s.test_users]) == ["a"]  # b touched 2 items: training only
+    assert items[s.test_items[0]] == "i5" and items[s.val_items[0]] == "i4"
+    test_in, val_in = s.input_rows("test"), s.input_rows("validation")
+    ts = s.ts // 1000
+    assert sorted(ts[test_in & (s.users == a)]) == [1, 2, 3, 4, 5, 6, 7, 8]  # not i4 at 9 (the same instant)
+    assert sorted(ts[val_in & (s.users == a)]) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert (s.users[test_in] != a).sum() == 3  # b's events: all training
+    x = s.input_matrix("test")[a]
+    assert [items[k] for k in np.flatnonzero(x)] == ["i0", "i1", "i2", "i3"]  # removed from the candidates
+    # Recency ranks count distinct items, each at its newest event: i2 (t=8), i3 (7), i1 (5), i0 (2).
+    w = s.recency_matrix("test", half_life=1.0)[a]
+    assert [w[items.index(i)] for i in ("i2", "i3", "i1", "i0")] == [1.0, 0.5, 0.25, 0.125]
+
+
+def test_protocol_b_ignores_repeat_events_as_targets_on_the_synthetic_stream():
+    """On the project's synthetic events most held-out *events* repeat a touched item; protocol B's
+    targets never do, so no model is scored on an item the seen filter must remove."""
+    table = events_table(SyntheticSource(events=20_000, users=300, items=200, clusters=5).events_iter())
+    b, a = evaluation.split_table(table), evaluation.split_table(table, protocol="A")
+    assert b.protocol == "B"
+    for split, stage in ((b, "test"), (b, "validation")):
+        users, items, _ = split.targets(stage)
+        assert split.input_matrix(stage)[users, items].sum() == 0
+    touched = a.input_matrix("test")[a.test_users, a.test_items]
+    print(f"protocol A targets already touched: {touched.mean():.2f}")
+    assert touched.mean() > 0.5  # why protocol B exists
+
+
+def test_paired_bootstrap_interval_covers_the_difference_and_is_fixed_by_its_seed():
+    rng = np.random.default_rng(1)
+    a = rng.random(2000) < 0.40
+    b = np.where(rng.random(2000) < 0.8, a, rng.random(2000) < 0.30)  # mostly the same users hit
+    ci = evaluation.paired_bootstrap(a, b)
+    assert ci["low"] < ci["diff"] < ci["high"] and ci["diff"] == pytest.approx(a.mean() - b.mean(), abs=1e-4)
+    assert ci == evaluation.paired_bootstrap(a, b)  # a fixed seed: the same interval
+    assert 0 < ci["low"]  # a real gap of ~0.02 over 2000 paired users is seen
+    same = evaluation.paired_bootstrap(a, a)
+    assert same["low"] == same["high"] == 0.0
+    with pytest.raises(ValueError):
+        evaluation.paired_bootstrap(a, b[:10])
 
 
 def test_metrics_ranks_and_training_items_removed():

@@ -54,14 +54,22 @@ def _cli(settings, *args, timeout=600) -> subprocess.CompletedProcess:
 
 # ---- the required end-to-end check: MovieLens-100K, 2 workers, beats item-kNN ------------------------
 
-def test_movielens_two_workers_beats_itemknn_and_publishes_a_servable_model(ml100k, settings):
-    r = _cli(settings, "train", "--source", f"movielens:{ml100k}", "--workers", "2", "--epochs", "3", "--json")
+def test_movielens_two_workers_beat_recency_weighted_ease_and_publish_a_servable_model(ml100k, settings):
+    """Protocol A, the default config (`recsys bench train` shows what the validation targets
+    choose). Issue 14's target is 1.15x recency-weighted EASE; 2-worker runs measured 1.08-1.18x
+    (README "Training and evaluation"), so this guards 1.05x against regressions."""
+    r = _cli(settings, "train", "--source", f"movielens:{ml100k}", "--workers", "2", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     card = json.loads(r.stdout.strip().splitlines()[-1])
-    assert "[train] epoch 3/3" in r.stdout + r.stderr  # progress printed while it ran
+    epochs = card["config"]["epochs"]
+    assert f"[train] epoch {epochs}/{epochs}" in r.stdout + r.stderr  # progress printed while it ran
     m = card["metrics"]
+    assert card["data_window"]["protocol"] == "A" and card["protocol"].startswith("A: ")
     assert m["itemknn"]["hr@10"] == pytest.approx(0.109, abs=0.003)  # baselines beside it, same split
-    assert m["two_tower"]["hr@10"] > m["itemknn"]["hr@10"], m
+    ratio = m["two_tower"]["hr@10"] / m["recency_ease"]["hr@10"]
+    print(f"two-tower HR@10 {m['two_tower']['hr@10']:.4f}, recency-weighted EASE {m['recency_ease']['hr@10']:.4f} "
+          f"(chosen on validation: {m['recency_ease']['chosen']}), ratio {ratio:.3f}")
+    assert ratio >= 1.05, m
     assert m["two_tower"]["users"] == 943
     assert card["training"]["workers"] == 2 and card["training"]["examples_per_s"] > 0
     assert card["data_window"]["events"] == 100_000 and card["data_window"]["min_ts"] < card["data_window"]["max_ts"]
@@ -113,10 +121,9 @@ def test_synthetic_beats_popularity_widely_and_one_or_two_workers_agree(ray_sess
     cards = {w: train(SYN, workers=w, epochs=4, settings=settings, model_config=FAST, prepared=prep) for w in (1, 2)}
     for w, card in cards.items():
         tt, pop = card["metrics"]["two_tower"], card["metrics"]["popularity"]
-        # Most held-out items here are repeats of items already seen (removed from the ranking), so the
-        # ceiling is low. Over 5 runs (10 models): HR@10 0.100-0.118 (mean 0.108, sd 0.006), most-popular
-        # 0.038; "wide" = at least 2x popularity and 4 points above it, 5 sd below the mean.
-        assert tt["hr@10"] >= 2 * pop["hr@10"] and tt["hr@10"] - pop["hr@10"] >= 0.04, (w, tt, pop)
+        assert card["data_window"]["protocol"] == "B"  # events: the next new item
+        # "Wide" = at least 2x popularity and 10 points above it.
+        assert tt["hr@10"] >= 2 * pop["hr@10"] and tt["hr@10"] - pop["hr@10"] >= 0.10, (w, tt, pop)
     h1, h2 = cards[1]["metrics"]["two_tower"]["hr@10"], cards[2]["metrics"]["two_tower"]["hr@10"]
     print(f"HR@10 1 worker {h1:.4f}, 2 workers {h2:.4f}, most-popular {cards[1]['metrics']['popularity']['hr@10']:.4f}")
     # Measured |h1 - h2| over 5 runs: 0.001-0.018 (sd of the difference 0.007); the bound is about 0.06.

@@ -37,12 +37,17 @@ def _known_errors():
     return (RecsysError, ValidationError, FileNotFoundError, ValueError)
 
 
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def cmd_train(args) -> int:
     from recsys.settings import get_settings
-    from training.job import train
+    from training.job import TUNING_GRID, train
     try:
         overrides = json.loads(args.config) if args.config else {}
         card = train(args.source, workers=args.workers, epochs=args.epochs, use_gpu=args.use_gpu,
+                     tune_grid=TUNING_GRID if args.tune else None, progress=_progress,
                      mixed_precision=args.mixed_precision, settings=get_settings(), model_config=overrides,
                      max_failures=args.max_failures, resume_from=Path(args.resume_from) if args.resume_from else None,
                      promote=not args.no_promote,
@@ -56,7 +61,9 @@ def cmd_train(args) -> int:
         print(f"published {card['version']}: two-tower HR@10 {m['two_tower']['hr@10']:.4f} "
               f"NDCG@10 {m['two_tower']['ndcg@10']:.4f} | popularity {m['popularity']['hr@10']:.4f} "
               f"item-kNN {m['itemknn']['hr@10']:.4f} EASE {m['ease']['hr@10']:.4f} "
-              f"recency-weighted EASE {m['recency_ease']['hr@10']:.4f} (test; settings chosen on validation)")
+              f"recency-weighted EASE {m['recency_ease']['hr@10']:.4f} (test targets, protocol "
+              f"{card['data_window']['protocol']}; settings chosen on validation"
+              f"{'' if isinstance(card['tuning'], dict) else ', the two-tower config as given'})")
         print(json.dumps(card, default=str))
     return 0
 
@@ -115,7 +122,8 @@ def format_history(runs: list[dict]) -> str:
 
 
 def bench_train(args) -> int:
-    """On MovieLens-100K: quality beside the baselines, 1 vs 2 worker throughput, ANN vs exact."""
+    """On MovieLens-100K: quality beside the baselines (every setting chosen on validation, test
+    scored once), 1 vs 2 worker throughput, ANN vs exact."""
     import os
     import shutil
     import tempfile
@@ -126,20 +134,21 @@ def bench_train(args) -> int:
     from recsys.model import ModelConfig
     from recsys.settings import get_settings
     from training.data import Prepared, load_table
-    from training.job import default_config, train
+    from training.job import TUNING_GRID, default_config, train
     settings = get_settings()
     source = getattr(args, "source", None) or f"movielens:{_default_ml100k()}"
     epochs = getattr(args, "epochs", None) or 5
     speed_epochs = getattr(args, "speed_epochs", None) or 3
     try:
         table, item_features, _ = load_table(source, settings)
-        cfg = ModelConfig.from_dict(default_config())
+        cfg = ModelConfig.from_dict(default_config() | {"history": max(TUNING_GRID["history"])})
         prep = Prepared(table, item_features, cfg, settings.features.recent_items)
         base = evaluation.baselines(prep.split)
         with tempfile.TemporaryDirectory() as tmp:
             s = settings.updated(registry_dir=Path(tmp) / "models", home=Path(tmp))
             t = time.perf_counter()
-            card2 = train(source, workers=2, epochs=epochs, settings=s, prepared=prep, baselines=base)
+            card2 = train(source, workers=2, epochs=epochs, settings=s, prepared=prep, baselines=base,
+                          tune_grid=TUNING_GRID, progress=_progress)
             quality_s = time.perf_counter() - t
             # Throughput: short runs back to back (1, 2, 1 workers), same data, same per-worker batch;
             # the machine is shared, so the load average is reported beside the rates.
@@ -157,7 +166,11 @@ def bench_train(args) -> int:
     r1, r2 = float(np.median(speed[1])), float(np.median(speed[2]))
     out = {
         "source": source,
+        "protocol": card2["data_window"]["protocol"],
+        "validation_and_test_hr@10": {name: {"validation": m["validation"]["hr@10"], "test": m["hr@10"]}
+                                      for name, m in card2["metrics"].items()},
         "two_tower": card2["metrics"]["two_tower"],
+        "two_tower_tuning": card2["tuning"],
         "baselines": {k: card2["metrics"][k] for k in ("popularity", "itemknn", "ease", "recency_ease")},
         "two_tower_vs_ease_hr@10": round(card2["metrics"]["two_tower"]["hr@10"] / base["ease"]["hr@10"], 3),
         "two_tower_vs_recency_ease_hr@10": round(card2["metrics"]["two_tower"]["hr@10"] / base["recency_ease"]["hr@10"], 3),
@@ -175,6 +188,74 @@ def bench_train(args) -> int:
     else:
         print(json.dumps(out, indent=1, default=str))
     return 0
+
+
+def bench_gate(args) -> int:
+    """The retraining gate at its default settings, per seed (data and model): a candidate trained
+    on the same data as the current model must be published, one trained on shuffled item ids
+    rejected. Prints the intervals and one ``passed`` flag."""
+    import dataclasses
+    import tempfile
+
+    import numpy as np
+    import pyarrow as pa
+
+    from recsys.registry import Registry
+    from recsys.settings import get_settings
+    from recsys.sources import SyntheticSource, open_source
+    from recsys.training_data import events_table
+    from training.job import ensure_ray, train
+    from training.scheduler import judge
+    settings = get_settings()
+    rows, t0 = [], time.perf_counter()
+    try:
+        src = open_source(args.source)
+        if not isinstance(src, SyntheticSource):
+            raise ValueError("bench gate: --source must be synthetic[:...] (each seed draws its own data)")
+        started = ensure_ray(1, False, settings.ray.worker_niceness, settings.home / "logs" / "ray-workers.log")
+        try:
+            for seed in range(args.seeds):
+                table = events_table(dataclasses.replace(src, seed=seed).events_iter())
+                items = np.random.default_rng(seed).permutation(table["item_id"].to_numpy(zero_copy_only=False))
+                shuffled = table.set_column(table.column_names.index("item_id"), "item_id", pa.array(items))
+                with tempfile.TemporaryDirectory() as tmp:
+                    s = settings.updated(registry_dir=Path(tmp) / "models", home=Path(tmp))
+                    registry = Registry(s.registry_dir)
+
+                    def fit(data, model_seed, promote=False):
+                        return train(data, settings=s, workers=1, epochs=args.epochs, promote=promote,
+                                     model_config={"seed": model_seed}, baselines={})["version"]
+                    current = fit(table, seed, promote=True)
+                    same, bad = fit(table, seed + 1000), fit(shuffled, seed + 2000)
+                    row = {"seed": seed}
+                    for name, version in (("same_data", same), ("shuffled_items", bad)):
+                        v = judge(s, registry, version, current, table)
+                        row[name] = {"decision": "published" if v["passed"] else "rejected",
+                                     "candidate_hr@10": v["candidate"]["hr@10"], "current_hr@10": v["current"]["hr@10"],
+                                     "interval": [v["interval"].get("low"), v["interval"].get("high")],
+                                     "reason": v["reason"]}
+                    row["popularity_hr@10"] = v["popularity_hr10"]
+                rows.append(row)
+                _progress(json.dumps(row))
+        finally:
+            if started:
+                import ray
+                ray.shutdown()
+    except _known_errors() as exc:
+        return _fail("bench gate", exc)
+    passed = all(r["same_data"]["decision"] == "published" and r["shuffled_items"]["decision"] == "rejected"
+                 for r in rows)
+    print(json.dumps({"source": args.source, "seeds": args.seeds, "epochs": args.epochs,
+                      "gate_margin": settings.retraining.gate_margin, "gate_resamples": settings.retraining.gate_resamples,
+                      "runs": rows, "seconds": round(time.perf_counter() - t0, 1), "passed": passed}))
+    return 0 if passed else 1
+
+
+def add_bench_gate_options(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--source", default="synthetic", help="synthetic[:events=...,users=...] (the seed varies)")
+    b.add_argument("--seeds", type=int, default=5)
+    b.add_argument("--epochs", type=int, default=None, help="default: the model config's")
+    b.set_defaults(func=bench_gate)
 
 
 def _large_catalogue_ann(n: int = 100_000, dim: int = 64) -> dict:
@@ -220,6 +301,8 @@ def register(subparsers) -> None:
     p.add_argument("--resume-from", default=None, metavar="CHECKPOINT_DIR", help="resume from a checkpoint folder")
     p.add_argument("--config", default=None, help='model config overrides as JSON, e.g. \'{"dim": 32}\'')
     p.add_argument("--no-promote", action="store_true", help="publish without making it current")
+    p.add_argument("--tune", action="store_true",
+                   help="first choose dim, temperature and history on the validation targets (8 trainings)")
     p.add_argument("--json", action="store_true", help="print only the model card, one JSON line")
     p.set_defaults(func=cmd_train)
 

@@ -1,6 +1,8 @@
 """The training data, prepared once on the driver: point-in-time examples, the split, shards."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pyarrow as pa
 
@@ -12,42 +14,66 @@ from recsys.training_data import DataError, events_table, iter_point_in_time, so
 
 
 class Prepared:
-    """Everything the workers and the evaluation need, computed once on the driver."""
+    """Everything the workers and the evaluation need, computed once on the driver.
+
+    Every row's point-in-time user features are encoded once; ``stage`` ("test" or
+    "validation", see ``recsys.evaluation``) picks the training examples (the stage's input
+    rows) and the targets (``self.targets``). ``at(stage)`` gives the same data at another stage.
+    """
 
     def __init__(self, table: pa.Table, item_features, cfg: ModelConfig, recent_items: int):
         table = sort_table(table)
         if table.num_rows == 0:
             raise DataError("no events: the source is empty")
         self.table = table
-        self.split = evaluation.split_table(table)
+        self.split = evaluation.split_table(table)  # the protocol follows the event types
         if self.split.n_users < 2:
             raise DataError(f"only {self.split.n_users} user: need at least 2 users to train and evaluate")
         evaluation.check_evaluable(self.split)
         self.vocab = Vocab.build(self.split.user_ids, self.split.item_ids, item_features)
-        hist_len = min(cfg.history, recent_items)
-        cfg.history = hist_len
+        hist_len = min(cfg.history, recent_items)  # the store keeps only recent_items of them
         n = table.num_rows
         users = np.zeros(n, dtype=np.int32)
         items = np.zeros(n, dtype=np.int32)
         hist = np.zeros((n, hist_len), dtype=np.int32)
         counts = np.zeros((n, len(COUNT_TYPES)), dtype=np.float32)
         ii = self.vocab.item_index
-        self.test_features = {}
-        test_rows = set(self.split.test_index.tolist())
         for r, (event, feats) in enumerate(iter_point_in_time(table, recent_items)):
             enc = encode_users([feats], self.vocab, hist_len)
             users[r], hist[r], counts[r] = enc["user"][0], enc["hist"][0], enc["counts"][0]
             items[r] = ii[event.item_id]
-            if r in test_rows:
-                self.test_features[r] = feats
-        train = ~self.split.is_test
-        self.train = {"user": users[train], "hist": hist[train], "counts": counts[train], "item": items[train]}
-        self.test = {"user": users[self.split.test_index], "hist": hist[self.split.test_index],
-                     "counts": counts[self.split.test_index]}
-        freq = np.bincount(items[train], minlength=self.vocab.n_items + 1).astype(np.float64) + 1e-3
+        self.rows = {"user": users, "hist": hist, "counts": counts, "item": items}
+        self._select("test")
+
+    def _select(self, stage: str) -> None:
+        self.stage = stage
+        # Examples: the stage's input rows that are positives (B: a user's first touch of an item,
+        # the event the model must predict; a repeat of a touched item is never a candidate).
+        rows = self.split.input_rows(stage) & self.split.is_positive
+        self.train = {k: v[rows] for k, v in self.rows.items()}
+        target = self.split.targets(stage)[2]
+        self.targets = {k: self.rows[k][target] for k in ("user", "hist", "counts")}
+        freq = np.bincount(self.train["item"], minlength=self.vocab.n_items + 1).astype(np.float64) + 1e-3
         freq[0] = 1e-3
         self.log_q = np.log(freq / freq.sum()).astype(np.float32)
-        self.n_train = int(train.sum())
+        self.n_train = int(rows.sum())
+
+    def at(self, stage: str) -> "Prepared":
+        """The same encoded rows with another stage's training examples and targets."""
+        other = copy.copy(self)
+        other._select(stage)
+        return other
+
+    def with_history(self, history: int) -> "Prepared":
+        """The same data with only the ``history`` newest recent items (at most the encoded ones)."""
+        other = copy.copy(self)
+        other.rows = {**self.rows, "hist": self.rows["hist"][:, :history]}
+        other._select(self.stage)
+        return other
+
+    @property
+    def history(self) -> int:
+        return self.rows["hist"].shape[1]
 
     def shards(self, workers: int, seed: int) -> list[dict]:
         """Equal-sized shards, one per worker (equal sizes keep the collectives in step)."""

@@ -12,6 +12,7 @@ Then the driver evaluates the model against the baselines on the same split
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -141,12 +142,12 @@ def run_ray_training(prep: Prepared, cfg: ModelConfig, workers: int = 2, use_gpu
 
 
 def evaluate_weights(prep: Prepared, weights: dict, cfg: ModelConfig) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Two-tower metrics on the split; also (test user embeddings, item embeddings)."""
+    """Two-tower metrics on the prepared stage's targets; also (their user embeddings, item embeddings)."""
     from recsys.model import item_embeddings_np
     tower = NumpyUserTower(weights, prep.vocab, cfg.history)
-    users = tower.embed_encoded(prep.test["user"], prep.test["hist"], prep.test["counts"])
+    users = tower.embed_encoded(prep.targets["user"], prep.targets["hist"], prep.targets["counts"])
     items = item_embeddings_np(weights, prep.vocab.item_genres)
-    metrics = evaluation.evaluate_scorer(prep.split, lambda pos: users[pos] @ items.T)
+    metrics = evaluation.evaluate_scorer(prep.split, lambda pos: users[pos] @ items.T, stage=prep.stage)
     return metrics, users, items
 
 
@@ -155,36 +156,85 @@ def _load_serving_weights(folder: Path) -> dict:
         return {k: z[k] for k in z.files}
 
 
+# The two-tower settings ``train(tune=True)`` tries on the validation targets (EVALUATION.md:
+# every hyperparameter is chosen there; the test targets are scored once, with the choice).
+TUNING_GRID = {"dim": (32, 64), "temperature": (0.05, 0.1), "history": (20, 50)}
+
+
+def tune(prep: Prepared, cfg: ModelConfig, grid: dict, train_fn, progress=None) -> dict:
+    """Train every setting of ``grid`` on the validation stage's inputs and score it on the
+    validation targets; returns the table and the best setting (HR@10, then NDCG@10)."""
+    val = prep.at("validation")
+    names = list(grid)
+    settings = [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
+    table = {}
+    for k, setting in enumerate(settings, 1):
+        c = replace(cfg, **setting)
+        c.history = min(c.history, prep.history)
+        p = val.with_history(c.history)
+        run = train_fn(p, c)
+        try:
+            metrics, _, _ = evaluate_weights(p, _load_serving_weights(run["checkpoint_dir"]), c)
+        finally:
+            shutil.rmtree(run["checkpoint_dir"], ignore_errors=True)
+        name = ",".join(f"{n}={setting[n]:g}" for n in names)
+        table[name] = {"setting": setting, "validation": metrics, "seconds": round(run["seconds"], 1)}
+        if progress:
+            progress(f"tuning {k}/{len(settings)} {name}: validation HR@10 {metrics['hr@10']:.4f} "
+                     f"NDCG@10 {metrics['ndcg@10']:.4f} ({run['seconds']:.0f} s)")
+    best = max(table, key=lambda n: (table[n]["validation"]["hr@10"], table[n]["validation"]["ndcg@10"]))
+    return {"stage": "validation", "grid": {n: list(v) for n, v in grid.items()}, "chosen": table[best]["setting"],
+            "validation": table[best]["validation"],
+            "validation_hr@10_by_setting": {n: r["validation"]["hr@10"] for n, r in table.items()}}
+
+
 def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epochs: Optional[int] = None,
           use_gpu: bool = False, mixed_precision: bool = False, model_config: Optional[dict] = None,
           max_failures: int = 2, resume_from: Optional[Path] = None, fail: Optional[dict] = None,
           publish: bool = True, promote: bool = True, baselines: Optional[dict] = None,
           user_col="user_id", item_col="item_id", ts_col="timestamp",
-          prepared: Optional[Prepared] = None) -> dict:
+          prepared: Optional[Prepared] = None, tune_grid: Optional[dict] = None, progress=None) -> dict:
     """Train, evaluate beside the baselines, publish; returns the model card.
 
     ``source``: a pyarrow event table, ``"archive"`` (the Parquet event log) or a source spec.
+    ``tune_grid`` (e.g. ``TUNING_GRID``): first choose those model settings on the validation
+    targets, then train the chosen one on everything before the test targets.
     """
     cfg = ModelConfig.from_dict({**default_config(), **(model_config or {})})
-    if epochs is not None:
-        cfg.epochs = int(epochs)
     if resume_from is not None:
         validate_checkpoint(resume_from)  # before any work: a bad checkpoint fails fast
     t_start = time.perf_counter()
     if prepared is None:
         table, item_features, source_name = load_table(source, settings, user_col, item_col, ts_col)
-        prepared = Prepared(table, item_features, cfg, settings.features.recent_items)
+        longest = max([cfg.history, *(tune_grid or {}).get("history", ())])  # encoded once, sliced per setting
+        prepared = Prepared(table, item_features, replace(cfg, history=longest), settings.features.recent_items)
     else:
         source_name = source if isinstance(source, str) else "table"
-        cfg.history = prepared.test["hist"].shape[1]
-    prep = prepared
+    prep = prepared.at("test")
+    cfg.epochs = int(epochs) if epochs is not None else cfg.epochs_for(prep.n_train, workers)
     t_prep = time.perf_counter() - t_start
-    run = run_ray_training(prep, cfg, workers, use_gpu, mixed_precision, max_failures, resume_from, fail,
-                           storage=Path(settings.home).resolve() / "ray_results", worker_niceness=settings.ray.worker_niceness,
-                           # quiet unless the command line asked for INFO (-v)
-                           worker_stderr=None if log.isEnabledFor(logging.INFO) else settings.home / "logs" / "ray-workers.log")
+    ray_options = dict(workers=workers, use_gpu=use_gpu, mixed_precision=mixed_precision, max_failures=max_failures,
+                       storage=Path(settings.home).resolve() / "ray_results", worker_niceness=settings.ray.worker_niceness,
+                       # quiet unless the command line asked for INFO (-v)
+                       worker_stderr=None if log.isEnabledFor(logging.INFO) else settings.home / "logs" / "ray-workers.log")
+    tuning = None
+    started = tune_grid is not None and ensure_ray(workers, use_gpu, settings.ray.worker_niceness,
+                                                   ray_options["worker_stderr"])  # one Ray for the whole grid
+    try:
+        if tune_grid is not None:
+            tuning = tune(prep, cfg, tune_grid, lambda p, c: run_ray_training(p, c, **ray_options), progress)
+            cfg = replace(cfg, **tuning["chosen"])
+        cfg.history = min(cfg.history, prep.history)
+        prep = prep.with_history(cfg.history)
+        run = run_ray_training(prep, cfg, resume_from=resume_from, fail=fail, **ray_options)
+    finally:
+        if started:
+            import ray
+            ray.shutdown()
     weights = _load_serving_weights(run["checkpoint_dir"])
     two_tower, user_emb, item_emb = evaluate_weights(prep, weights, cfg)
+    if tuning:
+        two_tower["validation"] = tuning["validation"]
     base = baselines if baselines is not None else evaluation.baselines(prep.split)
     history = run["meta"].get("history", [])
     rates = [h["examples_per_s"] for h in history]
@@ -196,8 +246,9 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
         "data_window": prep.split.window(),
         "examples": prep.n_train,
         "metrics": {"two_tower": two_tower, **base},
-        "protocol": "A: temporal leave-last-one-out, full ranking, input items removed; baselines' settings "
-                    "chosen on the validation targets, test scored once (EVALUATION.md)",
+        "protocol": f"{prep.split.protocol}: {evaluation.PROTOCOLS[prep.split.protocol]}; baselines' settings chosen "
+                    "on the validation targets, test scored once (EVALUATION.md)",
+        "tuning": tuning or "none: the model config as given, not chosen on this data's validation targets",
         "training": {"seconds": round(run["seconds"], 1), "prepare_seconds": round(t_prep, 1),
                      "workers": workers, "use_gpu": use_gpu, "mixed_precision": mixed_precision,
                      "epochs": cfg.epochs, "examples_per_s": round(float(np.median(steady)), 1) if steady else None,
@@ -232,31 +283,39 @@ def default_config() -> dict:
     return asdict(ModelConfig())
 
 
-def evaluate_version(version_dir: Path, source: str | pa.Table, settings: Settings, user_col="user_id", item_col="item_id", ts_col="timestamp") -> dict:
-    """Metrics of a published model on a source's split, beside the baselines."""
+def version_ranks(version_dirs: list[Path], table: pa.Table, settings: Settings
+                  ) -> tuple[evaluation.Split, dict[str, np.ndarray]]:
+    """The table's split and, per published model, the rank of each test target (items a
+    model never saw score -inf): the paired per-user outcomes the gate compares."""
     from recsys.model import load_model
-    model = load_model(version_dir)
-    table, item_features, name = load_table(source, settings, user_col, item_col, ts_col)
     if table.num_rows == 0:
         raise DataError("no events: the source is empty")
     split = evaluation.split_table(table)
     evaluation.check_evaluable(split)
     test_rows = set(split.test_index.tolist())
-    feats = {}
-    for r, (_, f) in enumerate(iter_point_in_time(table, settings.features.recent_items)):
-        if r in test_rows:
-            feats[r] = f
-    users = model.user_embedding([feats[r] for r in split.test_index])
-    # Score the split's catalogue with the model's item embeddings (items it never saw score -inf).
-    pos = {t: i for i, t in enumerate(model.item_ids)}
-    cols = np.array([pos.get(t, -1) for t in split.item_ids])
-    emb = np.where(cols[:, None] >= 0, model.item_embeddings[np.maximum(cols, 0)], 0.0).astype(np.float32)
+    feats = {r: f for r, (_, f) in enumerate(iter_point_in_time(table, settings.features.recent_items))
+             if r in test_rows}
+    out = {}
+    for folder in version_dirs:
+        model = load_model(folder)
+        users = model.user_embedding([feats[r] for r in split.test_index])
+        pos = {t: i for i, t in enumerate(model.item_ids)}
+        cols = np.array([pos.get(t, -1) for t in split.item_ids])
+        emb = np.where(cols[:, None] >= 0, model.item_embeddings[np.maximum(cols, 0)], 0.0).astype(np.float32)
 
-    def score(p):
-        s = users[p] @ emb.T
-        s[:, cols < 0] = -np.inf
-        return s
+        def score(p, users=users, emb=emb, cols=cols):
+            s = users[p] @ emb.T
+            s[:, cols < 0] = -np.inf
+            return s
+        out[model.version] = evaluation.target_ranks(split, score)
+    return split, out
 
-    return {"version": model.version, "source": name, "data_window": split.window(),
-            "metrics": {"two_tower": evaluation.evaluate_scorer(split, score),
+
+def evaluate_version(version_dir: Path, source: str | pa.Table, settings: Settings, user_col="user_id", item_col="item_id", ts_col="timestamp") -> dict:
+    """Metrics of a published model on a source's split, beside the baselines."""
+    table, _, name = load_table(source, settings, user_col, item_col, ts_col)
+    split, ranks = version_ranks([version_dir], table, settings)
+    (version, r), = ranks.items()
+    return {"version": version, "source": name, "data_window": split.window(),
+            "metrics": {"two_tower": evaluation.metrics_from_ranks(r) | {"users": int(len(r))},
                         **evaluation.baselines(split)}}

@@ -1,8 +1,10 @@
 """Retraining on a schedule and on triggers, behind a quality gate.
 
 One run: the sliding window of the event archive -> Ray Train -> the candidate and the
-current model evaluated on the same newest hold-out (EVALUATION.md's protocol on the
-window) -> the gate -> promote, or record the rejection and leave serving untouched.
+current model scored on the same newest hold-out (EVALUATION.md's protocol on the window,
+per user) -> the gate (a paired bootstrap interval of the HR@10 difference against a
+non-inferiority margin, and most-popular as a floor) -> promote, or record the rejection and
+leave serving untouched.
 The Serve replicas follow the registry's ``current`` by themselves (hot swap).
 
 Only one run at a time, across processes and machines: a lock in Redis with an expiry,
@@ -23,11 +25,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import redis
 from croniter import croniter
 
+from recsys import evaluation
 from recsys.archive import read_events
 from recsys.errors import Busy, LockLost
 from recsys.feature_store import connect
@@ -105,6 +109,7 @@ class RunRecord:
     candidate: dict = field(default_factory=dict)
     current: dict = field(default_factory=dict)
     popularity_hr10: Optional[float] = None
+    interval: dict = field(default_factory=dict)  # candidate - current HR@10, paired bootstrap
     duration_s: Optional[float] = None
 
 
@@ -125,15 +130,42 @@ def _append_history(settings: Settings, record: RunRecord) -> None:
         fh.write(json.dumps(asdict(record)) + "\n")
 
 
-def gate(candidate_hr: float, current_hr: Optional[float], popularity_hr: float, tolerance: float) -> tuple[bool, str]:
-    """Publish only a candidate at least as good as the current model (within tolerance) and above most-popular."""
-    if candidate_hr <= popularity_hr:
-        return False, f"candidate HR@10 {candidate_hr:.4f} is not above most-popular {popularity_hr:.4f}"
-    if current_hr is not None and candidate_hr < current_hr * (1 - tolerance):
-        return False, (f"candidate HR@10 {candidate_hr:.4f} is below the current model's {current_hr:.4f} "
-                       f"x (1 - {tolerance:g})")
-    against = f"current {current_hr:.4f}" if current_hr is not None else "no current model"
-    return True, f"candidate HR@10 {candidate_hr:.4f} vs {against}, most-popular {popularity_hr:.4f}"
+def gate(candidate_hits: np.ndarray, current_hits: Optional[np.ndarray], popularity_hits: np.ndarray,
+         margin: float, resamples: int = 1000) -> tuple[bool, str, dict]:
+    """(publish?, why, the interval) for per-user hits (HR@10) of the models on the same targets.
+
+    Publish only a candidate above most-popular whose paired bootstrap 95% interval of
+    (candidate - current) has its lower bound above -margin (non-inferiority; EVALUATION.md).
+    """
+    cand, pop = float(np.mean(candidate_hits)), float(np.mean(popularity_hits))
+    ci, span = {}, "no current model"
+    if current_hits is not None:
+        ci = evaluation.paired_bootstrap(candidate_hits, current_hits, resamples) | {"margin": margin}
+        span = (f"candidate - current HR@10 {ci['diff']:+.4f}, 95% interval [{ci['low']:+.4f}, {ci['high']:+.4f}] "
+                f"over {ci['users']} users")
+    if cand <= pop:
+        return False, f"candidate HR@10 {cand:.4f} is not above most-popular {pop:.4f}; {span}", ci
+    if ci and ci["low"] <= -margin:
+        return False, f"{span}: the lower bound is not above the margin -{margin:g}", ci
+    return True, f"candidate HR@10 {cand:.4f}, {span}{f', above -{margin:g}' if ci else ''}; most-popular {pop:.4f}", ci
+
+
+def judge(settings: Settings, registry: Registry, candidate: str, current: Optional[str], holdout: pa.Table) -> dict:
+    """Both published models scored per user on the holdout's test targets, and the gate's
+    verdict: {passed, reason, interval, window, candidate, current, popularity_hr10}."""
+    from training.job import version_ranks
+    versions = [candidate] + ([current] if current else [])
+    split, ranks = version_ranks([registry.path(v) for v in versions], holdout, settings)
+
+    def summary(version: str) -> dict:
+        m = evaluation.metrics_from_ranks(ranks[version])
+        return {"version": version, "hr@10": m["hr@10"], "ndcg@10": m["ndcg@10"]}
+    popularity_hits = evaluation.popularity_ranks(split) < 10
+    passed, reason, interval = gate(ranks[candidate] < 10, ranks[current] < 10 if current else None, popularity_hits,
+                                    settings.retraining.gate_margin, settings.retraining.gate_resamples)
+    return {"passed": passed, "reason": reason, "interval": interval, "window": split.window(),
+            "candidate": summary(candidate), "current": summary(current) if current else {},
+            "popularity_hr10": round(float(popularity_hits.mean()), 4)}
 
 
 def training_window(settings: Settings) -> pa.Table:
@@ -151,7 +183,7 @@ def run_once(settings: Settings, trigger: str = "manual", table: Optional[pa.Tab
     ``table`` trains on other data than the archive's window (a test's corrupted data, say);
     the gate still judges both models on the window's hold-out, never on the data under test.
     """
-    from training.job import evaluate_version, train
+    from training.job import train
     registry = Registry(settings.registry_dir)
     with RunLock(settings) as lock:
         registry.clean_temp()  # what a killed run left behind
@@ -163,21 +195,10 @@ def run_once(settings: Settings, trigger: str = "manual", table: Optional[pa.Tab
             card = train(holdout if table is None else table, workers=settings.training.workers,
                          epochs=settings.training.epochs, settings=settings, promote=False)
             lock.check()  # not worth evaluating if it cannot promote
-            metrics = card["metrics"]
-            if table is not None:
-                metrics = evaluate_version(registry.path(card["version"]), holdout, settings)["metrics"]
-            record.window = card["data_window"]
-            record.candidate = {"version": card["version"], "hr@10": metrics["two_tower"]["hr@10"],
-                                "ndcg@10": metrics["two_tower"]["ndcg@10"]}
-            record.popularity_hr10 = metrics["popularity"]["hr@10"]
-            current_version = registry.current()
-            current_hr = None
-            if current_version:
-                cur = evaluate_version(registry.path(current_version), holdout, settings)["metrics"]["two_tower"]
-                current_hr = cur["hr@10"]
-                record.current = {"version": current_version, "hr@10": cur["hr@10"], "ndcg@10": cur["ndcg@10"]}
-            passed, record.reason = gate(record.candidate["hr@10"], current_hr, record.popularity_hr10,
-                                         settings.retraining.gate_tolerance)
+            verdict = judge(settings, registry, card["version"], registry.current(), holdout)
+            passed = verdict.pop("passed")
+            for name, value in verdict.items():
+                setattr(record, name, value)
             lock.check()  # a run whose lock lapsed must not promote: another may be promoting
             if passed:
                 registry.promote(card["version"])

@@ -66,7 +66,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     with strategy.scope():
         model = build_model(cfg, int(config["n_users"]), n_items, np.asarray(config["item_genres"]))
-        opt = tf_keras.optimizers.Adam(learning_rate=cfg.learning_rate)
+        # Cosine decay to 0 over the whole run: on the synthetic events the last epoch's validation
+        # HR@10 then varied 0.350-0.353 over 3 seeds, against 0.326-0.331 at a constant rate.
+        lr = (tf_keras.optimizers.schedules.CosineDecay(cfg.learning_rate, decay_steps=steps * cfg.epochs)
+              if cfg.lr_decay == "cosine" else cfg.learning_rate)
+        opt = tf_keras.optimizers.Adam(learning_rate=lr)
         if config["use_gpu"] and config["mixed_precision"]:
             opt = tf_keras.mixed_precision.LossScaleOptimizer(opt)
         opt.build(model.trainable_variables)
