@@ -106,6 +106,10 @@ class ServingSettings(BaseModel):
     # then; a refused connection (Redis down) still fails within milliseconds per try.
     redis_timeout_s: float = 1.0
     redis_retries: int = 1
+    # An event post waits this long for the topic's metadata and again for the brokers' acks,
+    # then answers 503. At 2 s, a fresh clone's smoke load test (500 req/s on 2 cores) got 71
+    # 503s that outlasted the clients' retries: acks that took 2-4.5 s on a saturated machine.
+    kafka_timeout_s: float = 4.0
     # Serve kills a proxy whose ready or health check takes longer than this (Ray's defaults:
     # 5 s and 10 s), which a busy 2-core machine exceeds; the deploy then fails with ActorDiedError.
     proxy_ready_check_timeout_s: float = 30.0

@@ -148,7 +148,8 @@ class RecsysService:
         try:
             if self._producer is None:
                 try:
-                    self._producer = producer(self.settings, max_block_ms=2000, request_timeout_ms=2000)
+                    wait_ms = int(self.settings.serving.kafka_timeout_s * 1000)
+                    self._producer = producer(self.settings, max_block_ms=wait_ms, request_timeout_ms=wait_ms)
                 except KafkaError as exc:
                     raise Unavailable(f"Kafka unavailable: {exc}") from None
             return self._producer
@@ -165,11 +166,12 @@ class RecsysService:
         prod = self._kafka()
         return [send_event(prod, self.settings, e) for e in self.pseudonyms.events(events)]
 
-    async def produce(self, events: list[Event], timeout_s: float = 2.0) -> None:
+    async def produce(self, events: list[Event]) -> None:
         """Accepted means on the brokers: nothing is lost after a 202. Only the send runs in a
         thread (it can wait for metadata); the acknowledgements are awaited on the event loop,
         so requests that wait for a broker hold no thread while a leader is being replaced."""
         loop = asyncio.get_running_loop()
+        timeout_s = self.settings.serving.kafka_timeout_s
         try:
             # send() itself raises when the topic's metadata does not come within max_block_ms.
             futures = await asyncio.wait_for(asyncio.to_thread(self._send, events), timeout_s + 1.0)
