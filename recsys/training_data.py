@@ -42,6 +42,13 @@ def sort_table(table: pa.Table) -> pa.Table:
     return table.take(pa.array(order))
 
 
+def with_shuffled_items(table: pa.Table, seed: int = 0) -> pa.Table:
+    """The table with its item ids permuted across events: a model trained on it learns noise
+    (the sabotaged candidate the retraining gate must reject)."""
+    items = np.random.default_rng(seed).permutation(table["item_id"].to_numpy(zero_copy_only=False))
+    return table.set_column(table.column_names.index("item_id"), "item_id", pa.array(items))
+
+
 def check_table(table: pa.Table) -> None:
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:

@@ -11,7 +11,6 @@ import time
 
 import httpx
 import numpy as np
-import pyarrow as pa
 import pytest
 import ray
 
@@ -105,10 +104,8 @@ def test_publish_good_candidate_reject_sabotaged_one_under_load(scratch):
 
     # Sabotage: item ids shuffled across events, so the candidate learns noise.
     from recsys.archive import read_events
-    table = read_events(s)
-    items = np.random.default_rng(0).permutation(table["item_id"].to_numpy(zero_copy_only=False))
-    bad = table.set_column(table.column_names.index("item_id"), "item_id", pa.array(items))
-    third = run_once(s, "manual", table=bad)
+    from recsys.training_data import with_shuffled_items
+    third = run_once(s, "manual", table=with_shuffled_items(read_events(s)))
     assert third["decision"] == "rejected" and registry.current() == v2, third
     assert "lower bound" in third["reason"] or "most-popular" in third["reason"], third
     assert second["interval"]["low"] > -s.retraining.gate_margin and second["interval"]["users"] > 100, second

@@ -197,13 +197,10 @@ def bench_gate(args) -> int:
     import dataclasses
     import tempfile
 
-    import numpy as np
-    import pyarrow as pa
-
     from recsys.registry import Registry
     from recsys.settings import get_settings
     from recsys.sources import SyntheticSource, open_source
-    from recsys.training_data import events_table
+    from recsys.training_data import events_table, with_shuffled_items
     from training.job import ensure_ray, train
     from training.scheduler import judge
     settings = get_settings()
@@ -216,8 +213,7 @@ def bench_gate(args) -> int:
         try:
             for seed in range(args.seeds):
                 table = events_table(dataclasses.replace(src, seed=seed).events_iter())
-                items = np.random.default_rng(seed).permutation(table["item_id"].to_numpy(zero_copy_only=False))
-                shuffled = table.set_column(table.column_names.index("item_id"), "item_id", pa.array(items))
+                shuffled = with_shuffled_items(table, seed)
                 with tempfile.TemporaryDirectory() as tmp:
                     s = settings.updated(registry_dir=Path(tmp) / "models", home=Path(tmp))
                     registry = Registry(s.registry_dir)
