@@ -24,12 +24,13 @@ from recsys.stream import StreamWorker
 
 
 def scratch_settings(settings: Settings, tag: str) -> Settings:
-    """Fresh topics, consumer groups and Redis prefix, so a run never touches real data."""
+    """Fresh topics, consumer groups and Redis prefix, so a run never touches real data, and no
+    metrics endpoints, which would take the ports of the real processes'."""
     run = f"{tag}-{uuid.uuid4().hex[:8]}"
     return settings.updated(
         kafka={"events_topic": f"{run}-events", "dlq_topic": f"{run}-events.dlq",
                "stream_group": f"{run}-features", "archive_group": f"{run}-archive"},
-        redis={"prefix": run})
+        redis={"prefix": run}, monitoring={"stream_port": 0, "archive_port": 0, "scheduler_port": 0})
 
 
 def settings_env(settings: Settings) -> dict:

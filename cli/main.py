@@ -40,12 +40,15 @@ def cmd_stack(args) -> int:
     if args.brokers is not None:
         settings = settings.updated(kafka={"brokers": args.brokers})
     if args.action == "up":
-        result = stack.up(settings, progress=lambda msg: print(msg, file=sys.stderr))
+        result = stack.up(settings, progress=lambda msg: print(msg, file=sys.stderr), monitoring=args.monitoring)
     elif args.action == "down":
         result = stack.down(settings)
     else:
         result = stack.status(settings)
+    targets = result.get("monitoring", {}).pop("targets", []) if not args.json else []
     _print(result, args.json)
+    for t in targets:  # Prometheus's scrape targets, one line each
+        print(f"  scrape {t['job']:<10} {t['address']:<16} {t['health']}{'  ' + t['error'] if t.get('error') else ''}")
     return 0
 
 
@@ -67,25 +70,35 @@ def cmd_replay(args) -> int:
     return 0
 
 
-def _serve_metrics(port: int | None) -> None:
-    """Prometheus metrics of this process (e.g. the consumer's assignment) on loopback."""
-    if port:
-        from prometheus_client import start_http_server
-        start_http_server(port, addr="127.0.0.1")
+def _serve_metrics(port: int, what: str) -> None:
+    """This process's Prometheus metrics on RECSYS_MONITORING_BIND_HOST:port (none for 0)."""
+    from recsys import metrics
+    host = get_settings().monitoring.bind_host
+    try:
+        metrics.serve(port, host)
+    except OSError as exc:
+        raise SystemExit(f"recsys: cannot serve the {what}'s metrics on {host}:{port} ({exc.strerror}); another "
+                         f"{what} on this machine? Give it --metrics-port (0: none)") from None
 
 
 def cmd_stream(args) -> int:
     from recsys.stream import run_stream
-    _serve_metrics(args.metrics_port)
-    print(json.dumps(run_stream(get_settings(), until_idle=args.until_idle)))
+    settings = get_settings()
+    _serve_metrics(_port(args.metrics_port, settings.monitoring.stream_port), "stream worker")
+    print(json.dumps(run_stream(settings, until_idle=args.until_idle)))
     return 0
 
 
 def cmd_archive(args) -> int:
     from recsys.archive import run_archiver
-    _serve_metrics(args.metrics_port)
-    print(json.dumps(run_archiver(get_settings(), until_idle=args.until_idle)))
+    settings = get_settings()
+    _serve_metrics(_port(args.metrics_port, settings.monitoring.archive_port), "archiver")
+    print(json.dumps(run_archiver(settings, until_idle=args.until_idle)))
     return 0
+
+
+def _port(given: int | None, default: int) -> int:
+    return default if given is None else given
 
 
 def cmd_features(args) -> int:
@@ -182,9 +195,21 @@ def cmd_retrain_now(args) -> int:
 
 
 def cmd_scheduler(args) -> int:
-    from training.scheduler import run_scheduler
-    run_scheduler(get_settings(), max_runs=args.max_runs)
+    from prometheus_client import REGISTRY
+    from training.scheduler import SchedulerMetrics, run_scheduler
+    settings = get_settings()
+    REGISTRY.register(SchedulerMetrics(settings))
+    _serve_metrics(_port(args.metrics_port, settings.monitoring.scheduler_port), "scheduler")
+    run_scheduler(settings, max_runs=args.max_runs)
     return 0
+
+
+def cmd_top(args) -> int:
+    from cli.top import run
+    try:
+        return run(get_settings(), once=args.once, as_json=args.json)
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_demo(args) -> int:
@@ -207,8 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: warnings only; native stderr to .recsys/logs/native-stderr.log)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("stack", help="start, stop or inspect the local Kafka + Redis stack")
+    p = sub.add_parser("stack", help="start, stop or inspect the local Kafka + Redis stack (+ Prometheus)")
     p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--monitoring", action="store_true",
+                   help="up: also Prometheus and the Redis exporter (deploy/monitoring; status lists the scrape targets)")
     p.add_argument("--brokers", type=int, default=None,
                    help="Kafka nodes: 3 runs a replicated cluster (replication factor 3, min.insync.replicas 2); "
                         "default RECSYS_KAFKA_BROKERS (1). Other commands read RECSYS_KAFKA_BROKERS to find them all")
@@ -226,14 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until-idle", type=float, default=None, metavar="SECONDS",
                    help="exit after this many seconds without new records")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
-                   help="serve Prometheus metrics on 127.0.0.1:PORT")
+                   help="serve Prometheus metrics on 127.0.0.1:PORT (default RECSYS_MONITORING_*_PORT; 0: none)")
     p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("archive", help="append events to the Parquet event log for training")
     p.add_argument("--until-idle", type=float, default=None, metavar="SECONDS",
                    help="exit after this many seconds without new records")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
-                   help="serve Prometheus metrics on 127.0.0.1:PORT")
+                   help="serve Prometheus metrics on 127.0.0.1:PORT (default RECSYS_MONITORING_*_PORT; 0: none)")
     p.set_defaults(func=cmd_archive)
 
     p = sub.add_parser("features", help="print what Redis holds for a user or an item; or rebuild it all from "
@@ -293,8 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON line")
     p.set_defaults(func=cmd_retrain_now)
 
+    p = sub.add_parser("top", help="a live view, every second: requests/s and p99, consumer lag, freshness, "
+                                   "replicas, model version and age, gate (from Prometheus, else the endpoints)")
+    p.add_argument("--once", action="store_true", help="one view, then exit")
+    p.add_argument("--json", action="store_true", help="each view as one JSON line")
+    p.set_defaults(func=cmd_top)
+
     p = sub.add_parser("scheduler", help="retrain on the schedule (RECSYS_RETRAINING_*) and on new events")
     p.add_argument("--max-runs", type=int, default=None, help="exit after this many runs")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on 127.0.0.1:PORT (default RECSYS_MONITORING_SCHEDULER_PORT; 0: none)")
     p.set_defaults(func=cmd_scheduler)
 
     p = sub.add_parser("serve", help="deploy the Ray Serve API (returns once it answers), or stop/inspect it")

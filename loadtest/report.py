@@ -182,16 +182,19 @@ PHASE_COLORS = {"baseline": "#f2f2f2", "ramp": "#e3eefc", "surge": "#fde2c8", "p
 
 
 def plot(rows: list[dict], windows: dict[str, tuple[float, float]], path: Path, title: str,
-         p99_budget_ms: float | None = None) -> Path:
-    """Four stacked panels against time: requests/s, p50/p99 latency, errors/s, replicas (and users)."""
+         p99_budget_ms: float | None = None, stream: dict[str, list[tuple[float, float]]] | None = None) -> Path:
+    """Stacked panels against time: requests/s, p50/p99 latency, errors/s, replicas (and users),
+    and with ``stream`` ({"lag": [(t, records)], "freshness_p99_s": [(t, s)]}, from Prometheus)
+    the stream worker's consumer lag and freshness."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     t = np.array([r["t"] for r in rows])
     col = lambda k: np.array([np.nan if r[k] is None else r[k] for r in rows], dtype=float)  # noqa: E731
-    fig, axes = plt.subplots(4, 1, figsize=(11, 9), sharex=True,
-                             gridspec_kw={"height_ratios": [3, 3, 1.5, 2]})
+    ratios = [3, 3, 1.5, 2] + ([2] if stream else [])
+    fig, axes = plt.subplots(len(ratios), 1, figsize=(11, 9 + 2 * bool(stream)), sharex=True,
+                             gridspec_kw={"height_ratios": ratios})
     for ax in axes:
         for name, (a, b) in windows.items():
             ax.axvspan(a, b, color=PHASE_COLORS.get(name, "#ffffff"), zorder=0, lw=0)
@@ -231,10 +234,21 @@ def plot(rows: list[dict], windows: dict[str, tuple[float, float]], path: Path, 
     twin = ax.twinx()
     twin.plot(t, col("users"), color="gray", lw=1, ls="--", label="Locust users (target)")
     twin.set_ylabel("users")
-    lines = ax.get_legend_handles_labels()
-    more = twin.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=8)
-    ax.set_xlabel("seconds since the start of the load")
+    _legend(ax, twin)
+    if stream:
+        ax = axes[4]
+        lag = np.array(stream.get("lag") or [(np.nan, np.nan)], dtype=float)
+        ax.step(lag[:, 0], lag[:, 1], where="post", color="tab:brown", lw=1.2, label="consumer lag (records)")
+        ax.set_ylabel("lag (records)")
+        ax.set_ylim(bottom=0, top=max(10.0, float(np.nanmax(lag[:, 1])) * 1.2 if np.any(~np.isnan(lag[:, 1])) else 10.0))
+        twin = ax.twinx()
+        fresh = np.array(stream.get("freshness_p99_s") or [(np.nan, np.nan)], dtype=float)
+        twin.plot(fresh[:, 0], fresh[:, 1], color="tab:cyan", lw=1.2, marker=".", label="freshness p99 (s)")
+        twin.axhline(1.0, color="tab:cyan", ls="dashed", lw=0.8, label="freshness budget 1 s")
+        twin.set_ylabel("freshness p99 (s)")
+        twin.set_ylim(bottom=0)
+        _legend(ax, twin)
+    axes[-1].set_xlabel("seconds since the start of the load")
 
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
@@ -249,3 +263,9 @@ def summary_line(slos: list[dict]) -> str:
 
 def as_dict(obj) -> dict:
     return asdict(obj)
+
+
+def _legend(ax, twin) -> None:
+    """One legend for a panel and its twin axis."""
+    lines, more = ax.get_legend_handles_labels(), twin.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=8)

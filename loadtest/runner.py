@@ -215,6 +215,32 @@ def wait_in_redis(settings: Settings, event_ids: list[str], idle_s: float, max_s
     return len(event_ids) - len(missing), missing[:10], round(time.monotonic() - started, 2)
 
 
+# ---- the stream seen by Prometheus -----------------------------------------
+
+def stream_series(settings: Settings, start: float, end: float) -> tuple[dict | None, dict]:
+    """The stream worker's consumer lag and freshness p99 over the run (seconds since ``start``,
+    wall clock), from the local Prometheus; (None, why) when it is not running. The note
+    gives each series' maximum."""
+    from deploy.local import prometheus
+    if not prometheus.answers(settings):
+        return None, {"prometheus": "not running (`recsys stack up --monitoring`): no lag or freshness series"}
+    every = settings.monitoring.scrape_interval_s
+    window = f"{max(15, int(3 * every))}s"  # a rate needs at least two scrapes
+    queries = {
+        "lag": f'sum(recsys_consumer_lag{{group="{settings.kafka.stream_group}"}})',
+        "freshness_p99_s": f'histogram_quantile(0.99, sum by (le) (rate(recsys_stream_freshness_seconds_bucket'
+                           f'{{job="stream"}}[{window}])))',
+    }
+    series = {}
+    for name, expr in queries.items():
+        found = prometheus.query_range(settings, expr, start - 10, end + every, every)
+        series[name] = [(round(float(t) - start, 1), float(v)) for t, v in (found[0]["values"] if found else [])
+                        if v not in ("NaN", "+Inf")]
+    note = {"prometheus": prometheus.url(settings), "queries": queries,
+            **{f"max_{name}": max((v for _, v in points), default=None) for name, points in series.items()}}
+    return series, note
+
+
 # ---- the run ---------------------------------------------------------------
 
 def _service_answers(host: str, timeout_s: float = 10.0) -> None:
@@ -284,6 +310,8 @@ def run(settings: Settings, opts: Options, progress=print) -> dict:
 
     worker = killer = None
     if opts.with_stream_worker:
+        from recsys import metrics
+        metrics.serve(settings.monitoring.stream_port, settings.monitoring.bind_host)  # Prometheus scrapes the worker as job "stream"
         worker = WorkerThread(settings)
         worker.start()
         if opts.stop_stream_worker_after_s is not None:
@@ -329,11 +357,16 @@ def run(settings: Settings, opts: Options, progress=print) -> dict:
     report.write_csv(rows, out / "timeline.csv")
     report.write_csv([{"t": round(t, 3), "replicas": n} for t, n in replicas], out / "replicas.csv")
     slos = report.evaluate(req, replicas, windows, len(posted), found, opts.budgets, sampler.min_replicas)
+    stream, stream_note = stream_series(settings, t0, t0 + end_s)
+    if stream:
+        report.write_csv([{"t": t, "series": name, "value": v} for name, points in stream.items() for t, v in points],
+                         out / "stream.csv")
     plot_windows = {**windows, "after": (profile.duration_s, end_s)} if end_s > profile.duration_s else windows
     plot_path = None
     try:
         plot_path = str(report.plot(rows, plot_windows, out / "loadtest.png",
-                                    f"recsys load test, profile {profile.name} ({opts.host})", opts.budgets.p99_ms))
+                                    f"recsys load test, profile {profile.name} ({opts.host})", opts.budgets.p99_ms,
+                                    stream))
     except ImportError as exc:
         progress(f"loadtest: no plot ({exc}); install matplotlib")
 
@@ -341,7 +374,7 @@ def run(settings: Settings, opts: Options, progress=print) -> dict:
         "profile": profile.to_json(), "host": opts.host, "passed": all(s["passed"] for s in slos), "slos": slos,
         "headline": report.headline(req, replicas, windows),
         "events": {"posted": len(posted), "in_redis": found, "missing_examples": missing, "waited_s": waited,
-                   "stream_worker": worker_stats if worker else "external"},
+                   "stream_worker": worker_stats if worker else "external", "monitoring": stream_note},
         "replicas": {"min_replicas": sampler.min_replicas, "sampled": bool(sampler.samples),
                      "error": sampler.error, "cooldown_wait_s": cooldown_s},
         "locust": {"exit_code": rc, "seconds": round(locust_s, 1)},

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from kafka import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 
-from recsys import kafka_io
+from recsys import kafka_io, metrics
 from recsys.events import BadEvent, Event, EventTimeBounds, parse_event
 from recsys.settings import Settings
 
@@ -195,7 +195,9 @@ class _SeekToLedger(ConsumerRebalanceListener):
 
     def on_partitions_assigned(self, assigned):
         for tp in assigned:
-            self.consumer.seek(tp, self.archive.recover(tp.partition))
+            resume_at = self.archive.recover(tp.partition)
+            metrics.LEDGER_OFFSET.labels(str(tp.partition)).set(resume_at - 1)
+            self.consumer.seek(tp, resume_at)
 
 
 def run_archiver(settings: Settings, until_idle: float | None = None, flush_records: int = 20_000,
@@ -210,7 +212,7 @@ def run_archiver(settings: Settings, until_idle: float | None = None, flush_reco
     archive = Archive(settings.archive_dir)
     bounds = EventTimeBounds.of(settings.features)
     dlq = kafka_io.producer(settings, max_block_ms=5000, request_timeout_ms=5000)
-    bad: list[tuple[object, str]] = []
+    bad: list[tuple[object, BadEvent]] = []
     listener = _SeekToLedger(archive)
 
     def make_consumer():
@@ -220,6 +222,7 @@ def run_archiver(settings: Settings, until_idle: float | None = None, flush_reco
     member = kafka_io.GroupMember(settings, settings.kafka.archive_group, make_consumer)
     buffer: dict[int, list[tuple[int, Event]]] = defaultdict(list)
     stats = {"consumed": 0, "archived": 0, "dlq": 0}
+    polled_to: dict = {}  # TopicPartition -> the offset after the last record polled (buffered or done)
     last_flush = time.monotonic()
 
     def flush():
@@ -227,6 +230,9 @@ def run_archiver(settings: Settings, until_idle: float | None = None, flush_reco
             if rows:
                 archive.write_batch(partition, rows)
                 stats["archived"] += len(rows)
+                metrics.ARCHIVED.inc(len(rows))
+                metrics.LEDGER_OFFSET.labels(str(partition)).set(rows[-1][0])
+        records_done = sum(map(len, buffer.values())) + len(bad)
         buffer.clear()
         if bad:
             stats["dlq"] += kafka_io.until_done(
@@ -234,16 +240,20 @@ def run_archiver(settings: Settings, until_idle: float | None = None, flush_reco
                 "the dead-letter topic", (KafkaError,))
             bad.clear()
         member.consumer.commit()
+        member.mark_done(polled_to)
+        metrics.CONSUMED.labels(settings.kafka.archive_group).inc(records_done)
 
     def on_poll(polled):
         nonlocal last_flush
         for tp, records in polled.items():
+            if records:
+                polled_to[tp] = records[-1].offset + 1
             for r in records:
                 stats["consumed"] += 1
                 try:
                     buffer[tp.partition].append((r.offset, parse_event(r.value, bounds)))
                 except BadEvent as exc:
-                    bad.append((r, exc.reason))
+                    bad.append((r, exc))
         pending = sum(map(len, buffer.values())) + len(bad)
         now = time.monotonic()
         if pending >= flush_records or (pending and now - last_flush >= flush_seconds):

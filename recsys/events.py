@@ -75,25 +75,29 @@ class Event(BaseModel):
         return self.model_dump_json(exclude_none=True).encode()
 
 
-class BadEvent(InvalidInput):
-    """A record that is not a valid event; ``reason`` says why, for the dead-letter topic."""
+BAD_EVENT_KINDS = ("empty", "not_json", "not_object", "invalid")
 
-    def __init__(self, reason: str):
+
+class BadEvent(InvalidInput):
+    """A record that is not a valid event; ``reason`` says why, for the dead-letter topic, and
+    ``kind`` is its class (empty, not_json, not_object, invalid), a metric's label."""
+
+    def __init__(self, reason: str, kind: str = "invalid"):
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.kind = reason, kind
 
 
 def parse_event(raw: bytes | None, bounds: EventTimeBounds = DEFAULT_BOUNDS) -> Event:
     """Decode one Kafka record value, raising BadEvent with a short reason. Pydantic parses
     the JSON itself (in Rust: half the CPU of json.loads and a validation of the dict)."""
     if raw is None:
-        raise BadEvent("empty record")
+        raise BadEvent("empty record", "empty")
     try:
         return Event.model_validate_json(raw, context={"bounds": bounds})
     except ValidationError as exc:
         errors = exc.errors()
         if errors[0]["type"] == "json_invalid":
-            raise BadEvent(f"not JSON: {errors[0]['msg']}") from None
+            raise BadEvent(f"not JSON: {errors[0]['msg']}", "not_json") from None
         if errors[0]["type"] == "model_type":
-            raise BadEvent(f"not a JSON object: {type(json.loads(raw)).__name__}") from None
+            raise BadEvent(f"not a JSON object: {type(json.loads(raw)).__name__}", "not_object") from None
         raise BadEvent("; ".join(f"{'.'.join(map(str, e['loc'])) or 'event'}: {e['msg']}" for e in errors)) from None

@@ -11,11 +11,11 @@ from typing import Callable, Iterable
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
-from prometheus_client import Counter, Gauge
 from tqdm import tqdm
 
 from recsys.errors import RecsysError
-from recsys.events import Event
+from recsys.events import BAD_EVENT_KINDS, BadEvent, Event
+from recsys.metrics import ASSIGNED_PARTITIONS, CONSUMED, DEAD_LETTERS, LAG, RECREATED, UNASSIGNED_SECONDS
 from recsys.settings import Settings
 
 
@@ -71,11 +71,6 @@ def kafka_answers(s: Settings) -> bool:
 
 
 log = logging.getLogger(__name__)
-ASSIGNED_PARTITIONS = Gauge("recsys_consumer_assigned_partitions", "partitions this consumer holds", ["group"])
-UNASSIGNED_SECONDS = Gauge("recsys_consumer_unassigned_seconds",
-                           "seconds since this consumer last held a partition (0 while it holds some)", ["group"])
-RECREATED = Counter("recsys_consumer_recreated_total", "consumers recreated after waiting too long for partitions",
-                    ["group"])
 
 
 class NoAssignment(RecsysError):
@@ -129,16 +124,51 @@ class GroupMember:
         self.watch = AssignmentWatch(settings.kafka.assignment_timeout_s, settings.kafka.recreate_attempts,
                                      time.monotonic())
         self.consumer = make()
+        for kind in BAD_EVENT_KINDS:  # at 0 from the start: the first dead letter is an increase
+            DEAD_LETTERS.labels(group, kind)
+        CONSUMED.labels(group)
+        self.lag_reported_at = 0.0
+        self.lag_labels: set[tuple[str, str, str]] = set()
+        self.done: dict = {}  # TopicPartition -> the next offset whose effects are not done yet
+
+    def mark_done(self, next_offsets: dict) -> None:
+        """The owner's progress (TopicPartition -> next offset to do), which the lag counts from."""
+        self.done.update(next_offsets)
 
     def poll(self, timeout_ms: int) -> dict:
         polled = self.consumer.poll(timeout_ms=timeout_ms)
-        assigned = len(self.consumer.assignment())
+        held = self.consumer.assignment()
         now = time.monotonic()
-        if self.watch.observe(assigned > 0, now):
+        if self.watch.observe(bool(held), now):
             self._recreate()
-        ASSIGNED_PARTITIONS.labels(self.group).set(assigned)
+        ASSIGNED_PARTITIONS.labels(self.group).set(len(held))
         UNASSIGNED_SECONDS.labels(self.group).set(self.watch.unassigned_for(now))
+        if now - self.lag_reported_at >= 1.0:
+            self.lag_reported_at = now
+            self._report_lag(held)
         return polled
+
+    def _report_lag(self, held) -> None:
+        """Each held partition's lag: records from the last done one (``mark_done``; before any,
+        the consumer's position) to the high watermark of the last fetch (nothing before the
+        first), as Kafka's own tools count from the committed offset. No series is left for
+        partitions that moved away."""
+        labels = set()
+        for tp in held:
+            try:
+                highwater = self.consumer.highwater(tp)
+                done = self.done.get(tp)
+                if done is None:
+                    done = self.consumer.position(tp, timeout_ms=0)
+            except KafkaError:  # moved away meanwhile
+                continue
+            if highwater is not None and done is not None:
+                labels.add(key := (self.group, tp.topic, str(tp.partition)))
+                LAG.labels(*key).set(max(0, highwater - done))
+        self.done = {tp: offset for tp, offset in self.done.items() if tp in held}  # a partition back is anew
+        for gone in self.lag_labels - labels:
+            LAG.remove(*gone)
+        self.lag_labels = labels
 
     def _recreate(self) -> None:
         log.warning("consumer of group %s: no partitions assigned for %.0f s; recreating it (attempt %d of %d)",
@@ -151,18 +181,20 @@ class GroupMember:
             raise NoAssignment(f"group {self.group}: could not recreate the consumer: {exc}") from exc
 
 
-def dead_letter(prod: KafkaProducer, settings: Settings, group: str, bad: list[tuple[object, str]]) -> int:
-    """Send each (record, reason) to the dead-letter topic, with the reason, the consumer group
+def dead_letter(prod: KafkaProducer, settings: Settings, group: str, bad: list[tuple[object, BadEvent]]) -> int:
+    """Send each (record, why) to the dead-letter topic, with the reason, the consumer group
     that rejected it and its source position as headers and the original bytes as value, and
     wait until the broker has every one (raises KafkaError if not): then its offset may be
     committed."""
     futures = [prod.send(settings.kafka.dlq_topic, key=record.key, value=record.value or b"",
-                         headers=[("reason", reason.encode()[:1000]), ("consumer", group.encode()),
+                         headers=[("reason", why.reason.encode()[:1000]), ("consumer", group.encode()),
                                   ("topic", record.topic.encode()), ("partition", str(record.partition).encode()),
                                   ("offset", str(record.offset).encode())])
-               for record, reason in bad]
+               for record, why in bad]
     for f in futures:
         f.get(timeout=30)
+    for _, why in bad:
+        DEAD_LETTERS.labels(group, why.kind).inc()
     return len(futures)
 
 

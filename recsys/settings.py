@@ -135,6 +135,19 @@ class RetrainingSettings(BaseModel):
     poll_s: float = 10.0
 
 
+class MonitoringSettings(BaseModel):
+    """Where each process serves its Prometheus metrics, and the local Prometheus that scrapes them
+    (``recsys stack up --monitoring``; deploy/monitoring). 0 turns an endpoint off."""
+    # Loopback here; a pod whose Prometheus runs in another pod binds all interfaces (0.0.0.0).
+    bind_host: str = "127.0.0.1"
+    stream_port: int = 28201  # the stream worker (also the load test's embedded one)
+    archive_port: int = 28202
+    scheduler_port: int = 28203
+    prometheus_port: int = 29090
+    redis_exporter_port: int = 29121
+    scrape_interval_s: float = 5.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore",
                                       env_nested_delimiter="_", env_nested_max_split=1)
@@ -156,6 +169,7 @@ class Settings(BaseSettings):
     serving: ServingSettings = ServingSettings()
     training: TrainingSettings = TrainingSettings()
     retraining: RetrainingSettings = RetrainingSettings()
+    monitoring: MonitoringSettings = MonitoringSettings()
 
     @field_validator("home", "stack_cache", "archive_dir", "registry_dir", "secrets_dir")
     @classmethod

@@ -18,13 +18,15 @@ on. Without a backlog each batch is finished at once, so no event waits for a ne
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import redis
 from kafka import OffsetAndMetadata, TopicPartition
 from kafka.errors import KafkaError
 
-from recsys import kafka_io
+from recsys import kafka_io, metrics
 from recsys.events import BadEvent, EventTimeBounds, parse_event
 from recsys.feature_store import FeatureStore, SentEvents
 from recsys.settings import Settings
@@ -43,10 +45,12 @@ REDIS_AWAY = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 @dataclass
 class Batch:
-    """One poll, decoded: the events with their positions, the bad records with their reasons."""
+    """One poll, decoded: the events with their positions and Kafka timestamps (ms), the bad
+    records with why."""
     records: list
     good: list = field(default_factory=list)
     positions: list = field(default_factory=list)
+    timestamps: list = field(default_factory=list)
     bad: list = field(default_factory=list)
 
 
@@ -78,8 +82,9 @@ class StreamWorker:
             try:
                 batch.good.append(parse_event(record.value, self.bounds))
                 batch.positions.append((record.topic, record.partition, record.offset))
+                batch.timestamps.append(record.timestamp)
             except BadEvent as exc:
-                batch.bad.append((record, exc.reason))
+                batch.bad.append((record, exc))
         return batch
 
     def send(self, batch: Batch) -> SentEvents | None:
@@ -114,12 +119,18 @@ class StreamWorker:
             return False
         offsets = next_offsets(batch.records)
         self.done.update(offsets)
+        self.member.mark_done({tp: om.offset for tp, om in offsets.items()})
         # Asynchronous: a commit lost in a crash only replays events the applied offsets absorb.
         self.member.consumer.commit_async(offsets=offsets)
+        n_applied = sum(applied)
         self.stats.consumed += len(batch.records)
-        self.stats.applied += sum(applied)
-        self.stats.duplicates += len(applied) - sum(applied)
+        self.stats.applied += n_applied
+        self.stats.duplicates += len(applied) - n_applied
         self.stats.dlq += len(batch.bad)
+        metrics.CONSUMED.labels(self.settings.kafka.stream_group).inc(len(batch.records))
+        metrics.APPLIED.inc(n_applied)
+        metrics.DUPLICATES.inc(len(applied) - n_applied)
+        metrics.FRESHNESS.observe_many(time.time() - np.array(batch.timestamps, dtype=float) / 1000)
         return True
 
     def process(self, records) -> bool:

@@ -126,6 +126,8 @@ class RecsysService:
     def _watch_registry(self, every_s: float) -> None:
         while True:
             time.sleep(every_s)
+            if self.version:  # Ray drops a gauge not set for two export intervals: set it again
+                MODEL_VERSION.set(1, tags={"version": self.version})
             version = None
             try:
                 version = current_version(self.settings)

@@ -41,13 +41,13 @@ def test_every_manifest_parses():
     files = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
     assert len(files) >= 8
     kinds = {doc["kind"] for f in files for doc in yaml.safe_load_all(f.read_text()) if doc}
-    assert {"RayService", "RayJob", "CronJob", "StatefulSet", "Deployment", "PodMonitor"} <= kinds
+    assert {"RayService", "RayJob", "CronJob", "StatefulSet", "Deployment", "Service"} <= kinds
 
 
 def test_serving_pods_run_the_haproxy_ingress_and_only_ray_pods_reach_their_other_ports():
     """rayservice.yaml turns on the HAProxy ingress on head and workers alike, and the
     NetworkPolicy that selects those pods admits outside traffic only to the front door (8000)
-    and metrics (8080, from the monitoring namespace); the replicas' own ports only from Ray pods."""
+    and metrics (8080: Ray's, 9101: HAProxy's, from Prometheus); the replicas' own ports only from Ray pods."""
     service = yaml.safe_load((ROOT / "deploy" / "k8s" / "rayservice.yaml").read_text())
     cluster = service["spec"]["rayClusterConfig"]
     templates = [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])]
@@ -62,6 +62,6 @@ def test_serving_pods_run_the_haproxy_ingress_and_only_ray_pods_reach_their_othe
         peers = rule.get("from", [])
         if peers == [{"podSelector": {"matchLabels": selector}}]:
             continue  # Ray's own pods: every port
-        assert {p["port"] for p in rule["ports"]} <= {8000, 8080}, rule
+        assert {p["port"] for p in rule["ports"]} <= {8000, 8080, 9101}, rule
     kustomization = yaml.safe_load((ROOT / "deploy" / "k8s" / "kustomization.yaml").read_text())
     assert "networkpolicy.yaml" in kustomization["resources"]

@@ -1,13 +1,17 @@
 """The peak-season load test: pure logic (shapes, shoppers, SLO evaluation) and two runs
 against the real stack (Kafka, Redis, Ray Serve): the smoke profile passes its SLOs with
-the autoscaler going up and back down, and a run that drops events fails nothing-lost.
+the autoscaler going up and back down while Prometheus scrapes it, and a run that drops events
+fails nothing-lost. Then every dashboard query is asked of that real Prometheus.
 """
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,17 +178,31 @@ def app(live_stack, tmp_path_factory):
     scratch.close()
 
 
+@pytest.fixture(scope="module")
+def monitoring(live_stack):
+    """The project's Prometheus and Redis exporter (``recsys stack up --monitoring``), scraping
+    the default loopback ports, which this module's processes are given."""
+    from deploy.local import prometheus, stack
+    was_running = prometheus.answers(live_stack)
+    stack.start_monitoring(live_stack, progress=lambda *_: None)
+    yield live_stack
+    if not was_running:
+        stack.stop_monitoring(live_stack)
+
+
 def _loadtest_cmd() -> list[str]:
     return [sys.executable, "-m", "cli", "loadtest"]
 
 
-def test_smoke_profile_has_no_errors_scales_up_and_down_and_loses_nothing(app, tmp_path):
+def test_smoke_profile_has_no_errors_scales_up_and_down_and_loses_nothing(app, monitoring, tmp_path):
     """Behaviour only. The p99 budget is a wall-clock figure that a busy 2-core machine misses
     for reasons unrelated to the code: it is recorded in the report (and printed here), and
-    judged by ``recsys loadtest`` runs, not by this test."""
+    judged by ``recsys loadtest`` runs, not by this test. Prometheus scrapes the run's stream
+    worker: the report plots its lag and freshness."""
     out = tmp_path / "report"
+    env = {**app.env, "RECSYS_MONITORING_STREAM_PORT": str(monitoring.monitoring.stream_port)}
     done = subprocess.run([*_loadtest_cmd(), "--profile", "smoke", "--json", "--out", str(out)],
-                          env=app.env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode in (0, 1), done.stderr[-2000:]  # 2: the test could not run
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     slos = {s["name"]: s for s in summary["slos"]}
@@ -200,8 +218,11 @@ def test_smoke_profile_has_no_errors_scales_up_and_down_and_loses_nothing(app, t
     assert summary["events"]["posted"] > 100 and summary["events"]["in_redis"] == summary["events"]["posted"]
     assert summary["passed"] == all(s["passed"] for s in slos.values())
     for name in ("summary.json", "loadtest.png", "locust.html", "locust_stats.csv", "locust_stats_history.csv",
-                 "timeline.csv", "replicas.csv"):
+                 "timeline.csv", "replicas.csv", "stream.csv"):
         assert (out / name).stat().st_size > 0, name
+    seen = summary["events"]["monitoring"]
+    assert seen["max_lag"] is not None and seen["max_lag"] >= 0, seen
+    assert 0 < seen["max_freshness_p99_s"] < 60, seen
 
 
 def test_nothing_lost_fails_when_the_stream_worker_drops_out(app, tmp_path):
@@ -218,3 +239,109 @@ def test_nothing_lost_fails_when_the_stream_worker_drops_out(app, tmp_path):
     assert not lost["passed"] and not summary["passed"]
     assert 0 < found < posted, lost  # applied until the worker stopped, the rest never reached Redis
     assert json.loads((tmp_path / "report" / "summary.json").read_text())["passed"] is False
+
+
+# ---- the dashboards against the real Prometheus ----------------------------------------
+
+DASHBOARDS = Path(__file__).resolve().parents[1] / "deploy" / "monitoring" / "dashboards"
+
+
+def dashboard_queries() -> list[tuple[str, str, str]]:
+    """(dashboard file, panel title, expr) of every panel target."""
+    return [(path.name, panel["title"], target["expr"])
+            for path in sorted(DASHBOARDS.glob("*.json"))
+            for panel in json.loads(path.read_text())["panels"] for target in panel.get("targets", [])]
+
+
+def _burst(client, seconds: float) -> None:
+    """The load test's shoppers' recommendations and events for ``seconds`` (about 30 requests/s),
+    for rates at "now"."""
+    from loadtest.shoppers import Population, ShopperConfig
+    shoppers, deadline = Population(ShopperConfig(), seed=7), time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        user, _ = shoppers.shopper()
+        assert client.get(f"/v1/recommendations/{user}").status_code == 200
+        assert client.post("/v1/events", json=[shoppers.event(user)]).status_code == 202
+        time.sleep(0.05)
+
+
+def _archived(settings) -> int:
+    from recsys.archive import read_events
+    return read_events(settings).num_rows if any(settings.archive_dir.glob("day=*/*.parquet")) else 0
+
+
+def _spawn(env: dict, logs: Path, *args: str) -> subprocess.Popen:
+    """A ``recsys`` command in the background, its output to a file (a pipe nobody reads would
+    fill and stop it)."""
+    log = (logs / f"{args[0]}.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc.log_path = Path(log.name)
+    return proc
+
+
+def _wait_until(what: str, check, timeout_s: float, procs=()) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        for proc in procs:
+            assert proc.poll() is None, f"{proc.args[3]} exited: {proc.log_path.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
+        time.sleep(1)
+
+
+def test_every_dashboard_query_returns_data_from_the_real_prometheus(app, monitoring, tmp_path):
+    """The stream worker, archiver and scheduler run as the CLI runs them (their metrics ports
+    the defaults Prometheus scrapes), a model is published and a scheduled retraining judged,
+    a bad record is dead-lettered, and a burst of requests is served; then each panel's query
+    is sent to Prometheus's HTTP API: it parses, and returns at least one finite value. The rules
+    file is loaded too: every group healthy, and the dead-letter alert active."""
+    from kafka import KafkaProducer
+    from deploy.local import prometheus
+    from training.scheduler import read_history
+    ports = monitoring.monitoring
+    procs = [_spawn(app.env, tmp_path, "stream", "--metrics-port", str(ports.stream_port)),
+             _spawn(app.env, tmp_path, "archive", "--metrics-port", str(ports.archive_port))]
+    try:
+        producer = KafkaProducer(bootstrap_servers=app.settings.kafka.servers)
+        producer.send(app.settings.kafka.events_topic, b"not an event").get(timeout=30)  # to the DLQ, by both groups
+        producer.close()
+        app.cli("replay", "--source", "synthetic:events=20000,users=400,items=200", "--quiet")  # training data
+        with app.client() as client:
+            _burst(client, 10)
+            _wait_until("the archive holds the events", lambda: _archived(app.settings) >= 20_000, 180, procs)
+            train = subprocess.run([sys.executable, "-m", "cli", "train", "--source", "archive", "--workers", "1",
+                                    "--epochs", "1", "--json"], env=app.env, capture_output=True, text=True, timeout=600)
+            assert train.returncode == 0, train.stderr[-2000:]
+            env = {**app.env, "RECSYS_RETRAINING_INTERVAL_S": "1e9", "RECSYS_TRAINING_WORKERS": "1",
+                   "RECSYS_TRAINING_EPOCHS": "1", "RECSYS_RETRAINING_POLL_S": "1",
+                   "RECSYS_RETRAINING_WINDOW_DAYS": "0"}  # the synthetic events are from 2023
+            procs.append(_spawn(env, tmp_path, "scheduler", "--metrics-port", str(ports.scheduler_port)))
+            _wait_until("a scheduled retraining judged", lambda: read_history(app.settings), 600, procs)
+            assert read_history(app.settings)[-1]["decision"] in ("published", "rejected"), read_history(app.settings)
+            _wait_until("Prometheus scraped the run",
+                        lambda: prometheus.scalar(monitoring, "sum(recsys_retrain_runs_total)") == 1, 60, procs)
+            _wait_until("the replicas serve a published model",  # loaded in the background (hot swap)
+                        lambda: prometheus.query(monitoring, "ray_recsys_model_version_info == 1"), 300, procs)
+            _burst(client, 20)
+        empty, failed = [], []
+        for board, title, expr in dashboard_queries():
+            try:
+                values = [float(s["value"][1]) for s in prometheus.query(monitoring, expr)]
+            except prometheus.PromQLError as exc:
+                failed.append(f"{board} / {title}: {exc}")
+                continue
+            if not any(math.isfinite(v) for v in values):
+                empty.append(f"{board} / {title}: {expr}")
+        assert not failed, failed
+        assert not empty, empty
+        print(f"{len(dashboard_queries())} dashboard queries, each with data")
+        import httpx
+        groups = httpx.get(f"{prometheus.url(monitoring)}/api/v1/rules", timeout=10).json()["data"]["groups"]
+        assert groups and all(r["health"] == "ok" for g in groups for r in g["rules"]), groups
+        active = {a["labels"]["alertname"] for a in
+                  httpx.get(f"{prometheus.url(monitoring)}/api/v1/alerts", timeout=10).json()["data"]["alerts"]}
+        assert "RecsysDeadLetters" in active, active
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=60)

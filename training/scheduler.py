@@ -31,6 +31,9 @@ import pyarrow.compute as pc
 import redis
 from croniter import croniter
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
 from recsys import evaluation
 from recsys.archive import read_events
 from recsys.errors import Busy, LockLost
@@ -208,6 +211,86 @@ def run_once(settings: Settings, trigger: str = "manual", table: Optional[pa.Tab
         record.duration_s = round(time.monotonic() - started, 1)
         _append_history(settings, record)
         return asdict(record)
+
+
+def _unix(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def schedule_interval_s(settings: Settings, now: float) -> float:
+    """The schedule's period: the interval, or the gap between the cron's next two firings."""
+    if settings.retraining.cron:
+        firings = croniter(settings.retraining.cron, now)
+        first = firings.get_next(float)
+        return firings.get_next(float) - first
+    return settings.retraining.interval_s
+
+
+def run_metrics(settings: Settings, history: list[dict], now: float) -> dict:
+    """The scheduler's Prometheus figures from the run history and the registry (pure but for
+    reading the model card): what ``SchedulerMetrics`` exports, by metric name."""
+    ended = [r for r in history if r.get("duration_s") is not None]
+    runs = {d: sum(r["decision"] == d for r in history) for d in ("published", "rejected", "failed")}
+    rejections = 0
+    for r in reversed(history):
+        if r["decision"] == "published":
+            break
+        rejections += r["decision"] == "rejected"
+    out: dict = {"recsys_retrain_runs": runs, "recsys_retrain_consecutive_rejections": rejections,
+                 "recsys_retrain_interval_seconds": schedule_interval_s(settings, now)}
+    if history:
+        last = history[-1]
+        out["recsys_retrain_last_start_timestamp_seconds"] = _unix(last["started_at"])
+        out["recsys_retrain_last_decision_info"] = {d: float(last["decision"] == d) for d in runs}
+        out["recsys_retrain_hr10"] = {m: last[m]["hr@10"] for m in ("candidate", "current") if last.get(m)}
+    if ended:
+        out["recsys_retrain_last_end_timestamp_seconds"] = _unix(ended[-1]["started_at"]) + ended[-1]["duration_s"]
+    successes = [_unix(r["started_at"]) + r["duration_s"] for r in ended if r["decision"] == "published"]
+    registry = Registry(settings.registry_dir)
+    current = registry.current()
+    if current:
+        created = _unix(registry.show(current)["created_at"])
+        out["recsys_model_created_timestamp_seconds"] = {current: created}
+        successes.append(created)
+    if successes:
+        out["recsys_retrain_last_success_timestamp_seconds"] = max(successes)
+    return out
+
+
+class SchedulerMetrics(Collector):
+    """Read at each scrape, so the figures survive a restart of the scheduler and count runs
+    made by ``recsys retrain-now`` as well."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def collect(self):
+        figures = run_metrics(self.settings, read_history(self.settings), time.time())
+        help_ = {
+            "recsys_retrain_runs": "retraining runs by decision (published, rejected, failed)",
+            "recsys_retrain_consecutive_rejections": "gate rejections since the last published run",
+            "recsys_retrain_interval_seconds": "the schedule's period",
+            "recsys_retrain_last_start_timestamp_seconds": "start of the last retraining run",
+            "recsys_retrain_last_decision_info": "1 for the last run's decision",
+            "recsys_retrain_last_end_timestamp_seconds": "end of the last retraining run that ended",
+            "recsys_retrain_hr10": "HR@10 of the last run's candidate and of the model it was compared with",
+            "recsys_model_created_timestamp_seconds": "creation time of the current (served) model",
+            "recsys_retrain_last_success_timestamp_seconds": "the newest of: the end of the last published run, "
+                                                             "the current model's creation",
+        }
+        for name, value in figures.items():
+            if name == "recsys_retrain_runs":
+                family = CounterMetricFamily(name, help_[name], labels=["decision"])
+            else:
+                label = {"recsys_retrain_hr10": "model", "recsys_model_created_timestamp_seconds": "version",
+                         "recsys_retrain_last_decision_info": "decision"}.get(name)
+                family = GaugeMetricFamily(name, help_[name], labels=[label] if label else None)
+            if isinstance(value, dict):
+                for key, v in value.items():
+                    family.add_metric([key], v)
+            else:
+                family.add_metric([], value)
+            yield family
 
 
 def new_events_since_current(settings: Settings) -> int:

@@ -8,6 +8,9 @@ need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v java >/dev/null || need_apt+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || need_apt+=(maven)
+# Monitoring (`recsys stack up --monitoring`, and promtool for the rules' tests).
+command -v prometheus >/dev/null || need_apt+=(prometheus)
+command -v prometheus-redis-exporter >/dev/null || need_apt+=(prometheus-redis-exporter)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

@@ -24,12 +24,15 @@ from dataclasses import dataclass
 from string import Template
 from typing import Callable
 
+import httpx
 import redis
+import yaml
 from kafka import KafkaAdminClient
 from kafka.errors import TopicAlreadyExistsError
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from deploy.local import prometheus
 from recsys import RAY_ENV
 from recsys.errors import RecsysError
 from recsys.kafka_io import broker_answers
@@ -39,7 +42,8 @@ from recsys.settings import Settings
 DEPLOY = Path(__file__).resolve().parent
 # Text that /proc/<pid>/cmdline must contain for a recorded pid to still be ours, by the
 # service's name up to a dash ("kafka-2" is a Kafka node).
-MARKERS = {"kafka": "kafka.Kafka", "redis": "redis-server"}
+MARKERS = {"kafka": "kafka.Kafka", "redis": "redis-server", "prometheus": "--storage.tsdb.path",
+           "redis_exporter": "prometheus-redis-exporter"}
 KAFKA_TIMEOUT_S = 90
 REDIS_TIMEOUT_S = 15
 STOP_TIMEOUT_S = 30
@@ -85,13 +89,13 @@ def _pid(s: Settings, name: str) -> int | None:
     return pid if _alive(pid, name) else None
 
 
-def _spawn(s: Settings, name: str, cmd: list[str]) -> subprocess.Popen:
+def _spawn(s: Settings, name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
     log = _log(s, name)
     with log.open("a") as out:
         out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n")
         out.flush()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
     _pidfile(s, name).write_text(f"{proc.pid}\n")
     _children[name] = proc
     return proc
@@ -428,10 +432,13 @@ def start_ray(s: Settings, progress: Callable[[str], None] = print) -> str:
     if address:
         return address
     progress(f"ray: starting a local cluster ({s.ray.num_cpus:g} logical CPUs)")
+    env = {**os.environ, **RAY_ENV, **ray_cluster_env(s)}
+    # `ray start` refuses to make the auth token (ray.init does): on a fresh machine, make it first.
+    subprocess.run([_ray_exe(), "get-auth-token", "--generate"], capture_output=True, env=env)
     done = subprocess.run([_ray_exe(), "start", "--head", f"--port={s.ray.port}", f"--num-cpus={s.ray.num_cpus:g}",
                            "--include-dashboard=false",
                            f"--metrics-export-port={s.ray.metrics_port}", "--disable-usage-stats"],
-                          capture_output=True, text=True, env={**os.environ, **RAY_ENV, **ray_cluster_env(s)})
+                          capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise StackError(f"ray start failed:\n{(done.stdout + done.stderr)[-2000:]}")
     return ray_address(s) or f"127.0.0.1:{s.ray.port}"
@@ -476,20 +483,105 @@ def stop_haproxy(s: Settings, timeout_s: float = 10.0) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+# ---- monitoring ------------------------------------------------------------
+
+MONITORING = DEPLOY.parent / "monitoring"
+PROMETHEUS_TIMEOUT_S = 30
+
+
+def scrape_targets(s: Settings) -> list[dict]:
+    """The local addresses of the jobs of deploy/monitoring/prometheus.yml (file_sd groups)."""
+    ports = {"serve": s.ray.metrics_port, "haproxy": s.serving.haproxy_metrics_port,
+             "stream": s.monitoring.stream_port, "archive": s.monitoring.archive_port,
+             "scheduler": s.monitoring.scheduler_port, "redis": s.monitoring.redis_exporter_port}
+    return [{"targets": [f"127.0.0.1:{port}"], "labels": {"job": job}} for job, port in ports.items() if port]
+
+
+def _exporter_answers(s: Settings) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{s.monitoring.redis_exporter_port}/metrics", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _prometheus_config(s: Settings) -> Path:
+    """deploy/monitoring's prometheus.yml and rules.yml, copied into <home>/prometheus with this
+    stack's scrape interval and a targets/local.yml of loopback addresses."""
+    folder = _dir(s, "prometheus")
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    every = f"{s.monitoring.scrape_interval_s:g}s"
+    config["global"].update(scrape_interval=every, evaluation_interval=every)
+    (folder / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    shutil.copyfile(MONITORING / "rules.yml", folder / "rules.yml")
+    (folder / "targets").mkdir(exist_ok=True)
+    (folder / "targets" / "local.yml").write_text(yaml.safe_dump(scrape_targets(s), sort_keys=False))
+    return folder / "prometheus.yml"
+
+
+def _binary(name: str, package: str) -> str:
+    exe = shutil.which(name)
+    if not exe:
+        raise StackError(f"{name} not found: run `bash deploy/local/setup.sh` (Debian: apt-get install {package})")
+    return exe
+
+
+def start_monitoring(s: Settings, progress: Callable[[str], None] = print) -> None:
+    """The Redis exporter and Prometheus, on loopback; the config is rewritten on every start."""
+    config = _prometheus_config(s)
+    if not _exporter_answers(s):
+        proc = None
+        if _pid(s, "redis_exporter") is None:
+            progress(f"redis exporter: starting on 127.0.0.1:{s.monitoring.redis_exporter_port}")
+            # The password through the environment (REDIS_PASSWORD): argv is visible to every user.
+            env = {**os.environ, "REDIS_PASSWORD": ensure_secret(s, REDIS_PASSWORD)}
+            proc = _spawn(s, "redis_exporter", [
+                _binary("prometheus-redis-exporter", "prometheus-redis-exporter"),
+                f"-redis.addr=redis://{s.redis.host}:{s.redis.port}",
+                f"-web.listen-address=127.0.0.1:{s.monitoring.redis_exporter_port}"], env=env)
+        _wait(s, "redis_exporter", _exporter_answers, PROMETHEUS_TIMEOUT_S, proc)
+    if prometheus.answers(s):
+        httpx.post(f"{prometheus.url(s)}/-/reload", timeout=10)  # the targets of these settings
+        return
+    proc = None
+    if _pid(s, "prometheus") is None:
+        progress(f"prometheus: starting on {prometheus.url(s)} (scraping every {s.monitoring.scrape_interval_s:g} s)")
+        proc = _spawn(s, "prometheus", [
+            _binary("prometheus", "prometheus"), f"--config.file={config}",
+            f"--storage.tsdb.path={_dir(s, 'prometheus') / 'data'}", "--storage.tsdb.retention.time=7d",
+            f"--web.listen-address=127.0.0.1:{s.monitoring.prometheus_port}", "--web.enable-lifecycle"])
+    _wait(s, "prometheus", prometheus.answers, PROMETHEUS_TIMEOUT_S, proc)
+
+
+def stop_monitoring(s: Settings) -> str:
+    return _stop(s, "prometheus", "redis_exporter")
+
+
+def _monitoring_status(s: Settings) -> dict:
+    """Prometheus's state and, while it runs, each scrape target: job, address, up or why not."""
+    if not prometheus.answers(s):
+        return {"state": "stopped", "pid": _pid(s, "prometheus"), "log": str(_log(s, "prometheus"))}
+    return {"state": "running", "pid": _pid(s, "prometheus"), "url": prometheus.url(s),
+            "redis_exporter": "running" if _exporter_answers(s) else "stopped",
+            "targets": prometheus.targets(s), "log": str(_log(s, "prometheus"))}
+
+
 # ---- whole stack -----------------------------------------------------------
 
-def up(s: Settings, progress: Callable[[str], None] = print) -> dict:
+def up(s: Settings, progress: Callable[[str], None] = print, monitoring: bool = False) -> dict:
     """Start whatever is not running, wait until both answer, create the topics. Idempotent.
-    The secrets (Redis password, user-id key) are made on first start."""
+    The secrets (Redis password, user-id key) are made on first start. ``monitoring``: also
+    Prometheus and the Redis exporter."""
     ensure_secret(s, USER_ID_KEY)
     start_redis(s, progress)
     start_kafka(s, progress)
+    if monitoring:
+        start_monitoring(s, progress)
     return status(s)
 
 
 def down(s: Settings) -> dict:
     """Stop what ``up`` started; a service started some other way is left alone."""
-    return {"ray": stop_ray(s), "kafka": stop_kafka(s), "redis": stop_redis(s)}
+    return {"monitoring": stop_monitoring(s), "ray": stop_ray(s), "kafka": stop_kafka(s), "redis": stop_redis(s)}
 
 
 def _kafka_status(s: Settings) -> dict:
@@ -511,6 +603,7 @@ def status(s: Settings) -> dict:
         "redis": {"state": "running" if redis_answers(s) else "stopped", "pid": _pid(s, "redis"),
                   "url": s.redis.url, "log": str(_log(s, "redis"))},
         "ray": {"state": "running" if ray_address(s) else "stopped", "address": ray_address(s)},
+        "monitoring": _monitoring_status(s),
     }
 
 
