@@ -198,9 +198,10 @@ def cmd_scheduler(args) -> int:
     from prometheus_client import REGISTRY
     from training.scheduler import SchedulerMetrics, run_scheduler
     settings = get_settings()
-    REGISTRY.register(SchedulerMetrics(settings))
+    metrics = SchedulerMetrics(settings)
+    REGISTRY.register(metrics)
     _serve_metrics(_port(args.metrics_port, settings.monitoring.scheduler_port), "scheduler")
-    run_scheduler(settings, max_runs=args.max_runs)
+    run_scheduler(settings, max_runs=args.max_runs, metrics=metrics)
     return 0
 
 

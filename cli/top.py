@@ -1,8 +1,8 @@
 """``recsys top``: a live view of the running system, refreshed every second.
 
 From the local Prometheus when it runs (``recsys stack up --monitoring``); otherwise from the
-processes' own endpoints (Ray's exporter for Serve, the stream worker's, the scheduler's), whose
-counters are differenced between two reads for the rates and the p99s.
+processes' own endpoints (Ray's exporter for Serve, the stream worker's, the archiver's, the
+scheduler's), whose counters are differenced over the last 30 s for the rates and the p99s.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import json
 import math
 import sys
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -74,13 +74,17 @@ def from_prometheus(s: Settings) -> dict:
 
 
 class Endpoints:
-    """The processes' endpoints read directly, two reads apart for rates and p99s."""
+    """The processes' endpoints read directly; rates and p99s difference the counters against
+    the oldest read of the last ``window_s`` (Ray's exporter moves only every 10 s, its report
+    interval, so a one-second difference is mostly zero)."""
 
-    def __init__(self, s: Settings):
+    def __init__(self, s: Settings, window_s: float = 30.0):
         self.urls = {"serve": f"http://127.0.0.1:{s.ray.metrics_port}/metrics",
                      "stream": f"http://127.0.0.1:{s.monitoring.stream_port}/metrics",
+                     "archive": f"http://127.0.0.1:{s.monitoring.archive_port}/metrics",
                      "scheduler": f"http://127.0.0.1:{s.monitoring.scheduler_port}/metrics"}
-        self.previous: tuple[float, dict] | None = None
+        self.window_s = window_s
+        self.reads: deque[tuple[float, dict]] = deque()
 
     def read(self) -> dict:
         """{(sample name, frozenset(labels)): value}, summed over the label sets told apart only
@@ -100,8 +104,10 @@ class Endpoints:
 
     def snapshot(self) -> dict:
         now, current = time.monotonic(), self.read()
-        before = self.previous
-        self.previous = (now, current)
+        while len(self.reads) > 1 and now - self.reads[1][0] >= self.window_s:
+            self.reads.popleft()  # keep one read at least window_s old, once there is one
+        before = self.reads[0] if self.reads else None
+        self.reads.append((now, current))
 
         def pick(name: str, label: str | None = None) -> dict:
             return {dict(labels).get(label, "") if label else "": v for (n, labels), v in current.items() if n == name}

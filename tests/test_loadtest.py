@@ -293,8 +293,10 @@ def test_every_dashboard_query_returns_data_from_the_real_prometheus(app, monito
     the defaults Prometheus scrapes), a model is published and a scheduled retraining judged,
     a bad record is dead-lettered, and a burst of requests is served; then each panel's query
     is sent to Prometheus's HTTP API: it parses, and returns at least one finite value. The rules
-    file is loaded too: every group healthy, and the dead-letter alert active."""
+    file is loaded too: every group healthy, and the dead-letter alert active. ``recsys top`` shows
+    the same figures, from Prometheus and from the endpoints directly."""
     from kafka import KafkaProducer
+    from cli.top import Endpoints
     from deploy.local import prometheus
     from training.scheduler import read_history
     ports = monitoring.monitoring
@@ -321,7 +323,20 @@ def test_every_dashboard_query_returns_data_from_the_real_prometheus(app, monito
                         lambda: prometheus.scalar(monitoring, "sum(recsys_retrain_runs_total)") == 1, 60, procs)
             _wait_until("the replicas serve a published model",  # loaded in the background (hot swap)
                         lambda: prometheus.query(monitoring, "ray_recsys_model_version_info == 1"), 300, procs)
-            _burst(client, 20)
+            endpoints = Endpoints(monitoring)  # `recsys top` without Prometheus: two reads of the endpoints
+            endpoints.snapshot()
+            _burst(client, 20)  # longer than Ray's 10 s report interval
+            direct = endpoints.snapshot()
+        top = subprocess.run([sys.executable, "-m", "cli", "top", "--once", "--json"], env=app.env,
+                             capture_output=True, text=True, timeout=60)
+        assert top.returncode == 0, top.stderr[-2000:]
+        for snap in (json.loads(top.stdout), direct):
+            print(snap)
+            assert snap["rps"]["recommendations"] > 0 and snap["p99_ms"]["recommendations"] > 0, snap
+            assert app.settings.kafka.stream_group in snap["lag"] and snap["freshness_p99_s"] is not None, snap
+            assert snap["replicas"] >= 1 and snap["served"], snap
+            assert snap["last_decision"] in ("published", "rejected") and "candidate" in snap["hr10"], snap
+            assert snap["model_age_s"], snap
         empty, failed = [], []
         for board, title, expr in dashboard_queries():
             try:

@@ -259,13 +259,17 @@ def run_metrics(settings: Settings, history: list[dict], now: float) -> dict:
 
 class SchedulerMetrics(Collector):
     """Read at each scrape, so the figures survive a restart of the scheduler and count runs
-    made by ``recsys retrain-now`` as well."""
+    made by ``recsys retrain-now`` as well. A run of this scheduler still going (``running_since``)
+    is the last run started."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.running_since: Optional[float] = None
 
     def collect(self):
         figures = run_metrics(self.settings, read_history(self.settings), time.time())
+        if self.running_since is not None:
+            figures["recsys_retrain_last_start_timestamp_seconds"] = self.running_since
         help_ = {
             "recsys_retrain_runs": "retraining runs by decision (published, rejected, failed)",
             "recsys_retrain_consecutive_rejections": "gate rejections since the last published run",
@@ -316,7 +320,8 @@ def due_trigger(settings: Settings, last_run_at: Optional[float], now: float) ->
     return None
 
 
-def run_scheduler(settings: Settings, max_runs: Optional[int] = None, log=print) -> None:
+def run_scheduler(settings: Settings, max_runs: Optional[int] = None, log=print,
+                  metrics: Optional[SchedulerMetrics] = None) -> None:
     """Poll the triggers every ``retraining.poll_s``; run when one fires and the lock is free."""
     if settings.retraining.cron and not croniter.is_valid(settings.retraining.cron):
         raise ValueError(f"RECSYS_RETRAINING_CRON {settings.retraining.cron!r} is not a cron expression")
@@ -326,10 +331,15 @@ def run_scheduler(settings: Settings, max_runs: Optional[int] = None, log=print)
         last = datetime.fromisoformat(history[-1]["started_at"]).timestamp() if history else None
         trigger = due_trigger(settings, last, time.time())
         if trigger:
+            if metrics is not None:
+                metrics.running_since = time.time()
             try:
                 record = run_once(settings, trigger)
                 runs += 1
                 log(json.dumps(record))
             except Busy as exc:
                 log(f"scheduler: {exc}; waiting")
+            finally:
+                if metrics is not None:
+                    metrics.running_since = None
         time.sleep(settings.retraining.poll_s)
