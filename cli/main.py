@@ -45,7 +45,8 @@ def cmd_stack(args) -> int:
         result = stack.down(settings)
     else:
         result = stack.status(settings)
-    targets = result.get("monitoring", {}).pop("targets", []) if not args.json else []
+    monitoring = result.get("monitoring")
+    targets = monitoring.pop("targets", []) if isinstance(monitoring, dict) and not args.json else []
     _print(result, args.json)
     for t in targets:  # Prometheus's scrape targets, one line each
         print(f"  scrape {t['job']:<10} {t['address']:<16} {t['health']}{'  ' + t['error'] if t.get('error') else ''}")
