@@ -76,3 +76,22 @@ def test_a_published_model_counts_as_the_last_success(tmp_path):
     created = datetime(2026, 12, 1, 6, tzinfo=timezone.utc).timestamp()
     assert figures["recsys_model_created_timestamp_seconds"] == {version: created}
     assert figures["recsys_retrain_last_success_timestamp_seconds"] == created
+
+
+def test_the_scheduler_collector_exports_each_figure_with_its_label(tmp_path):
+    from training.scheduler import SchedulerMetrics, history_path
+    settings = Settings(registry_dir=tmp_path / "models")
+    settings.registry_dir.mkdir()
+    run = _run(datetime(2026, 12, 1, 1, tzinfo=timezone.utc), "rejected", 0.2, 0.3)
+    history_path(settings).write_text(json.dumps(run) + "\n")
+    registry = CollectorRegistry()
+    collector = SchedulerMetrics(settings)
+    registry.register(collector)
+    collector.running_since = 1.8e9  # a run in progress is the last one started
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
+    assert samples[("recsys_retrain_runs_total", (("decision", "rejected"),))] == 1
+    assert samples[("recsys_retrain_hr10", (("model", "current"),))] == 0.3
+    assert samples[("recsys_retrain_last_decision_info", (("decision", "rejected"),))] == 1
+    assert samples[("recsys_retrain_last_start_timestamp_seconds", ())] == 1.8e9
+    assert samples[("recsys_retrain_consecutive_rejections", ())] == 1

@@ -30,7 +30,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import redis
 from croniter import croniter
-
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -257,6 +256,23 @@ def run_metrics(settings: Settings, history: list[dict], now: float) -> dict:
     return out
 
 
+_SCHEDULER_METRICS = {  # name: help
+    "recsys_retrain_runs": "retraining runs by decision (published, rejected, failed)",
+    "recsys_retrain_consecutive_rejections": "gate rejections since the last published run",
+    "recsys_retrain_interval_seconds": "the schedule's period",
+    "recsys_retrain_last_start_timestamp_seconds": "start of the last retraining run",
+    "recsys_retrain_last_decision_info": "1 for the last run's decision",
+    "recsys_retrain_last_end_timestamp_seconds": "end of the last retraining run that ended",
+    "recsys_retrain_hr10": "HR@10 of the last run's candidate and of the model it was compared with",
+    "recsys_model_created_timestamp_seconds": "creation time of the current (served) model",
+    "recsys_retrain_last_success_timestamp_seconds": "the newest of: the end of the last published run, "
+                                                     "the current model's creation",
+}
+# The label of the metrics that have one.
+_SCHEDULER_LABELS = {"recsys_retrain_runs": "decision", "recsys_retrain_hr10": "model",
+                     "recsys_model_created_timestamp_seconds": "version", "recsys_retrain_last_decision_info": "decision"}
+
+
 class SchedulerMetrics(Collector):
     """Read at each scrape, so the figures survive a restart of the scheduler and count runs
     made by ``recsys retrain-now`` as well. A run of this scheduler still going (``running_since``)
@@ -270,25 +286,10 @@ class SchedulerMetrics(Collector):
         figures = run_metrics(self.settings, read_history(self.settings), time.time())
         if self.running_since is not None:
             figures["recsys_retrain_last_start_timestamp_seconds"] = self.running_since
-        help_ = {
-            "recsys_retrain_runs": "retraining runs by decision (published, rejected, failed)",
-            "recsys_retrain_consecutive_rejections": "gate rejections since the last published run",
-            "recsys_retrain_interval_seconds": "the schedule's period",
-            "recsys_retrain_last_start_timestamp_seconds": "start of the last retraining run",
-            "recsys_retrain_last_decision_info": "1 for the last run's decision",
-            "recsys_retrain_last_end_timestamp_seconds": "end of the last retraining run that ended",
-            "recsys_retrain_hr10": "HR@10 of the last run's candidate and of the model it was compared with",
-            "recsys_model_created_timestamp_seconds": "creation time of the current (served) model",
-            "recsys_retrain_last_success_timestamp_seconds": "the newest of: the end of the last published run, "
-                                                             "the current model's creation",
-        }
         for name, value in figures.items():
-            if name == "recsys_retrain_runs":
-                family = CounterMetricFamily(name, help_[name], labels=["decision"])
-            else:
-                label = {"recsys_retrain_hr10": "model", "recsys_model_created_timestamp_seconds": "version",
-                         "recsys_retrain_last_decision_info": "decision"}.get(name)
-                family = GaugeMetricFamily(name, help_[name], labels=[label] if label else None)
+            kind = CounterMetricFamily if name == "recsys_retrain_runs" else GaugeMetricFamily
+            label = _SCHEDULER_LABELS.get(name)
+            family = kind(name, _SCHEDULER_METRICS[name], labels=[label] if label else None)
             if isinstance(value, dict):
                 for key, v in value.items():
                     family.add_metric([key], v)
