@@ -180,6 +180,28 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_bench_ann(args) -> int:
+    from recsys.ann_bench import bench, format_table
+    result = bench(args.items, queries=args.queries, tuning_queries=args.tuning_queries,
+                   numpy_ivf_max_items=args.numpy_ivf_max_items, spread=args.spread, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_table(result))
+        print(json.dumps({"targets": result["targets"], "passed": result["passed"]}))
+    return 1 if args.check and not result["passed"] else 0
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s.replace("_", "")) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: item counts separated by commas, e.g. 10000,100000") from None
+    if min(sizes) < 1000:
+        raise argparse.ArgumentTypeError("at least 1000 items per size")
+    return sizes
+
+
 def cmd_bench_serve(args) -> int:
     from serving.bench import bench_serve
     result = bench_serve(get_settings(), replicas=args.replicas, concurrency=args.concurrency, seconds=args.seconds,
@@ -306,6 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_train_options(b)
     b = bench.add_parser("gate", help="the retraining gate per seed: same-data candidate published, shuffled rejected")
     add_bench_gate_options(b)
+    b = bench.add_parser("ann", help="exact, IVF-Flat, IVF-int8, IVF-PQ, HNSW (FAISS) and the numpy IVF: single-query "
+                                      "p50/p99 on one thread, recall@10, build time, bytes per item")
+    b.add_argument("--items", type=_sizes, default=[10_000, 100_000, 1_000_000], help="catalogue sizes, e.g. 10000,100000")
+    b.add_argument("--queries", type=int, default=1000, help="held-out queries: recall and latency")
+    b.add_argument("--tuning-queries", type=int, default=500, help="queries that choose nprobe / efSearch")
+    b.add_argument("--spread", type=float, default=0.5,
+                   help="noise per dimension around the cluster centres (standard normal): larger is harder")
+    b.add_argument("--numpy-ivf-max-items", type=int, default=None, help="skip the numpy IVF above this size")
+    b.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    b.add_argument("--json", action="store_true", help="one JSON line")
+    b.set_defaults(func=cmd_bench_ann)
     b = bench.add_parser("serve", help="no-op and recommendation endpoints behind Serve's default and HAProxy "
                                         "ingress, and under plain uvicorn: req/s, p99, CPU-ms per request")
     b.add_argument("--replicas", type=int, default=2, help="fixed replicas (uvicorn: workers) of each variant")

@@ -113,6 +113,18 @@ def _time_per_query(fn, queries: np.ndarray, repeat: int = 3) -> float:
     return best
 
 
+def cluster(items: np.ndarray, nlist: int | None = None, seed: int = 0) -> IVFIndex:
+    """The untuned index: k-means lists over ``items`` (default 1.5 sqrt(n) of them), every list probed."""
+    items = np.asarray(items, dtype=np.float32)
+    n = len(items)
+    if n == 0:
+        raise ValueError("no items to index")
+    nlist = nlist or max(1, min(int(round(np.sqrt(n) * 1.5)), n // 8 or 1))
+    cent, assign = _kmeans(items, nlist, seed=seed) if nlist > 1 else (
+        items.mean(0, keepdims=True), np.zeros(n, dtype=np.int64))
+    return IVFIndex(items, cent, assign, nlist)
+
+
 def build_index(items: np.ndarray, queries: np.ndarray, held_out: np.ndarray, target_recall: float = 0.98,
                 k: int = 10, nlist: int | None = None, seed: int = 0, margin: float = 0.005) -> IVFIndex:
     """An IVF index over ``items`` with the smallest nprobe whose recall@k on ``queries`` reaches
@@ -122,12 +134,8 @@ def build_index(items: np.ndarray, queries: np.ndarray, held_out: np.ndarray, ta
     """
     items = np.asarray(items, dtype=np.float32)
     n = len(items)
-    if n == 0:
-        raise ValueError("no items to index")
-    nlist = nlist or max(1, min(int(round(np.sqrt(n) * 1.5)), n // 8 or 1))
-    cent, assign = _kmeans(items, nlist, seed=seed) if nlist > 1 else (
-        items.mean(0, keepdims=True), np.zeros(n, dtype=np.int64))
-    index = IVFIndex(items, cent, assign, nlist)
+    index = cluster(items, nlist, seed)
+    nlist = index.nlist
     queries, held_out = np.asarray(queries, dtype=np.float32), np.asarray(held_out, dtype=np.float32)
     chosen, tuned = nlist, 1.0
     for p in range(1, nlist):
