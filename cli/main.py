@@ -183,7 +183,8 @@ def cmd_serve(args) -> int:
 def cmd_bench_ann(args) -> int:
     from recsys.ann_bench import bench, format_table
     result = bench(args.items, queries=args.queries, tuning_queries=args.tuning_queries,
-                   numpy_ivf_max_items=args.numpy_ivf_max_items, spread=args.spread, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+                   numpy_ivf_max_items=args.numpy_ivf_max_items, spread=args.spread,
+                   progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps(result))
     else:
