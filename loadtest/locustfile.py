@@ -23,9 +23,9 @@ from pathlib import Path
 
 from locust import FastHttpUser, LoadTestShape, between, events, task
 
-from loadtest.report import EVENTS, EVENTS_RETRIED, RECS
+from loadtest.report import EVENTS, EVENTS_RETRIED, RECS, RECS_RETRIED
 
-EVENT_RETRIES = 3  # a 503'd event is posted again up to this many times, as a client with backoff would
+RETRIES = 3  # a 503'd request is sent again up to this many times, as a client with backoff would
 from loadtest.shapes import Profile, get_profile
 from loadtest.shoppers import Population, ShopperConfig
 
@@ -115,38 +115,44 @@ class Shopper(FastHttpUser):
             self.recommend()
         self.first = False
 
-    def recommend(self):
-        with self.client.get(f"/v1/recommendations/{self.user_id}?k={CONFIG.k}", name=RECS,
-                             catch_response=True) as resp:
-            if resp.status_code != 200:
-                resp.failure(f"status {resp.status_code}")
-                return
-            try:
-                body = resp.json()
-                items = [it["item_id"] for it in body["items"]]
-            except (ValueError, KeyError, TypeError) as exc:
-                resp.failure(f"bad body: {exc!r}")
-                return
-            if self.first and self.is_new and not body.get("fallback"):
-                resp.failure("a new user was not answered by the fallback")
-                return
-            self.shown = items
-
-    def post_event(self):
-        """Posts like a well-behaved client: a 503 (a broker or Redis that did not answer in time)
-        is retried after its Retry-After (at most 1 s), up to EVENT_RETRIES times, with the same
-        event, which the event_id makes idempotent. Each 503'd attempt is recorded as
-        EVENTS_RETRIED; an error is what remains after the last try."""
-        event = POPULATION.event(self.user_id, self.shown)
-        for attempt in range(EVENT_RETRIES + 1):
-            with self.client.post(EVENTS, json=event, name=EVENTS, catch_response=True) as resp:
-                if resp.status_code != 503 or attempt == EVENT_RETRIES:
-                    self._check_event(resp, event)
+    def _send(self, request, check, retried_name: str) -> None:
+        """Like a well-behaved client: a 503 (a broker or Redis that did not answer in time) is
+        sent again after its Retry-After (at most 1 s), up to RETRIES times; safe, since a GET
+        changes nothing and an event's event_id makes its post idempotent. Each 503'd attempt is
+        recorded under ``retried_name``; an error is what remains after the last try."""
+        for attempt in range(RETRIES + 1):
+            with request() as resp:
+                if resp.status_code != 503 or attempt == RETRIES:
+                    check(resp)
                     return
-                resp.request_meta["name"] = EVENTS_RETRIED
+                resp.request_meta["name"] = retried_name
                 resp.success()
                 retry_after = (resp.headers or {}).get("Retry-After") or "1"
             time.sleep(min(1.0, float(retry_after)) if retry_after.replace(".", "", 1).isdigit() else 1.0)
+
+    def recommend(self):
+        url = f"/v1/recommendations/{self.user_id}?k={CONFIG.k}"
+        self._send(lambda: self.client.get(url, name=RECS, catch_response=True), self._check_recs, RECS_RETRIED)
+
+    def _check_recs(self, resp) -> None:
+        if resp.status_code != 200:
+            resp.failure(f"status {resp.status_code}")
+            return
+        try:
+            body = resp.json()
+            items = [it["item_id"] for it in body["items"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            resp.failure(f"bad body: {exc!r}")
+            return
+        if self.first and self.is_new and not body.get("fallback"):
+            resp.failure("a new user was not answered by the fallback")
+            return
+        self.shown = items
+
+    def post_event(self):
+        event = POPULATION.event(self.user_id, self.shown)
+        self._send(lambda: self.client.post(EVENTS, json=event, name=EVENTS, catch_response=True),
+                   lambda resp: self._check_event(resp, event), EVENTS_RETRIED)
 
     def _check_event(self, resp, event: dict) -> None:
         if resp.status_code != 202:

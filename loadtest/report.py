@@ -15,7 +15,9 @@ import numpy as np
 
 RECS = "/v1/recommendations/[user]"
 EVENTS = "/v1/events"
-EVENTS_RETRIED = "/v1/events [retried after 503]"  # a 503'd attempt, which the shopper then retried
+# A 503'd attempt (Retry-After), which the shopper then retried: not an error unless the last try fails too.
+RECS_RETRIED = "/v1/recommendations/[user] [retried after 503]"
+EVENTS_RETRIED = "/v1/events [retried after 503]"
 
 
 @dataclass
@@ -157,6 +159,7 @@ def headline(req: Requests, replicas: list[tuple[float, int]], windows: dict[str
     return {"requests": int(len(req)), "errors": int(np.sum(~req.ok)),
             "events_posted_requests": int(np.sum(req.route == EVENTS)),
             "events_retried_after_503": int(np.sum(req.route == EVENTS_RETRIED)),
+            "recs_retried_after_503": int(np.sum(req.route == RECS_RETRIED)),
             "peak_rps_5s": round(float(smooth.max()), 1) if len(smooth) else 0.0,
             "peak_phase_rps": round(len(peak) / dur, 1) if dur > 0 else None,
             "peak_p50_ms": _pct(peak.latency_ms, 50), "peak_p99_ms": _pct(peak.latency_ms, 99),
