@@ -21,6 +21,7 @@ import numpy as np
 from deploy.local import stack
 from recsys.archive import run_archiver
 from recsys.auth import KeyStore, Scope
+from recsys.evaluation import figure
 from recsys.feature_store import FeatureStore
 from recsys.kafka_io import replay
 from recsys.privacy import Pseudonyms
@@ -64,8 +65,8 @@ def run_demo(settings: Settings, events: int = 100_000, epochs: Optional[int] = 
     card = train("archive", workers=2, epochs=epochs, settings=settings)
     m = card["metrics"]
     print(f"published {card['version']}: HR@10 two-tower {m['two_tower']['hr@10']:.3f} | most-popular "
-          f"{m['popularity']['hr@10']:.3f} | item-kNN {m['itemknn']['hr@10']:.3f} | EASE {m['ease']['hr@10']:.3f} | "
-          f"recency-weighted EASE {m['recency_ease']['hr@10']:.3f} (protocol {card['data_window']['protocol']}: "
+          f"{m['popularity']['hr@10']:.3f} | item-kNN {figure(m['itemknn'], fmt='.3f')} | EASE {figure(m['ease'], fmt='.3f')} | "
+          f"recency-weighted EASE {figure(m['recency_ease'], fmt='.3f')} (protocol {card['data_window']['protocol']}: "
           f"{'the next new item' if card['data_window']['protocol'] == 'B' else 'the last interaction'})")
 
     _step(5, "serve it with Ray Serve")

@@ -181,9 +181,9 @@ def cmd_serve(args) -> int:
 
 
 def cmd_bench_ann(args) -> int:
-    from recsys.ann_bench import bench, format_table
+    from recsys.ann_bench import KINDS, bench, format_table
     result = bench(args.items, queries=args.queries, tuning_queries=args.tuning_queries,
-                   numpy_ivf_max_items=args.numpy_ivf_max_items, spread=args.spread,
+                   kinds=tuple(args.kinds or KINDS), spread=args.spread,
                    progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps(result))
@@ -201,6 +201,20 @@ def _sizes(text: str) -> list[int]:
     if min(sizes) < 1000:
         raise argparse.ArgumentTypeError("at least 1000 items per size")
     return sizes
+
+
+def cmd_bench_compression(args) -> int:
+    from training.cli import _default_ml100k
+    from training.compression import bench, format_table
+    sources = args.sources or [f"movielens:{_default_ml100k()}", "synthetic"]
+    result = bench(sources, get_settings(), workers=args.workers, epochs=args.epochs,
+                   progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_table(result))
+        print(json.dumps({k: result[k] for k in ("int8_relative_hr@10_loss", "max_int8_loss", "passed")}))
+    return 1 if args.check and not result["passed"] else 0
 
 
 def cmd_bench_serve(args) -> int:
@@ -329,17 +343,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_train_options(b)
     b = bench.add_parser("gate", help="the retraining gate per seed: same-data candidate published, shuffled rejected")
     add_bench_gate_options(b)
-    b = bench.add_parser("ann", help="exact, IVF-Flat, IVF-int8, IVF-PQ, HNSW (FAISS) and the numpy IVF: single-query "
+    b = bench.add_parser("ann", help="FAISS's exact, IVF-Flat, IVF-fp16, IVF-int8, IVF-PQ and HNSW indexes: single-query "
                                       "p50/p99 on one thread, recall@10, build time, bytes per item")
     b.add_argument("--items", type=_sizes, default=[10_000, 100_000, 1_000_000], help="catalogue sizes, e.g. 10000,100000")
     b.add_argument("--queries", type=int, default=1000, help="held-out queries: recall and latency")
     b.add_argument("--tuning-queries", type=int, default=500, help="queries that choose nprobe / efSearch")
     b.add_argument("--spread", type=float, default=0.5,
                    help="noise per dimension around the cluster centres (standard normal): larger is harder")
-    b.add_argument("--numpy-ivf-max-items", type=int, default=None, help="skip the numpy IVF above this size")
+    b.add_argument("--kinds", type=lambda s: [k for k in s.split(",") if k], default=None,
+                   help="index kinds of recsys.ann, comma-separated (default: all of recsys.ann_bench.KINDS; flat, the "
+                        "reference, is always measured)")
     b.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     b.add_argument("--json", action="store_true", help="one JSON line")
     b.set_defaults(func=cmd_bench_ann)
+    b = bench.add_parser("compression", help="teacher (dim 128), default (64), student (32) and distilled student "
+                                              "served at fp32, fp16 and int8: HR@10, NDCG@10, bytes, stage times")
+    b.add_argument("--source", dest="sources", action="append", default=None,
+                   help="a source spec, repeatable (default: MovieLens-100K and the synthetic stream)")
+    b.add_argument("--workers", type=int, default=2)
+    b.add_argument("--epochs", type=int, default=None, help="default: the model config's")
+    b.add_argument("--check", action="store_true", help="exit 1 when int8 loses more than 1%% HR@10")
+    b.add_argument("--json", action="store_true", help="one JSON line")
+    b.set_defaults(func=cmd_bench_compression)
     b = bench.add_parser("serve", help="no-op and recommendation endpoints behind Serve's default and HAProxy "
                                         "ingress, and under plain uvicorn: req/s, p99, CPU-ms per request")
     b.add_argument("--replicas", type=int, default=2, help="fixed replicas (uvicorn: workers) of each variant")

@@ -23,6 +23,12 @@ Baselines on the same split: most-popular, item-kNN (cosine), EASE^R (Steck 2019
 recency-weighted EASE (EASE's weights; the user's row weights each interaction 0.5^(r/h),
 r its recency rank, 0 = newest). Pure numpy: EASE on a few thousand items is one dense
 inverse.
+
+Scoring never needs a users x items matrix: each user's input items are kept as sorted index
+arrays (``Split.input_items``), so a batch of users costs (batch, items) memory, whatever the
+catalogue. Popularity is a bincount of those arrays. Item-kNN, EASE and recency-weighted EASE
+are items x items models: above ``DENSE_BASELINE_MAX_ITEMS`` items they are reported as
+``{"skipped": reason}`` instead of figures (``figure`` formats either).
 """
 from __future__ import annotations
 
@@ -44,6 +50,9 @@ PROTOCOLS = {
     "B": "next new item: first interactions, inputs strictly before the target's time, full ranking, touched items removed",
 }
 STREAM_TYPES = {"view", "click", "add_to_cart", "purchase"}
+DENSE_BASELINES = ("itemknn", "ease", "recency_ease")
+DENSE_BASELINE_MAX_ITEMS = 10_000  # items x items float64 matrices (Gram, inverse, per lambda): 0.8 GB each at 10,000
+BATCH_SCORES = 1 << 25  # scores per batch at most by default: 512 users up to 65,536 items, fewer above
 
 
 class EvaluationError(InvalidInput):
@@ -77,6 +86,7 @@ class Split:
     is_positive: Optional[np.ndarray] = None  # rows that can be targets: all (A), first interactions (B)
     _rows: dict = field(default_factory=dict, repr=False)
     _inputs: dict = field(default_factory=dict, repr=False)
+    _sparse: dict = field(default_factory=dict, repr=False)
 
     @property
     def n_users(self) -> int:
@@ -108,8 +118,20 @@ class Split:
         return ((self.val_users, self.val_items, self.val_index) if stage == "validation"
                 else (self.test_users, self.test_items, self.test_index))
 
+    def input_items(self, stage: str = "test") -> tuple[np.ndarray, np.ndarray]:
+        """Each user's distinct input items at the stage, CSR style: user ``u``'s are
+        ``items[indptr[u]:indptr[u + 1]]`` (sorted). Returns (indptr, items); memory O(events)."""
+        if stage not in self._sparse:
+            rows = self.input_rows(stage)
+            pair = np.unique(self.users[rows] * self.n_items + self.items[rows])
+            indptr = np.zeros(self.n_users + 1, dtype=np.int64)
+            np.cumsum(np.bincount(pair // self.n_items, minlength=self.n_users), out=indptr[1:])
+            self._sparse[stage] = (indptr, pair % self.n_items)
+        return self._sparse[stage]
+
     def input_matrix(self, stage: str = "test") -> np.ndarray:
-        """Binary users x items matrix of the stage's input rows (float32, dense)."""
+        """Binary users x items matrix of the stage's input rows (float32, dense): for the items x
+        items baselines on small catalogues only; scoring uses ``input_items``."""
         if stage not in self._inputs:
             x = np.zeros((self.n_users, self.n_items), dtype=np.float32)
             rows = self.input_rows(stage)
@@ -211,12 +233,33 @@ def rank_of_target(scores: np.ndarray, target: np.ndarray, exclude: np.ndarray) 
 
     ``scores`` is (n, items); ``exclude`` a boolean mask of the same shape (training items).
     """
-    scores = np.where(exclude, -np.inf, scores.astype(np.float64))
-    rows = np.arange(len(target))
-    t = scores[rows, target]
-    # Pessimistic on ties would punish constant scorers; count strictly higher plus half the ties.
-    higher = (scores > t[:, None]).sum(1)
-    ties = (scores == t[:, None]).sum(1) - 1
+    rows, cols = np.nonzero(np.broadcast_to(np.asarray(exclude, dtype=bool), np.shape(scores)))
+    return _ranks(scores, np.asarray(target), rows, cols)
+
+
+def _ranks(scores, target: np.ndarray, excl_rows: np.ndarray, excl_items: np.ndarray) -> np.ndarray:
+    """``rank_of_target`` with the excluded items as distinct (row, item) pairs.
+
+    The same figures as setting the excluded scores to -inf and counting, in float64, the items
+    scored above the target plus half the ties (pessimistic on ties would punish constant
+    scorers), without a modified copy of ``scores``: the items are counted over the whole row
+    and the excluded ones subtracted. Memory: one (n, items) boolean buffer.
+    """
+    scores = np.asarray(scores)
+    if scores.dtype not in (np.float32, np.float64):  # compared in float64, as ever
+        scores = scores.astype(np.float64)
+    n = len(target)
+    t = scores[np.arange(n), target].astype(np.float64)
+    t[excl_rows[excl_items == target[excl_rows]]] = -np.inf  # an excluded target scores -inf
+    col = t[:, None]
+    buf = np.empty(scores.shape, dtype=bool)
+    higher = np.count_nonzero(np.greater(scores, col, out=buf), axis=1)
+    ties = np.count_nonzero(np.equal(scores, col, out=buf), axis=1)
+    del buf
+    ex, te = scores[excl_rows, excl_items], t[excl_rows]  # excluded items score -inf: never higher,
+    higher -= np.bincount(excl_rows[ex > te], minlength=n)  # tied only with a -inf target
+    ties -= np.bincount(excl_rows[ex == te], minlength=n)
+    ties += np.where(np.isneginf(t), np.bincount(excl_rows, minlength=n), 0) - 1
     return higher + ties // 2
 
 
@@ -229,24 +272,38 @@ def metrics_from_ranks(ranks: np.ndarray) -> dict:
     return {"hr@10": round(out["hr@10"], 4), "ndcg@10": round(out["ndcg@10"], 4), "hr@50": round(out["hr@50"], 4)}
 
 
-def target_ranks(split: Split, score_fn: Callable[[np.ndarray], np.ndarray], batch: int = 512,
+def default_batch(n_items: int) -> int:
+    """Users scored at once by default: 512, fewer when a batch would exceed ``BATCH_SCORES``."""
+    return max(1, min(512, BATCH_SCORES // max(1, n_items)))
+
+
+def target_ranks(split: Split, score_fn: Callable[[np.ndarray], np.ndarray], batch: Optional[int] = None,
                  stage: str = "test") -> np.ndarray:
     """0-based rank of each of the stage's targets under ``score_fn(positions) -> (len, n_items)``.
 
-    ``positions`` index into the stage's targets (``split.targets(stage)``); each user's input
-    items at the stage are removed from the candidates.
+    ``positions`` index into the stage's targets (``split.targets(stage)``), at most ``batch`` at
+    a time (default: ``default_batch``); each user's input items at the stage are removed from
+    the candidates. Memory: one batch of scores and a boolean buffer of its shape.
     """
     users, items, _ = split.targets(stage)
-    x = split.input_matrix(stage)
+    indptr, seen = split.input_items(stage)
+    batch = batch or default_batch(split.n_items)
     ranks = []
     for lo in range(0, len(users), batch):
         pos = np.arange(lo, min(lo + batch, len(users)))
+        start, stop = indptr[users[pos]], indptr[users[pos] + 1]
+        lens = stop - start
+        rows = np.repeat(np.arange(len(pos)), lens)  # the batch's (row, input item) pairs
+        at = np.arange(len(rows)) + np.repeat(start - (np.cumsum(lens) - lens), lens)
         scores = np.asarray(score_fn(pos))
-        ranks.append(rank_of_target(scores, items[pos], x[users[pos]] > 0))
-    return np.concatenate(ranks)
+        if scores.shape != (len(pos), split.n_items):
+            raise ValueError(f"score_fn gave scores of shape {scores.shape}, not {(len(pos), split.n_items)}")
+        ranks.append(_ranks(scores, items[pos], rows, seen[at]))
+        del scores  # before the next batch's are made
+    return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
 
 
-def evaluate_scorer(split: Split, score_fn: Callable[[np.ndarray], np.ndarray], batch: int = 512,
+def evaluate_scorer(split: Split, score_fn: Callable[[np.ndarray], np.ndarray], batch: Optional[int] = None,
                     stage: str = "test") -> dict:
     """Metrics of ``score_fn`` (see ``target_ranks``) on the stage's targets."""
     ranks = target_ranks(split, score_fn, batch, stage)
@@ -271,7 +328,13 @@ def paired_bootstrap(hits_a: np.ndarray, hits_b: np.ndarray, resamples: int = 10
 # ---- baselines -------------------------------------------------------------------------------
 
 def popularity_scores(x: np.ndarray) -> np.ndarray:
+    """Column sums of a dense input matrix (the evaluation uses ``popularity_counts``)."""
     return x.sum(0)
+
+
+def popularity_counts(split: Split, stage: str = "test") -> np.ndarray:
+    """Each item's number of distinct input users at the stage (float32, the dense column sums)."""
+    return np.bincount(split.input_items(stage)[1], minlength=split.n_items).astype(np.float32)
 
 
 def itemknn_similarity(x: np.ndarray) -> np.ndarray:
@@ -313,19 +376,29 @@ def _tuned(split: Split, grid: dict, fit: Callable, rows: Callable) -> dict:
 
 
 def popularity_ranks(split: Split, stage: str = "test") -> np.ndarray:
-    pop = popularity_scores(split.input_matrix(stage))
+    pop = popularity_counts(split, stage)
     return target_ranks(split, lambda pos: np.broadcast_to(pop, (len(pos), len(pop))), stage=stage)
+
+
+def figure(entry: dict, key: str = "hr@10", fmt: str = ".4f") -> str:
+    """One figure of a metrics entry, formatted, or "skipped" for a baseline not computed here."""
+    return format(entry[key], fmt) if key in entry else "skipped"
 
 
 def baselines(split: Split) -> dict:
     """The reference baselines on this split, {name: test metrics, with the validation figures and,
-    for the tuned ones, the setting chosen on validation}."""
+    for the tuned ones, the setting chosen on validation}. Above ``DENSE_BASELINE_MAX_ITEMS``
+    items, item-kNN, EASE and recency-weighted EASE are {"skipped": why} instead."""
     check_evaluable(split)
     out = {}
     for stage in ("test", "validation"):
         ranks = popularity_ranks(split, stage)
         res = metrics_from_ranks(ranks) | {"users": int(len(ranks))}
         out.setdefault("popularity", {}).update(res if stage == "test" else {"validation": res})
+    if split.n_items > DENSE_BASELINE_MAX_ITEMS:
+        why = (f"{split.n_items} items > {DENSE_BASELINE_MAX_ITEMS}: an items x items model "
+               "(item-kNN, EASE) does not fit in memory")
+        return out | {name: {"skipped": why} for name in DENSE_BASELINES}
     knn = {stage: itemknn_similarity(split.input_matrix(stage)).astype(np.float32) for stage in STAGES}
     out["itemknn"] = _eval_rows(split, "test", split.input_matrix("test"), knn["test"]) | {
         "validation": _eval_rows(split, "validation", split.input_matrix("validation"), knn["validation"])}

@@ -49,6 +49,7 @@ class SyntheticSource:
     events_per_s: float = 20.0
     shift_at: float = 0.0
     new_items_at: float = 0.0
+    categories: int = 0  # 1: items carry their taste cluster as a category feature
     name: str = field(default="synthetic", init=False)
 
     def __post_init__(self):
@@ -64,9 +65,19 @@ class SyntheticSource:
         self.cluster_pop = [self.item_pop[ix] / self.item_pop[ix].sum() for ix in self.cluster_items]
         activity = (rng.permutation(self.users) + 1.0) ** -0.8
         self.user_activity = activity / activity.sum()
+        # Draws by inverse CDF, as numpy's choice(p=...) does, without its O(n) set-up per draw: the
+        # same events, and a million-item catalogue costs no more per event than a thousand.
+        self._cdf_items = _cdf(self.item_pop)
+        self._cdf_cluster = [_cdf(p) for p in self.cluster_pop]
+        self._cdf_users = _cdf(self.user_activity)
 
     def item_features(self) -> Optional[dict[str, list[str]]]:
-        return None
+        """The whole catalogue: items no event touched still enter the model's vocabulary and index
+        (``synthetic:items=1000000`` serves a million items). Featureless, unless ``categories``:
+        then each item's category is its taste cluster (``c3``), as a catalogue's would be."""
+        seasons = "in" if 0 < self.new_items_at < 1 else "i"
+        return {f"{season}{k}": [f"c{self.item_cluster[k]}"] if self.categories else []
+                for season in seasons for k in range(self.items)}
 
     def events_iter(self) -> Iterator[Event]:
         rng = np.random.default_rng(self.seed + 1)
@@ -76,15 +87,15 @@ class SyntheticSource:
         types = [EventType.view, EventType.click, EventType.add_to_cart, EventType.purchase]
         while produced < self.events:
             # One session: a user, a handful of items from the user's taste, a few steps each.
-            user = int(rng.choice(self.users, p=self.user_activity))
+            user = _draw(rng, self._cdf_users)
             cluster = int(self.user_cluster[user])
             if shift_index is not None and produced >= shift_index:
                 cluster = (cluster + 1 + self.clusters // 2) % self.clusters
             for _ in range(int(rng.integers(1, 6))):
                 if rng.random() < self.taste:
-                    item = int(rng.choice(self.cluster_items[cluster], p=self.cluster_pop[cluster]))
+                    item = int(self.cluster_items[cluster][_draw(rng, self._cdf_cluster[cluster])])
                 else:
-                    item = int(rng.choice(self.items, p=self.item_pop))
+                    item = _draw(rng, self._cdf_items)
                 depth = 1 + int(rng.random() < 0.35) + int(rng.random() < 0.12) + int(rng.random() < 0.05)
                 for step in range(depth):
                     if produced >= self.events:
@@ -94,6 +105,16 @@ class SyntheticSource:
                     yield Event(event_id=f"syn{self.seed}-{produced}", user_id=f"u{user}",
                                 item_id=f"{season}{item}", type=types[min(step, 3)], ts=int(ts))
                     produced += 1
+
+
+def _cdf(p: np.ndarray) -> np.ndarray:
+    cdf = np.cumsum(p)
+    return cdf / cdf[-1]
+
+
+def _draw(rng: np.random.Generator, cdf: np.ndarray) -> int:
+    """``rng.choice(len(cdf), p=...)``: one uniform draw, the same index."""
+    return int(cdf.searchsorted(rng.random(), side="right"))
 
 
 @dataclass

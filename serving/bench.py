@@ -58,6 +58,7 @@ TARGETS = {  # (c) against the others, from the same run
 async def _closed_loop(urls: list[str], concurrency: int, seconds: float, headers: dict) -> dict:
     import aiohttp
     latencies, errors, answered, personal = [], 0, 0, 0
+    stages: dict[str, list[float]] = {}  # the replica's own time per stage, from Server-Timing
     deadline = time.monotonic() + seconds
 
     async def client(session):
@@ -67,6 +68,8 @@ async def _closed_loop(urls: list[str], concurrency: int, seconds: float, header
             try:
                 async with session.get(random.choice(urls)) as resp:
                     body = await resp.json() if resp.status == 200 else None
+                    for stage, ms in server_timing(resp.headers.get("Server-Timing", "")).items():
+                        stages.setdefault(stage, []).append(ms)
             except (aiohttp.ClientError, ValueError):
                 body = None
             latencies.append((time.perf_counter() - t0) * 1e3)
@@ -82,7 +85,20 @@ async def _closed_loop(urls: list[str], concurrency: int, seconds: float, header
         elapsed = time.monotonic() - started
     lat = np.array(latencies)
     return {"answered": answered, "errors": errors, "personal": personal, "seconds": elapsed,
-            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "stages": stages}
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """``features;dur=0.412, ann;dur=0.051`` -> {"features": 0.412, "ann": 0.051} (ms)."""
+    out = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        try:
+            out[name] = float(dur)
+        except ValueError:
+            continue
+    return out
 
 
 def _load_process(urls, concurrency, seconds, headers, queue):
@@ -141,6 +157,9 @@ def _summary(runs: list[dict]) -> dict:
             "p50_ms": round(float(np.mean([r["p50_ms"] for r in runs])), 2),
             "p99_ms": round(max(r["p99_ms"] for r in runs), 2),
             "personal_share": round(sum(r["personal"] for r in runs) / answered, 3) if answered else 0.0,
+            "stages_ms": {stage: {"p50": round(float(np.percentile(v, 50)), 4), "p99": round(float(np.percentile(v, 99)), 4)}
+                          for stage in sorted({st for r in runs for st in r["stages"]})
+                          for v in [np.concatenate([r["stages"].get(stage, []) for r in runs])]},
             "cpu_ms_per_request": round(1e3 * sum(r["cpu_s"] for r in runs) / answered, 3) if answered else None}
 
 
@@ -234,8 +253,19 @@ def bench_serve(settings: Settings, replicas: int = 2, concurrency: int = 16, se
     stack.stop_ray(settings)
     serve_up(settings, progress=lambda *_: None)  # back to the configured ingress and autoscaling
     variants = {v: {"endpoint": VARIANTS[v][1], "ingress": VARIANTS[v][0], **_summary(runs[v])} for v in VARIANTS}
-    return {"replicas": replicas, "concurrency": concurrency, "users": len(ids), "variants": variants,
-            **judge(variants)}
+    return {"replicas": replicas, "concurrency": concurrency, "users": len(ids), "model": _served_model(settings),
+            "variants": variants, **judge(variants)}
+
+
+def _served_model(settings: Settings) -> dict:
+    """The current version's catalogue and index: the ANN stage's figures depend on them."""
+    from recsys.registry import Registry
+    registry = Registry(settings.registry_dir)
+    version = registry.current()
+    card = registry.show(version) if version else {}
+    ann = card.get("ann", {})
+    return {"version": version, "items": ann.get("items"), "index": ann.get("kind"), "params": ann.get("params"),
+            "compression": {k: v for k, v in card.get("compression", {}).items() if k in ("tower", "items")}}
 
 
 def judge(variants: dict) -> dict:

@@ -11,6 +11,11 @@ def current_version(settings: Settings) -> str | None:
 
 
 def load_servable(settings: Settings, version: str):
+    """The version as a replica serves it. A request is one query: FAISS's OpenMP threads would only
+    add their start-up to each search and compete with the other replicas' cores (`recsys bench ann`
+    times one thread)."""
+    import faiss
+    faiss.omp_set_num_threads(1)
     return load_model(Registry(settings.registry_dir).path(version))
 
 

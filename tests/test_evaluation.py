@@ -4,12 +4,13 @@ Pure logic: no services. The MovieLens test reads the shared ml-100k folder.
 """
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from recsys import evaluation
-from recsys.ann import build_index, exact_search, recall_at_k
 from recsys.events import Event, EventType
 from recsys.archive import SCHEMA
 from recsys.features import Keys, MemoryFeatures, event_ops
@@ -122,6 +123,92 @@ def test_metrics_ranks_and_training_items_removed():
     assert m["ndcg@10"] == pytest.approx((1 + 1 / np.log2(3) + 1 / np.log2(11)) / 5, abs=1e-4)
 
 
+def _dense_ranks(split, scores_by_user, stage):
+    """The reference: a dense users x items input mask, excluded scores set to -inf, float64."""
+    users, items, _ = split.targets(stage)
+    rows = split.input_rows(stage)
+    seen = np.zeros((split.n_users, split.n_items), dtype=bool)
+    seen[split.users[rows], split.items[rows]] = True
+    scores = np.where(seen[users], -np.inf, scores_by_user[users].astype(np.float64))
+    t = scores[np.arange(len(users)), items]
+    return (scores > t[:, None]).sum(1) + ((scores == t[:, None]).sum(1) - 1) // 2
+
+
+@pytest.mark.parametrize("protocol", ["A", "B"])
+def test_target_ranks_from_sparse_inputs_equal_the_dense_reference(protocol):
+    rng = np.random.default_rng(5)
+    n = 4000  # 60 users, 150 items, repeats: protocol A's targets are often touched items (ranked as -inf)
+    users, items, ts = rng.integers(0, 60, n), rng.integers(0, 150, n), rng.integers(0, 500, n)
+    s = evaluation.split_arrays(users, items, ts, protocol=protocol)
+    # Few distinct values: many ties; some -inf scores (a model's unknown items), float32 like a model's.
+    scores = rng.integers(0, 6, (s.n_users, s.n_items)).astype(np.float32)
+    scores[rng.random(scores.shape) < 0.05] = -np.inf
+    for stage in evaluation.STAGES:
+        u = s.targets(stage)[0]
+        got = evaluation.target_ranks(s, lambda pos: scores[u[pos]], batch=7, stage=stage)
+        assert np.array_equal(got, _dense_ranks(s, scores, stage))
+        assert np.array_equal(evaluation.popularity_counts(s, stage), s.input_matrix(stage).sum(0))
+        assert np.array_equal(evaluation.popularity_ranks(s, stage), _dense_ranks(
+            s, np.broadcast_to(s.input_matrix(stage).sum(0), scores.shape), stage))
+    if protocol == "A":
+        touched = s.input_matrix("test")[s.test_users, s.test_items] > 0
+        assert 0 < touched.sum() < len(touched)
+    # The dense-mask entry point agrees too.
+    exclude = rng.random((50, 150)) < 0.3
+    target = rng.integers(0, 150, 50)
+    assert np.array_equal(evaluation.rank_of_target(scores[:50], target, exclude),
+                          _dense_ranks_of(scores[:50], target, exclude))
+
+
+def _dense_ranks_of(scores, target, exclude):
+    scores = np.where(exclude, -np.inf, scores.astype(np.float64))
+    t = scores[np.arange(len(target)), target]
+    return (scores > t[:, None]).sum(1) + ((scores == t[:, None]).sum(1) - 1) // 2
+
+
+def test_a_large_catalogue_is_scored_one_batch_at_a_time_and_the_dense_baselines_are_skipped(monkeypatch):
+    """300,000 items, 500 users: a users x items float32 matrix would be 600 MB; scoring holds one
+    batch of scores (and a boolean buffer of its shape), and the items x items baselines say why
+    they are not computed."""
+    rng = np.random.default_rng(0)
+    n_items, n_users = 300_000, 500
+    items = np.concatenate([rng.permutation(n_items), rng.integers(0, n_items, 10_000)])
+    users = rng.integers(0, n_users, len(items))
+    s = evaluation.split_arrays(users, items, np.arange(len(items)))
+    assert (s.n_users, s.n_items) == (n_users, n_items)
+
+    def dense(*_args, **_kwargs):
+        raise AssertionError("a users x items matrix on the scoring path")
+    monkeypatch.setattr(evaluation.Split, "input_matrix", dense)
+    monkeypatch.setattr(evaluation.Split, "recency_matrix", dense)
+    batch = 50
+    one_batch = batch * n_items * 8
+
+    def score(pos):
+        return rng.random((len(pos), n_items))  # float64
+
+    tracemalloc.start()
+    try:
+        res = {stage: evaluation.evaluate_scorer(s, score, batch=batch, stage=stage) for stage in evaluation.STAGES}
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        b = evaluation.baselines(s)
+        peak_baselines = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    print(f"peak {peak / 1e6:.0f} MB scoring (one batch of float64 scores {one_batch / 1e6:.0f} MB), "
+          f"{peak_baselines / 1e6:.0f} MB baselines; users x items float32 {n_users * n_items * 4 / 1e6:.0f} MB")
+    assert peak < 3 * one_batch < n_users * n_items * 4
+    assert peak_baselines < 3 * evaluation.default_batch(n_items) * n_items * 8
+    assert res["test"]["users"] == len(s.test_users) == 500 and 0 <= res["test"]["hr@50"] < 0.01  # random
+    pop = b["popularity"]
+    assert pop["users"] == 500 and pop["validation"]["users"] == 500 and 0 <= pop["hr@10"] <= 1
+    for name in evaluation.DENSE_BASELINES:
+        assert set(b[name]) == {"skipped"} and "300000 items > 10000" in b[name]["skipped"]
+        assert evaluation.figure(b[name]) == "skipped"
+    assert evaluation.figure(pop) == f"{pop['hr@10']:.4f}"
+
+
 def test_too_little_data_is_a_clear_error():
     with pytest.raises(evaluation.EvaluationError, match="no events"):
         evaluation.split_table(_table([]))
@@ -190,33 +277,3 @@ def test_events_table_is_time_ordered_archive_layout():
     assert t.schema == SCHEMA
     assert t.column("event_id").to_pylist() == ["1", "2"]
     assert t.column("value").to_pylist() == [4.0, None]
-
-
-# ---- ANN ------------------------------------------------------------------------------------------
-
-def test_ivf_index_reaches_recall_target_and_is_exact_with_all_lists():
-    rng = np.random.default_rng(0)
-    centers = rng.normal(size=(30, 32))
-    items = centers[rng.integers(0, 30, 5000)] + 0.3 * rng.normal(size=(5000, 32))
-    items = (items / np.linalg.norm(items, axis=1, keepdims=True)).astype(np.float32)
-    queries = items[rng.integers(0, 5000, 600)] + 0.1 * rng.normal(size=(600, 32)).astype(np.float32)
-    index = build_index(items, queries[:300], queries[300:], target_recall=0.98)
-    # Recall on queries that did not choose nprobe; approximate, scanning a part of the catalogue.
-    assert index.meta["recall@10"] >= 0.98 and index.meta["reached"] and not index.meta["full_scan"]
-    assert index.nprobe < index.nlist and index.meta["held_out_queries"] == 300
-    assert recall_at_k(index, queries[300:], 10) == pytest.approx(index.meta["recall@10"], abs=1e-4)
-    ids, scores = index.search(queries[:5], 10, nprobe=index.nlist)
-    eids, escores = exact_search(queries[:5], items, 10)
-    assert np.array_equal(ids, eids) and np.allclose(scores, escores, atol=1e-5)
-    # A large k (headroom for a seen-filter) probes more lists rather than returning padding.
-    many, _ = index.search(queries[:3], 2000)
-    assert (many >= 0).all() and all(len(set(row)) == 2000 for row in many)
-
-
-def test_an_index_that_reaches_its_target_only_by_scanning_everything_says_so():
-    rng = np.random.default_rng(1)
-    items = rng.normal(size=(64, 32)).astype(np.float32)  # few items, no clusters: IVF cannot prune
-    items /= np.linalg.norm(items, axis=1, keepdims=True)
-    queries = rng.normal(size=(400, 32)).astype(np.float32)
-    index = build_index(items, queries[:200], queries[200:], target_recall=1.0)
-    assert index.meta["full_scan"] and index.nprobe == index.nlist

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +74,16 @@ def test_movielens_two_workers_beat_recency_weighted_ease_and_publish_a_servable
     assert m["two_tower"]["users"] == 943
     assert card["training"]["workers"] == 2 and card["training"]["examples_per_s"] > 0
     assert card["data_window"]["events"] == 100_000 and card["data_window"]["min_ts"] < card["data_window"]["max_ts"]
-    # The ANN's recall on queries that did not choose its nprobe, below a full scan (issue 14).
-    assert card["ann"]["recall@10"] >= 0.98 and not card["ann"]["full_scan"], card["ann"]
+    # 1682 items: exact search over the items' codes (recsys.ann.default_kind); its recall@10 counts
+    # against the fp32 vectors, on test users that did not tune the index. The card says what is served.
+    from recsys.ann import default_kind
+    comp = card["compression"]
+    assert card["ann"]["kind"] == comp["index"] == default_kind(1682, comp["items"]), (card["ann"], comp)
+    assert card["ann"]["recall@10"] >= 0.95 and card["ann"]["held_out_queries"] >= 400, card["ann"]
+    assert comp["tower"] == settings.training.tower_precision and comp["fp32"]["hr@10"] > 0
+    # Issue 16's target is a 1% relative loss at most (`recsys bench compression`); one user of 943
+    # is 0.5% of HR@10 here, so the guard against a regression allows 5 users.
+    assert comp["hr@10_relative_change"] >= -0.025, comp
 
     reg = Registry(settings.registry_dir)
     assert reg.current() == card["version"] == "v0001"
@@ -183,6 +192,118 @@ def test_numpy_user_tower_matches_the_tensorflow_tower():
     assert np.allclose(got, expected, atol=1e-5)
     items = model.item_tower(np.arange(1, 21, dtype=np.int32)).numpy()
     assert np.allclose(item_embeddings_np(w, genres), items, atol=1e-5)
+
+
+# ---- compression -----------------------------------------------------------------------------------
+
+def test_compressed_models_agree_with_the_fp32_model_on_the_top_10_of_test_users(ray_session, settings):
+    """fp16 and int8 serving (the user tower's tables and matrices, and the index's item codes),
+    against the fp32 model's exact top 10 for the first 300 test users: the served lists, through
+    the index, as a replica answers. Bounds: fp16 >= 0.97, int8 >= 0.85 (`recsys bench compression`
+    shows the figures on MovieLens-100K and the synthetic stream)."""
+    from recsys.model import ModelConfig
+    from training.compression import measure_served
+    from training.data import Prepared, load_table
+    from training.job import _load_serving_weights, evaluate_weights, train
+    table, features, _ = load_table(SYN, settings)
+    prepared = Prepared(table, features, ModelConfig.from_dict(FAST), settings.features.recent_items)
+    card = train(SYN, workers=1, epochs=4, settings=settings, model_config=FAST, prepared=prepared, publish=False,
+                 baselines={})
+    weights = _load_serving_weights(card["training"]["checkpoint_dir"])
+    cfg = ModelConfig.from_dict(card["config"])
+    prep = prepared.at("test").with_history(cfg.history)
+    fp32, _, items = evaluate_weights(prep, weights, cfg)
+    served = {p: measure_served(prep, weights, cfg, items, fp32, settings, p) for p in ("fp32", "fp16", "int8")}
+    overlap = {p: r["top10_overlap_vs_fp32"] for p, r in served.items()}
+    print("top-10 overlap with the fp32 model:", overlap, {p: r["hr@10"] for p, r in served.items()})
+    assert overlap["fp32"] >= 0.99 and overlap["fp16"] >= 0.97 and overlap["int8"] >= 0.85, overlap
+    assert served["fp32"]["hr@10"] == pytest.approx(fp32["hr@10"], abs=1e-3)
+    assert served["int8"]["tower_bytes"] < served["fp16"]["tower_bytes"] < served["fp32"]["tower_bytes"]
+    assert served["int8"]["index_bytes"] <= 0.26 * served["fp32"]["index_bytes"]
+    assert [served[p]["index"] for p in served] == ["flat", "flat_fp16", "flat_int8"]  # 600 items: exact search
+
+
+# ---- distillation from a published teacher ------------------------------------------------------------
+
+def test_distill_kl_zero_for_the_teachers_logits_positive_otherwise_with_a_gradient():
+    import tensorflow as tf
+
+    from recsys.model import ModelConfig
+    from training.model import build_model, distillation_kl, sampled_softmax_loss
+    rng = np.random.default_rng(0)
+    t = tf.constant(rng.normal(size=(6, 9)) * 3, tf.float32)
+    valid = tf.constant(rng.random((6, 9)) > 0.2)
+    for temp in (1.0, 3.0):
+        assert float(distillation_kl(t, t, valid, temp)) == pytest.approx(0.0, abs=1e-5)
+        # Logits only on masked candidates differ: still 0 (they are out of the KL).
+        assert float(distillation_kl(tf.where(valid, t, 50.0), t, valid, temp)) == pytest.approx(0.0, abs=1e-5)
+    s = tf.Variable(rng.normal(size=(6, 9)), dtype=tf.float32)
+    with tf.GradientTape() as tape:
+        kl = distillation_kl(s, t, valid, 2.0)
+    grad = tape.gradient(kl, s).numpy()
+    assert float(kl) > 0 and np.isfinite(grad).all() and np.abs(grad).sum() > 0
+    assert np.all(grad[~valid.numpy()] == 0)  # nothing flows to a masked candidate
+    assert float(distillation_kl(s, t, tf.zeros_like(valid), 2.0)) == 0.0  # a row without candidates adds 0
+
+    # A teacher that is the student itself: the loss is (1 - w) * the plain loss (KL 0), and with
+    # weight 0 the plain loss exactly.
+    cfg = ModelConfig(dim=8, user_dim=4, hidden=16, history=5, distill_weight=0.3, distill_temperature=2.0)
+    model = build_model(cfg, n_users=12, n_items=20, item_genres=np.zeros((21, 0), np.float32))
+    batch = {"user": tf.constant(rng.integers(0, 13, 16), tf.int32), "hist": tf.constant(rng.integers(0, 21, (16, 5)), tf.int32),
+             "counts": tf.constant(rng.random((16, 5)), tf.float32), "item": tf.constant(rng.integers(1, 9, 16), tf.int32)}
+    log_q = tf.constant(np.log(rng.dirichlet(np.ones(21))).astype(np.float32))
+    u, _ = model(batch, training=False)
+    teacher = {"item": model.item_tower(tf.range(21)), "known": tf.constant(np.arange(21) % 4 != 1),
+               "temperature": cfg.temperature}
+    plain = float(sampled_softmax_loss(model, batch, log_q, 20, cfg, training=False))
+    no_weight = replace(cfg, distill_weight=0.0)
+    assert float(sampled_softmax_loss(model, {**batch, "teacher_user": u}, log_q, 20, no_weight, training=False,
+                                      teacher=teacher)) == plain
+    got = float(sampled_softmax_loss(model, {**batch, "teacher_user": u}, log_q, 20, cfg, training=False, teacher=teacher))
+    assert got == pytest.approx(0.7 * plain, rel=1e-5)
+    other = {**teacher, "item": tf.reverse(teacher["item"], [0])}  # a teacher that disagrees: above that
+    assert float(sampled_softmax_loss(model, {**batch, "teacher_user": u}, log_q, 20, cfg, training=False,
+                                      teacher=other)) > 0.7 * plain + 1e-3
+    with pytest.raises(ValueError, match="distill_weight"):
+        ModelConfig(distill_weight=1.5)
+    with pytest.raises(ValueError, match="distill_temperature"):
+        ModelConfig(distill_temperature=0)
+
+
+def test_distill_a_small_student_from_a_published_teacher_and_refuse_bad_teachers(ray_session, settings, tmp_path):
+    from recsys.errors import TrainingError
+    from recsys.model import ModelConfig
+    from recsys.sources import open_source
+    from recsys.training_data import events_table
+    from training.data import Prepared
+    from training.job import TUNING_GRID, train
+    prep = Prepared(events_table(open_source(SYN).events_iter()), None, ModelConfig.from_dict(FAST),
+                    settings.features.recent_items)
+    teacher = train(SYN, workers=1, epochs=2, settings=settings, model_config=FAST, prepared=prep, baselines={})
+    folder = Registry(settings.registry_dir).path(teacher["version"])
+    assert "distillation" not in teacher and teacher["config"]["distill_weight"] == 0
+    student = train(SYN, workers=2, epochs=2, settings=settings, model_config={**FAST, "dim": 16, "distill_weight": 0.5},
+                    prepared=prep, baselines={}, teacher=folder, promote=False)
+    d = student["distillation"]
+    assert d["teacher"] == teacher["version"] and d["teacher_dim"] == 32 and d["items_known"] == 1.0
+    assert (d["weight"], d["temperature"], d["teacher_temperature"]) == (0.5, 1.0, FAST["temperature"])
+    assert student["config"]["dim"] == 16 and np.isfinite(student["metrics"]["two_tower"]["hr@10"])
+    assert student["metrics"]["two_tower"]["users"] > 0 and np.isfinite(student["training"]["history"][-1]["loss"])
+    print(f"teacher dim 32 HR@10 {teacher['metrics']['two_tower']['hr@10']:.4f}, "
+          f"student dim 16 distilled HR@10 {student['metrics']['two_tower']['hr@10']:.4f}")
+
+    # Refused before any data is read: not a version folder, tuning with a teacher, a weight without one.
+    with pytest.raises(TrainingError, match="not a published model version folder"):
+        train(SYN, settings=settings, teacher=tmp_path)
+    with pytest.raises(TrainingError, match="tuning"):
+        train(SYN, settings=settings, teacher=folder, tune_grid=TUNING_GRID)
+    with pytest.raises(TrainingError, match="without a teacher"):
+        train(SYN, settings=settings, model_config={"distill_weight": 0.5})
+    before = Registry(settings.registry_dir).list()
+    r = _cli(settings, "train", "--source", SYN, "--workers", "1", "--distill-from", "v0099")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "v0099" in lines[0], r.stderr[-2000:]
+    assert Registry(settings.registry_dir).list() == before
 
 
 # ---- registry ----------------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ class Prepared:
             raise DataError(f"only {self.split.n_users} user: need at least 2 users to train and evaluate")
         evaluation.check_evaluable(self.split)
         self.vocab = Vocab.build(self.split.user_ids, self.split.item_ids, item_features)
+        # The split ranks the items of the events; the vocabulary may hold a larger catalogue.
+        self.split_item_rows = np.array([self.vocab.item_index[str(t)] - 1 for t in self.split.item_ids])
         hist_len = min(cfg.history, recent_items)  # the store keeps only recent_items of them
         n = table.num_rows
         users = np.zeros(n, dtype=np.int32)
@@ -68,6 +70,17 @@ class Prepared:
         """The same data with only the ``history`` newest recent items (at most the encoded ones)."""
         other = copy.copy(self)
         other.rows = {**self.rows, "hist": self.rows["hist"][:, :history]}
+        other._select(self.stage)
+        return other
+
+    def with_columns(self, **columns: np.ndarray) -> "Prepared":
+        """The same data with extra per-row columns (one row per event, e.g. a teacher's user
+        embeddings, ``training.distill``): carried into the training examples and the shards."""
+        other = copy.copy(self)
+        for name, col in columns.items():
+            if len(col) != len(self.rows["item"]):
+                raise ValueError(f"column {name!r}: {len(col)} rows for {len(self.rows['item'])} events")
+        other.rows = {**self.rows, **columns}
         other._select(self.stage)
         return other
 

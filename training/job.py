@@ -29,11 +29,11 @@ import numpy as np
 import pyarrow as pa
 
 from recsys import evaluation
-from recsys.ann import build_index
+from recsys.ann import AnnIndex, build_index, default_kind, precision_of
 from recsys.errors import TrainingError
-from recsys.model import ModelConfig, NumpyUserTower, export
+from recsys.model import ModelConfig, NumpyUserTower, compress_tower, export
 from recsys.registry import CARD, Registry, file_sums
-from recsys.settings import Settings
+from recsys.settings import Settings, TrainingSettings
 from recsys.training_data import DataError, iter_point_in_time
 from training.checkpoint import validate_checkpoint
 from training.data import Prepared, load_table
@@ -85,8 +85,10 @@ def ensure_ray(workers: int, use_gpu: bool, worker_niceness: int = 0, worker_std
 def run_ray_training(prep: Prepared, cfg: ModelConfig, workers: int = 2, use_gpu: bool = False,
                      mixed_precision: bool = False, max_failures: int = 2, resume_from: Optional[Path] = None,
                      fail: Optional[dict] = None, storage: Optional[Path] = None, worker_niceness: int = 0,
-                     worker_stderr: Optional[Path] = None) -> dict:
-    """Train on Ray; returns {"checkpoint_dir": local copy of the last checkpoint, "meta": ..., "seconds": ...}."""
+                     worker_stderr: Optional[Path] = None, teacher: Optional[dict] = None) -> dict:
+    """Train on Ray; returns {"checkpoint_dir": local copy of the last checkpoint, "meta": ..., "seconds": ...}.
+
+    ``teacher``: the workers' distillation config (``training.distill.teacher_targets``)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     os.environ.update(tf_env())  # ray.train.tensorflow imports TensorFlow in this process
@@ -112,7 +114,7 @@ def run_ray_training(prep: Prepared, cfg: ModelConfig, workers: int = 2, use_gpu
         config = {"model": asdict(cfg), "shards": shards, "log_q": prep.log_q, "n_items": prep.vocab.n_items,
                   "n_users": prep.vocab.n_users, "item_genres": prep.vocab.item_genres, "use_gpu": use_gpu,
                   "mixed_precision": mixed_precision, "threads": max(1, int(per_worker_cpu)),
-                  "resume_from": str(resume_from) if resume_from else None,
+                  "resume_from": str(resume_from) if resume_from else None, "teacher": teacher,
                   "epoch_hooks": [KillWorkerAtEpoch(**fail)] if fail else []}
         trainer = TensorflowTrainer(
             train_loop_per_worker, train_loop_config=config,
@@ -147,8 +149,34 @@ def evaluate_weights(prep: Prepared, weights: dict, cfg: ModelConfig) -> tuple[d
     tower = NumpyUserTower(weights, prep.vocab, cfg.history)
     users = tower.embed_encoded(prep.targets["user"], prep.targets["hist"], prep.targets["counts"])
     items = item_embeddings_np(weights, prep.vocab.item_genres)
-    metrics = evaluation.evaluate_scorer(prep.split, lambda pos: users[pos] @ items.T, stage=prep.stage)
-    return metrics, users, items
+    return evaluate_embeddings(prep, users, items), users, items
+
+
+def evaluate_embeddings(prep: Prepared, users: np.ndarray, items: np.ndarray) -> dict:
+    """Exact scoring of the split's items for the stage's targets: ``users`` (one row per target),
+    ``items`` (one row per vocabulary item)."""
+    ranked = np.ascontiguousarray(items[prep.split_item_rows])
+    return evaluation.evaluate_scorer(prep.split, lambda pos: users[pos] @ ranked.T, stage=prep.stage)
+
+
+def served_artifact(prep: Prepared, weights: dict, cfg: ModelConfig, item_emb: np.ndarray, fp32: dict,
+                    ts: TrainingSettings) -> tuple[dict, AnnIndex, dict]:
+    """What a replica will serve, measured as it serves it: the user tower at ``ts.tower_precision``
+    and the ANN index of ``ts.ann_kind`` (default: ``recsys.ann.default_kind`` at
+    ``ts.item_precision``). Returns (the served model's metrics, exact scoring over the index's
+    codes; the index; the card's compression entry against the fp32 model's ``fp32`` metrics)."""
+    tower = NumpyUserTower(compress_tower(weights, ts.tower_precision), prep.vocab, cfg.history)
+    users = tower.embed_encoded(prep.targets["user"], prep.targets["hist"], prep.targets["counts"])
+    kind = ts.ann_kind or default_kind(len(item_emb), ts.item_precision, ts.ann_exact_below)
+    # The search parameter chosen on half of the test users' queries, recall measured on the other half's.
+    order = np.random.default_rng(0).permutation(len(users))
+    half = len(order) // 2
+    index = build_index(item_emb, users[order[:half][:500]], users[order[half:][:500]], kind, ts.ann_target_recall)
+    metrics = evaluate_embeddings(prep, users, index.stored_vectors())
+    compression = {"tower": ts.tower_precision, "items": precision_of(kind), "index": kind,
+                   "fp32": {k: fp32[k] for k in ("hr@10", "ndcg@10")},
+                   "hr@10_relative_change": round(metrics["hr@10"] / fp32["hr@10"] - 1, 4) if fp32["hr@10"] else None}
+    return metrics, index, compression
 
 
 def _load_serving_weights(folder: Path) -> dict:
@@ -193,24 +221,43 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
           max_failures: int = 2, resume_from: Optional[Path] = None, fail: Optional[dict] = None,
           publish: bool = True, promote: bool = True, baselines: Optional[dict] = None,
           user_col="user_id", item_col="item_id", ts_col="timestamp",
-          prepared: Optional[Prepared] = None, tune_grid: Optional[dict] = None, progress=None) -> dict:
+          prepared: Optional[Prepared] = None, tune_grid: Optional[dict] = None, progress=None,
+          teacher: Optional[Path] = None) -> dict:
     """Train, evaluate beside the baselines, publish; returns the model card.
 
     ``source``: a pyarrow event table, ``"archive"`` (the Parquet event log) or a source spec.
     ``tune_grid`` (e.g. ``TUNING_GRID``): first choose those model settings on the validation
     targets, then train the chosen one on everything before the test targets.
+    ``teacher``: a published model version folder to distill from (``training.distill``), with
+    the config's ``distill_weight`` (``training.distill.DEFAULT_WEIGHT`` when it is 0) and
+    ``distill_temperature``.
     """
-    cfg = ModelConfig.from_dict({**default_config(), **(model_config or {})})
+    from training import distill
+    overrides = dict(model_config or {})
+    if teacher is not None and not overrides.get("distill_weight"):
+        overrides["distill_weight"] = distill.DEFAULT_WEIGHT
+    cfg = ModelConfig.from_dict({**default_config(), **overrides})
+    if teacher is None and cfg.distill_weight > 0:
+        raise TrainingError(f"distill_weight {cfg.distill_weight:g} without a teacher: give one (--distill-from)")
+    if teacher is not None and tune_grid is not None:
+        raise TrainingError("distillation and tuning together are not supported: tune without --distill-from, "
+                            "then distill with the chosen config")
     if resume_from is not None:
         validate_checkpoint(resume_from)  # before any work: a bad checkpoint fails fast
+    teacher_model = distill.load_teacher(teacher) if teacher is not None else None  # fails fast too
     t_start = time.perf_counter()
     if prepared is None:
         table, item_features, source_name = load_table(source, settings, user_col, item_col, ts_col)
-        longest = max([cfg.history, *(tune_grid or {}).get("history", ())])  # encoded once, sliced per setting
+        longest = max([cfg.history, *(tune_grid or {}).get("history", ()),  # encoded once, sliced per setting
+                       *([teacher_model.config.history] if teacher_model else [])])
         prepared = Prepared(table, item_features, replace(cfg, history=longest), settings.features.recent_items)
     else:
         source_name = source if isinstance(source, str) else "table"
     prep = prepared.at("test")
+    teacher_config, distillation = None, None
+    if teacher_model is not None:
+        prep, teacher_config, distillation = distill.teacher_targets(teacher_model, prep)
+        distillation |= {"weight": cfg.distill_weight, "temperature": cfg.distill_temperature}
     cfg.epochs = int(epochs) if epochs is not None else cfg.epochs_for(prep.n_train, workers)
     t_prep = time.perf_counter() - t_start
     ray_options = dict(workers=workers, use_gpu=use_gpu, mixed_precision=mixed_precision, max_failures=max_failures,
@@ -226,13 +273,14 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
             cfg = replace(cfg, **tuning["chosen"])
         cfg.history = min(cfg.history, prep.history)
         prep = prep.with_history(cfg.history)
-        run = run_ray_training(prep, cfg, resume_from=resume_from, fail=fail, **ray_options)
+        run = run_ray_training(prep, cfg, resume_from=resume_from, fail=fail, teacher=teacher_config, **ray_options)
     finally:
         if started:
             import ray
             ray.shutdown()
     weights = _load_serving_weights(run["checkpoint_dir"])
-    two_tower, user_emb, item_emb = evaluate_weights(prep, weights, cfg)
+    fp32, _, item_emb = evaluate_weights(prep, weights, cfg)
+    two_tower, index, compression = served_artifact(prep, weights, cfg, item_emb, fp32, settings.training)
     if tuning:
         two_tower["validation"] = tuning["validation"]
     base = baselines if baselines is not None else evaluation.baselines(prep.split)
@@ -252,21 +300,21 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
         "training": {"seconds": round(run["seconds"], 1), "prepare_seconds": round(t_prep, 1),
                      "workers": workers, "use_gpu": use_gpu, "mixed_precision": mixed_precision,
                      "epochs": cfg.epochs, "examples_per_s": round(float(np.median(steady)), 1) if steady else None,
-                     "history": history, "resumed_from_epoch": run["meta"].get("start_epoch", 0)},
+                     "history": history, "resumed_from_epoch": run["meta"].get("start_epoch", 0),
+                     "embedding_mb": _embedding_mb(weights, cfg)},
         "config": asdict(cfg),
+        "compression": compression,
+        "ann": index.meta | {"kind": index.kind, "params": index.params},
     }
+    if distillation:
+        card["distillation"] = distillation
     try:
         if not publish:
             card["training"]["checkpoint_dir"] = str(run["checkpoint_dir"])
             return card
-        # nprobe chosen on half of the users' queries, recall measured on the other half's.
-        order = np.random.default_rng(0).permutation(len(user_emb))
-        half = len(order) // 2
-        index = build_index(item_emb, user_emb[order[:half][:500]], user_emb[order[half:][:500]])
-        card["ann"] = index.meta | {"nprobe": index.nprobe, "nlist": index.nlist}
 
         def write(folder: Path, version: str) -> None:
-            export(folder, weights, prep.vocab, cfg)
+            export(folder, weights, prep.vocab, cfg, tower=card["compression"]["tower"])
             index.save(folder / "ann")
             card["version"] = version
             card["files"] = file_sums(folder)  # checked when a server loads the version
@@ -277,6 +325,13 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
     finally:
         if publish:
             shutil.rmtree(run["checkpoint_dir"], ignore_errors=True)
+
+
+def _embedding_mb(weights: dict, cfg: ModelConfig) -> dict:
+    """The embedding tables' fp32 size: each worker holds them and Adam's two slots of each."""
+    names = ("user_table", "hist_table") + (() if cfg.share_item_table else ("item_table",))
+    tables = {k: round(weights[k].nbytes / 1e6, 1) for k in names}
+    return tables | {"per_worker_with_adam": round(3 * sum(tables.values()), 1)}
 
 
 def default_config() -> dict:
@@ -301,7 +356,8 @@ def version_ranks(version_dirs: list[Path], table: pa.Table, settings: Settings
         users = model.user_embedding([feats[r] for r in split.test_index])
         pos = {t: i for i, t in enumerate(model.item_ids)}
         cols = np.array([pos.get(t, -1) for t in split.item_ids])
-        emb = np.where(cols[:, None] >= 0, model.item_embeddings[np.maximum(cols, 0)], 0.0).astype(np.float32)
+        vectors = model.scored_item_vectors()  # as requests score them (int8 codes decoded, say)
+        emb = np.where(cols[:, None] >= 0, vectors[np.maximum(cols, 0)], 0.0).astype(np.float32)
 
         def score(p, users=users, emb=emb, cols=cols):
             s = users[p] @ emb.T

@@ -13,6 +13,8 @@ L2-normalized. Score = cosine / temperature.
 Loss: in-batch softmax with log-Q correction (Yi et al. 2019), optionally mixed with
 uniformly sampled negatives: every candidate's logit is lowered by the log of its
 expected count among the negatives (B * q_j + M / N), duplicates of the positive masked.
+Distillation (``cfg.distill_weight`` > 0): mixed with a KL to a teacher's softmax over the same
+candidates (``distillation_kl``; the teacher's embeddings come from ``training.distill``).
 
 Its weights are exported to the numpy artifact of ``recsys.model``, which serves without TensorFlow.
 """
@@ -94,8 +96,31 @@ def build_model(cfg: ModelConfig, n_users: int, n_items: int, item_genres: np.nd
     return model
 
 
-def sampled_softmax_loss(model, batch, log_q, n_items: int, cfg: ModelConfig, training: bool = True):
-    """In-batch (+ uniform) softmax loss with log-Q correction, mean over the batch."""
+def distillation_kl(student_logits, teacher_logits, valid, temperature: float):
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)) over each row's ``valid`` candidates
+    (both distributions renormalized over them), mean over the rows; no gradient to the teacher.
+    A row without a valid candidate adds 0."""
+    tf, _ = _tf()
+    t = float(temperature)
+    off = tf.constant(-1e9, tf.float32)
+    s = tf.where(valid, tf.cast(student_logits, tf.float32) / t, off)
+    te = tf.where(valid, tf.stop_gradient(tf.cast(teacher_logits, tf.float32)) / t, off)
+    log_p, log_q = tf.nn.log_softmax(te, axis=1), tf.nn.log_softmax(s, axis=1)
+    kl = tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=1)
+    kl = tf.where(tf.reduce_any(valid, axis=1), kl, tf.zeros_like(kl))
+    return t * t * tf.reduce_mean(kl)
+
+
+def sampled_softmax_loss(model, batch, log_q, n_items: int, cfg: ModelConfig, training: bool = True,
+                         teacher: dict | None = None):
+    """In-batch (+ uniform) softmax loss with log-Q correction, mean over the batch.
+
+    ``teacher`` ({"item": (n_items + 1, d_t) the teacher's item embeddings in this vocabulary,
+    "known": (n_items + 1,) bool, "temperature": the teacher's}) with ``cfg.distill_weight`` w > 0
+    and ``batch["teacher_user"]`` (B, d_t): (1 - w) * this loss + w * ``distillation_kl`` over the
+    same candidates, the teacher's logits log-Q corrected as the student's. Candidates the teacher
+    does not know (and duplicates of the positive) are left out of the KL, not given a made-up logit.
+    """
     tf, _ = _tf()
     u, v = model(batch, training=training)
     item = batch["item"]
@@ -114,10 +139,20 @@ def sampled_softmax_loss(model, batch, log_q, n_items: int, cfg: ModelConfig, tr
     # Candidates equal to the positive item (other than itself) are not negatives.
     same = tf.equal(item[:, None], cand_items[None, :])
     own = tf.pad(tf.eye(bsz, dtype=tf.bool), [[0, 0], [0, tf.shape(cand_items)[0] - bsz]])
-    logits = tf.where(tf.logical_and(same, tf.logical_not(own)), tf.constant(-1e9, logits.dtype), logits)
+    dup = tf.logical_and(same, tf.logical_not(own))
+    student = logits
+    logits = tf.where(dup, tf.constant(-1e9, logits.dtype), logits)
     labels = tf.range(bsz)
     loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-    return tf.reduce_mean(loss)
+    if teacher is None or cfg.distill_weight <= 0:
+        return tf.reduce_mean(loss)
+    t_logits = tf.matmul(batch["teacher_user"], tf.gather(teacher["item"], cand_items),
+                         transpose_b=True) / float(teacher["temperature"])
+    if cfg.logq:
+        t_logits = t_logits - tf.math.log(expected)[None, :]
+    valid = tf.logical_and(tf.logical_not(dup), tf.gather(teacher["known"], cand_items)[None, :])
+    w = float(cfg.distill_weight)
+    return (1.0 - w) * tf.reduce_mean(loss) + w * distillation_kl(student, t_logits, valid, cfg.distill_temperature)
 
 
 def model_weights(model) -> dict[str, np.ndarray]:

@@ -63,6 +63,13 @@ def train_loop_per_worker(config: dict) -> None:
     steps = len(shard["item"]) // bsz
     if steps == 0:
         raise TrainingError(f"worker {rank}: {len(shard['item'])} examples, fewer than one batch of {bsz}")
+    teacher = None  # distillation: the teacher's item embeddings in this vocabulary (training.distill)
+    if config.get("teacher") is not None and cfg.distill_weight > 0:
+        if "teacher_user" not in shard:
+            raise TrainingError(f"worker {rank}: distillation without the teacher's user embeddings in the shard")
+        teacher = {"item": tf.constant(np.asarray(config["teacher"]["item"], np.float32)),
+                   "known": tf.constant(np.asarray(config["teacher"]["known"], bool)),
+                   "temperature": float(config["teacher"]["temperature"])}
 
     with strategy.scope():
         model = build_model(cfg, int(config["n_users"]), n_items, np.asarray(config["item_genres"]))
@@ -99,7 +106,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     def step_fn(batch):
         with tf.GradientTape() as tape:
-            loss = sampled_softmax_loss(model, batch, log_q, n_items, cfg, training=True)
+            loss = sampled_softmax_loss(model, batch, log_q, n_items, cfg, training=True, teacher=teacher)
             scaled = loss / strategy.num_replicas_in_sync
             if isinstance(opt, tf_keras.mixed_precision.LossScaleOptimizer):
                 scaled = opt.get_scaled_loss(scaled)
