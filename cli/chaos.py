@@ -11,6 +11,9 @@ whether it passed.
                    ``recsys features rebuild`` and the stream worker bring every feature back
   replica-kill     kill -9 one of two Serve replicas under load: ≤ 1% failed, back in 30 s
   controller-kill  kill -9 Serve's controller under load: requests go on, the controller returns
+  stream-workers   3 stream worker processes in one consumer group over 6 partitions; one killed
+                   with kill -9 mid-stream and one added: the features equal one replay of every
+                   event; then the group's rate with 1, 2 and 3 workers, as ratios in one run
 
 The serving scenarios need the demo's model and users (``recsys demo`` first), as
 ``recsys bench serve`` does; they leave ``recsys serve``'s deployment as configured.
@@ -24,25 +27,30 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
-from cli.bench_stream import scratch_settings
+from cli.bench_stream import scratch_settings, settings_env
 from deploy.local import stack
 from recsys.archive import read_partition_log, run_archiver
 from recsys.auth import KeyStore, Scope
 from recsys.errors import InvalidInput
 from recsys.feature_store import FeatureStore, connect
+from recsys.features import Keys, MemoryFeatures, event_ops
 from recsys.kafka_io import broker_answers, replay
 from recsys.rebuild import rebuild_features
 from recsys.settings import Settings
 from recsys.sources import SyntheticSource
 from recsys.stream import run_stream
 
+REPO = Path(__file__).resolve().parents[1]
 CHAOS_REDIS_PORT_OFFSET = 11  # the private Redis of redis-rebuild: the stack's port + 11
 CHAOS_KAFKA_PORT_OFFSET = 20  # the private brokers and controllers of kafka-leader-kill: the stack's + 20
 CHAOS_API_PORT_OFFSET = 91  # its API (serving.plain under uvicorn): the serving port + 91
@@ -332,12 +340,126 @@ def _serving_fault(settings: Settings, scenario: str, progress) -> dict:
             "lost": lost, "duplicated": 0, "passed": passed, "report": str(out)}
 
 
+WORKER_IDLE_S = 20.0  # a worker exits after this long without records: longer than a dead member's
+#                      session timeout (10 s), so the survivors are still there to take its partitions
+
+
+def _worker(s: Settings, log: Path, idle_s: float = WORKER_IDLE_S) -> subprocess.Popen:
+    """One ``recsys stream`` process of the scenario's consumer group, logging to ``log``."""
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "cli", "stream", "--until-idle", str(idle_s), "--metrics-port", "0"],
+                                cwd=REPO, env=settings_env(s), stdout=out, stderr=subprocess.STDOUT)
+
+
+def _applied(store: FeatureStore, s: Settings) -> int:
+    """Events whose effects are in Redis: a fresh topic's offsets count its records from 0."""
+    offsets = store.applied_offsets(s.kafka.events_topic, range(s.kafka.events_partitions))
+    return sum(v + 1 for v in offsets.values() if v is not None)
+
+
+def _expected_features(sent: list, s: Settings) -> tuple[Counter, list, dict]:
+    """What one replay of every event leaves: the offline twin of the store (recsys.features)."""
+    keys, mem = Keys(s.redis.prefix), MemoryFeatures()
+    for e in sent:
+        mem.apply(e.event_id, event_ops(e, keys, s.features.recent_items, s.features.trending_half_life_s))
+    users, items = sorted({e.user_id for e in sent}), sorted({e.item_id for e in sent})
+    counts = Counter({i: sum(mem.hashes.get(keys.item(i), {}).values()) for i in items})
+    return counts, [mem.user(keys, u).to_json() for u in users], mem.zsets.get(keys.trending, {})
+
+
+def stream_workers(settings: Settings, events: int = 120_000, progress=print) -> dict:
+    """Stream workers in one group: a kill -9 and a join mid-stream, then 1/2/3 workers' rates."""
+    partitions = max(6, settings.kafka.events_partitions)
+    s = scratch_settings(settings, "workers").updated(kafka={"events_partitions": partitions})
+    logs = settings.home / "logs" / "chaos-stream-workers"
+    logs.mkdir(parents=True, exist_ok=True)
+    stack.start_kafka(settings, progress)
+    stack.start_redis(settings, progress)
+    stack.ensure_topics(s)
+    procs: list[subprocess.Popen] = []
+    try:
+        sent = list(SyntheticSource(events=events, seed=21).events_iter())
+        acked = replay(sent, s, progress=False)["produced"]
+        store = FeatureStore(s)
+        progress(f"chaos: {acked:,} events on {partitions} partitions; 3 workers in group {s.kafka.stream_group}")
+        procs = [_worker(s, logs / f"worker-{n}.log") for n in range(3)]
+        started = time.monotonic()
+        while _applied(store, s) < 0.3 * len(sent):
+            if time.monotonic() - started > 300:
+                raise RuntimeError(f"chaos: the workers applied {_applied(store, s):,} events in 300 s (logs: {logs})")
+            time.sleep(0.1)
+        at_kill = _applied(store, s)
+        progress(f"chaos: kill -9 worker 1 at {at_kill:,} events applied; worker 3 joins")
+        procs[1].kill()
+        procs.append(_worker(s, logs / "worker-3.log"))
+        for p in procs:
+            p.wait(timeout=600)
+        done_s = time.monotonic() - started
+        users, items = sorted({e.user_id for e in sent}), sorted({e.item_id for e in sent})
+        got_items, got_users = _feature_counts(store, users, items)
+        want_items, want_users, want_trending = _expected_features(sent, s)
+        trending = dict(store.redis.zrange(store.keys.trending, 0, -1, withscores=True))
+        lost, duplicated = sum((want_items - got_items).values()), sum((got_items - want_items).values())
+        trending_exact = trending.keys() == want_trending.keys() and all(
+            abs(trending[i] - w) <= 1e-9 * max(1.0, abs(w)) for i, w in want_trending.items())
+        exact = got_users == want_users and not lost and not duplicated and trending_exact
+        progress(f"chaos: {'exact' if exact else 'NOT exact'}: lost {lost}, duplicated {duplicated}, "
+                 f"users exact {got_users == want_users}, trending exact {trending_exact} ({done_s:.1f} s)")
+        rates = _worker_rates(settings, s, len(sent), logs, progress)
+        one = np.mean(rates["1"])
+        return {"scenario": "stream-workers", "events_sent": len(sent), "acknowledged": acked,
+                "partitions": partitions, "applied_at_kill": at_kill, "lost": lost, "duplicated": duplicated,
+                "users_exact": got_users == want_users, "trending_exact": trending_exact,
+                "exit_codes": [p.returncode for p in procs], "seconds": round(done_s, 1),
+                "events_per_s": {w: [round(r, 1) for r in v] for w, v in rates.items()},
+                "rate_vs_1_worker": {w: round(float(np.mean(v)) / one, 2) for w, v in rates.items()},
+                "cpus": os.cpu_count(), "failed_requests": 0, "passed": exact and acked == len(sent)}
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            p.wait()
+        stack.delete_topics(s)
+        FeatureStore(s).clear()
+
+
+def _worker_rates(settings: Settings, s: Settings, n: int, logs: Path, progress) -> dict[str, list[float]]:
+    """The group's events/s with 1, 2 and 3 workers, each run a fresh group and Redis prefix on the
+    same records, in the order 1 2 3 3 2 1 (a noisy neighbour hurts all alike); from the first
+    effect in Redis to the last, so process start-up does not count."""
+    rates: dict[str, list[float]] = {}
+    for workers in (1, 2, 3, 3, 2, 1):
+        run = s.updated(kafka={"stream_group": f"{s.kafka.stream_group}-{workers}-{uuid.uuid4().hex[:6]}"},
+                        redis={"prefix": f"{s.redis.prefix}-{workers}-{uuid.uuid4().hex[:6]}"})
+        store = FeatureStore(run)
+        procs = [_worker(run, logs / f"rate-{workers}.log", idle_s=3.0) for _ in range(workers)]
+        try:
+            first = None
+            deadline = time.monotonic() + 600
+            while (applied := _applied(store, run)) < n and time.monotonic() < deadline:
+                if applied and first is None:
+                    first = (time.monotonic(), applied)
+                time.sleep(0.05)
+            last = time.monotonic()
+            if first is None or applied < n:
+                raise RuntimeError(f"chaos: {workers} worker(s) applied {applied:,} of {n:,} (logs: {logs})")
+            rates.setdefault(str(workers), []).append((n - first[1]) / (last - first[0]))
+            progress(f"chaos: {workers} worker(s): {rates[str(workers)][-1]:,.0f} events/s")
+        finally:
+            for p in procs:
+                p.wait(timeout=120)
+            store.clear()
+    return rates
+
+
 SCENARIOS = {
     "kafka-leader-kill": lambda s, progress: kafka_leader_kill(s, progress=progress),
     "redis-rebuild": lambda s, progress: redis_rebuild(s, progress=progress),
     "replica-kill": lambda s, progress: _serving_fault(s, "replica-kill", progress),
     "controller-kill": lambda s, progress: _serving_fault(s, "controller-kill", progress),
     "fuzz": lambda s, progress: _fuzz(s, progress=progress),
+    "stream-workers": lambda s, progress: stream_workers(s, progress=progress),
 }
 
 

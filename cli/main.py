@@ -158,10 +158,65 @@ def cmd_chaos(args) -> int:
     return 0 if result["passed"] else 1
 
 
+def _save_bench(settings, name: str, result: dict) -> None:
+    """Keep a bench's result for `recsys capacity` (<home>/bench/<name>.json), said on stderr."""
+    from recsys import bench_store
+    print(f"saved {bench_store.save(settings, name, result)}", file=sys.stderr)
+
+
 def cmd_bench_stream(args) -> int:
     from cli.bench_stream import bench_stream
-    result = bench_stream(get_settings(), events=args.events, steady_rate=args.rate, steady_seconds=args.seconds)
+    settings = get_settings()
+    result = bench_stream(settings, events=args.events, steady_rate=args.rate, steady_seconds=args.seconds)
+    _save_bench(settings, "stream", result)
     _print(result, args.json)
+    return 0
+
+
+def cmd_bench_redis_memory(args) -> int:
+    from deploy.local import stack
+    from recsys.redis_memory_bench import bench, format_table
+    settings = get_settings()
+    progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    stack.start_redis(settings, progress=progress)
+    result = bench(settings, events=args.events, users=args.users, items=args.items, seed=args.seed, reads=args.reads,
+                   progress=progress)
+    _save_bench(settings, "redis-memory", result)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_table(result))
+    return 0
+
+
+def cmd_capacity(args) -> int:
+    from recsys import bench_store, capacity
+    from recsys.ann import default_kind
+    from recsys.errors import InvalidInput
+    from recsys.model import ModelConfig
+    settings = get_settings()
+    load = capacity.Load(args.rps, args.users, args.items, args.events_per_s)
+    t = settings.training
+    kind = t.ann_kind or default_kind(args.items, t.item_precision, t.ann_exact_below)
+    overrides = {}
+    if args.figures:
+        try:
+            data = json.loads(Path(args.figures).read_text())
+        except (OSError, ValueError) as exc:
+            raise InvalidInput(f"--figures {args.figures}: {exc}") from None
+        overrides.update(capacity.parse_overrides(data, args.figures))
+    overrides.update(capacity.parse_set(args.set))
+    folder = bench_store.path(settings, "x").parent
+    try:
+        folder_label = str(folder.relative_to(Path.cwd()))
+    except ValueError:
+        folder_label = str(folder)
+    saved = {name: bench_store.load(settings, name) for name in bench_store.BENCHES}
+    base = {**capacity.PUBLISHED, **capacity.ASSUMED, **capacity.settings_figures(settings, ModelConfig())}
+    figures = capacity.resolve(capacity.bench_figures(saved, kind, folder_label), overrides, args.assume_defaults,
+                               kind, base)
+    result = {**capacity.plan(load, figures), "ann_kind": kind}
+    print(json.dumps(result) if args.json else capacity.format_plan(result))
     return 0
 
 
@@ -181,10 +236,19 @@ def cmd_serve(args) -> int:
 
 
 def cmd_bench_ann(args) -> int:
+    from recsys.ann import default_kind
     from recsys.ann_bench import KINDS, bench, format_table
+    settings = get_settings()
     result = bench(args.items, queries=args.queries, tuning_queries=args.tuning_queries,
                    kinds=tuple(args.kinds or KINDS), spread=args.spread,
                    progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    t = settings.training  # the kind a model of each size ships, and its figures
+    result["default_kinds"] = {
+        n: {"kind": kind, **{k: size["indexes"][kind][k] for k in ("bytes_per_item", "p99_ms", "recall@10")}}
+        for n, size in result["sizes"].items()
+        for kind in [t.ann_kind or default_kind(int(n), t.item_precision, t.ann_exact_below)]
+        if kind in size["indexes"]}
+    _save_bench(settings, "ann", result)
     if args.json:
         print(json.dumps(result))
     else:
@@ -219,8 +283,10 @@ def cmd_bench_compression(args) -> int:
 
 def cmd_bench_serve(args) -> int:
     from serving.bench import bench_serve
-    result = bench_serve(get_settings(), replicas=args.replicas, concurrency=args.concurrency, seconds=args.seconds,
+    settings = get_settings()
+    result = bench_serve(settings, replicas=args.replicas, concurrency=args.concurrency, seconds=args.seconds,
                          progress=lambda msg: print(msg, file=sys.stderr))
+    _save_bench(settings, "serve", result)
     _print(result, args.json)
     return 1 if args.check and not result["pass"] else 0
 
@@ -327,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chaos", help="a long fault scenario (system test): one JSON line with what was lost, "
                                      "failed and how long recovery took; exit 1 when it did not pass")
-    p.add_argument("scenario", choices=["kafka-leader-kill", "redis-rebuild", "replica-kill", "controller-kill", "fuzz"])
+    p.add_argument("scenario", choices=["kafka-leader-kill", "redis-rebuild", "replica-kill", "controller-kill", "fuzz",
+                                        "stream-workers"])
     p.add_argument("--json", action="store_true", help="one JSON line")
     p.set_defaults(func=cmd_chaos)
 
@@ -373,6 +440,34 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     b.add_argument("--json", action="store_true", help="one JSON line")
     b.set_defaults(func=cmd_bench_serve)
+
+    b = bench.add_parser("redis-memory", help="bytes per user, per item and per event in the dedup window "
+                                               "(MEMORY USAGE of real keys), Redis CPU per event and per request")
+    b.add_argument("--events", type=int, default=100_000, help="synthetic events to apply (under a scratch prefix)")
+    b.add_argument("--users", type=int, default=2_000, help="synthetic users")
+    b.add_argument("--items", type=int, default=1_000, help="synthetic items")
+    b.add_argument("--seed", type=int, default=7, help="the synthetic source's seed")
+    b.add_argument("--reads", type=int, default=2_000, help="recommendation reads timed for Redis CPU per request")
+    b.add_argument("--json", action="store_true", help="one JSON line")
+    b.set_defaults(func=cmd_bench_redis_memory)
+
+    p = sub.add_parser("capacity", help="replicas, CPUs, Kafka partitions and brokers, stream workers, Redis memory "
+                                        "and shards, index memory, training time for a load, from the benches' "
+                                        "saved figures (.recsys/bench/*.json), each with its source")
+    p.add_argument("--rps", type=float, required=True, help="recommendation requests per second")
+    p.add_argument("--users", type=int, required=True, help="users with online features")
+    p.add_argument("--items", type=int, required=True, help="items in the catalogue (and the index)")
+    p.add_argument("--events-per-s", type=float, required=True, help="events per second into Kafka")
+    p.add_argument("--assume-defaults", action="store_true",
+                   help="a figure without a saved bench result comes from the README's published run (marked "
+                        "'default'), instead of exit 2")
+    p.add_argument("--figures", default=None, metavar="FILE",
+                   help='figures that replace the saved ones: JSON {"name": {"value": V, "source": "..."}}')
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a figure or assumption given here (e.g. target_cpu_utilisation=0.5), marked assumed; "
+                        "repeatable")
+    p.add_argument("--json", action="store_true", help="one JSON line")
+    p.set_defaults(func=cmd_capacity)
 
     register_training(sub)
     register_loadtest(sub)

@@ -23,7 +23,7 @@ class KafkaSettings(BaseModel):
     version: str = "4.1.1"
     events_topic: str = "user-events"
     dlq_topic: str = "user-events.dlq"
-    events_partitions: int = 4
+    events_partitions: int = 6  # up to 6 stream workers share a group (`recsys chaos stream-workers`)
     # Consumer groups: the stream worker's and the archiver's.
     stream_group: str = "features"
     archive_group: str = "archive"

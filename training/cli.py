@@ -194,7 +194,10 @@ def bench_train(args) -> int:
         "cpus": os.cpu_count(), "load_avg_1m": [round(load_before, 2), round(load_after, 2)],
         "ann": card2["ann"],  # its search parameter chosen on half of the test users' queries, recall on the other half's
         "compression": card2["compression"],  # catalogue-scale indexes: `recsys bench ann`
+        "items": card2["ann"].get("items"),  # the catalogue behind the rates (they fall as it grows)
     }
+    from recsys import bench_store
+    print(f"saved {bench_store.save(settings, 'train', out)}", file=sys.stderr)
     if getattr(args, "json", False):
         print(json.dumps(out, default=str))
     else:
