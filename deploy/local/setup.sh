@@ -32,4 +32,13 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements.lock -
   .venv/bin/pip install -q --no-deps -e .
   touch "$stamp"
 fi
+# kustomize for tests/test_k8s_manifests.py: kubectl's built-in one, else kustomize from the Go proxy.
+if ! command -v kubectl >/dev/null && ! command -v kustomize >/dev/null && [ ! -x .venv/bin/kustomize ]; then
+  if command -v go >/dev/null; then
+    GOBIN="$PWD/.venv/bin" go install sigs.k8s.io/kustomize/kustomize/v5@v5.5.0
+  else
+    echo "setup: missing kubectl or kustomize (or Go to install kustomize): see deploy/k8s/README.md" >&2
+    exit 1
+  fi
+fi
 echo "setup: ready (.venv/bin/recsys --help)"
