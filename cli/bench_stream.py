@@ -17,7 +17,7 @@ from kafka import KafkaConsumer
 
 from deploy.local import stack
 from recsys.feature_store import FeatureStore
-from recsys.kafka_io import replay
+from recsys.kafka_io import connection, replay
 from recsys.settings import Settings
 from recsys.sources import SyntheticSource
 from recsys.stream import StreamWorker
@@ -49,7 +49,7 @@ def _rate(n: int, seconds: float) -> float:
 
 
 def _raw_kafka_rate(settings: Settings, n: int) -> float:
-    cons = KafkaConsumer(settings.kafka.events_topic, bootstrap_servers=settings.kafka.servers, group_id=None,
+    cons = KafkaConsumer(settings.kafka.events_topic, **connection(settings), group_id=None,
                          auto_offset_reset="earliest", max_poll_records=settings.kafka.poll_batch)
     seen, started = 0, time.monotonic()
     while seen < n:

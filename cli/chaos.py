@@ -44,7 +44,7 @@ from recsys.auth import KeyStore, Scope
 from recsys.errors import InvalidInput
 from recsys.feature_store import FeatureStore, connect
 from recsys.features import Keys, MemoryFeatures, event_ops
-from recsys.kafka_io import broker_answers, replay
+from recsys.kafka_io import broker_answers, connection, replay
 from recsys.rebuild import rebuild_features
 from recsys.settings import Settings
 from recsys.sources import SyntheticSource
@@ -165,7 +165,7 @@ def _event_load_process(url, headers, rate, seconds, concurrency, started, queue
 def _partitions(s: Settings, bootstrap_timeout_ms: int) -> list[dict]:
     """The events topic's partitions as the brokers describe them (leader, in-sync replicas)."""
     from kafka import KafkaAdminClient
-    with KafkaAdminClient(bootstrap_servers=s.kafka.servers, bootstrap_timeout_ms=bootstrap_timeout_ms) as admin:
+    with KafkaAdminClient(**connection(s), bootstrap_timeout_ms=bootstrap_timeout_ms) as admin:
         (topic,) = admin.describe_topics([s.kafka.events_topic])
     return topic["partitions"]
 

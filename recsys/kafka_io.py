@@ -13,17 +13,36 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 from tqdm import tqdm
 
-from recsys.errors import RecsysError
+from recsys.errors import InvalidInput, RecsysError
 from recsys.events import BAD_EVENT_KINDS, BadEvent, Event
 from recsys.metrics import ASSIGNED_PARTITIONS, CONSUMED, DEAD_LETTERS, LAG, RECREATED, UNASSIGNED_SECONDS
+from recsys.secrets import KAFKA_PASSWORD, env_name, read_secret
 from recsys.settings import Settings
+
+
+def connection(settings: Settings) -> dict:
+    """How every Kafka client of the project reaches the brokers: the bootstrap servers, and TLS
+    and SASL where ``settings.kafka.security_protocol`` asks for them."""
+    k = settings.kafka
+    conf: dict = {"bootstrap_servers": k.servers}
+    if k.security_protocol != "PLAINTEXT":
+        conf["security_protocol"] = k.security_protocol
+    if k.security_protocol.startswith("SASL"):
+        password = read_secret(settings, KAFKA_PASSWORD)
+        if not (k.sasl_mechanism and k.sasl_username and password):
+            raise InvalidInput(f"kafka: {k.security_protocol} needs RECSYS_KAFKA_SASL_MECHANISM, RECSYS_KAFKA_SASL_USERNAME "
+                               f"and the secret {KAFKA_PASSWORD} ({env_name(KAFKA_PASSWORD)} or its file)")
+        conf.update(sasl_mechanism=k.sasl_mechanism, sasl_plain_username=k.sasl_username, sasl_plain_password=password)
+    if k.ssl_cafile is not None:
+        conf["ssl_cafile"] = str(k.ssl_cafile)
+    return conf
 
 
 def producer(settings: Settings, **overrides) -> KafkaProducer:
     """acks=all (on min.insync.replicas brokers), retries, and idempotence, so that a retry
     after a lost reply or a leader change writes no second copy: a produce that returns
     from flush() is on the brokers once."""
-    conf = dict(bootstrap_servers=settings.kafka.servers, acks="all", enable_idempotence=True, linger_ms=5,
+    conf = dict(**connection(settings), acks="all", enable_idempotence=True, linger_ms=5,
                 retries=5, max_in_flight_requests_per_connection=1)
     conf.update(overrides)
     return KafkaProducer(**conf)
@@ -31,7 +50,7 @@ def producer(settings: Settings, **overrides) -> KafkaProducer:
 
 def consumer(settings: Settings, group: str, listener=None, **overrides) -> KafkaConsumer:
     """Manual commits: callers commit only after the effect of a batch is durable."""
-    conf = dict(bootstrap_servers=settings.kafka.servers, group_id=group, enable_auto_commit=False,
+    conf = dict(**connection(settings), group_id=group, enable_auto_commit=False,
                 auto_offset_reset="earliest", max_poll_records=settings.kafka.poll_batch,
                 # A crashed member's partitions move to the others after 6 s (the broker's minimum).
                 session_timeout_ms=6000, heartbeat_interval_ms=2000)

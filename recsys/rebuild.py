@@ -15,6 +15,7 @@ from kafka.errors import NoError
 from recsys.archive import Archive, read_partition_log
 from recsys.errors import Busy, Unavailable
 from recsys.feature_store import FeatureStore
+from recsys.kafka_io import connection
 from recsys.settings import Settings
 from recsys.training_data import iter_events
 
@@ -22,7 +23,7 @@ from recsys.training_data import iter_events
 def rebuild_features(settings: Settings, batch: int = 5000, progress=print) -> dict:
     """Clear this prefix's online features and rebuild them from the archive (see above)."""
     topic, group = settings.kafka.events_topic, settings.kafka.stream_group
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka.servers)
+    admin = KafkaAdminClient(**connection(settings))
     try:
         if admin.describe_groups([group]).get(group, {}).get("members"):
             raise Busy(f"stream workers of group {group!r} are running: stop them (recsys stream) before a rebuild")

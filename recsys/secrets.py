@@ -16,6 +16,7 @@ from recsys.settings import Settings
 
 REDIS_PASSWORD = "redis-password"
 USER_ID_KEY = "user-id-key"
+KAFKA_PASSWORD = "kafka-password"  # the SASL user's, where settings.kafka.security_protocol asks for one
 
 
 def env_name(name: str) -> str:

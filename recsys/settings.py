@@ -32,6 +32,12 @@ class KafkaSettings(BaseModel):
     # recreations it exits non-zero (recsys.kafka_io.GroupMember). 0 s turns the bound off.
     assignment_timeout_s: float = 30.0
     recreate_attempts: int = 1
+    # Where the brokers ask for it (deploy/k8s: Strimzi's TLS listener with SCRAM users); the
+    # password is the secret ``kafka-password`` (recsys.secrets). Used by recsys.kafka_io.connection.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    ssl_cafile: Path | None = None  # the brokers' CA (Strimzi: the cluster CA's ca.crt)
 
     @property
     def servers(self) -> list[str]:

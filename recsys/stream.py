@@ -195,7 +195,7 @@ def run_stream(settings: Settings, until_idle: float | None = None) -> dict:
 def read_dead_letters(settings: Settings, timeout_s: float = 5.0) -> list[dict]:
     """Everything on the dead-letter topic, for tests and inspection."""
     from kafka import KafkaConsumer
-    cons = KafkaConsumer(settings.kafka.dlq_topic, bootstrap_servers=settings.kafka.servers, group_id=None,
+    cons = KafkaConsumer(settings.kafka.dlq_topic, **kafka_io.connection(settings), group_id=None,
                          auto_offset_reset="earliest", consumer_timeout_ms=int(timeout_s * 1000))
     out = [{"value": r.value, **{k: v.decode() for k, v in r.headers}} for r in cons]
     cons.close()

@@ -34,3 +34,24 @@ def test_the_environment_round_trips(monkeypatch):
         if value is not None:
             monkeypatch.setenv(key, value)
     assert Settings() == s
+
+
+def test_kafka_clients_use_tls_and_sasl_only_where_the_settings_ask(monkeypatch, tmp_path):
+    """recsys.kafka_io.connection: plaintext by default (the local stack); SASL_SSL with SCRAM as
+    deploy/k8s sets it, the password from the secret kafka-password; a missing part is a clear error."""
+    from recsys.errors import InvalidInput
+    from recsys.kafka_io import connection
+    from recsys.settings import Settings
+    monkeypatch.delenv("RECSYS_SECRET_KAFKA_PASSWORD", raising=False)
+    plain = Settings(secrets_dir=tmp_path)
+    assert connection(plain) == {"bootstrap_servers": plain.kafka.servers}
+    s = plain.updated(kafka={"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
+                             "sasl_username": "recsys-api", "ssl_cafile": "/etc/recsys/secrets/kafka-ca.crt"})
+    with pytest.raises(InvalidInput, match="kafka-password"):
+        connection(s)
+    (tmp_path / "kafka-password").write_text("s3cret\n")
+    assert connection(s) == {"bootstrap_servers": s.kafka.servers, "security_protocol": "SASL_SSL",
+                             "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "recsys-api",
+                             "sasl_plain_password": "s3cret", "ssl_cafile": "/etc/recsys/secrets/kafka-ca.crt"}
+    with pytest.raises(InvalidInput, match="RECSYS_KAFKA_SASL_USERNAME"):
+        connection(s.updated(kafka={"sasl_username": None}))

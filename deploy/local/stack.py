@@ -35,7 +35,7 @@ from redis.retry import Retry
 from deploy.local import prometheus
 from recsys import RAY_ENV
 from recsys.errors import RecsysError
-from recsys.kafka_io import broker_answers
+from recsys.kafka_io import broker_answers, connection
 from recsys.secrets import REDIS_PASSWORD, USER_ID_KEY, ensure_secret, read_secret
 from recsys.settings import Settings
 
@@ -216,7 +216,7 @@ def stop_redis(settings: Settings) -> str:
 # ---- kafka -----------------------------------------------------------------
 
 def _admin(s: Settings) -> KafkaAdminClient:
-    return KafkaAdminClient(bootstrap_servers=s.kafka.servers, bootstrap_timeout_ms=10000)
+    return KafkaAdminClient(**connection(s), bootstrap_timeout_ms=10000)
 
 
 @dataclass(frozen=True)
