@@ -359,12 +359,13 @@ def _applied(store: FeatureStore, s: Settings) -> int:
 
 def _expected_features(sent: list, s: Settings) -> tuple[Counter, list, dict]:
     """What one replay of every event leaves: the offline twin of the store (recsys.features)."""
-    keys, mem = Keys(s.redis.prefix), MemoryFeatures()
+    keys, mem = Keys.of(s.redis), MemoryFeatures()
     for e in sent:
         mem.apply(e.event_id, event_ops(e, keys, s.features.recent_items, s.features.trending_half_life_s))
     users, items = sorted({e.user_id for e in sent}), sorted({e.item_id for e in sent})
     counts = Counter({i: sum(mem.hashes.get(keys.item(i), {}).values()) for i in items})
-    return counts, [mem.user(keys, u).to_json() for u in users], mem.zsets.get(keys.trending, {})
+    trending = {item: w for key in keys.trending for item, w in mem.zsets.get(key, {}).items()}
+    return counts, [mem.user(keys, u).to_json() for u in users], trending
 
 
 def stream_workers(settings: Settings, events: int = 120_000, progress=print) -> dict:
@@ -398,7 +399,7 @@ def stream_workers(settings: Settings, events: int = 120_000, progress=print) ->
         users, items = sorted({e.user_id for e in sent}), sorted({e.item_id for e in sent})
         got_items, got_users = _feature_counts(store, users, items)
         want_items, want_users, want_trending = _expected_features(sent, s)
-        trending = dict(store.redis.zrange(store.keys.trending, 0, -1, withscores=True))
+        trending = dict(store.trending(len(items)))
         lost, duplicated = sum((want_items - got_items).values()), sum((got_items - want_items).values())
         trending_exact = trending.keys() == want_trending.keys() and all(
             abs(trending[i] - w) <= 1e-9 * max(1.0, abs(w)) for i, w in want_trending.items())

@@ -39,6 +39,8 @@ def cmd_stack(args) -> int:
     settings = get_settings()
     if args.brokers is not None:
         settings = settings.updated(kafka={"brokers": args.brokers})
+    if args.redis_cluster is not None:
+        settings = settings.updated(redis={"cluster_masters": args.redis_cluster})
     if args.action == "up":
         result = stack.up(settings, progress=lambda msg: print(msg, file=sys.stderr), monitoring=args.monitoring)
     elif args.action == "down":
@@ -344,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--brokers", type=int, default=None,
                    help="Kafka nodes: 3 runs a replicated cluster (replication factor 3, min.insync.replicas 2); "
                         "default RECSYS_KAFKA_BROKERS (1). Other commands read RECSYS_KAFKA_BROKERS to find them all")
+    p.add_argument("--redis-cluster", type=int, default=None, metavar="N",
+                   help="a Redis Cluster of N masters (3 or more) on the Redis port, + 100, ...; default "
+                        "RECSYS_REDIS_CLUSTER_MASTERS (0: one Redis). Other commands read "
+                        "RECSYS_REDIS_CLUSTER_MASTERS to use a cluster client")
     p.add_argument("--json", action="store_true", help="one JSON line")
     p.set_defaults(func=cmd_stack)
 

@@ -56,9 +56,9 @@ class _Recorder:
         if self.requests:
             self.requests.write(f"{start_s:.4f},{route},{latency_ms:.2f},{int(ok)},{status}\n")
 
-    def accepted(self, event_id: str) -> None:
+    def accepted(self, event_id: str, user_id: str) -> None:
         if self.posted:
-            self.posted.write(event_id + "\n")
+            self.posted.write(f"{event_id} {user_id}\n")
 
     def shape_started(self) -> None:
         if self.folder:
@@ -165,7 +165,7 @@ class Shopper(FastHttpUser):
         if accepted != 1:
             resp.failure(f"accepted {accepted!r}, expected 1")
             return
-        RECORDER.accepted(event["event_id"])
+        RECORDER.accepted(event["event_id"], event["user_id"])
 
 
 class PeakSeason(LoadTestShape):

@@ -181,29 +181,29 @@ class WorkerThread:
 
 # ---- events in Redis -------------------------------------------------------
 
-def present(redis_client, prefix: str, event_ids: list[str], chunk: int = 5000) -> list[bool]:
-    """Whether each event's dedup marker exists, in pipelined EXISTS round trips."""
-    from recsys.features import Keys
-    keys = Keys(prefix)
+def present(redis_client, keys, events: list[tuple[str, str]], chunk: int = 5000) -> list[bool]:
+    """Whether each (event id, pseudonymous user) has its dedup marker, in pipelined EXISTS round trips."""
     out: list[bool] = []
-    for i in range(0, len(event_ids), chunk):
+    for i in range(0, len(events), chunk):
         pipe = redis_client.pipeline(transaction=False)
-        for eid in event_ids[i:i + chunk]:
-            pipe.exists(keys.dedup(eid))
+        for event_id, user in events[i:i + chunk]:
+            pipe.exists(keys.dedup(user, event_id))
         out += [bool(x) for x in pipe.execute()]
     return out
 
 
-def wait_in_redis(settings: Settings, event_ids: list[str], idle_s: float, max_s: float) -> tuple[int, list[str], float]:
-    """Poll until every event is in Redis, or no progress for idle_s, or max_s.
-    Returns (found, a few missing ids, seconds waited)."""
+def wait_in_redis(settings: Settings, posted: list[tuple[str, str]], idle_s: float, max_s: float) -> tuple[int, list[str], float]:
+    """Poll until every posted (event id, raw user id) is in Redis, or no progress for idle_s, or
+    max_s. Returns (found, a few missing event ids, seconds waited)."""
     from recsys.feature_store import connect
-    client = connect(settings)
+    from recsys.features import Keys
+    from recsys.privacy import Pseudonyms
+    client, keys, pseudonyms = connect(settings), Keys(settings.redis.prefix), Pseudonyms.of(settings)
     started = last_progress = time.monotonic()
-    missing = list(event_ids)
+    missing = [(event_id, pseudonyms.user_id(user)) for event_id, user in posted]
     while True:
-        flags = present(client, settings.redis.prefix, missing)
-        still = [eid for eid, ok in zip(missing, flags) if not ok]
+        flags = present(client, keys, missing)
+        still = [e for e, ok in zip(missing, flags) if not ok]
         now = time.monotonic()
         if len(still) < len(missing):
             last_progress = now
@@ -212,7 +212,7 @@ def wait_in_redis(settings: Settings, event_ids: list[str], idle_s: float, max_s
             break
         time.sleep(0.5)
     client.close()
-    return len(event_ids) - len(missing), missing[:10], round(time.monotonic() - started, 2)
+    return len(posted) - len(missing), [event_id for event_id, _ in missing[:10]], round(time.monotonic() - started, 2)
 
 
 # ---- the stream seen by Prometheus -----------------------------------------
@@ -330,7 +330,7 @@ def run(settings: Settings, opts: Options, progress=print) -> dict:
             raise LoadTestError(f"Locust did not start the load (exit {rc}); see {out / 'locust.log'}")
         t0 = float(start_file.read_text())
         posted_file = out / "events_posted.txt"
-        posted = [x.strip() for x in posted_file.read_text().splitlines() if x.strip()] if posted_file.exists() else []
+        posted = [tuple(x.split()) for x in posted_file.read_text().splitlines() if x.strip()] if posted_file.exists() else []
 
         # Cool-down: no load; wait for Serve to come back to the minimum (downscale_delay_s).
         cooldown_s = 0.0

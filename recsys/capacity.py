@@ -348,6 +348,9 @@ def plan(load: Load, figures: dict[str, Figure]) -> dict:
                  f"max(memory / max shard GB = {by_memory}, Redis CPU / utilisation = {by_cpu}) (one core each)",
                  ["redis.max_shard_gb", "memory_headroom", "redis.cpu_us_per_event", "redis.cpu_us_per_request",
                   "target_cpu_utilisation"])
+    row("redis", "trending shards", shards, "sorted sets", "one per primary at least "
+        "(RECSYS_REDIS_TRENDING_SHARDS): each event's item script writes one, a request reads all",
+        ["redis.cpu_us_per_event", "redis.cpu_us_per_request"])
     row("redis", "memory with replicas", round(memory * (1 + f["redis.replicas_per_shard"]), 1), "GB",
         f"memory x (1 + replicas per shard); {shards} primaries + {shards * int(f['redis.replicas_per_shard'])} replicas",
         ["redis.replicas_per_shard", "memory_headroom", "redis.bytes_per_user"])
@@ -394,9 +397,10 @@ def notes(load: Load, figures: dict[str, Figure]) -> list[str]:
     """What the figures do not carry over to this load."""
     f = {name: fig.value for name, fig in figures.items()}
     out = [
-        "Redis shards: the apply script writes keys of several hash slots (user, item, trending, marker), so a "
-        "Redis Cluster needs it split by slot first (README 'Online feature layout'); the trending ZSET is one key, "
-        "so one shard takes every event's ZADD and every request's ZREVRANGE however many shards there are.",
+        "Redis shards: each event runs one script in its user's hash slot and one in its item's trending shard "
+        "(README 'Online feature layout'), so users spread over every primary, but items only over as many "
+        "primaries as there are trending shards; a request reads every shard's top items, so its Redis CPU "
+        "grows with the shards (measured with RECSYS_REDIS_TRENDING_SHARDS as benched).",
         f"Bytes per user grow with a user's distinct items (the seen set has no bound); measured at "
         f"{f.get('redis.events_per_user', 0):g} events per user on average.",
         "Kafka: the archiver (a second consumer group) reads the topic again; its rate is not measured here.",

@@ -1,6 +1,15 @@
-"""The online feature store in Redis: atomic, once-per-event updates and one-round-trip reads."""
+"""The online feature store in Redis: atomic, once-per-event updates and one-round-trip reads,
+on one Redis or on a Redis Cluster (``redis.cluster_masters``).
+
+Each event runs two scripts, each within one cluster slot (recsys/features.py): the user
+script on the user's group, then the item script on the item's trending shard. Each group
+keeps its own applied offset per partition, so a replay or a crash between the two scripts
+applies each half once; the user script's verdict on the event id (kept in the user's group)
+tells the item script whether the event is a client's retry.
+"""
 from __future__ import annotations
 
+import hashlib
 import itertools
 from typing import Iterable
 
@@ -12,33 +21,29 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from recsys.events import Event
-from recsys.features import Keys, Op, UserFeatures, event_ops
+from recsys.features import OFFSET_FIELD, Keys, Op, UserFeatures, item_ops, merge_trending, offset_field, user_ops
 from recsys.secrets import REDIS_PASSWORD, read_secret
 from recsys.settings import Settings
 
-# KEYS[1] is the event's dedup marker, KEYS[2] its partition's applied offset and KEYS[3] the
-# partition's refused offsets (both the marker again when the event has no position), KEYS[4..]
-# the keys of the ops; ARGV = marker ttl, the event's offset (-1: none), then (kind, member, arg)
-# per op. An event at or below its partition's applied offset, or whose event id was applied
-# within the ttl, changes nothing. A write Redis refuses (a key of the wrong type) takes the
-# marker back, records the offset as refused and returns the error: the event applies when it
-# comes again, though later events of its partition moved the applied offset past it (Redis
-# does not roll a script back: ops before the failing one stay).
-_APPLY = """
-local offset = tonumber(ARGV[2])
+_APPLY_USER = """
+local offset = tonumber(ARGV[3])
 local refused = false
 if offset >= 0 then
-  local applied = redis.call('GET', KEYS[2])
+  local applied = redis.call('HGET', KEYS[2], ARGV[2])
   if applied and offset <= tonumber(applied) then
-    if redis.call('ZSCORE', KEYS[3], ARGV[2]) == false then return 0 end
+    if redis.call('ZSCORE', KEYS[3], ARGV[4]) == false then
+      local first = redis.call('GET', KEYS[1])
+      if first and first ~= ARGV[4] then return 0 end
+      return 2
+    end
     refused = true
   end
 end
 local function settle()
-  if refused then redis.call('ZREM', KEYS[3], ARGV[2])
-  elseif offset >= 0 then redis.call('SET', KEYS[2], ARGV[2]) end
+  if refused then redis.call('ZREM', KEYS[3], ARGV[4])
+  elseif offset >= 0 then redis.call('HSET', KEYS[2], ARGV[2], ARGV[3]) end
 end
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) == false then
+if redis.call('SET', KEYS[1], ARGV[4], 'NX', 'EX', ARGV[1]) == false then
   settle()
   return 0
 end
@@ -46,13 +51,13 @@ local function try(...)
   local r = redis.pcall(...)
   if type(r) == 'table' and r.err then
     redis.call('DEL', KEYS[1])
-    if offset >= 0 then redis.call('ZADD', KEYS[3], offset, ARGV[2]) end
+    if offset >= 0 then redis.call('ZADD', KEYS[3], offset, ARGV[4]) end
     error(r)
   end
   return r
 end
 for i = 4, #KEYS do
-  local j = 3 + (i - 4) * 3
+  local j = 5 + (i - 4) * 3
   local kind, member, arg = ARGV[j], ARGV[j + 1], ARGV[j + 2]
   if kind == 'recent' then
     try('LPUSH', KEYS[i], member)
@@ -61,15 +66,6 @@ for i = 4, #KEYS do
     try('SADD', KEYS[i], member)
   elseif kind == 'hincr' then
     try('HINCRBY', KEYS[i], member, tonumber(arg))
-  elseif kind == 'zlogadd' then
-    local w = tonumber(arg)
-    local old = try('ZSCORE', KEYS[i], member)
-    if old then
-      old = tonumber(old)
-      local m = math.max(old, w)
-      w = m + math.log(math.exp(old - m) + math.exp(w - m))
-    end
-    try('ZADD', KEYS[i], w, member)
   else
     try('UNKNOWN-OP-' .. kind)
   end
@@ -78,19 +74,77 @@ settle()
 return 1
 """
 
+# The item script, on the item's trending shard. KEYS: the shard's applied offsets (a hash,
+# field ARGV[1] per partition), its refused positions, then the ops' keys. ARGV: offset field,
+# the event's offset (-1: none), its position, "apply" or "advance" (the user script's verdict
+# was a retry: only the offset moves), then (kind, member, arg) per op. Each shard sees a
+# partition's events in offset order, so its offset says which of them it applied.
+_APPLY_ITEM = """
+local offset = tonumber(ARGV[2])
+local refused = false
+if offset >= 0 then
+  local applied = redis.call('HGET', KEYS[1], ARGV[1])
+  if applied and offset <= tonumber(applied) then
+    if redis.call('ZSCORE', KEYS[2], ARGV[3]) == false then return 0 end
+    refused = true
+  end
+end
+local function try(...)
+  local r = redis.pcall(...)
+  if type(r) == 'table' and r.err then
+    if offset >= 0 then redis.call('ZADD', KEYS[2], offset, ARGV[3]) end
+    error(r)
+  end
+  return r
+end
+if ARGV[4] == 'apply' then
+  for i = 3, #KEYS do
+    local j = 5 + (i - 3) * 3
+    local kind, member, arg = ARGV[j], ARGV[j + 1], ARGV[j + 2]
+    if kind == 'hincr' then
+      try('HINCRBY', KEYS[i], member, tonumber(arg))
+    elseif kind == 'zlogadd' then
+      local w = tonumber(arg)
+      local old = try('ZSCORE', KEYS[i], member)
+      if old then
+        old = tonumber(old)
+        local m = math.max(old, w)
+        w = m + math.log(math.exp(old - m) + math.exp(w - m))
+      end
+      try('ZADD', KEYS[i], w, member)
+    else
+      try('UNKNOWN-OP-' .. kind)
+    end
+  end
+end
+if refused then redis.call('ZREM', KEYS[2], ARGV[3])
+elseif offset >= 0 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 1
+"""
+SCRIPTS = (_APPLY_USER, _APPLY_ITEM)
+_SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in SCRIPTS}
 
-def connect(settings: Settings, timeout_s: float = 2.0, retries: int = 3) -> redis.Redis:
-    """A client whose calls fail within about ``timeout_s * (retries + 1)`` when Redis is gone."""
-    return redis.Redis(host=settings.redis.host, port=settings.redis.port, decode_responses=True,
-                       password=read_secret(settings, REDIS_PASSWORD), socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                       retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries))
+
+def _client_options(settings: Settings, timeout_s: float) -> dict:
+    return dict(host=settings.redis.host, port=settings.redis.port, decode_responses=True,
+                password=read_secret(settings, REDIS_PASSWORD), socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
 
 
-def connect_async(settings: Settings, timeout_s: float, retries: int) -> redis.asyncio.Redis:
+def connect(settings: Settings, timeout_s: float = 2.0, retries: int = 3) -> redis.Redis | redis.RedisCluster:
+    """A client whose calls fail within about ``timeout_s * (retries + 1)`` when Redis is gone; a
+    cluster client (which asks the node for the cluster's slots at once) with ``cluster_masters``."""
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries)
+    if settings.redis.cluster_masters:
+        return redis.RedisCluster(**_client_options(settings, timeout_s), retry=retry)
+    return redis.Redis(**_client_options(settings, timeout_s), retry=retry)
+
+
+def connect_async(settings: Settings, timeout_s: float, retries: int) -> redis.asyncio.Redis | redis.asyncio.RedisCluster:
     """The asyncio twin of ``connect``, for the request path of an async server."""
-    return redis.asyncio.Redis(host=settings.redis.host, port=settings.redis.port, decode_responses=True,
-                               password=read_secret(settings, REDIS_PASSWORD), socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                               retry=AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), retries))
+    retry = AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), retries)
+    if settings.redis.cluster_masters:
+        return redis.asyncio.RedisCluster(**_client_options(settings, timeout_s), retry=retry)
+    return redis.asyncio.Redis(**_client_options(settings, timeout_s), retry=retry)
 
 
 class FeatureReader:
@@ -98,22 +152,24 @@ class FeatureReader:
     on its event loop, with no hop to a thread pool (in a Serve replica that hop cost more
     CPU than the recommendation; README, "Serving")."""
 
-    def __init__(self, settings: Settings, client: redis.asyncio.Redis):
+    def __init__(self, settings: Settings, client: redis.asyncio.Redis | redis.asyncio.RedisCluster):
         self.redis = client
-        self.keys = Keys(settings.redis.prefix)
+        self.keys = Keys.of(settings.redis)
 
     async def user_and_trending(self, user_id: str, n: int, first: tuple | None = None
                                 ) -> tuple[UserFeatures, list[tuple[str, float]], object]:
-        """The user and the top-n trending items, in one round trip; ``first``, a command sent
-        ahead of them in the same round trip (the API key check), and its reply (None without)."""
+        """The user and the top-n trending items (every shard's top n, merged), in one pipelined
+        round trip (on a cluster, one to each node, at once); ``first``, a command sent ahead of
+        them in the same round trip (the API key check), and its reply (None without)."""
         pipe = self.redis.pipeline(transaction=False)
         if first:
             pipe.execute_command(*first)
         _queue_user(pipe, self.keys, user_id)
-        pipe.zrevrange(self.keys.trending, 0, n - 1, withscores=True)
+        for key in self.keys.trending:
+            pipe.zrevrange(key, 0, n - 1, withscores=True)
         res = await pipe.execute()
         head, res = (res[0], res[1:]) if first else (None, res)
-        return _user_from(user_id, res[:3]), res[3], head
+        return _user_from(user_id, res[:3]), merge_trending(res[3:], n), head
 
 
 def _queue_user(pipe, keys: Keys, uid: str) -> None:
@@ -124,17 +180,18 @@ def _queue_user(pipe, keys: Keys, uid: str) -> None:
 
 def _user_from(uid: str, res: list) -> UserFeatures:
     recent, seen, counts = res
-    return UserFeatures(uid, recent, set(seen), {k: int(v) for k, v in counts.items()})
+    return UserFeatures(uid, recent, set(seen), {k: int(v) for k, v in counts.items() if not k.startswith(OFFSET_FIELD)})
 
 
-class SentEvents:
-    """A batch of scripts written to one connection of the store's pool, its replies not yet
-    read; the connection goes back to the pool once they are (or is dropped on an error)."""
+class Pending:
+    """Commands written to Redis, their replies not read yet. On one Redis they go out on one
+    connection of the pool at once, so Redis runs them while the caller does other work; on a
+    cluster a pipeline sends each node its commands when the replies are asked for."""
 
-    def __init__(self, store: FeatureStore, commands: list[tuple]):
-        self.store, self.commands, self.conn = store, commands, None
-        if commands:
-            self.conn = store.redis.connection_pool.get_connection()
+    def __init__(self, client: redis.Redis | redis.RedisCluster, commands: list[tuple]):
+        self.client, self.commands, self.conn = client, commands, None
+        if commands and not isinstance(client, redis.RedisCluster):
+            self.conn = client.connection_pool.get_connection()
             try:
                 # hiredis packs each command in C; redis-py's own packer first re-checks every argument.
                 self.conn.send_packed_command([b"".join(hiredis.pack_command(c) for c in commands)])
@@ -142,83 +199,139 @@ class SentEvents:
                 self.drop()
                 raise
 
-    def replies(self) -> list[bool]:
-        """Per event, True when applied, False for a duplicate. Every reply is read before the
-        first error is raised, as a pipeline does; a script Redis no longer holds (it restarted
-        since it was loaded) is loaded and the batch sent again, which changes nothing that
-        was applied."""
-        if self.conn is None:
+    def replies(self) -> list:
+        """Every reply, a ResponseError in the place of a refused command (as a pipeline does)."""
+        if not self.commands:
             return []
+        if isinstance(self.client, redis.RedisCluster):
+            pipe = self.client.pipeline(transaction=False)
+            for command in self.commands:
+                pipe.execute_command(*command)
+            return pipe.execute(raise_on_error=False)
         conn, self.conn = self.conn, None
-        pool = self.store.redis.connection_pool
-        applied, error = [], None
+        out = []
         try:
             for _ in self.commands:
                 try:
-                    applied.append(bool(conn.read_response()))
+                    out.append(conn.read_response())
                 except redis.ResponseError as exc:
-                    error = error or exc
+                    out.append(exc)
         except BaseException:
             conn.disconnect()
             raise
         finally:
-            pool.release(conn)
-        if isinstance(error, redis.exceptions.NoScriptError):
-            self.store.redis.script_load(_APPLY)
-            return SentEvents(self.store, self.commands).replies()
-        if error is not None:
-            raise error
-        return applied
+            self.client.connection_pool.release(conn)
+        return out
 
     def drop(self) -> None:
-        """Give up on the replies (the worker stops): the connection is closed, not reused."""
+        """Give up on the replies: the connection is closed, not reused."""
         if self.conn is not None:
             self.conn.disconnect()
-            self.store.redis.connection_pool.release(self.conn)
+            self.client.connection_pool.release(self.conn)
             self.conn = None
 
 
+def run_scripts(client: redis.Redis | redis.RedisCluster, commands: list[tuple], pending: Pending | None = None) -> list:
+    """The replies of script commands (sent already when ``pending``). Every reply is read before
+    the first error is raised; scripts Redis no longer holds (it restarted since they were
+    loaded) are loaded and the commands sent again, which changes nothing that was applied."""
+    replies = (pending or Pending(client, commands)).replies()
+    if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+        for script in SCRIPTS:
+            client.script_load(script)
+        replies = Pending(client, commands).replies()
+    error = next((r for r in replies if isinstance(r, Exception)), None)
+    if error is not None:
+        raise error
+    return replies
+
+
+class SentEvents:
+    """A batch's user scripts, written to Redis; ``replies()`` reads their verdicts, then runs
+    the item scripts."""
+
+    def __init__(self, store: FeatureStore, events: list[Event], positions: list | None):
+        self.store, self.events = store, events
+        self.positions = positions or [None] * len(events)
+        keys, s = store.keys, store.settings
+        self.user_commands = []
+        for event, position in zip(events, self.positions):
+            field, offset, place = _position(position)
+            ops = user_ops(event, keys, s.features.recent_items)
+            self.user_commands.append(("EVALSHA", _SHA[_APPLY_USER], 3 + len(ops), keys.dedup(event.user_id, event.event_id),
+                                       keys.user(event.user_id, "counts"), keys.user_refused(event.user_id),
+                                       *(op.key for op in ops), s.features.dedup_ttl_s, field, offset, place, *_op_args(ops)))
+        self.pending = Pending(store.redis, self.user_commands)
+
+    def replies(self) -> list[bool]:
+        """Per event, True when applied, False for a duplicate (a retry or a replay)."""
+        pending, self.pending = self.pending, None
+        verdicts = run_scripts(self.store.redis, self.user_commands, pending)
+        keys, s = self.store.keys, self.store.settings
+        item_commands = []
+        for event, position, verdict in zip(self.events, self.positions, verdicts):
+            field, offset, place = _position(position)
+            shard, ops = keys.shard(event.item_id), item_ops(event, keys, s.features.trending_half_life_s)
+            item_commands.append(("EVALSHA", _SHA[_APPLY_ITEM], 2 + len(ops), keys.shard_applied(shard),
+                                  keys.shard_refused(shard), *(op.key for op in ops), field, offset, place,
+                                  "advance" if verdict == 0 else "apply", *_op_args(ops)))
+        run_scripts(self.store.redis, item_commands)
+        return [v == 1 for v in verdicts]
+
+    def drop(self) -> None:
+        """Give up on the replies (the worker stops)."""
+        if self.pending is not None:
+            self.pending.drop()
+            self.pending = None
+
+
+def _position(position: tuple[str, int, int] | None) -> tuple[str, int, int]:
+    """An event's (topic, partition, offset) as the scripts take it: the offset field, the offset,
+    and the position as one integer, partition * 2**40 + offset (-1, -1 without one). An integer
+    is what a dedup marker holds: Redis stores it in 8 bytes, where text took 20 more per marker.
+    It leaves the topic out: a prefix's store takes one events topic."""
+    if position is None:
+        return "-", -1, -1
+    topic, partition, offset = position
+    return offset_field(topic, partition), offset, (partition << 40) + offset
+
+
+def _op_args(ops: list[Op]) -> list:
+    return [x for op in ops for x in (op.kind, op.member, repr(op.arg))]
+
+
 class FeatureStore:
-    def __init__(self, settings: Settings, client: redis.Redis | None = None):
+    def __init__(self, settings: Settings, client: redis.Redis | redis.RedisCluster | None = None):
         self.settings = settings
         self.redis = client or connect(settings)
-        self.keys = Keys(settings.redis.prefix)
-        self._apply = self.redis.register_script(_APPLY)
-
-    def ops(self, event: Event) -> list[Op]:
-        s = self.settings
-        return event_ops(event, self.keys, s.features.recent_items, s.features.trending_half_life_s)
+        self.keys = Keys.of(settings.redis)
 
     def apply_events(self, events: Iterable[Event], positions: list[tuple[str, int, int]] | None = None) -> list[bool]:
-        """Apply each event atomically in one pipelined round trip: once per event id within
-        ``features.dedup_ttl_s`` (a client's retry), and, given each event's (topic, partition,
-        offset), once per position for good (a replay of the topic, however old).
+        """Apply each event atomically per key group in two pipelined round trips: once per event
+        id within ``features.dedup_ttl_s`` (a client's retry), and, given each event's (topic,
+        partition, offset), once per position for good (a replay of the topic, however old).
 
         Returns, per event, True when applied and False when it was a duplicate.
         """
         return self.send_events(events, positions).replies()
 
     def send_events(self, events: Iterable[Event], positions: list[tuple[str, int, int]] | None = None) -> SentEvents:
-        """``apply_events`` in two halves: this one writes the scripts to Redis and returns at
-        once, ``replies()`` waits for their results. Redis runs them on its own core meanwhile,
-        so the stream worker polls and decodes its next batch in that time, in one thread."""
-        commands = []
-        for event, position in zip(events, positions or itertools.repeat(None)):
-            marker = self.keys.dedup(event.event_id)
-            args = [self.settings.features.dedup_ttl_s, position[2] if position else -1]
-            ops = self.ops(event)
-            for op in ops:
-                args += [op.kind, op.member, repr(op.arg)]
-            place = [self.keys.applied(*position[:2]), self.keys.refused(*position[:2])] if position else [marker] * 2
-            keys = [marker, *place] + [op.key for op in ops]
-            commands.append(("EVALSHA", self._apply.sha, len(keys), *keys, *args))
-        return SentEvents(self, commands)
+        """``apply_events`` in two halves: this one writes the user scripts to Redis and returns at
+        once, ``replies()`` waits for their results and runs the item scripts. Redis runs the
+        first half meanwhile, so the stream worker polls and decodes its next batch in that time."""
+        return SentEvents(self, list(events), positions)
 
     def applied_offsets(self, topic: str, partitions: Iterable[int]) -> dict[int, int | None]:
-        """Per partition, the highest offset whose effects are in the store (None: none yet)."""
+        """Per partition, the highest offset whose effects are in the store (None: none yet):
+        every event runs one trending shard's item script, so the highest over the shards."""
         parts = list(partitions)
-        values = self.redis.mget([self.keys.applied(topic, p) for p in parts]) if parts else []
-        return {p: int(v) if v is not None else None for p, v in zip(parts, values)}
+        if not parts:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for k in range(self.keys.trending_shards):
+            pipe.hmget(self.keys.shard_applied(k), [offset_field(topic, p) for p in parts])
+        rows = pipe.execute()
+        return {p: max((int(r[i]) for r in rows if r[i] is not None), default=None) for i, p in enumerate(parts)}
 
     def user(self, user_id: str) -> UserFeatures:
         return self.users([user_id])[0]
@@ -236,7 +349,13 @@ class FeatureStore:
 
     def trending(self, k: int = 10) -> list[tuple[str, float]]:
         """Top-k items by time-decayed count; the score is the log of the decayed weight."""
-        return self.redis.zrevrange(self.keys.trending, 0, k - 1, withscores=True)
+        pipe = self.redis.pipeline(transaction=False)
+        for key in self.keys.trending:
+            pipe.zrevrange(key, 0, k - 1, withscores=True)
+        return merge_trending(pipe.execute(), k)
+
+    def trending_score(self, item_id: str) -> float | None:
+        return self.redis.zscore(self.keys.trending[self.keys.shard(item_id)], item_id)
 
     def clear(self) -> int:
         """Delete every key under this store's prefix (scratch runs and tests)."""
@@ -245,16 +364,8 @@ class FeatureStore:
             n += self.redis.unlink(*batch)
         return n
 
-    def trending_score(self, item_id: str) -> float | None:
-        return self.redis.zscore(self.keys.trending, item_id)
-
 
 def _chunks(iterable, size):
-    batch = []
-    for x in iterable:
-        batch.append(x)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
+    it = iter(iterable)
+    while batch := list(itertools.islice(it, size)):
         yield batch

@@ -5,25 +5,36 @@ are applied by the Redis Lua script (``recsys.feature_store``) online and by
 ``MemoryFeatures`` offline, so training features at an instant equal what Redis
 held at that instant.
 
-Layout (``P`` = settings.redis.prefix, default ``recsys``):
+Layout (``P`` = settings.redis.prefix, default ``recsys``). The part in braces is a Redis
+Cluster hash tag: every key one script touches shares it, so each script runs on one slot.
+A user's group ``{u:<user>}`` is written by the user script, an item's trending shard
+``{t:<k>}`` (k = crc32(item id) mod ``redis.trending_shard_count``) by the item script:
 
-  P:user:{user_id}:recent   LIST  item ids, newest first, at most ``recent_items``
-  P:user:{user_id}:seen     SET   every item the user interacted with
-  P:user:{user_id}:counts   HASH  event type -> count
-  P:item:{item_id}:counts   HASH  event type -> count
-  P:trending                ZSET  item id -> log of the time-decayed event count
-  P:dedup:{event_id}        STRING marker: the event was applied (expires after features.dedup_ttl_s)
-  P:applied:{topic}:{p}     STRING the highest offset of partition p whose event is applied
-  P:refused:{topic}:{p}     ZSET  offsets of partition p whose writes Redis refused (applied when they come again)
+  P:user:{u:<user>}:recent   LIST  item ids, newest first, at most ``recent_items``
+  P:user:{u:<user>}:seen     SET   every item the user interacted with
+  P:user:{u:<user>}:counts   HASH  event type -> count; and ``@<topic>:<p>`` -> the highest
+                                   offset of partition p whose event of this user is applied
+  P:dedup:{u:<user>}:<event> STRING the event's first position (partition * 2**40 + offset,
+                                   -1 without): its id was applied (expires after features.dedup_ttl_s)
+  P:refused:{u:<user>}       ZSET  positions of this user's events whose writes Redis refused
+  P:item:{t:<k>}:<item>:counts  HASH event type -> count
+  P:trending:{t:<k>}         ZSET  item id -> log of the time-decayed event count; the top
+                                   items are the merge of every shard's top (``merge_trending``)
+  P:applied:{t:<k>}          HASH  "@<topic>:<p>" -> the highest offset of partition p applied to shard k
+  P:refused:{t:<k>}          ZSET  positions refused by shard k
 """
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple, Protocol
 
 from recsys.events import Event, EventType
+from recsys.settings import RedisSettings
 
 
 class Op(NamedTuple):
@@ -36,29 +47,51 @@ class Op(NamedTuple):
 
 
 USER_PARTS = ("recent", "seen", "counts")  # a user's keys: Keys.user(user_id, part)
+OFFSET_FIELD = "@"  # a user's counts field that starts so holds an applied offset, not a count
+
+
+def offset_field(topic: str, partition: int) -> str:
+    """The hash field that holds a group's applied offset of one partition."""
+    return f"{OFFSET_FIELD}{topic}:{partition}"
 
 
 class Keys:
-    def __init__(self, prefix: str = "recsys"):
-        self.prefix = prefix
-        self.trending = f"{prefix}:trending"
+    def __init__(self, prefix: str = "recsys", trending_shards: int = 1):
+        self.prefix, self.trending_shards = prefix, trending_shards
+        self.trending = [f"{prefix}:trending:{{t:{k}}}" for k in range(trending_shards)]
+
+    @classmethod
+    def of(cls, redis: RedisSettings) -> Keys:
+        return cls(redis.prefix, redis.trending_shard_count)
 
     def user(self, user_id: str, part: str) -> str:
-        return f"{self.prefix}:user:{user_id}:{part}"
+        return f"{self.prefix}:user:{{u:{user_id}}}:{part}"
+
+    def dedup(self, user_id: str, event_id: str) -> str:
+        return f"{self.prefix}:dedup:{{u:{user_id}}}:{event_id}"
+
+    def user_refused(self, user_id: str) -> str:
+        return f"{self.prefix}:refused:{{u:{user_id}}}"
+
+    def shard(self, item_id: str) -> int:
+        """The item's trending shard: its counts and its trending entry live in that slot."""
+        return zlib.crc32(item_id.encode()) % self.trending_shards
 
     def item(self, item_id: str) -> str:
-        return f"{self.prefix}:item:{item_id}:counts"
+        return f"{self.prefix}:item:{{t:{self.shard(item_id)}}}:{item_id}:counts"
 
-    def dedup(self, event_id: str) -> str:
-        return f"{self.prefix}:dedup:{event_id}"
+    def shard_applied(self, shard: int) -> str:
+        """Per partition (``offset_field``), the highest offset whose event is applied to the shard."""
+        return f"{self.prefix}:applied:{{t:{shard}}}"
 
-    def applied(self, topic: str, partition: int) -> str:
-        """The highest offset of this partition whose event's effects are in the store."""
-        return f"{self.prefix}:applied:{topic}:{partition}"
+    def shard_refused(self, shard: int) -> str:
+        return f"{self.prefix}:refused:{{t:{shard}}}"
 
-    def refused(self, topic: str, partition: int) -> str:
-        """Offsets of this partition whose writes Redis refused, to apply when they come again."""
-        return f"{self.prefix}:refused:{topic}:{partition}"
+
+def merge_trending(shards: list[list[tuple[str, float]]], n: int) -> list[tuple[str, float]]:
+    """The top n of the shards' own top-n lists (each item lives in one shard), highest first,
+    ties broken by the larger id as Redis's ZREVRANGE does."""
+    return heapq.nlargest(n, itertools.chain.from_iterable(shards), key=lambda kv: (kv[1], kv[0]))
 
 
 def log_weight(ts_ms: int, half_life_s: float) -> float:
@@ -66,16 +99,26 @@ def log_weight(ts_ms: int, half_life_s: float) -> float:
     return ts_ms / (half_life_s * 1000.0) * math.log(2.0)
 
 
-def event_ops(event: Event, keys: Keys, recent_items: int, half_life_s: float) -> list[Op]:
-    """Every update one event makes to the online features."""
-    t = event.type.value
+def user_ops(event: Event, keys: Keys, recent_items: int) -> list[Op]:
+    """What one event changes in its user's group."""
     return [
         Op("recent", keys.user(event.user_id, "recent"), event.item_id, recent_items),
         Op("sadd", keys.user(event.user_id, "seen"), event.item_id, 0),
-        Op("hincr", keys.user(event.user_id, "counts"), t, 1),
-        Op("hincr", keys.item(event.item_id), t, 1),
-        Op("zlogadd", keys.trending, event.item_id, log_weight(event.ts, half_life_s)),
+        Op("hincr", keys.user(event.user_id, "counts"), event.type.value, 1),
     ]
+
+
+def item_ops(event: Event, keys: Keys, half_life_s: float) -> list[Op]:
+    """What one event changes in its item's trending shard."""
+    return [
+        Op("hincr", keys.item(event.item_id), event.type.value, 1),
+        Op("zlogadd", keys.trending[keys.shard(event.item_id)], event.item_id, log_weight(event.ts, half_life_s)),
+    ]
+
+
+def event_ops(event: Event, keys: Keys, recent_items: int, half_life_s: float) -> list[Op]:
+    """Every update one event makes to the online features."""
+    return user_ops(event, keys, recent_items) + item_ops(event, keys, half_life_s)
 
 
 COUNT_TYPES = [t.value for t in EventType]  # the order of the model's counts vector
@@ -179,6 +222,5 @@ class MemoryStore:
         return dict(self.state.hashes.get(self.keys.item(item_id), {}))
 
     def trending(self, k: int = 10) -> list[tuple[str, float]]:
-        scores = self.state.zsets.get(self.keys.trending, {})
-        return sorted(scores.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:k]
+        return merge_trending([list(self.state.zsets.get(key, {}).items()) for key in self.keys.trending], k)
 

@@ -1,11 +1,11 @@
 """``recsys features rebuild``: the online features again, exactly, from the Parquet archive.
 
 For when Redis lost its data (AOF everysec can lose a second; a disk can lose everything).
-Each partition's archived events are applied in offset order with the stream worker's own
-operations, each partition's applied offset is set to the archive's last, and the stream
-worker's group is moved to the offset after it: the worker then continues with no gap (the
-events it had applied beyond the archive come again) and no double count (the archived ones
-are not read again, and the applied offsets would skip them anyway).
+Each partition's archived events are applied in offset order, at their Kafka positions, with
+the stream worker's own operations, and the stream worker's group is moved to the offset after
+the archive's last: the worker then continues with no gap (the events it had applied beyond the
+archive come again) and no double count (the archived ones are not read again, and the applied
+offsets they left would skip them anyway).
 """
 from __future__ import annotations
 
@@ -35,17 +35,14 @@ def rebuild_features(settings: Settings, batch: int = 5000, progress=print) -> d
         cleared = store.clear()
         ends, events, applied = {}, 0, 0
         for p in partitions:
-            pending = []
-            for event in iter_events(read_partition_log(settings, p)):
-                pending.append(event)
-                if len(pending) == batch:
-                    applied += sum(store.apply_events(pending))
-                    events, pending = events + len(pending), []
-            applied += sum(store.apply_events(pending))
-            events += len(pending)
+            log = read_partition_log(settings, p)
+            offsets = log.column("offset").to_pylist()
+            for start in range(0, log.num_rows, batch):
+                chunk = log.slice(start, batch)
+                positions = [(topic, p, o) if o is not None else None for o in offsets[start:start + batch]]
+                applied += sum(store.apply_events(list(iter_events(chunk)), positions))
+                events += chunk.num_rows
             last = archive.last_offset(p)
-            if last >= 0:
-                store.redis.set(store.keys.applied(topic, p), last)
             ends[p] = last + 1
             progress(f"rebuild: partition {p} done ({events:,} events so far); the stream resumes at offset {ends[p]:,}")
         errors = admin.alter_group_offsets(group, {TopicPartition(topic, p): OffsetAndMetadata(end, "", -1)

@@ -7,13 +7,15 @@ under a scratch key prefix; then ``MEMORY USAGE key SAMPLES 0`` (every element c
 for every key they made:
 
 - per user: the recent list, the seen set and the counts hash;
-- per item: the counts hash, plus the item's share of the trending ZSET (its MEMORY USAGE over
-  its members: the ZSET grows with the catalogue);
+- per item: the counts hash, plus the item's share of the trending shards (their MEMORY USAGE
+  over their members: the ZSETs grow with the catalogue);
 - per event in the dedup window: the event id's marker (a string with an expiry; one per event
   applied within ``features.dedup_ttl_s``).
 
-Beside memory, the Redis CPU per applied event (the apply script, ``EVALSHA``) and per
-recommendation's reads (the user's three keys and the top trending items in one pipeline) come
+Events are applied at positions of the events topic's partitions (each user on one partition), so the
+applied offsets the stream worker keeps are counted too. Beside memory, the Redis CPU per
+applied event (its user and item scripts, ``EVALSHA``) and per recommendation's reads (the
+user's three keys and every trending shard's top items in one pipeline) come
 from ``INFO commandstats`` before and after. Both are server-wide counters: calls that other
 clients made meanwhile are reported (``foreign_calls``), since they blur the figure. At the end
 every scratch key is deleted, and the ``used_memory`` that freed is reported beside the sum of
@@ -23,11 +25,12 @@ from __future__ import annotations
 
 import time
 import uuid
+import zlib
 from typing import Callable
 
 import numpy as np
 
-from recsys.feature_store import FeatureStore
+from recsys.feature_store import SCRIPTS, FeatureStore
 from recsys.features import USER_PARTS
 from recsys.privacy import Pseudonyms
 from recsys.settings import Settings
@@ -35,6 +38,17 @@ from recsys.sources import SyntheticSource
 
 READ_COMMANDS = ("lrange", "smembers", "hgetall", "zrevrange")  # one recommendation's feature reads
 TRENDING_READ = 20  # a request for k = 10 reads the top 2k trending items (serving.app)
+
+
+def _positions(events, topic: str, partitions: int) -> list[tuple[str, int, int]]:
+    """Kafka positions as the producer's key (the user) would give them: one partition per user."""
+    next_offset = [0] * partitions
+    out = []
+    for e in events:
+        p = zlib.crc32(e.user_id.encode()) % partitions
+        out.append((topic, p, next_offset[p]))
+        next_offset[p] += 1
+    return out
 
 
 def _stats(client) -> dict[str, tuple[int, int]]:
@@ -84,10 +98,12 @@ def bench(settings: Settings, events: int = 100_000, users: int = 2_000, items: 
         SyntheticSource(events=events, users=users, items=items, seed=seed).events_iter()))
     record_bytes = [len(e.user_id.encode()) + len(e.to_bytes()) for e in data]  # a Kafka record's key + value
     try:
-        client.script_load(store._apply.script)  # a fresh Redis would refuse the first batch's EVALSHAs
+        for script in SCRIPTS:  # a fresh Redis would refuse the first batch's EVALSHAs
+            client.script_load(script)
+        positions = _positions(data, settings.kafka.events_topic, settings.kafka.events_partitions)
         before = _stats(client)
         for a in range(0, len(data), batch):
-            store.apply_events(data[a:a + batch])
+            store.apply_events(data[a:a + batch], positions[a:a + batch])
         after = _stats(client)
         script_calls, script_usec = _delta(before, after, ("evalsha",))
 
@@ -99,10 +115,10 @@ def bench(settings: Settings, events: int = 100_000, users: int = 2_000, items: 
         per_part = {part: _memory_usage(client, [keys.user(u, part) for u in user_ids]) for part in USER_PARTS}
         per_user = np.sum([per_part[p] for p in USER_PARTS], axis=0)
         item_counts = _memory_usage(client, [keys.item(i) for i in item_ids])
-        trending_bytes = int(client.memory_usage(keys.trending, samples=0) or 0)
-        trending_members = int(client.zcard(keys.trending))
+        trending_bytes = sum(int(client.memory_usage(key, samples=0) or 0) for key in keys.trending)
+        trending_members = sum(int(client.zcard(key)) for key in keys.trending)
         trending_share = trending_bytes / max(1, trending_members)
-        markers = _memory_usage(client, [keys.dedup(e.event_id) for e in data])
+        markers = _memory_usage(client, [keys.dedup(e.user_id, e.event_id) for e in data])
         seen_sizes = []
         for a in range(0, len(user_ids), 2000):
             pipe = client.pipeline(transaction=False)
@@ -111,7 +127,7 @@ def bench(settings: Settings, events: int = 100_000, users: int = 2_000, items: 
             seen_sizes += pipe.execute()
         encodings = {part: client.object("encoding", keys.user(user_ids[int(np.argmax(per_part[part]))], part))
                      for part in USER_PARTS}
-        encodings["trending"] = client.object("encoding", keys.trending)
+        encodings["trending"] = client.object("encoding", keys.trending[0])
 
         # One recommendation's reads (the API key check, one more EVALSHA, left out), per request.
         rng = np.random.default_rng(seed)
@@ -123,21 +139,22 @@ def bench(settings: Settings, events: int = 100_000, users: int = 2_000, items: 
                 pipe.lrange(keys.user(u, "recent"), 0, -1)
                 pipe.smembers(keys.user(u, "seen"))
                 pipe.hgetall(keys.user(u, "counts"))
-                pipe.zrevrange(keys.trending, 0, TRENDING_READ - 1, withscores=True)
+                for key in keys.trending:
+                    pipe.zrevrange(key, 0, TRENDING_READ - 1, withscores=True)
             pipe.execute()
         after = _stats(client)
         read_calls, read_usec = _delta(before, after, READ_COMMANDS)
 
         # used_memory freed by deleting (DEL frees at once): the markers first, then the rest.
         memory_before = _used_memory(client)
-        marker_keys = [keys.dedup(e.event_id) for e in data]
+        marker_keys = [keys.dedup(e.user_id, e.event_id) for e in data]
         for a in range(0, len(marker_keys), 1000):
             client.delete(*marker_keys[a:a + 1000])
         memory_mid = _used_memory(client)
         feature_keys = [keys.user(u, p) for u in user_ids for p in USER_PARTS] + [keys.item(i) for i in item_ids]
         for a in range(0, len(feature_keys), 1000):
             client.delete(*feature_keys[a:a + 1000])
-        client.delete(keys.trending)
+        client.delete(*keys.trending)
         memory_after = _used_memory(client)
     finally:
         store.clear()
@@ -157,9 +174,11 @@ def bench(settings: Settings, events: int = 100_000, users: int = 2_000, items: 
         "dedup_ttl_s": settings.features.dedup_ttl_s,
         "encodings_of_the_largest": encodings,
         "kafka_record_bytes": _stats_of(record_bytes),
-        "redis_cpu_us_per_event": round(script_usec / script_calls, 2) if script_calls else None,
+        "redis_cpu_us_per_event": round(script_usec / len(data), 2) if data else None,
+        "trending_shards": keys.trending_shards,
         "redis_cpu_us_per_request": round(read_usec / len(sample), 2) if sample else None,
-        "foreign_calls": {"evalsha": script_calls - len(data), "reads": read_calls - len(READ_COMMANDS) * len(sample)},
+        "foreign_calls": {"evalsha": script_calls - 2 * len(data),
+                          "reads": read_calls - (len(READ_COMMANDS) - 1 + keys.trending_shards) * len(sample)},
         "used_memory_freed": {
             "dedup_markers_bytes_per_event": round((memory_before - memory_mid) / len(data), 1) if data else None,
             "features_bytes": memory_mid - memory_after, "features_memory_usage_sum": sum_usage,

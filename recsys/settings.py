@@ -57,8 +57,27 @@ class KafkaSettings(BaseModel):
 
 class RedisSettings(BaseModel):
     host: str = "127.0.0.1"
-    port: int = 26379
+    port: int = 26379  # a Redis Cluster: any of its masters (the client finds the others)
     prefix: str = "recsys"
+    # Trending is this many sorted sets (recsys/features.py), so no one key takes every event's
+    # write; a request reads every shard's top items (Redis CPU per request grows with them).
+    # None: one per cluster master, or one. Changing it moves items between shards: rebuild the
+    # features afterwards (`recsys features rebuild`).
+    trending_shards: int | None = Field(None, ge=1)
+    # 0: one Redis. N: a Redis Cluster of N masters (`recsys stack up --redis-cluster N` starts
+    # one on port, port + 100, ...), and every client is a cluster client.
+    cluster_masters: int = Field(0, ge=0)
+
+    @property
+    def trending_shard_count(self) -> int:
+        return self.trending_shards or max(1, self.cluster_masters)
+
+    @field_validator("cluster_masters")
+    @classmethod
+    def _cluster_of_three(cls, v: int) -> int:
+        if v in (1, 2):
+            raise ValueError("a Redis Cluster needs at least 3 masters (0: one Redis)")
+        return v
 
     @property
     def url(self) -> str:

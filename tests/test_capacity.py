@@ -162,7 +162,7 @@ def redis_settings():
 def test_redis_memory_bench_on_the_real_redis(redis_settings):
     from recsys.feature_store import connect
     from recsys.redis_memory_bench import bench
-    r = bench(redis_settings, events=5000, users=300, items=200, reads=200)
+    r = bench(redis_settings.updated(redis={"trending_shards": 1}), events=5000, users=300, items=200, reads=200)
     assert r["events"] == 5000 and r["users"] <= 300 and 128 < r["items"] <= 200  # trending past its listpack size
     assert r["bytes_per_user"] > r["bytes_per_item"] > 0 and r["bytes_per_event_in_dedup_window"] > 0
     assert r["trending"]["members"] == r["items"] and r["encodings_of_the_largest"]["trending"] == "skiplist"

@@ -1,5 +1,6 @@
 """Start, stop and inspect the local stack: Kafka 4 in KRaft mode (one node, or
-``kafka.brokers`` nodes that are each broker and controller) and one Redis.
+``kafka.brokers`` nodes that are each broker and controller) and one Redis (or a Redis
+Cluster of ``redis.cluster_masters`` masters).
 
 All run as detached child processes whose pids are kept in ``<home>/run``, so
 ``down`` stops only what ``up`` started. See deploy/local/README.md.
@@ -162,14 +163,47 @@ def _stop(s: Settings, *names: str) -> str:
 
 # ---- redis -----------------------------------------------------------------
 
-def redis_answers(s: Settings) -> bool:
+CLUSTER_PORT_STEP = 100  # master i of a Redis Cluster listens on redis.port + 100 i
+CLUSTER_BUS_OFFSET = 1000  # and its cluster bus on that + 1000 (Redis's default, + 10000, is Ray's range)
+
+
+def redis_nodes(s: Settings) -> list[tuple[str, int]]:
+    """(name, port) of each Redis process: the one Redis, or the cluster's masters."""
+    n = s.redis.cluster_masters
+    if not n:
+        return [("redis", s.redis.port)]
+    return [("redis" if i == 0 else f"redis-{i}", s.redis.port + CLUSTER_PORT_STEP * i) for i in range(n)]
+
+
+def _redis_at(s: Settings, port: int) -> redis.Redis:
     # retry=0: the client's default retries make a refused connection take ~5 s.
+    return redis.Redis(host=s.redis.host, port=port, socket_connect_timeout=1, socket_timeout=1, decode_responses=True,
+                       password=read_secret(s, REDIS_PASSWORD), retry=Retry(NoBackoff(), 0))
+
+
+def _node_answers(s: Settings, port: int) -> bool:
     try:
-        with redis.Redis(host=s.redis.host, port=s.redis.port, socket_connect_timeout=1, socket_timeout=1,
-                         password=read_secret(s, REDIS_PASSWORD), retry=Retry(NoBackoff(), 0)) as r:
+        with _redis_at(s, port) as r:
             return bool(r.ping())
     except redis.RedisError:
         return False
+
+
+def _cluster_ok(s: Settings) -> bool:
+    """Every master answers and says the cluster is ``ok`` (all 16384 slots served)."""
+    try:
+        for _, port in redis_nodes(s):
+            with _redis_at(s, port) as r:
+                if r.cluster("info").get("cluster_state") != "ok":
+                    return False
+        return True
+    except redis.RedisError:
+        return False
+
+
+def redis_answers(s: Settings) -> bool:
+    """The one Redis answers; or, configured as a cluster, the cluster is ok."""
+    return _cluster_ok(s) if s.redis.cluster_masters else _node_answers(s, s.redis.port)
 
 
 def _redis_server() -> str:
@@ -196,21 +230,50 @@ def _redis_config(s: Settings) -> Path:
 
 
 def start_redis(s: Settings, progress: Callable[[str], None] = print) -> None:
+    """The one Redis, or (``redis.cluster_masters``) a Redis Cluster of that many masters, made
+    with ``redis-cli --cluster create`` the first time."""
     if redis_answers(s):
         return
-    proc = None
-    if _pid(s, "redis") is None:
-        progress(f"redis: starting on {s.redis.host}:{s.redis.port}")
-        proc = _spawn(s, "redis", [
-            _redis_server(), str(_redis_config(s)), "--bind", s.redis.host, "--port", str(s.redis.port),
-            "--dir", str(_dir(s, "redis")), "--daemonize", "no",
-            "--appendonly", "yes", "--save", "",
-        ])
-    _wait(s, "redis", redis_answers, REDIS_TIMEOUT_S, proc)
+    for name, port in redis_nodes(s):
+        if _node_answers(s, port):
+            continue
+        proc = None
+        if _pid(s, name) is None:
+            progress(f"redis: starting {name} on {s.redis.host}:{port}")
+            folder = _dir(s, name)
+            cluster = ["--cluster-enabled", "yes", "--cluster-config-file", str(folder / "nodes.conf"),
+                       "--cluster-port", str(port + CLUSTER_BUS_OFFSET), "--cluster-node-timeout", "5000"]
+            proc = _spawn(s, name, [
+                _redis_server(), str(_redis_config(s)), "--bind", s.redis.host, "--port", str(port),
+                "--dir", str(folder), "--daemonize", "no", "--appendonly", "yes", "--save", "",
+                *(cluster if s.redis.cluster_masters else [])])
+        _wait(s, name, lambda s, port=port: _node_answers(s, port), REDIS_TIMEOUT_S, proc)
+    if s.redis.cluster_masters:
+        _create_cluster(s, progress)
+
+
+def _create_cluster(s: Settings, progress: Callable[[str], None]) -> None:
+    """Give the masters the slots, once (a restarted cluster finds its slots in nodes.conf)."""
+    nodes = redis_nodes(s)
+    with _redis_at(s, nodes[0][1]) as r:
+        fresh = int(r.cluster("info").get("cluster_slots_assigned", 0)) == 0
+    if fresh:
+        progress(f"redis: redis-cli --cluster create, {len(nodes)} masters")
+        done = subprocess.run(
+            [shutil.which("redis-cli") or "redis-cli", "--cluster", "create",
+             *(f"{s.redis.host}:{port}" for _, port in nodes), "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True, text=True, env={**os.environ, "REDISCLI_AUTH": ensure_secret(s, REDIS_PASSWORD)})
+        if done.returncode != 0:
+            raise StackError(f"redis-cli --cluster create failed:\n{(done.stdout + done.stderr)[-2000:]}")
+    deadline = time.monotonic() + REDIS_TIMEOUT_S
+    while not _cluster_ok(s):
+        if time.monotonic() > deadline:
+            raise StackError(f"the Redis Cluster is not ok after {REDIS_TIMEOUT_S} s; see {_log(s, 'redis')}")
+        time.sleep(0.5)
 
 
 def stop_redis(settings: Settings) -> str:
-    return _stop(settings, "redis")
+    return _stop(settings, *(name for name, _ in redis_nodes(settings)))
 
 
 # ---- kafka -----------------------------------------------------------------
@@ -601,7 +664,9 @@ def status(s: Settings) -> dict:
     return {
         "kafka": _kafka_status(s),
         "redis": {"state": "running" if redis_answers(s) else "stopped", "pid": _pid(s, "redis"),
-                  "url": s.redis.url, "log": str(_log(s, "redis"))},
+                  "url": s.redis.url, "log": str(_log(s, "redis")),
+                  **({"cluster_masters": [f"{s.redis.host}:{port}" for _, port in redis_nodes(s)]}
+                     if s.redis.cluster_masters else {})},
         "ray": {"state": "running" if ray_address(s) else "stopped", "address": ray_address(s)},
         "monitoring": _monitoring_status(s),
     }
