@@ -53,7 +53,8 @@ BENCH_OF = {  # figure -> the bench that measures it
     "stream.events_per_s_per_worker": "stream",
     "redis.bytes_per_user": "redis-memory", "redis.events_per_user": "redis-memory",
     "redis.bytes_per_item": "redis-memory", "redis.bytes_per_dedup_event": "redis-memory",
-    "redis.cpu_us_per_event": "redis-memory", "redis.cpu_us_per_request": "redis-memory",
+    "redis.cpu_us_per_event": "redis-memory", "redis.cpu_us_per_item_script": "redis-memory",
+    "redis.cpu_us_per_request_user": "redis-memory", "redis.cpu_us_per_trending_read": "redis-memory",
     "kafka.record_bytes": "redis-memory",
     "ann.bytes_per_item": "ann", "ann.p99_ms": "ann", "ann.items_measured": "ann",
     "train.examples_per_s_per_worker": "train", "train.items_measured": "train",
@@ -104,12 +105,19 @@ def bench_figures(saved: dict[str, dict | None], ann_kind: str, folder: str = ".
                                              _measured("redis-memory", mem, what + "; counts hash + trending share"))
         out["redis.bytes_per_dedup_event"] = Figure(mem["bytes_per_event_in_dedup_window"], "B/event in window",
                                                     _measured("redis-memory", mem, "MEMORY USAGE of the dedup markers"))
-        if mem.get("redis_cpu_us_per_event"):
+        by_script, by_part = mem.get("redis_cpu_us_per_event_by_script"), mem.get("redis_cpu_us_per_request_by_part")
+        if by_script:
             out["redis.cpu_us_per_event"] = Figure(mem["redis_cpu_us_per_event"], "Redis CPU-us/event",
-                                                   _measured("redis-memory", mem, "INFO commandstats, EVALSHA"))
-        if mem.get("redis_cpu_us_per_request"):
-            out["redis.cpu_us_per_request"] = Figure(mem["redis_cpu_us_per_request"], "Redis CPU-us/request",
-                                                     _measured("redis-memory", mem, "INFO commandstats, the reads"))
+                                                   _measured("redis-memory", mem, "INFO commandstats, both scripts"))
+            out["redis.cpu_us_per_item_script"] = Figure(by_script["item"], "Redis CPU-us/event",
+                                                         _measured("redis-memory", mem, "INFO commandstats, the item script"))
+        if by_part:
+            out["redis.cpu_us_per_request_user"] = Figure(
+                by_part["user"], "Redis CPU-us/request",
+                _measured("redis-memory", mem, "INFO commandstats, the user's three keys"))
+            out["redis.cpu_us_per_trending_read"] = Figure(
+                by_part["per_trending_shard"], "Redis CPU-us/shard read",
+                _measured("redis-memory", mem, "INFO commandstats, one shard's top 20 (ZREVRANGE)"))
         out["kafka.record_bytes"] = Figure(mem["kafka_record_bytes"]["mean"], "B/event",
                                            _measured("redis-memory", mem, "key + JSON value of the synthetic events"))
     ann = saved.get("ann")
@@ -142,12 +150,13 @@ _ANN_1M = {  # README "Benchmarks", recsys bench ann at 1,000,000 items: (bytes/
     "ivf_int8": (73, 0.090), "ivf_pq": (41, 0.126), "ivf_pq_refine": (297, 0.086), "hnsw": (528, 0.214)}
 _ANN_WHERE = "'Benchmarks', recsys bench ann at 1,000,000 items, FAISS 1.15.0, one thread (commit 59bfc99, 2026-12-01)"
 _REDIS_WHERE = ("'Capacity', recsys bench redis-memory: 100,000 synthetic events, 1,964 users, 996 items, "
-                "Redis 7.0.15 (commit 59bfc99, 2026-12-01)")
+                "Redis 7.0.15, the cluster-safe layout (commit 522bad1, 2026-12-01)")
 
 
 # The README's figures of `recsys bench redis-memory` (section "Capacity"), for --assume-defaults.
-REDIS_DEFAULTS = {"bytes_per_user": 1338.3, "events_per_user": 50.9, "bytes_per_item": 225.9, "bytes_per_dedup_event": 88.0,
-                  "cpu_us_per_event": 17.43, "cpu_us_per_request": 19.72, "record_bytes": 154.4}
+REDIS_DEFAULTS = {"bytes_per_user": 1386.9, "events_per_user": 50.9, "bytes_per_item": 242.1, "bytes_per_dedup_event": 136.0,
+                  "cpu_us_per_event": 38.17, "cpu_us_per_item_script": 16.11, "cpu_us_per_request_user": 16.54,
+                  "cpu_us_per_trending_read": 12.87, "record_bytes": 154.4}
 
 
 def default_figures(ann_kind: str) -> dict[str, Figure]:
@@ -167,8 +176,12 @@ def default_figures(ann_kind: str) -> dict[str, Figure]:
                                               _readme(_REDIS_WHERE)),
         "redis.cpu_us_per_event": Figure(REDIS_DEFAULTS["cpu_us_per_event"], "Redis CPU-us/event",
                                          _readme(_REDIS_WHERE + ", INFO commandstats")),
-        "redis.cpu_us_per_request": Figure(REDIS_DEFAULTS["cpu_us_per_request"], "Redis CPU-us/request",
-                                           _readme(_REDIS_WHERE + ", INFO commandstats")),
+        "redis.cpu_us_per_item_script": Figure(REDIS_DEFAULTS["cpu_us_per_item_script"], "Redis CPU-us/event",
+                                               _readme(_REDIS_WHERE + ", INFO commandstats")),
+        "redis.cpu_us_per_request_user": Figure(REDIS_DEFAULTS["cpu_us_per_request_user"], "Redis CPU-us/request",
+                                                _readme(_REDIS_WHERE + ", INFO commandstats")),
+        "redis.cpu_us_per_trending_read": Figure(REDIS_DEFAULTS["cpu_us_per_trending_read"], "Redis CPU-us/shard read",
+                                                 _readme(_REDIS_WHERE + ", INFO commandstats")),
         "kafka.record_bytes": Figure(REDIS_DEFAULTS["record_bytes"], "B/event", _readme(_REDIS_WHERE)),
         "train.examples_per_s_per_worker": Figure(
             626, "examples/s per worker",
@@ -339,18 +352,24 @@ def plan(load: Load, figures: dict[str, Figure]) -> dict:
     memory = row("redis", "memory (primaries)", round((users_gb + items_gb + dedup_gb) * (1 + f["memory_headroom"]), 1),
                  "GB", "(users + items + dedup) x (1 + memory headroom)",
                  ["redis.bytes_per_user", "redis.bytes_per_item", "redis.bytes_per_dedup_event", "memory_headroom"])
+    # Items spread only over the trending shards: enough of them that no primary's share of the
+    # item scripts passes the target utilisation of its core.
+    trending = row("redis", "trending shards", max(1, math.ceil(load.events_per_s * f["redis.cpu_us_per_item_script"]
+                                                                / 1e6 / util)), "sorted sets",
+                   "events/s x item script us / 1e6 / utilisation (RECSYS_REDIS_TRENDING_SHARDS); "
+                   "a request reads every shard's top items", ["redis.cpu_us_per_item_script", "target_cpu_utilisation"])
+    per_request = f["redis.cpu_us_per_request_user"] + trending * f["redis.cpu_us_per_trending_read"]
     cores = row("redis", "Redis CPU", round((load.events_per_s * f["redis.cpu_us_per_event"]
-                                             + load.rps * f["redis.cpu_us_per_request"]) / 1e6, 2), "cores",
-                "(events/s x us per event + rps x us per request) / 1e6",
-                ["redis.cpu_us_per_event", "redis.cpu_us_per_request"])
+                                             + load.rps * per_request) / 1e6, 2), "cores",
+                f"(events/s x us per event + rps x (user's keys us + {trending} x shard read us = "
+                f"{per_request:.1f} us)) / 1e6",
+                ["redis.cpu_us_per_event", "redis.cpu_us_per_request_user", "redis.cpu_us_per_trending_read"])
     by_memory, by_cpu = math.ceil(memory / f["redis.max_shard_gb"]), math.ceil(cores / util)
-    shards = row("redis", "shards", max(by_memory, by_cpu, 1), "primaries",
-                 f"max(memory / max shard GB = {by_memory}, Redis CPU / utilisation = {by_cpu}) (one core each)",
-                 ["redis.max_shard_gb", "memory_headroom", "redis.cpu_us_per_event", "redis.cpu_us_per_request",
+    shards = row("redis", "shards", max(by_memory, by_cpu, trending, 1), "primaries",
+                 f"max(memory / max shard GB = {by_memory}, Redis CPU / utilisation = {by_cpu}, "
+                 f"trending shards = {trending}) (one core each)",
+                 ["redis.max_shard_gb", "memory_headroom", "redis.cpu_us_per_event", "redis.cpu_us_per_request_user",
                   "target_cpu_utilisation"])
-    row("redis", "trending shards", shards, "sorted sets", "one per primary at least "
-        "(RECSYS_REDIS_TRENDING_SHARDS): each event's item script writes one, a request reads all",
-        ["redis.cpu_us_per_event", "redis.cpu_us_per_request"])
     row("redis", "memory with replicas", round(memory * (1 + f["redis.replicas_per_shard"]), 1), "GB",
         f"memory x (1 + replicas per shard); {shards} primaries + {shards * int(f['redis.replicas_per_shard'])} replicas",
         ["redis.replicas_per_shard", "memory_headroom", "redis.bytes_per_user"])
@@ -398,9 +417,10 @@ def notes(load: Load, figures: dict[str, Figure]) -> list[str]:
     f = {name: fig.value for name, fig in figures.items()}
     out = [
         "Redis shards: each event runs one script in its user's hash slot and one in its item's trending shard "
-        "(README 'Online feature layout'), so users spread over every primary, but items only over as many "
-        "primaries as there are trending shards; a request reads every shard's top items, so its Redis CPU "
-        "grows with the shards (measured with RECSYS_REDIS_TRENDING_SHARDS as benched).",
+        "(README 'Online feature layout'), so users spread over every primary and items over the trending "
+        "shards; every request reads every shard's top items, so more trending shards than the item writes need "
+        "cost request CPU. Trending changes slowly (a 24 h half-life): a replica could cache the merged top "
+        "items for a second and take those reads off Redis.",
         f"Bytes per user grow with a user's distinct items (the seen set has no bound); measured at "
         f"{f.get('redis.events_per_user', 0):g} events per user on average.",
         "Kafka: the archiver (a second consumer group) reads the topic again; its rate is not measured here.",

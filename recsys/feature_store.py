@@ -265,18 +265,26 @@ class SentEvents:
 
     def replies(self) -> list[bool]:
         """Per event, True when applied, False for a duplicate (a retry or a replay)."""
+        verdicts = self.user_verdicts()
+        run_scripts(self.store.redis, self.item_commands(verdicts))
+        return [v == 1 for v in verdicts]
+
+    def user_verdicts(self) -> list[int]:
+        """The user scripts' replies: 1 applied, 0 a retry, 2 a replay (see ``_APPLY_USER``)."""
         pending, self.pending = self.pending, None
-        verdicts = run_scripts(self.store.redis, self.user_commands, pending)
+        return run_scripts(self.store.redis, self.user_commands, pending)
+
+    def item_commands(self, verdicts: list[int]) -> list[tuple]:
+        """The item scripts that follow the user scripts' verdicts."""
         keys, s = self.store.keys, self.store.settings
-        item_commands = []
+        commands = []
         for event, position, verdict in zip(self.events, self.positions, verdicts):
             field, offset, place = _position(position)
             shard, ops = keys.shard(event.item_id), item_ops(event, keys, s.features.trending_half_life_s)
-            item_commands.append(("EVALSHA", _SHA[_APPLY_ITEM], 2 + len(ops), keys.shard_applied(shard),
-                                  keys.shard_refused(shard), *(op.key for op in ops), field, offset, place,
-                                  "advance" if verdict == 0 else "apply", *_op_args(ops)))
-        run_scripts(self.store.redis, item_commands)
-        return [v == 1 for v in verdicts]
+            commands.append(("EVALSHA", _SHA[_APPLY_ITEM], 2 + len(ops), keys.shard_applied(shard),
+                             keys.shard_refused(shard), *(op.key for op in ops), field, offset, place,
+                             "advance" if verdict == 0 else "apply", *_op_args(ops)))
+        return commands
 
     def drop(self) -> None:
         """Give up on the replies (the worker stops)."""

@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from recsys.feature_store import SCRIPTS, FeatureStore
+from recsys.feature_store import SCRIPTS, FeatureStore, run_scripts
 from recsys.features import USER_PARTS
 from recsys.privacy import Pseudonyms
 from recsys.settings import Settings
@@ -101,11 +101,18 @@ def bench(settings: Settings, events: int = 100_000, users: int = 2_000, items: 
         for script in SCRIPTS:  # a fresh Redis would refuse the first batch's EVALSHAs
             client.script_load(script)
         positions = _positions(data, settings.kafka.events_topic, settings.kafka.events_partitions)
-        before = _stats(client)
-        for a in range(0, len(data), batch):
-            store.apply_events(data[a:a + batch], positions[a:a + batch])
-        after = _stats(client)
-        script_calls, script_usec = _delta(before, after, ("evalsha",))
+        script_calls, script_usec = {"user": 0, "item": 0}, {"user": 0, "item": 0}
+        for a in range(0, len(data), batch):  # the stream worker's writes, each script's CPU apart
+            before = _stats(client)
+            sent = store.send_events(data[a:a + batch], positions[a:a + batch])
+            verdicts = sent.user_verdicts()
+            mid = _stats(client)
+            run_scripts(client, sent.item_commands(verdicts))
+            after = _stats(client)
+            for script, (start, end) in (("user", (before, mid)), ("item", (mid, after))):
+                calls, usec = _delta(start, end, ("evalsha",))
+                script_calls[script] += calls
+                script_usec[script] += usec
 
         user_ids = sorted({e.user_id for e in data})
         item_ids = sorted({e.item_id for e in data})
@@ -144,6 +151,7 @@ def bench(settings: Settings, events: int = 100_000, users: int = 2_000, items: 
             pipe.execute()
         after = _stats(client)
         read_calls, read_usec = _delta(before, after, READ_COMMANDS)
+        trending_calls, trending_usec = _delta(before, after, ("zrevrange",))
 
         # used_memory freed by deleting (DEL frees at once): the markers first, then the rest.
         memory_before = _used_memory(client)
@@ -174,10 +182,14 @@ def bench(settings: Settings, events: int = 100_000, users: int = 2_000, items: 
         "dedup_ttl_s": settings.features.dedup_ttl_s,
         "encodings_of_the_largest": encodings,
         "kafka_record_bytes": _stats_of(record_bytes),
-        "redis_cpu_us_per_event": round(script_usec / len(data), 2) if data else None,
+        "redis_cpu_us_per_event": round(sum(script_usec.values()) / len(data), 2) if data else None,
+        "redis_cpu_us_per_event_by_script": {k: round(v / len(data), 2) for k, v in script_usec.items()} if data else None,
         "trending_shards": keys.trending_shards,
         "redis_cpu_us_per_request": round(read_usec / len(sample), 2) if sample else None,
-        "foreign_calls": {"evalsha": script_calls - 2 * len(data),
+        "redis_cpu_us_per_request_by_part": {
+            "user": round((read_usec - trending_usec) / len(sample), 2),
+            "per_trending_shard": round(trending_usec / (len(sample) * keys.trending_shards), 2)} if sample else None,
+        "foreign_calls": {"evalsha": sum(script_calls.values()) - 2 * len(data),
                           "reads": read_calls - (len(READ_COMMANDS) - 1 + keys.trending_shards) * len(sample)},
         "used_memory_freed": {
             "dedup_markers_bytes_per_event": round((memory_before - memory_mid) / len(data), 1) if data else None,
@@ -200,9 +212,11 @@ def format_table(result: dict) -> str:
         ("per event in the dedup window", f"{r['bytes_per_event_in_dedup_window']:,.1f} B",
          f"MEMORY USAGE of a marker; used_memory freed per marker "
          f"{r['used_memory_freed']['dedup_markers_bytes_per_event']} B (ttl {r['dedup_ttl_s']} s)"),
-        ("Redis CPU per event", f"{r['redis_cpu_us_per_event']} us", "the apply script (EVALSHA), INFO commandstats"),
+        ("Redis CPU per event", f"{r['redis_cpu_us_per_event']} us",
+         "user script {user} + item script {item} (EVALSHA), INFO commandstats".format(**r["redis_cpu_us_per_event_by_script"])),
         ("Redis CPU per request", f"{r['redis_cpu_us_per_request']} us",
-         f"{' + '.join(READ_COMMANDS)} (top {TRENDING_READ}), INFO commandstats"),
+         "the user's keys {user} + {shards} x trending shard's top {n} {per_trending_shard}, INFO commandstats".format(
+             shards=r["trending_shards"], n=TRENDING_READ, **r["redis_cpu_us_per_request_by_part"])),
         ("Kafka record (key + value)", f"{r['kafka_record_bytes']['mean']:,.0f} B", "JSON event, pseudonymized user id"),
     ]
     width = max(len(a) for a, _, _ in rows)

@@ -22,7 +22,9 @@ SAVED = {
     "redis-memory": {"events": 100_000, "users": 2000, "items": 1000, "bytes_per_user": 1500.0,
                      "events_per_user": {"mean": 50.0}, "bytes_per_item": 150.0,
                      "bytes_per_event_in_dedup_window": 90.0, "redis_cpu_us_per_event": 25.0,
-                     "redis_cpu_us_per_request": 15.0, "kafka_record_bytes": {"mean": 170.0}, **STAMP},
+                     "redis_cpu_us_per_request": 15.0,
+                     "redis_cpu_us_per_event_by_script": {"user": 6.0, "item": 4.0},
+                     "redis_cpu_us_per_request_by_part": {"user": 9.0, "per_trending_shard": 6.0}, "kafka_record_bytes": {"mean": 170.0}, **STAMP},
     "ann": {"faiss": "1.15.0", "sizes": {
         "10000": {"indexes": {"ivf_int8": {"bytes_per_item": 79.0, "p99_ms": 0.016, "recall@10": 0.97}}},
         "1000000": {"indexes": {"ivf_int8": {"bytes_per_item": 73.0, "p99_ms": 0.09, "recall@10": 0.96}}}}, **STAMP},
@@ -44,8 +46,13 @@ def test_the_plan_scales_linearly_with_the_load():
     one, two = (values(capacity.plan(Load(LOAD.rps * k, LOAD.users * k, LOAD.items * k, LOAD.events_per_s * k),
                                      figures())) for k in (1, 2))
     for what in ("CPUs", "replicas", "stream workers", "user features", "item features and trending",
-                 "dedup markers", "ANN index", "examples per epoch", "Redis CPU"):
+                 "dedup markers", "ANN index", "examples per epoch"):
         assert two[what] == pytest.approx(2 * one[what], rel=0.02, abs=1), what
+    # Redis CPU grows faster: twice the events need twice the trending shards, and every request
+    # reads each of them. 200k events/s x 4 us of item script / 0.6 = 1.3 cores: 2 shards.
+    assert (one["trending shards"], two["trending shards"]) == (2, 3)
+    assert one["Redis CPU"] == pytest.approx((200_000 * 25 + 100_000 * (9 + 2 * 6)) / 1e6, abs=0.01)
+    assert two["Redis CPU"] > 2 * one["Redis CPU"]
     # 100k req/s x 2 CPU-ms / 0.6 utilisation: 334 CPUs, one per replica
     assert one["CPUs"] == 334 and one["replicas"] == 334
     assert one["stream workers"] == 20  # 200k / (17k x 0.6) = 19.6
@@ -62,7 +69,9 @@ def test_redis_shards_when_memory_passes_the_shard_limit():
     assert many["shards"] >= many["memory (primaries)"] / limit
     # Memory alone decides when Redis CPU costs nothing.
     cheap = {**figures(), "redis.cpu_us_per_event": Figure(0.0, "", "test"),
-             "redis.cpu_us_per_request": Figure(0.0, "", "test")}
+             "redis.cpu_us_per_item_script": Figure(0.0, "", "test"),
+             "redis.cpu_us_per_request_user": Figure(0.0, "", "test"),
+             "redis.cpu_us_per_trending_read": Figure(0.0, "", "test")}
     mem_only = values(capacity.plan(LOAD, cheap))
     assert mem_only["shards"] == -(-mem_only["memory (primaries)"] // limit)
     assert mem_only["memory with replicas"] == pytest.approx(2 * mem_only["memory (primaries)"], abs=0.1)
@@ -167,6 +176,7 @@ def test_redis_memory_bench_on_the_real_redis(redis_settings):
     assert r["bytes_per_user"] > r["bytes_per_item"] > 0 and r["bytes_per_event_in_dedup_window"] > 0
     assert r["trending"]["members"] == r["items"] and r["encodings_of_the_largest"]["trending"] == "skiplist"
     assert r["bytes_per_user"] == pytest.approx(sum(v["mean"] for v in r["bytes_per_user_by_key"].values()), abs=1)
-    assert r["redis_cpu_us_per_event"] > 0 and r["redis_cpu_us_per_request"] > 0
+    assert r["redis_cpu_us_per_event"] == pytest.approx(sum(r["redis_cpu_us_per_event_by_script"].values()), abs=0.02)
+    assert min(r["redis_cpu_us_per_event_by_script"].values()) > 0 and min(r["redis_cpu_us_per_request_by_part"].values()) > 0
     assert 100 < r["kafka_record_bytes"]["mean"] < 400  # a JSON event keyed by its 33-character pseudonym
     assert not list(connect(redis_settings).scan_iter(match=f"{r['prefix']}:*"))  # its keys are gone

@@ -13,7 +13,7 @@ import pytest
 
 from deploy.local import stack
 from recsys.events import Event
-from recsys.feature_store import FeatureStore, Pending, SentEvents, run_scripts
+from recsys.feature_store import FeatureStore, Pending, SentEvents
 from recsys.features import MemoryStore
 from tests.conftest import Scratch
 from tests.test_stream_integration import assert_features_match, stream_json
@@ -79,13 +79,11 @@ def test_a_crash_between_the_user_and_item_scripts_applies_each_half_once(where,
     store = FeatureStore(s)
     events = [ev(n, f"u{n % 5}", f"i{n % 11}") for n in range(200)]
     positions = [("t", 0, n) for n in range(200)]
-    first = SentEvents(store, events, positions)
-    run_scripts(store.redis, first.user_commands, first.pending)  # user half only: then the "crash"
+    SentEvents(store, events, positions).user_verdicts()  # the user half only: then the "crash"
     assert sum(sum(store.item_counts(f"i{k}").values()) for k in range(11)) == 0
     assert store.apply_events(events, positions) == [False] * 200  # replays: each item half once
     retry = [ev(7, "u2", "i7")]  # event e7 again, as a new record at offset 200
-    half = SentEvents(store, retry, [("t", 0, 200)])
-    run_scripts(store.redis, half.user_commands, half.pending)
+    assert SentEvents(store, retry, [("t", 0, 200)]).user_verdicts() == [0]
     assert store.apply_events(retry, [("t", 0, 200)]) == [False]
     memory = MemoryStore(s.redis.prefix, s.features.recent_items, s.features.trending_half_life_s)
     memory.apply_events(events)
