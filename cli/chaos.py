@@ -14,6 +14,7 @@ whether it passed.
   stream-workers   3 stream worker processes in one consumer group over 6 partitions; one killed
                    with kill -9 mid-stream and one added: the features equal one replay of every
                    event; then the group's rate with 1, 2 and 3 workers, as ratios in one run
+  ray-nodes        Train and Serve across ``ray start`` nodes, one node killed in each (cli/chaos_ray.py)
 
 The serving scenarios need the demo's model and users (``recsys demo`` first), as
 ``recsys bench serve`` does; they leave ``recsys serve``'s deployment as configured.
@@ -38,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from cli.bench_stream import scratch_settings, settings_env
+from cli.chaos_ray import ray_nodes
 from deploy.local import stack
 from recsys.archive import read_partition_log, run_archiver
 from recsys.auth import KeyStore, Scope
@@ -461,6 +463,7 @@ SCENARIOS = {
     "controller-kill": lambda s, progress: _serving_fault(s, "controller-kill", progress),
     "fuzz": lambda s, progress: _fuzz(s, progress=progress),
     "stream-workers": lambda s, progress: stream_workers(s, progress=progress),
+    "ray-nodes": lambda s, progress: ray_nodes(s, progress=progress),
 }
 
 

@@ -85,10 +85,13 @@ def ensure_ray(workers: int, use_gpu: bool, worker_niceness: int = 0, worker_std
 def run_ray_training(prep: Prepared, cfg: ModelConfig, workers: int = 2, use_gpu: bool = False,
                      mixed_precision: bool = False, max_failures: int = 2, resume_from: Optional[Path] = None,
                      fail: Optional[dict] = None, storage: Optional[Path] = None, worker_niceness: int = 0,
-                     worker_stderr: Optional[Path] = None, teacher: Optional[dict] = None) -> dict:
+                     worker_stderr: Optional[Path] = None, teacher: Optional[dict] = None,
+                     placement_strategy: str = "PACK") -> dict:
     """Train on Ray; returns {"checkpoint_dir": local copy of the last checkpoint, "meta": ..., "seconds": ...}.
 
-    ``teacher``: the workers' distillation config (``training.distill.teacher_targets``)."""
+    ``teacher``: the workers' distillation config (``training.distill.teacher_targets``).
+    ``placement_strategy``: the workers' placement group strategy (Ray's PACK, SPREAD,
+    STRICT_PACK, STRICT_SPREAD); ``recsys chaos ray-nodes`` puts each worker on its own node."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     os.environ.update(tf_env())  # ray.train.tensorflow imports TensorFlow in this process
@@ -118,7 +121,7 @@ def run_ray_training(prep: Prepared, cfg: ModelConfig, workers: int = 2, use_gpu
                   "epoch_hooks": [KillWorkerAtEpoch(**fail)] if fail else []}
         trainer = TensorflowTrainer(
             train_loop_per_worker, train_loop_config=config,
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, placement_strategy=placement_strategy,
                                          resources_per_worker={"CPU": per_worker_cpu, **({"GPU": 1} if use_gpu else {})}),
             run_config=RunConfig(name=name, storage_path=str(storage),
                                  failure_config=FailureConfig(max_failures=max_failures),
@@ -222,7 +225,7 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
           publish: bool = True, promote: bool = True, baselines: Optional[dict] = None,
           user_col="user_id", item_col="item_id", ts_col="timestamp",
           prepared: Optional[Prepared] = None, tune_grid: Optional[dict] = None, progress=None,
-          teacher: Optional[Path] = None) -> dict:
+          teacher: Optional[Path] = None, placement_strategy: str = "PACK") -> dict:
     """Train, evaluate beside the baselines, publish; returns the model card.
 
     ``source``: a pyarrow event table, ``"archive"`` (the Parquet event log) or a source spec.
@@ -230,7 +233,7 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
     targets, then train the chosen one on everything before the test targets.
     ``teacher``: a published model version folder to distill from (``training.distill``), with
     the config's ``distill_weight`` (``training.distill.DEFAULT_WEIGHT`` when it is 0) and
-    ``distill_temperature``.
+    ``distill_temperature``. ``placement_strategy``: where Ray puts the workers (run_ray_training).
     """
     from training import distill
     overrides = dict(model_config or {})
@@ -261,6 +264,7 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
     cfg.epochs = int(epochs) if epochs is not None else cfg.epochs_for(prep.n_train, workers)
     t_prep = time.perf_counter() - t_start
     ray_options = dict(workers=workers, use_gpu=use_gpu, mixed_precision=mixed_precision, max_failures=max_failures,
+                       placement_strategy=placement_strategy,
                        storage=Path(settings.home).resolve() / "ray_results", worker_niceness=settings.ray.worker_niceness,
                        # quiet unless the command line asked for INFO (-v)
                        worker_stderr=None if log.isEnabledFor(logging.INFO) else settings.home / "logs" / "ray-workers.log")
