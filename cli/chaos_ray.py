@@ -404,8 +404,8 @@ def train_phase(s: Settings, cluster: LocalCluster, progress) -> dict:
     watch.start()
     t0 = time.monotonic()
     try:
-        card = train(TRAIN_SOURCE, settings=s, workers=TRAIN_WORKERS, epochs=TRAIN_EPOCHS, model_config=TRAIN_MODEL,
-                     max_failures=2, placement_strategy="STRICT_SPREAD")
+        card = train(TRAIN_SOURCE, settings=s.updated(training={"placement_strategy": "STRICT_SPREAD"}),
+                     workers=TRAIN_WORKERS, epochs=TRAIN_EPOCHS, model_config=TRAIN_MODEL, max_failures=2)
     finally:
         watch.stopping.set()
         watch.join(timeout=10)

@@ -147,6 +147,9 @@ Precision = Literal["fp32", "fp16", "int8"]
 class TrainingSettings(BaseModel):
     """How a retraining runs, and the compression of what it publishes (README "Compression")."""
     workers: int = 2  # Ray Train workers of a scheduled retraining
+    # Ray's placement of the workers: PACK fills a node first (its ring all-reduce stays local);
+    # STRICT_SPREAD puts each on its own node (`recsys chaos ray-nodes`).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     epochs: int | None = None  # None: the model config's
     # int8 by default: on MovieLens-100K and the synthetic stream it kept HR@10 within 1% of fp32
     # (`recsys bench compression`) in a quarter of the tables' and the index's bytes.

@@ -90,8 +90,7 @@ def run_ray_training(prep: Prepared, cfg: ModelConfig, workers: int = 2, use_gpu
     """Train on Ray; returns {"checkpoint_dir": local copy of the last checkpoint, "meta": ..., "seconds": ...}.
 
     ``teacher``: the workers' distillation config (``training.distill.teacher_targets``).
-    ``placement_strategy``: the workers' placement group strategy (Ray's PACK, SPREAD,
-    STRICT_PACK, STRICT_SPREAD); ``recsys chaos ray-nodes`` puts each worker on its own node."""
+    ``placement_strategy``: Ray's placement of the workers (settings.training.placement_strategy)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     os.environ.update(tf_env())  # ray.train.tensorflow imports TensorFlow in this process
@@ -225,7 +224,7 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
           publish: bool = True, promote: bool = True, baselines: Optional[dict] = None,
           user_col="user_id", item_col="item_id", ts_col="timestamp",
           prepared: Optional[Prepared] = None, tune_grid: Optional[dict] = None, progress=None,
-          teacher: Optional[Path] = None, placement_strategy: str = "PACK") -> dict:
+          teacher: Optional[Path] = None) -> dict:
     """Train, evaluate beside the baselines, publish; returns the model card.
 
     ``source``: a pyarrow event table, ``"archive"`` (the Parquet event log) or a source spec.
@@ -233,7 +232,7 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
     targets, then train the chosen one on everything before the test targets.
     ``teacher``: a published model version folder to distill from (``training.distill``), with
     the config's ``distill_weight`` (``training.distill.DEFAULT_WEIGHT`` when it is 0) and
-    ``distill_temperature``. ``placement_strategy``: where Ray puts the workers (run_ray_training).
+    ``distill_temperature``.
     """
     from training import distill
     overrides = dict(model_config or {})
@@ -264,7 +263,7 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
     cfg.epochs = int(epochs) if epochs is not None else cfg.epochs_for(prep.n_train, workers)
     t_prep = time.perf_counter() - t_start
     ray_options = dict(workers=workers, use_gpu=use_gpu, mixed_precision=mixed_precision, max_failures=max_failures,
-                       placement_strategy=placement_strategy,
+                       placement_strategy=settings.training.placement_strategy,
                        storage=Path(settings.home).resolve() / "ray_results", worker_niceness=settings.ray.worker_niceness,
                        # quiet unless the command line asked for INFO (-v)
                        worker_stderr=None if log.isEnabledFor(logging.INFO) else settings.home / "logs" / "ray-workers.log")
