@@ -28,9 +28,10 @@ def scratch_settings(settings: Settings, tag: str) -> Settings:
     metrics endpoints, which would take the ports of the real processes'."""
     run = f"{tag}-{uuid.uuid4().hex[:8]}"
     return settings.updated(
-        kafka={"events_topic": f"{run}-events", "dlq_topic": f"{run}-events.dlq",
+        kafka={"events_topic": f"{run}-events", "dlq_topic": f"{run}-events.dlq", "impressions_topic": f"{run}-impressions",
                "stream_group": f"{run}-features", "archive_group": f"{run}-archive"},
-        redis={"prefix": run}, monitoring={"stream_port": 0, "archive_port": 0, "scheduler_port": 0})
+        redis={"prefix": run}, online={"group": f"{run}-online"},
+        monitoring={"stream_port": 0, "archive_port": 0, "scheduler_port": 0, "online_port": 0})
 
 
 def settings_env(settings: Settings) -> dict:

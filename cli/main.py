@@ -92,6 +92,17 @@ def cmd_stream(args) -> int:
     return 0
 
 
+def cmd_online(args) -> int:
+    from recsys.attribution import report, run_online
+    settings = get_settings()
+    if args.action == "report":
+        _print(report(settings), args.json)
+        return 0
+    _serve_metrics(_port(args.metrics_port, settings.monitoring.online_port), "online consumer")
+    print(json.dumps(run_online(settings, until_idle=args.until_idle)))
+    return 0
+
+
 def cmd_archive(args) -> int:
     from recsys.archive import run_archiver
     settings = get_settings()
@@ -366,6 +377,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus metrics on 127.0.0.1:PORT (default RECSYS_MONITORING_*_PORT; 0: none)")
     p.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser("online", help="online metrics: run the consumer that joins events to the impressions that "
+                                      "showed their items, or report CTR@k, hit rate and hit ranks per model and arm")
+    p.add_argument("action", choices=["run", "report"])
+    p.add_argument("--until-idle", type=float, default=None, metavar="SECONDS",
+                   help="run: exit after this many seconds without records (default: run until SIGTERM)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="run: Prometheus metrics on this port (default RECSYS_MONITORING_ONLINE_PORT; 0: none)")
+    p.add_argument("--json", action="store_true", help="report: one JSON line")
+    p.set_defaults(func=cmd_online)
 
     p = sub.add_parser("archive", help="append events to the Parquet event log for training")
     p.add_argument("--until-idle", type=float, default=None, metavar="SECONDS",

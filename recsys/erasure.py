@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from recsys.archive import purge_user, write_tombstone
+from recsys.attribution import OnlineKeys
 from recsys.feature_store import FeatureStore
 from recsys.features import USER_PARTS
 from recsys.privacy import Pseudonyms
@@ -28,11 +29,12 @@ def versions_holding(settings: Settings, user: str) -> list[str]:
 
 def forget_online(settings: Settings, user: str) -> int:
     """Delete every Redis key of the user's hash-tag group ``{u:<user>}``: the features, the
-    applied offsets, refused positions and the events' dedup markers (named by the user).
-    Returns how many keys went. The markers are found
+    applied offsets, refused positions, the events' dedup markers (named by the user) and the
+    online metrics' impressions and verdicts. Returns how many keys went. The markers are found
     by SCAN over the prefix (on every node of a cluster): a pass over the keyspace per erasure."""
-    store = FeatureStore(settings)
-    keys = [store.keys.user(user, part) for part in USER_PARTS] + [store.keys.user_refused(user)]
+    store, online = FeatureStore(settings), OnlineKeys(settings.redis.prefix)
+    keys = [store.keys.user(user, part) for part in USER_PARTS]
+    keys += [store.keys.user_refused(user), online.shown(user), online.attributed(user)]
     keys += list(store.redis.scan_iter(match=store.keys.dedup(user, "*"), count=1000))  # braces: literal in a glob
     # One hash tag: one slot, so one DEL per thousand keys even on a cluster.
     return sum(store.redis.delete(*keys[i:i + 1000]) for i in range(0, len(keys), 1000))

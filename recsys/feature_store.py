@@ -231,13 +231,14 @@ class Pending:
             self.conn = None
 
 
-def run_scripts(client: redis.Redis | redis.RedisCluster, commands: list[tuple], pending: Pending | None = None) -> list:
-    """The replies of script commands (sent already when ``pending``). Every reply is read before
-    the first error is raised; scripts Redis no longer holds (it restarted since they were
-    loaded) are loaded and the commands sent again, which changes nothing that was applied."""
+def run_scripts(client: redis.Redis | redis.RedisCluster, commands: list[tuple], pending: Pending | None = None,
+                scripts: tuple[str, ...] = SCRIPTS) -> list:
+    """The replies of ``scripts``' commands (sent already when ``pending``). Every reply is read
+    before the first error is raised; scripts Redis no longer holds (it restarted since they
+    were loaded) are loaded and the commands sent again, which changes nothing that was applied."""
     replies = (pending or Pending(client, commands)).replies()
     if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
-        for script in SCRIPTS:
+        for script in scripts:
             client.script_load(script)
         replies = Pending(client, commands).replies()
     error = next((r for r in replies if isinstance(r, Exception)), None)

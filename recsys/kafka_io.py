@@ -48,22 +48,26 @@ def producer(settings: Settings, **overrides) -> KafkaProducer:
     return KafkaProducer(**conf)
 
 
-def consumer(settings: Settings, group: str, listener=None, **overrides) -> KafkaConsumer:
-    """Manual commits: callers commit only after the effect of a batch is durable."""
+def consumer(settings: Settings, group: str, listener=None, topics: tuple[str, ...] | None = None,
+             **overrides) -> KafkaConsumer:
+    """Manual commits: callers commit only after the effect of a batch is durable. ``topics``:
+    the events topic unless given."""
     conf = dict(**connection(settings), group_id=group, enable_auto_commit=False,
                 auto_offset_reset="earliest", max_poll_records=settings.kafka.poll_batch,
                 # A crashed member's partitions move to the others after 6 s (the broker's minimum).
                 session_timeout_ms=6000, heartbeat_interval_ms=2000)
     conf.update(overrides)
     cons = KafkaConsumer(**conf)
-    cons.subscribe([settings.kafka.events_topic], listener=listener)
+    topics = topics or (settings.kafka.events_topic,)
+    cons.subscribe(list(topics), listener=listener)
     # Learn the topic's partitions before the first join. Otherwise the first assignment is
     # empty ("No partition metadata") and the metadata that arrives next forces a second
     # rebalance, which kafka-python 3.0.12 can lose: if poll()'s timeout ends while that
     # JoinGroup/SyncGroup is in flight, the leader's assignment step marks the metadata as
     # handled, nothing collects the finished join, and the member waits forever with no
     # partitions and its heartbeats off. See GroupMember for the bound on what remains.
-    cons.partitions_for_topic(settings.kafka.events_topic)
+    for topic in topics:
+        cons.partitions_for_topic(topic)
     return cons
 
 
@@ -253,6 +257,19 @@ def replay(events: Iterable[Event], settings: Settings, rate: float = 0.0, limit
     return {"produced": produced, "seconds": round(elapsed, 3),
             "events_per_s": round(produced / elapsed, 1) if elapsed else None,
             "first_ts": first_ts, "last_ts": last_ts, "topic": settings.kafka.events_topic}
+
+
+def commit_done_and_close(consumer: KafkaConsumer, done: dict) -> None:
+    """A consumer's exit: commit what is done (synchronously, for the partitions still held),
+    nothing else, then close. Held, and ahead of the group's position: a partition that moved
+    away and came back with nothing processed since must not be rewound to what was done before."""
+    held = consumer.assignment()
+    ahead = {tp: om for tp, om in done.items() if tp in held and om.offset > (consumer.committed(tp) or 0)}
+    try:
+        if ahead:
+            consumer.commit(offsets=ahead)
+    finally:
+        consumer.close(autocommit=False)
 
 
 def until_done(effect: Callable, what: str, transient: tuple, stopping: threading.Event | None = None):

@@ -3,11 +3,14 @@
 Layout under ``settings.registry_dir``::
 
   v0001/ ... v00NN/     one folder per published version (never modified once in place)
-  pointers.json         {"current": "v0003", "previous": "v0002"}
+  pointers.json         {"current": "v0003", "previous": "v0002", "experiment": null}
 
 A version is written under a hidden temporary name and renamed into place, so a reader
-never sees a half-written version. Both pointers live in one small file replaced with
-``os.replace``: a reader sees either the old pair or the new pair, never a mix.
+never sees a half-written version. The pointers live in one small file replaced with
+``os.replace``: a reader sees either the old ones or the new ones, never a mix. An experiment
+(``start_experiment``) names a candidate version that a share of users is served (A/B) or that
+is computed beside the current one without being served (shadow); promoting any version, or a
+rollback, ends it.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import os
 import re
 import shutil
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -66,8 +70,12 @@ class Registry:
     def pointers(self) -> dict:
         path = self.root / "pointers.json"
         if not path.exists():
-            return {"current": None, "previous": None}
-        return json.loads(path.read_text())
+            return {"current": None, "previous": None, "experiment": None}
+        return {"experiment": None, **json.loads(path.read_text())}
+
+    def experiment(self) -> Optional[dict]:
+        """{"candidate": version, "share": s, "shadow": bool, "started_at": iso time}, or None."""
+        return self.pointers()["experiment"]
 
     def current(self) -> Optional[str]:
         return self.pointers().get("current")
@@ -108,21 +116,49 @@ class Registry:
         return {**self.pointers(), "versions": rows}
 
     # -- writing ---------------------------------------------------------------------------
-    def _write_pointers(self, current: Optional[str], previous: Optional[str]) -> None:
+    def _write_pointers(self, current: Optional[str], previous: Optional[str], experiment: Optional[dict] = None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".pointers.{uuid.uuid4().hex}.tmp"
         with open(tmp, "w") as fh:
-            json.dump({"current": current, "previous": previous}, fh)
+            json.dump({"current": current, "previous": previous, "experiment": experiment}, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.root / "pointers.json")
 
     def promote(self, version: str) -> dict:
+        """Make ``version`` current; an experiment ends (whichever version it tried)."""
         v = self.resolve(version)
-        cur = self.current()
-        if cur == v:
-            return self.pointers()
-        self._write_pointers(v, cur)
+        p = self.pointers()
+        if p["current"] == v and p["experiment"] is None:
+            return p
+        self._write_pointers(v, p["current"] if p["current"] != v else p["previous"])
+        return self.pointers()
+
+    def start_experiment(self, version: str, share: float, shadow: bool = False) -> dict:
+        """Serve ``version`` to ``share`` of the users (by a stable hash of their pseudonym), or with
+        ``shadow`` compute it for them beside the current one without serving it."""
+        v = self.resolve(version)
+        p = self.pointers()
+        if not p["current"]:
+            raise RegistryError(f"registry {self.root}: no current model to compare a candidate with")
+        if v == p["current"]:
+            raise RegistryError(f"{v} is the current model: a candidate must be another version")
+        if not 0 < share <= 1:
+            raise RegistryError(f"share {share}: give a share of users in (0, 1]")
+        experiment = {"candidate": v, "share": share, "shadow": shadow,
+                      "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self._write_pointers(p["current"], p["previous"], experiment)
+        return self.pointers()
+
+    def end_experiment(self, expected: Optional[dict] = None) -> dict:
+        """Stop the experiment without promoting its candidate; with ``expected``, only if that
+        is still the one running (the guardrail must not end an experiment started since)."""
+        p = self.pointers()
+        if p["experiment"] is None:
+            raise RegistryError(f"registry {self.root}: no experiment running")
+        if expected is not None and p["experiment"] != expected:
+            raise RegistryError(f"registry {self.root}: the experiment changed meanwhile")
+        self._write_pointers(p["current"], p["previous"])
         return self.pointers()
 
     def rollback(self) -> dict:

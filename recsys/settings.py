@@ -6,6 +6,7 @@ top-level folders are ``RECSYS_HOME``, ``RECSYS_ARCHIVE_DIR`` and so on.
 """
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,9 @@ class KafkaSettings(BaseModel):
     version: str = "4.1.1"
     events_topic: str = "user-events"
     dlq_topic: str = "user-events.dlq"
+    # Every served list (recsys/impressions.py), keyed like the events and with as many
+    # partitions, so a user's impressions and events share a partition number.
+    impressions_topic: str = "impressions"
     events_partitions: int = 6  # up to 6 stream workers share a group (`recsys chaos stream-workers`)
     # Consumer groups: the stream worker's and the archiver's.
     stream_group: str = "features"
@@ -135,6 +139,9 @@ class ServingSettings(BaseModel):
     # then answers 503. At 2 s, a fresh clone's smoke load test (500 req/s on 2 cores) got 71
     # 503s that outlasted the clients' retries: acks that took 2-4.5 s on a saturated machine.
     kafka_timeout_s: float = 4.0
+    # Impressions wait here for the sending thread; when it is full (Kafka slow or away) they are
+    # dropped and counted (recsys_impressions_dropped_total): a request never waits for them.
+    impression_queue: int = Field(10_000, ge=1)
     # Serve kills a proxy whose ready or health check takes longer than this (Ray's defaults:
     # 5 s and 10 s), which a busy 2-core machine exceeds; the deploy then fails with ActorDiedError.
     proxy_ready_check_timeout_s: float = 30.0
@@ -182,6 +189,24 @@ class RetrainingSettings(BaseModel):
     poll_s: float = 10.0
 
 
+class OnlineSettings(BaseModel):
+    """Online metrics: later events joined to the impressions that showed their items
+    (recsys/attribution.py, `recsys online`)."""
+    group: str = "online"  # the consumer group on the impressions and events topics
+    window_s: float = Field(1800.0, gt=0)  # an event counts for an impression at most this much older
+    attributable: tuple[str, ...] = ("click", "add_to_cart", "purchase")
+    # Records held per partition while the other topic catches up, before its fetching pauses.
+    buffer_records: int = Field(5000, ge=10)
+    # The guardrail (recsys.experiments.guardrail): every guard_every_s the consumer tests an A/B
+    # experiment's arms' share of lists with a hit and ends the experiment when the candidate is
+    # worse at false-stop rate guard_alpha; guard_effect is the mixture's scale, the size of loss
+    # it is most sensitive to; it waits for guard_min_lists lists per arm.
+    guard_alpha: float = Field(0.05, gt=0, lt=1)
+    guard_effect: float = Field(0.02, gt=0)
+    guard_min_lists: int = Field(200, ge=1)
+    guard_every_s: float = Field(5.0, gt=0)
+
+
 class MonitoringSettings(BaseModel):
     """Where each process serves its Prometheus metrics, and the local Prometheus that scrapes them
     (``recsys stack up --monitoring``; deploy/monitoring). 0 turns an endpoint off."""
@@ -190,6 +215,7 @@ class MonitoringSettings(BaseModel):
     stream_port: int = 28201  # the stream worker (also the load test's embedded one)
     archive_port: int = 28202
     scheduler_port: int = 28203
+    online_port: int = 28204
     prometheus_port: int = 29090
     redis_exporter_port: int = 29121
     scrape_interval_s: float = 5.0
@@ -217,6 +243,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
     retraining: RetrainingSettings = RetrainingSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
+    online: OnlineSettings = OnlineSettings()
 
     @field_validator("home", "stack_cache", "archive_dir", "registry_dir", "secrets_dir")
     @classmethod
@@ -239,7 +266,8 @@ class Settings(BaseSettings):
         env = {}
         for name, value in self.model_dump(mode="json").items():
             fields = {f"{name}_{k}": v for k, v in value.items()} if isinstance(value, dict) else {name: value}
-            env.update({f"RECSYS_{k.upper()}": None if v is None else str(v) for k, v in fields.items()})
+            env.update({f"RECSYS_{k.upper()}": None if v is None else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+                        for k, v in fields.items()})
         return env
 
 

@@ -173,17 +173,10 @@ class StreamWorker:
         return self.stats
 
     def close(self) -> None:
-        """Commit what is done (synchronously, for the partitions still held), nothing else."""
-        consumer = self.member.consumer
-        held = consumer.assignment()
-        # Held, and ahead of the group's position: a partition that moved away and came back
-        # with nothing processed since must not be rewound to what was done before.
-        done = {tp: om for tp, om in self.done.items() if tp in held and om.offset > (consumer.committed(tp) or 0)}
+        """Commit what is done, nothing else (``kafka_io.commit_done_and_close``)."""
         try:
-            if done:
-                consumer.commit(offsets=done)
+            kafka_io.commit_done_and_close(self.member.consumer, self.done)
         finally:
-            consumer.close(autocommit=False)
             self.dlq.close()
 
 

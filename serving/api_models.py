@@ -16,6 +16,7 @@ class Recommendations(BaseModel):
     items: list[ScoredItem]
     model_version: Optional[str]
     fallback: bool  # True: the trending items (a new user, or no model yet)
+    request_id: str  # names this answer's impression (recsys/impressions.py)
 
 
 class Accepted(BaseModel):

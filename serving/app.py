@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -28,13 +29,15 @@ from ray.util import metrics
 from recsys.auth import Authorizer, Scope
 from recsys.errors import RecsysError, Unavailable
 from recsys.events import Event, EventTimeBounds
+from recsys.experiments import in_candidate_arm, overlap_at_k
 from recsys.features import UserFeatures
 from recsys.feature_store import FeatureReader, FeatureStore, connect, connect_async
+from recsys.impressions import Impression, ImpressionSender
 from recsys.kafka_io import kafka_answers, producer, send_event
 from recsys.privacy import Pseudonyms
 from recsys.settings import Settings
 from serving.api_models import ERRORS, Accepted, ErrorAnswer, Health, Readiness, Recommendations
-from serving.models import current_version, load_order, load_servable
+from serving.models import current_version, experiment, load_order, load_servable
 from serving.recommend import ServableModel, embed_together, needs_model, recommend
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,16 @@ FALLBACKS = metrics.Counter("recsys_fallback_total", "answers given by the cold-
 EVENTS_ACCEPTED = metrics.Counter("recsys_events_accepted_total", "events accepted into Kafka")
 MODEL_LOAD_FAILURES = metrics.Counter("recsys_model_load_failures_total",
                                       "model versions that failed to load (the replica served another)")
+IMPRESSIONS_SENT = metrics.Counter("recsys_impressions_sent_total", "impressions the brokers acknowledged")
+IMPRESSIONS_DROPPED = metrics.Counter("recsys_impressions_dropped_total",
+                                      "impressions not sent: queue_full (Kafka slow or away) or kafka (refused)",
+                                      tag_keys=("reason",))
+ARM_REQUESTS = metrics.Counter("recsys_arm_requests_total", "recommendations by experiment arm and the version served",
+                               tag_keys=("arm", "version"))
+SHADOW_OVERLAP = metrics.Histogram("recsys_shadow_overlap", "overlap@k of a shadow candidate's list with the served list",
+                                   boundaries=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99], tag_keys=("version",))
+SHADOW_LATENCY_MS = metrics.Histogram("recsys_shadow_latency_ms", "time to compute a shadow candidate's list",
+                                      boundaries=[0.5, 1, 2, 5, 10, 20, 50, 100], tag_keys=("version",))
 MODEL_VERSION = metrics.Gauge("recsys_model_version_info", "1 for the version this replica serves", tag_keys=("version",))
 
 
@@ -78,6 +91,15 @@ def _awaitable(future, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
     return out
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """An experiment's candidate as a replica holds it: the loaded model and the registry's terms."""
+    version: str
+    model: ServableModel
+    share: float
+    shadow: bool
+
+
 class RecsysService:
     """The request path itself, free of Serve: one per process (a Serve replica, or plain
     uvicorn in ``recsys bench serve``'s ceiling variant)."""
@@ -94,7 +116,12 @@ class RecsysService:
         self.pseudonyms = Pseudonyms.of(s)
         self._producer = None
         self._producer_lock = threading.Lock()
+        self.impressions = ImpressionSender(self._send_impression, capacity=s.serving.impression_queue,
+                                            on_drop=lambda reason, n: IMPRESSIONS_DROPPED.inc(n, tags={"reason": reason}),
+                                            on_sent=IMPRESSIONS_SENT.inc)
         self.model, self.version, self.load_failure = None, None, None
+        self.candidate: Optional[Candidate] = None
+        self.candidate_failure: Optional[str] = None  # a candidate version that failed to load
         for version in load_order(s):  # the current version, else the last good one: no crash loop
             try:
                 self._swap_to(version)
@@ -137,6 +164,28 @@ class RecsysService:
                 self.load_failure = None  # the current version is the one served
             except Exception as exc:  # a broken version must not stop the watcher; keep serving the old one
                 self._load_failed(version, exc)
+            finally:
+                self._follow_experiment()
+
+    def _follow_experiment(self) -> None:
+        """Load the experiment's candidate, follow its share and mode, drop it when it ends. A
+        candidate that fails to load is left out (counted and logged, tried once): the current
+        model serves everyone meanwhile."""
+        exp = None
+        try:
+            exp = experiment(self.settings)
+            held = self.candidate
+            if exp is None:
+                self.candidate = None
+            elif held is not None and held.version == exp["candidate"]:
+                self.candidate = replace(held, share=exp["share"], shadow=exp["shadow"])
+            elif exp["candidate"] != self.candidate_failure:
+                self.candidate = Candidate(exp["candidate"], load_servable(self.settings, exp["candidate"]),
+                                           exp["share"], exp["shadow"])
+        except Exception as exc:
+            self.candidate, self.candidate_failure = None, exp["candidate"] if exp else None
+            MODEL_LOAD_FAILURES.inc()
+            log.error("experiment candidate %s failed to load, the current model serves all: %r", self.candidate_failure, exc)
 
     # -- kafka -----------------------------------------------------------
     def _kafka(self):
@@ -164,6 +213,11 @@ class RecsysService:
         except Unavailable:  # Kafka down at start: the first event tries again
             pass
 
+    def _send_impression(self, impression: Impression):
+        """On the impressions thread: the send may wait for the topic's metadata, a request never does."""
+        return self._kafka().send(self.settings.kafka.impressions_topic, key=impression.user_id.encode(),
+                                  value=impression.to_bytes())
+
     def _send(self, events: list[Event]) -> list:
         prod = self._kafka()
         return [send_event(prod, self.settings, e) for e in self.pseudonyms.events(events)]
@@ -186,9 +240,15 @@ class RecsysService:
         """Answered under the client's own id; everything behind the API knows its pseudonym.
         The key check rides in the features' round trip (one Redis round trip in all)."""
         started = time.perf_counter()
-        model = self.model
+        model, candidate, arm, shadow = self.model, self.candidate, "current", None
         check = None if self.settings.auth.public_reads else self.authorizer.command(api_key, Scope.recs_read)
-        read = lambda: self.reader.user_and_trending(self.pseudonyms.user_id(user_id), 2 * k, first=check)  # noqa: E731
+        pseudonym = self.pseudonyms.user_id(user_id)
+        if candidate is not None and in_candidate_arm(pseudonym, candidate.share, candidate.version):
+            if candidate.shadow:
+                shadow = candidate
+            else:
+                model, arm = candidate.model, "candidate"
+        read = lambda: self.reader.user_and_trending(pseudonym, 2 * k, first=check)  # noqa: E731
         try:
             try:
                 user, trending, decision = await read()
@@ -213,9 +273,24 @@ class RecsysService:
             STAGE_MS.observe(ms, tags={"stage": stage})
         if rec.fallback:
             FALLBACKS.inc()
+        impression = Impression.served(pseudonym, rec.model_version, arm, rec.items)
+        self.impressions.offer(impression)
+        ARM_REQUESTS.inc(tags={"arm": arm, "version": str(rec.model_version)})
+        if shadow is not None:  # after this answer is sent: computed, timed and compared, never served
+            asyncio.get_running_loop().call_soon(self._shadow, shadow, user, k, trending, rec.items)
         LATENCY_MS.observe((time.perf_counter() - started) * 1e3, tags={"route": "recommendations"})
         timing = ", ".join(f"{stage};dur={ms:.3f}" for stage, ms in rec.stages_ms.items())
-        return JSONResponse(rec.to_json(user_id), headers={"Server-Timing": timing})
+        return JSONResponse({**rec.to_json(user_id), "request_id": impression.request_id}, headers={"Server-Timing": timing})
+
+    @staticmethod
+    def _shadow(candidate: Candidate, user: UserFeatures, k: int, trending: list, served: list[str]) -> None:
+        try:
+            t0 = time.perf_counter()
+            items = recommend(candidate.model, user, k, trending).items
+            SHADOW_LATENCY_MS.observe((time.perf_counter() - t0) * 1e3, tags={"version": candidate.version})
+            SHADOW_OVERLAP.observe(overlap_at_k(served, items, k), tags={"version": candidate.version})
+        except Exception:  # a shadow must never disturb the served path
+            log.exception("shadow candidate %s failed", candidate.version)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0005)
     async def _embed(self, requests: list[tuple[ServableModel, UserFeatures]]) -> list[np.ndarray]:

@@ -10,6 +10,11 @@ def current_version(settings: Settings) -> str | None:
     return Registry(settings.registry_dir).current()
 
 
+def experiment(settings: Settings) -> dict | None:
+    """The running A/B or shadow experiment (``Registry.start_experiment``), or None."""
+    return Registry(settings.registry_dir).experiment()
+
+
 def load_servable(settings: Settings, version: str):
     """The version as a replica serves it. A request is one query: FAISS's OpenMP threads would only
     add their start-up to each search and compete with the other replicas' cores (`recsys bench ann`

@@ -6,9 +6,11 @@ Redis key prefix and archive folder, so tests never see each other's data.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -93,3 +95,31 @@ def module_scratch(live_stack, tmp_path_factory, request):
 def ml100k() -> Path:
     assert (ML100K / "u.data").is_file(), f"MovieLens-100K not found at {ML100K} (set RECSYS_ML100K)"
     return ML100K
+
+
+@contextlib.contextmanager
+def plain_api(settings, port: int, key: str):
+    """``serving.plain`` (a replica's own app, without Serve) under uvicorn with ``settings``,
+    and an HTTP client of it that sends ``key``; stopped on leaving."""
+    import httpx
+    api = subprocess.Popen([sys.executable, "-m", "uvicorn", "serving.plain:create", "--factory", "--port", str(port),
+                            "--log-level", "warning"], env=settings_env(settings), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10, headers={"Authorization": f"Bearer {key}"})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if client.get("/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert api.poll() is None, api.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "the API did not start"
+            time.sleep(0.5)
+        yield client
+    finally:
+        client.close()
+        api.terminate()
+        api.wait(timeout=30)
+

@@ -65,3 +65,42 @@ def test_a_secret_is_made_once_mode_0600_and_the_environment_wins(tmp_path, monk
     assert mode == 0o600
     monkeypatch.setenv("RECSYS_SECRET_USER_ID_KEY", "from-the-environment")
     assert read_secret(settings, USER_ID_KEY) == "from-the-environment"
+
+
+def test_a_users_arm_is_stable_and_the_shares_hold():
+    from recsys.experiments import in_candidate_arm, overlap_at_k
+    users = [f"user-{n}" for n in range(20_000)]
+    half = [in_candidate_arm(u, 0.5, "v0002") for u in users]
+    assert half == [in_candidate_arm(u, 0.5, "v0002") for u in users]  # stable
+    assert abs(sum(half) / len(users) - 0.5) < 0.02
+    tenth = [in_candidate_arm(u, 0.1, "v0002") for u in users]
+    assert abs(sum(tenth) / len(users) - 0.1) < 0.01
+    assert all(h for h, t in zip(half, tenth) if t)  # a smaller share is inside the larger one
+    other = [in_candidate_arm(u, 0.5, "v0003") for u in users]
+    assert 0.4 < sum(a == b for a, b in zip(half, other)) / len(users) < 0.6  # another split per experiment
+    assert all(in_candidate_arm(u, 1.0, "v0002") for u in users[:100])
+    assert overlap_at_k(["a", "b", "c"], ["c", "x", "a"], k=3) == 2 / 3 and overlap_at_k([], ["a"]) == 1.0
+
+
+def test_the_guardrail_stops_a_worse_candidate_and_rarely_an_equal_one():
+    """Checked after every 100 lists per arm, as the online consumer does: with equal hit rates
+    it stops in at most alpha of the runs (always-valid); a candidate at 0.12 against 0.20
+    stops within 3,000 lists per arm in nearly every run, and a better one never."""
+    import numpy as np
+
+    from recsys.experiments import guardrail
+    rng = np.random.default_rng(7)
+
+    def first_stop(p_a: float, p_b: float, lists: int = 3000, step: int = 100) -> int | None:
+        a, b = rng.random(lists) < p_a, rng.random(lists) < p_b
+        for n in range(step, lists + 1, step):
+            if guardrail((n, int(a[:n].sum())), (n, int(b[:n].sum())), alpha=0.05, effect=0.02).stop:
+                return n
+        return None
+
+    equal = [first_stop(0.2, 0.2) for _ in range(300)]
+    assert sum(s is not None for s in equal) / len(equal) <= 0.05
+    worse = [first_stop(0.2, 0.12) for _ in range(100)]
+    assert sum(s is not None for s in worse) >= 95 and np.median([s for s in worse if s]) <= 1500
+    assert all(first_stop(0.2, 0.3) is None for _ in range(50))
+    assert not guardrail((100, 50), (100, 0), min_lists=200).stop  # too few lists to judge

@@ -15,7 +15,7 @@ import yaml
 
 MONITORING = Path(__file__).resolve().parents[1] / "deploy" / "monitoring"
 DASHBOARDS = sorted((MONITORING / "dashboards").glob("*.json"))
-JOBS = {"serve", "haproxy", "stream", "archive", "scheduler", "redis"}
+JOBS = {"serve", "haproxy", "stream", "archive", "scheduler", "online", "redis"}
 
 
 def _panels(dashboard: dict):

@@ -51,9 +51,10 @@ Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 # Who may reach Redis and Kafka, by the names pods() gives them.
 REDIS_CLIENTS = {"RayService/recsys:head", "RayService/recsys:serve", "Deployment/stream-worker",
-                 "Deployment/recsys-scheduler", "CronJob/recsys-retrain", "Deployment/redis-exporter"}
+                 "Deployment/online-consumer", "Deployment/recsys-scheduler", "CronJob/recsys-retrain",
+                 "Deployment/redis-exporter"}
 KAFKA_CLIENTS = {"RayService/recsys:head", "RayService/recsys:serve", "Deployment/stream-worker",
-                 "Deployment/archiver"}
+                 "Deployment/archiver", "Deployment/online-consumer"}
 
 
 # ---- the builds ----------------------------------------------------------------------------
@@ -511,11 +512,12 @@ def check_topics(objs: list[dict]) -> None:
     from recsys.settings import KafkaSettings
     topics = {t["spec"].get("topicName", t["metadata"]["name"]): t["spec"] for t in every(objs, "KafkaTopic")}
     defaults = KafkaSettings()
-    assert {defaults.events_topic, defaults.dlq_topic} <= set(topics), f"topics: {sorted(topics)}"
+    assert {defaults.events_topic, defaults.dlq_topic, defaults.impressions_topic} <= set(topics), f"topics: {sorted(topics)}"
     for name, spec in topics.items():
         assert spec["replicas"] == 3, f"topic {name}: replication factor {spec['replicas']}"
         assert int(spec.get("config", {}).get("min.insync.replicas", 0)) == 2, f"topic {name}: min.insync.replicas"
     assert topics[defaults.events_topic]["partitions"] == int(settings_data(objs)["RECSYS_KAFKA_EVENTS_PARTITIONS"])
+    assert topics[defaults.impressions_topic]["partitions"] == topics[defaults.events_topic]["partitions"]
     config = one(objs, "Kafka")["spec"]["kafka"]["config"]
     assert int(config["default.replication.factor"]) == 3 and int(config["min.insync.replicas"]) == 2
     assert int(config["offsets.topic.replication.factor"]) == 3
@@ -614,7 +616,8 @@ def check_network_policies(objs: list[dict]) -> None:
     # What recsys needs still passes: Prometheus scrapes, Ray's pods and the KubeRay operator talk.
     prometheus, operator = _the_pod(objs, "Deployment/prometheus"), FOREIGN[3]
     for target, port in [("Deployment/stream-worker", 28201), ("Deployment/archiver", 28202),
-                         ("Deployment/recsys-scheduler", 28203), ("Deployment/redis-exporter", 9121),
+                         ("Deployment/recsys-scheduler", 28203), ("Deployment/online-consumer", 28204),
+                         ("Deployment/redis-exporter", 9121),
                          ("RayService/recsys:head", 8080), ("RayService/recsys:head", 9101)]:
         assert admitted(policies, _the_pod(objs, target), prometheus, port), f"Prometheus cannot scrape {target}:{port}"
         assert not admitted(policies, _the_pod(objs, target), FOREIGN[0], port)

@@ -260,8 +260,10 @@ def _burst(client, seconds: float) -> None:
     shoppers, deadline = Population(ShopperConfig(), seed=7), time.monotonic() + seconds
     while time.monotonic() < deadline:
         user, _ = shoppers.shopper()
-        assert client.get(f"/v1/recommendations/{user}").status_code == 200
-        assert client.post("/v1/events", json=[shoppers.event(user)]).status_code == 202
+        answer = client.get(f"/v1/recommendations/{user}")
+        assert answer.status_code == 200
+        shown = [x["item_id"] for x in answer.json()["items"]]  # events on shown items: online hits
+        assert client.post("/v1/events", json=[shoppers.event(user, shown)]).status_code == 202
         time.sleep(0.05)
 
 
@@ -289,7 +291,7 @@ def _wait_until(what: str, check, timeout_s: float, procs=()) -> None:
 
 
 def test_every_dashboard_query_returns_data_from_the_real_prometheus(app, monitoring, tmp_path):
-    """The stream worker, archiver and scheduler run as the CLI runs them (their metrics ports
+    """The stream worker, archiver, online consumer and scheduler run as the CLI runs them (their metrics ports
     the defaults Prometheus scrapes), a model is published and a scheduled retraining judged,
     a bad record is dead-lettered, and a burst of requests is served; then each panel's query
     is sent to Prometheus's HTTP API: it parses, and returns at least one finite value. The rules
@@ -301,7 +303,8 @@ def test_every_dashboard_query_returns_data_from_the_real_prometheus(app, monito
     from training.scheduler import read_history
     ports = monitoring.monitoring
     procs = [_spawn(app.env, tmp_path, "stream", "--metrics-port", str(ports.stream_port)),
-             _spawn(app.env, tmp_path, "archive", "--metrics-port", str(ports.archive_port))]
+             _spawn(app.env, tmp_path, "archive", "--metrics-port", str(ports.archive_port)),
+             _spawn(app.env, tmp_path, "online", "run", "--metrics-port", str(ports.online_port))]
     try:
         producer = KafkaProducer(bootstrap_servers=app.settings.kafka.servers)
         producer.send(app.settings.kafka.events_topic, b"not an event").get(timeout=30)  # to the DLQ, by both groups

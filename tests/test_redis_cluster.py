@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -15,7 +14,7 @@ from deploy.local import stack
 from recsys.events import Event
 from recsys.feature_store import FeatureStore, Pending, SentEvents
 from recsys.features import MemoryStore
-from tests.conftest import Scratch
+from tests.conftest import Scratch, plain_api
 from tests.test_stream_integration import assert_features_match, stream_json
 
 CLUSTER_PORT = 27379  # masters on 27379, 27479, 27579; their cluster bus on + 1000
@@ -106,31 +105,12 @@ def test_the_api_answers_from_the_cluster(on_cluster):
     from recsys.privacy import Pseudonyms
     pseudonym = Pseudonyms.of(s).user_id
     store.apply_events([e.model_copy(update={"user_id": pseudonym(e.user_id)}) for e in events])
-    key = on_cluster.api_key()
-    api = subprocess.Popen([sys.executable, "-m", "uvicorn", "serving.plain:create", "--factory",
-                            "--port", str(API_PORT), "--log-level", "warning"],
-                           env=_env(s), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"http://127.0.0.1:{API_PORT}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert api.poll() is None, api.stderr.read()[-2000:]
-            assert time.monotonic() < deadline, "the API did not start"
-            time.sleep(0.5)
-        headers = {"Authorization": f"Bearer {key}"}
-        got = httpx.get(f"{url}/v1/recommendations/someone?k=10", headers=headers, timeout=10)
+    with plain_api(s, API_PORT, on_cluster.api_key()) as api:
+        got = api.get("/v1/recommendations/someone?k=10")
         assert got.status_code == 200, got.text
         body = got.json()
         seen = store.user(pseudonym("someone")).seen
         assert seen and body["fallback"] is True
         want = [item for item, _ in store.trending(20) if item not in seen][:10]
         assert [x["item_id"] for x in body["items"]] == want
-        assert httpx.get(f"{url}/v1/recommendations/someone?k=10", timeout=10).status_code == 401
-    finally:
-        api.terminate()
-        api.wait(timeout=30)
+        assert httpx.get(f"{api.base_url}/v1/recommendations/someone?k=10", timeout=10).status_code == 401

@@ -232,6 +232,82 @@ def test_a_corrupt_version_is_refused_and_a_new_replica_starts_on_the_last_good_
     assert registry.current() == good
 
 
+def _histogram(text: str, name: str, version: str) -> dict[str, float]:
+    """A Ray-exported histogram's bucket counts by upper bound, summed over the processes."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == f"ray_{name}_bucket" and sample.labels.get("version") == version:
+                out[sample.labels["le"]] = out.get(sample.labels["le"], 0.0) + sample.value
+    return out
+
+
+def test_an_ab_experiment_splits_users_stably_and_a_shadow_is_only_measured(served):
+    """Issue 18 (point 3): `recsys models candidate V --share 0.5` serves V to the users whose
+    pseudonym hashes into its half, the same users every time, and their impressions name the
+    arm; `--shadow` serves the current model to everyone and only measures the candidate
+    (overlap@k with the served list, latency); `recsys models promote V` ends the experiment."""
+    from kafka import KafkaConsumer
+
+    from recsys.experiments import in_candidate_arm
+    from recsys.impressions import Impression
+    from recsys.kafka_io import connection
+    s, client = served["scratch"], served["client"]
+    registry = Registry(s.settings.registry_dir)
+    v1 = registry.current()
+    v2 = registry.publish(lambda folder, version: _copy_version(registry.path(v1), folder, version), promote=False)
+    pseudonym = Pseudonyms.of(s.settings).user_id
+    users = [str(u) for u in range(1, 201)]
+    arms = {u: in_candidate_arm(pseudonym(u), 0.5, v2) for u in users}
+    assert 0.35 < sum(arms.values()) / len(users) < 0.65
+
+    def versions(some):
+        return {u: recs(client, u)["model_version"] for u in some}
+
+    def follow(want: dict, what: str):
+        deadline = time.monotonic() + 30
+        while (got := versions(want)) != want:
+            assert time.monotonic() < deadline, f"the replicas did not follow {what}: {got}"
+            time.sleep(0.5)
+
+    try:
+        s.cli("models", "candidate", v2, "--share", "0.5")
+        follow({u: v2 if arms[u] else v1 for u in users[:20]}, "the A/B experiment")
+        answers = {u: recs(client, u) for u in users}
+        assert {u: a["model_version"] for u, a in answers.items()} == {u: v2 if arms[u] else v1 for u in users}
+        assert versions(users[:50]) == {u: answers[u]["model_version"] for u in users[:50]}  # stable
+        consumer = KafkaConsumer(s.settings.kafka.impressions_topic, **connection(s.settings), group_id=None,
+                                 auto_offset_reset="earliest", consumer_timeout_ms=5000)
+        shown = {imp.request_id: imp for imp in map(Impression.from_bytes, (r.value for r in consumer))}
+        consumer.close()
+        for u, answer in answers.items():
+            imp = shown[answer["request_id"]]
+            assert (imp.arm, imp.model_version, imp.user_id) == (("candidate", v2) if arms[u] else ("current", v1)) + (pseudonym(u),)
+
+        s.cli("models", "candidate", v2, "--share", "1.0", "--shadow")
+        follow({u: v1 for u in users[:20]}, "the shadow experiment")
+        assert set(versions(users).values()) == {v1}
+        deadline = time.monotonic() + 60
+        while not (buckets := _histogram(client.get("/metrics").text, "recsys_shadow_overlap", v2)).get("+Inf"):
+            assert time.monotonic() < deadline, "no shadow overlap exported within 60 s"
+            versions(users[:20])
+            time.sleep(1)
+        # The candidate is a copy of the served version: every shadow list equals the served one.
+        assert buckets["0.99"] == 0 and buckets["+Inf"] > 0
+        s.cli("models", "promote", v2)
+        follow({u: v2 for u in users[:20]}, "the promotion")
+        assert registry.experiment() is None
+    finally:
+        registry.promote(v1)
+    assert registry.current() == v1
+
+
+def _but_request_id(answer):
+    """An answer without its request id, which names each answer apart."""
+    return {k: v for k, v in answer.items() if k != "request_id"} if isinstance(answer, dict) else answer
+
+
 def _copy_version(src, dst, version):
     shutil.copytree(src, dst, dirs_exist_ok=True)
     card = json.loads((dst / "model_card.json").read_text())
@@ -432,7 +508,7 @@ def test_every_listening_socket_is_on_loopback_or_refuses_strangers(served):
             # User 5: no test posts events for them, so the answer cannot change between the two reads.
             for path in ("/v1/recommendations/5?k=5", "/v1/recommendations/2?k=0", "/healthz", "/nope"):
                 front, own = client.get(path), replica.get(path)
-                assert (front.status_code, front.json()) == (own.status_code, own.json()), (port, path)
+                assert (front.status_code, _but_request_id(front.json())) == (own.status_code, _but_request_id(own.json())), (port, path)
             bad = {"event_id": "x", "user_id": "1", "item_id": "1", "type": "nope", "ts": 1}
             assert replica.post("/v1/events", json=bad).json() == client.post("/v1/events", json=bad).json()
             assert no_key.get("/v1/recommendations/1").status_code == 401

@@ -323,8 +323,20 @@ def test_registry_promote_rollback_and_atomic_pointers(tmp_path):
     v1, v2 = _publish(reg, "a"), _publish(reg, "b")
     assert (v1, v2) == ("v0001", "v0002") and reg.list() == [v1, v2]
     assert (reg.current(), reg.previous()) == (v2, v1)
-    assert reg.rollback() == {"current": v1, "previous": v2}
-    assert reg.promote("2") == {"current": v2, "previous": v1}
+    assert reg.rollback() == {"current": v1, "previous": v2, "experiment": None}
+    assert reg.promote("2") == {"current": v2, "previous": v1, "experiment": None}
+    # An experiment: a candidate for a share of users; promoting (or a rollback) ends it.
+    with pytest.raises(RegistryError, match="is the current model"):
+        reg.start_experiment("2", 0.5)
+    with pytest.raises(RegistryError, match="share"):
+        reg.start_experiment("1", 0.0)
+    assert reg.start_experiment("1", 0.25, shadow=True)["experiment"]["candidate"] == v1
+    assert (reg.current(), reg.experiment()["share"], reg.experiment()["shadow"]) == (v2, 0.25, True)
+    assert reg.end_experiment()["experiment"] is None
+    with pytest.raises(RegistryError, match="no experiment"):
+        reg.end_experiment()
+    reg.start_experiment("1", 0.5)
+    assert reg.promote("2") == {"current": v2, "previous": v1, "experiment": None}
     assert reg.show("current")["tag"] == "b" and reg.show("v0001")["is_previous"]
     with pytest.raises(RegistryError, match="no version"):
         reg.promote("v0009")

@@ -108,6 +108,12 @@ def cmd_models(args) -> int:
             if not args.version:
                 raise RegistryError("promote: give a version")
             out = reg.promote(args.version)
+        elif args.action == "candidate":
+            if not args.version:
+                raise RegistryError("candidate: give a version")
+            out = reg.start_experiment(args.version, args.share, shadow=args.shadow)
+        elif args.action == "stop":
+            out = reg.end_experiment()
         elif args.action == "history":
             from training.scheduler import read_history
             out = read_history(get_settings())
@@ -312,9 +318,15 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="one JSON line")
     p.set_defaults(func=cmd_evaluate)
 
-    p = subparsers.add_parser("models", help="the model registry: list | show V | promote V | rollback | history")
-    p.add_argument("action", choices=["list", "show", "promote", "rollback", "history"])
+    p = subparsers.add_parser("models", help="the model registry: list | show V | promote V | rollback | history | "
+                                              "candidate V --share S [--shadow] | stop (the experiment)")
+    p.add_argument("action", choices=["list", "show", "promote", "rollback", "history", "candidate", "stop"])
     p.add_argument("version", nargs="?", default=None)
+    p.add_argument("--share", type=float, default=0.5,
+                   help="candidate: the share of users (a stable hash of their pseudonym) in its arm (default 0.5)")
+    p.add_argument("--shadow", action="store_true",
+                   help="candidate: compute its list for that share beside the served one, never serve it "
+                        "(recsys_shadow_overlap, recsys_shadow_latency_ms)")
     p.add_argument("--json", action="store_true", help="one JSON line")
     p.set_defaults(func=cmd_models)
 

@@ -381,11 +381,12 @@ def _format_storage(s: Settings, node: KafkaNode, libs: Path, config: Path, prog
 
 
 def ensure_topics(s: Settings, timeout_s: float = 30) -> None:
-    """Create the events and dead-letter topics if missing, replicated on up to 3 brokers.
+    """Create the events, dead-letter and impressions topics if missing, replicated on up to 3 brokers.
 
     Retries TopicAlreadyExists: right after a delete the name can still be taken.
     """
-    wanted = {s.kafka.events_topic: s.kafka.events_partitions, s.kafka.dlq_topic: 1}
+    wanted = {s.kafka.events_topic: s.kafka.events_partitions, s.kafka.dlq_topic: 1,
+              s.kafka.impressions_topic: s.kafka.events_partitions}
     configs = {"min.insync.replicas": str(s.kafka.min_insync_replicas)}
     deadline = time.monotonic() + timeout_s
     with _admin(s) as admin:
@@ -556,7 +557,8 @@ def scrape_targets(s: Settings) -> list[dict]:
     """The local addresses of the jobs of deploy/monitoring/prometheus.yml (file_sd groups)."""
     ports = {"serve": s.ray.metrics_port, "haproxy": s.serving.haproxy_metrics_port,
              "stream": s.monitoring.stream_port, "archive": s.monitoring.archive_port,
-             "scheduler": s.monitoring.scheduler_port, "redis": s.monitoring.redis_exporter_port}
+             "scheduler": s.monitoring.scheduler_port, "online": s.monitoring.online_port,
+             "redis": s.monitoring.redis_exporter_port}
     return [{"targets": [f"127.0.0.1:{port}"], "labels": {"job": job}} for job, port in ports.items() if port]
 
 
@@ -673,8 +675,8 @@ def status(s: Settings) -> dict:
 
 
 def delete_topics(settings: Settings, timeout_s: float = 30) -> None:
-    """Delete the events and dead-letter topics and wait until they are gone."""
-    topics = [settings.kafka.events_topic, settings.kafka.dlq_topic]
+    """Delete the events, dead-letter and impressions topics and wait until they are gone."""
+    topics = [settings.kafka.events_topic, settings.kafka.dlq_topic, settings.kafka.impressions_topic]
     deadline = time.monotonic() + timeout_s
     with _admin(settings) as admin:
         existing = [t for t in topics if t in admin.list_topics()]

@@ -1,0 +1,163 @@
+"""Issue 18 (point 2): events joined to the impressions that showed their items, per model
+version and arm; exact against the rule (``expected_report``) through the real broker and
+Redis, in whichever order the two topics arrive, after a kill -9, and under a full replay."""
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+from kafka import KafkaProducer
+
+from recsys.attribution import expected_report, summarize
+from recsys.events import Event
+from recsys.impressions import Impression
+from recsys.kafka_io import connection
+
+WINDOW_MS = 1_800_000
+ATTRIBUTABLE = ("click", "add_to_cart", "purchase")
+
+
+def imp(request: str, user: str, items: list[str], version="v1", arm="current") -> Impression:
+    return Impression(request, user, version, arm, tuple(items), 0)
+
+
+def ev(eid: str, user: str, item: str, type_: str = "click", ts: int = 1_700_000_000_000) -> Event:
+    return Event(event_id=eid, user_id=user, item_id=item, type=type_, ts=ts)
+
+
+def test_the_rule_latest_impression_within_the_window_each_id_once():
+    t = 1_000_000
+    impressions = [(imp("r1", "a", ["x", "y", "z"]), t), (imp("r2", "a", ["y", "w"], "v2", "candidate"), t + 4000),
+                   (imp("r1", "a", ["x", "y", "z"]), t + 9000),  # the same request again: counted once
+                   (imp("r3", "b", ["x"]), t)]
+    events = [(ev("e1", "a", "y"), t + 5000),            # y: latest impression before it is r2, rank 1
+              (ev("e2", "a", "x", "add_to_cart"), t + 1000),  # x: r1, rank 1
+              (ev("e3", "a", "z", "view"), t + 2000),     # not attributable
+              (ev("e4", "a", "z", "purchase"), t + WINDOW_MS + 1),  # z's impression is out of the window
+              (ev("e1", "a", "y"), t + 6000),             # a retry of e1: nothing
+              (ev("e5", "a", "q"), t + 100),              # never shown
+              (ev("e6", "b", "x"), t - 1),                # before its impression
+              (ev("e7", "a", "x", "purchase"), t + 3000)]  # r1 again: a second hit of the same list
+    got = expected_report(impressions, events, WINDOW_MS, ATTRIBUTABLE)
+    assert got == {"v1|current": {"impressions": 2, "items_shown": 4, "hits:add_to_cart": 1, "hits:purchase": 1,
+                                  "rank:1": 2, "lists_with_hit": 1},
+                   "v2|candidate": {"impressions": 1, "items_shown": 2, "hits:click": 1, "rank:1": 1,
+                                    "lists_with_hit": 1}}
+    assert summarize(got["v2|candidate"])["ctr_at_k"] == 0.5 and summarize(got["v1|current"])["hit_rate"] == 0.5
+
+
+def _traffic(seed: int, users: int = 60, lists: int = 400, events: int = 1500):
+    """Impressions and later events of a few users, with their record times; some of each
+    sent twice (a client's retry: a new record with the same id)."""
+    rng = random.Random(seed)
+    base = int(time.time() * 1000) - 3 * 3600 * 1000
+    arms = [("v1", "current"), ("v2", "candidate")]
+    impressions, evs = [], []
+    for n in range(lists):
+        user, (version, arm) = f"p{rng.randrange(users)}", rng.choice(arms)
+        items = rng.sample([f"i{k}" for k in range(40)], 5)
+        impressions.append((Impression(f"r{n}", user, version, arm, tuple(items), 0), base + rng.randrange(7200_000)))
+    for n in range(events):
+        user = f"p{rng.randrange(users)}"
+        at = base + rng.randrange(9000_000)
+        evs.append((Event(event_id=f"e{n}", user_id=user, item_id=f"i{rng.randrange(40)}", ts=at,
+                          type=rng.choice(["click", "click", "add_to_cart", "purchase", "view"])), at))
+    impressions += [(i, ts + 500) for i, ts in rng.sample(impressions, 20)]
+    evs += [(e, ts + 700) for e, ts in rng.sample(evs, 60)]
+    return impressions, evs
+
+
+def _produce(s, impressions, events) -> None:
+    """Events first, then impressions, each in record-time order: the topics arrive apart."""
+    prod = KafkaProducer(**connection(s), acks="all")
+    for e, ts in sorted(events, key=lambda x: x[1]):
+        prod.send(s.kafka.events_topic, key=e.user_id.encode(), value=e.to_bytes(), timestamp_ms=ts)
+    prod.flush()
+    for i, ts in sorted(impressions, key=lambda x: x[1]):
+        prod.send(s.kafka.impressions_topic, key=i.user_id.encode(), value=i.to_bytes(), timestamp_ms=ts)
+    prod.flush()
+    prod.close()
+
+
+def _counters(scratch) -> dict:
+    out = json.loads(scratch.cli("online", "report", "--json").stdout.strip().splitlines()[-1])
+    return {name: arm["counters"] for name, arm in out["arms"].items()}
+
+
+def test_the_consumer_is_exact_after_a_kill_and_under_a_replay(scratch):
+    s = scratch.settings
+    impressions, events = _traffic(seed=18)
+    want = expected_report(impressions, events, WINDOW_MS, ATTRIBUTABLE)
+    assert sum(c.get("lists_with_hit", 0) for c in want.values()) > 20  # the traffic has hits to find
+    _produce(s, impressions, events)
+    worker = subprocess.Popen([sys.executable, "-m", "cli", "online", "run"], env=scratch.env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    out = json.loads(scratch.cli("online", "run", "--until-idle", "3").stdout.strip().splitlines()[-1])
+    assert out["dlq"] == 0
+    assert _counters(scratch) == want
+    # Everything again from offset 0, in a new group: the same counters.
+    again = scratch.settings.updated(online={"group": s.online.group + "-again"})
+    from cli.bench_stream import settings_env
+    subprocess.run([sys.executable, "-m", "cli", "online", "run", "--until-idle", "3"], env=settings_env(again),
+                   check=True, capture_output=True, timeout=300)
+    assert _counters(scratch) == want
+
+
+def _registry_with_two_versions(s):
+    from recsys.registry import Registry
+    registry = Registry(s.registry_dir)
+    v1, v2 = (registry.publish(lambda folder, version: (folder / "model_card.json").write_text(
+        json.dumps({"version": version}))) for _ in range(2))
+    registry.promote(v1)
+    return registry, v1, v2
+
+
+def _ab_traffic(v1: str, v2: str, hit_rates: dict, lists: int = 800, seed: int = 3):
+    """Lists of both arms; a list gets a click on one of its items with its arm's hit rate."""
+    rng = random.Random(seed)
+    base = int(time.time() * 1000) - 2 * 3600 * 1000
+    impressions, events = [], []
+    for n in range(lists):
+        version, arm = (v2, "candidate") if n % 2 else (v1, "current")
+        user, at = f"q{n % 97}", base + n * 1000
+        items = tuple(f"i{rng.randrange(500)}" for _ in range(5))
+        impressions.append((Impression(f"ab{n}", user, version, arm, items, 0), at))
+        if rng.random() < hit_rates[arm]:
+            events.append((Event(event_id=f"abe{n}", user_id=user, item_id=rng.choice(items), type="click",
+                                 ts=at + 30_000), at + 30_000))
+    return impressions, events
+
+
+def test_the_guardrail_ends_an_experiment_whose_candidate_loses(scratch):
+    """A/B arms of 400 lists each, 30% of the current's lists with a click and 8% of the
+    candidate's: the consumer's sequential test ends the experiment by itself; the report says why."""
+    s = scratch.settings
+    registry, v1, v2 = _registry_with_two_versions(s)
+    registry.start_experiment(v2, 0.5)
+    impressions, events = _ab_traffic(v1, v2, {"current": 0.3, "candidate": 0.08})
+    _produce(s, impressions, events)
+    scratch.cli("online", "run", "--until-idle", "8")
+    assert registry.experiment() is None and registry.current() == v1
+    report = json.loads(scratch.cli("online", "report", "--json").stdout.strip().splitlines()[-1])
+    stop = report["guardrail_stops"][v2]
+    assert stop["current"] == v1 and "candidate worse" in stop["reason"] and stop["likelihood_ratio"] >= 20
+    assert report["arms"][f"{v2}|candidate"]["hit_rate"] < report["arms"][f"{v1}|current"]["hit_rate"]
+
+
+def test_the_guardrail_leaves_an_equal_candidate_running(scratch):
+    s = scratch.settings
+    registry, v1, v2 = _registry_with_two_versions(s)
+    registry.start_experiment(v2, 0.5)
+    impressions, events = _ab_traffic(v1, v2, {"current": 0.25, "candidate": 0.25}, seed=4)
+    _produce(s, impressions, events)
+    scratch.cli("online", "run", "--until-idle", "8")
+    assert registry.experiment()["candidate"] == v2
+    report = json.loads(scratch.cli("online", "report", "--json").stdout.strip().splitlines()[-1])
+    assert report["guardrail_stops"] == {} and report["arms"][f"{v2}|candidate"]["impressions"] == 400
