@@ -276,7 +276,7 @@ class RecsysService:
         impression = Impression.served(pseudonym, rec.model_version, arm, rec.items)
         self.impressions.offer(impression)
         ARM_REQUESTS.inc(tags={"arm": arm, "version": str(rec.model_version)})
-        if shadow is not None:  # after this answer is sent: computed, timed and compared, never served
+        if shadow is not None:  # on the event loop once this handler returns: timed, compared, never served
             asyncio.get_running_loop().call_soon(self._shadow, shadow, user, k, trending, rec.items)
         LATENCY_MS.observe((time.perf_counter() - started) * 1e3, tags={"route": "recommendations"})
         timing = ", ".join(f"{stage};dur={ms:.3f}" for stage, ms in rec.stages_ms.items())
