@@ -409,11 +409,17 @@ def test_models_cli(settings):
     reg = Registry(settings.registry_dir)
     _publish(reg, "a"), _publish(reg, "b")
     r = _cli(settings, "models", "rollback", "--json")
-    assert r.returncode == 0 and json.loads(r.stdout) == {"current": "v0001", "previous": "v0002"}
+    assert r.returncode == 0 and json.loads(r.stdout) == {"current": "v0001", "previous": "v0002", "experiment": None}
     r = _cli(settings, "models", "list", "--json")
     assert [v["version"] for v in json.loads(r.stdout)["versions"]] == ["v0001", "v0002"]
     r = _cli(settings, "models", "promote", "v0002", "--json")
     assert json.loads(r.stdout)["current"] == "v0002"
+    r = _cli(settings, "models", "candidate", "v0001", "--share", "0.3", "--shadow", "--json")
+    experiment = json.loads(r.stdout)["experiment"]
+    assert r.returncode == 0 and (experiment["candidate"], experiment["share"], experiment["shadow"]) == ("v0001", 0.3, True)
+    assert json.loads(_cli(settings, "models", "stop", "--json").stdout)["experiment"] is None
+    r = _cli(settings, "models", "stop")
+    assert r.returncode != 0 and "no experiment" in r.stderr
     r = _cli(settings, "models", "show", "v0009")
     assert r.returncode != 0 and "no version" in r.stderr
 
