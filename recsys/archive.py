@@ -17,9 +17,11 @@ import os
 import re
 import threading
 import time
+import zlib
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -98,6 +100,25 @@ class Archive:
         _atomic_write(self.ledger_dir / f"p{partition}", lambda p: p.write_text(str(last)))
 
 
+def write_events(root: Path, events: Iterable[Event], partitions: int = 4, batch: int = 20_000) -> int:
+    """Append events straight to the archive, as the archiver would have from a topic of
+    ``partitions`` partitions keyed by user (synthetic logs, benches, tests); returns the count."""
+    archive = Archive(root)
+    offsets = {p: archive.last_offset(p) + 1 for p in range(partitions)}
+    pending: dict[int, list[tuple[int, Event]]] = defaultdict(list)
+    n = 0
+    for event in events:
+        p = zlib.crc32(event.user_id.encode()) % partitions
+        pending[p].append((offsets[p], event))
+        offsets[p] += 1
+        n += 1
+        if len(pending[p]) >= batch:
+            archive.write_batch(p, pending.pop(p))
+    for p, records in pending.items():
+        archive.write_batch(p, records)
+    return n
+
+
 def tombstones(root: Path) -> dict[str, int]:
     """Forgotten users and when they were forgotten (ms)."""
     folder = Path(root) / "_tombstones"
@@ -142,18 +163,39 @@ def purge_user(root: Path, user_id: str, until_ms: int) -> tuple[int, int]:
     return files, rows
 
 
-def read_events(settings: Settings, start_ts: int | None = None, end_ts: int | None = None) -> pa.Table:
-    """The archived events (optionally ``start_ts <= ts < end_ts``), sorted by time, once per event id."""
-    root = settings.archive_dir
-    files = sorted(root.glob("day=*/p*.parquet"))
-    if not files:
-        return SCHEMA.empty_table()
-    table = ds.dataset([str(f) for f in files], schema=SCHEMA, format="parquet").to_table()
+def event_files(root: Path) -> list[Path]:
+    """The archive's files in read order: equal times keep this order (then each file's row order)."""
+    return sorted(Path(root).glob("day=*/p*.parquet"))
+
+
+def _in_window(table: pa.Table, start_ts: int | None, end_ts: int | None) -> pa.Table:
     if start_ts is not None:
         table = table.filter(pc.greater_equal(table["ts"], start_ts))
     if end_ts is not None:
         table = table.filter(pc.less(table["ts"], end_ts))
-    table = _without_forgotten(table, root)
+    return table
+
+
+def read_file(path: Path, index: int, dead: dict[str, int], start_ts: int | None = None,
+              end_ts: int | None = None) -> pa.Table:
+    """One file's events as ``read_events`` keeps them before its sort, plus ``seq``: the row's
+    place in the archive's read order (file ``index`` of ``event_files``, then row), so a
+    reader that sees one file at a time (``training.ray_data``) orders ties exactly as it does."""
+    table = pq.read_table(path, columns=SCHEMA.names).cast(SCHEMA)
+    table = table.append_column("seq", pa.array((index << 32) + np.arange(table.num_rows, dtype=np.int64)))
+    table = _in_window(table, start_ts, end_ts)
+    gone = forgotten_rows(table, dead)
+    return table.filter(pa.array(~gone)) if gone.any() else table
+
+
+def read_events(settings: Settings, start_ts: int | None = None, end_ts: int | None = None) -> pa.Table:
+    """The archived events (optionally ``start_ts <= ts < end_ts``), sorted by time, once per event id."""
+    root = settings.archive_dir
+    files = event_files(root)
+    if not files:
+        return SCHEMA.empty_table()
+    table = ds.dataset([str(f) for f in files], schema=SCHEMA, format="parquet").to_table()
+    table = _without_forgotten(_in_window(table, start_ts, end_ts), root)
     # Stable by time: equal times keep file order, i.e. Kafka offset order within a partition,
     # which is each user's order on the wire (and in Redis).
     table = table.take(pa.array(np.argsort(table["ts"].to_numpy(), kind="stable")))

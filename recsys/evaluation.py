@@ -129,6 +129,10 @@ class Split:
             self._sparse[stage] = (indptr, pair % self.n_items)
         return self._sparse[stage]
 
+    def popularity(self, stage: str = "test") -> np.ndarray:
+        """Each item's number of distinct input users at the stage (float32, the dense column sums)."""
+        return np.bincount(self.input_items(stage)[1], minlength=self.n_items).astype(np.float32)
+
     def input_matrix(self, stage: str = "test") -> np.ndarray:
         """Binary users x items matrix of the stage's input rows (float32, dense): for the items x
         items baselines on small catalogues only; scoring uses ``input_items``."""
@@ -159,6 +163,62 @@ class Split:
         return {"protocol": self.protocol, "events": int(len(self.users)), "min_ts": int(self.ts.min()), "max_ts": int(self.ts.max()),
                 "users": self.n_users, "items": self.n_items, "test_users": int(len(self.test_users)),
                 "validation_users": int(len(self.val_users))}
+
+
+@dataclass
+class StageTargets:
+    """One stage of a ``HeldOut``: the targets (codes into its ids), each target user's distinct
+    input items (CSR over all users, empty for the others) and each item's input users."""
+
+    users: np.ndarray
+    items: np.ndarray
+    indptr: np.ndarray
+    seen: np.ndarray
+    popularity: np.ndarray
+
+
+@dataclass
+class HeldOut:
+    """What scoring needs of a split, without its rows: O(users + items + the target users' input
+    items). Built by an engine that never holds the whole log (``training.ray_data``); ``Split``'s
+    targets, input items of target users and popularity, equal to it row for row."""
+
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    protocol: str
+    stages: dict[str, StageTargets]
+    events: int
+    min_ts: int
+    max_ts: int
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def test_users(self) -> np.ndarray:
+        return self.stages["test"].users
+
+    def targets(self, stage: str = "test") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(users, held-out items, their positions): a HeldOut has no rows to point at."""
+        _check_stage(stage)
+        t = self.stages[stage]
+        return t.users, t.items, np.arange(len(t.users))
+
+    def input_items(self, stage: str = "test") -> tuple[np.ndarray, np.ndarray]:
+        return self.stages[stage].indptr, self.stages[stage].seen
+
+    def popularity(self, stage: str = "test") -> np.ndarray:
+        return self.stages[stage].popularity
+
+    def window(self) -> dict:
+        return {"protocol": self.protocol, "events": self.events, "min_ts": self.min_ts, "max_ts": self.max_ts,
+                "users": self.n_users, "items": self.n_items, "test_users": int(len(self.test_users)),
+                "validation_users": int(len(self.stages["validation"].users))}
 
 
 def _check_stage(stage: str) -> None:
@@ -277,7 +337,7 @@ def default_batch(n_items: int) -> int:
     return max(1, min(512, BATCH_SCORES // max(1, n_items)))
 
 
-def target_ranks(split: Split, score_fn: Callable[[np.ndarray], np.ndarray], batch: Optional[int] = None,
+def target_ranks(split: Split | HeldOut, score_fn: Callable[[np.ndarray], np.ndarray], batch: Optional[int] = None,
                  stage: str = "test") -> np.ndarray:
     """0-based rank of each of the stage's targets under ``score_fn(positions) -> (len, n_items)``.
 
@@ -303,7 +363,7 @@ def target_ranks(split: Split, score_fn: Callable[[np.ndarray], np.ndarray], bat
     return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
 
 
-def evaluate_scorer(split: Split, score_fn: Callable[[np.ndarray], np.ndarray], batch: Optional[int] = None,
+def evaluate_scorer(split: Split | HeldOut, score_fn: Callable[[np.ndarray], np.ndarray], batch: Optional[int] = None,
                     stage: str = "test") -> dict:
     """Metrics of ``score_fn`` (see ``target_ranks``) on the stage's targets."""
     ranks = target_ranks(split, score_fn, batch, stage)
@@ -332,9 +392,9 @@ def popularity_scores(x: np.ndarray) -> np.ndarray:
     return x.sum(0)
 
 
-def popularity_counts(split: Split, stage: str = "test") -> np.ndarray:
+def popularity_counts(split: Split | HeldOut, stage: str = "test") -> np.ndarray:
     """Each item's number of distinct input users at the stage (float32, the dense column sums)."""
-    return np.bincount(split.input_items(stage)[1], minlength=split.n_items).astype(np.float32)
+    return split.popularity(stage)
 
 
 def itemknn_similarity(x: np.ndarray) -> np.ndarray:
@@ -375,7 +435,7 @@ def _tuned(split: Split, grid: dict, fit: Callable, rows: Callable) -> dict:
                    "validation_hr@10_by_setting": {k: v["hr@10"] for k, v in on_val.items()}}
 
 
-def popularity_ranks(split: Split, stage: str = "test") -> np.ndarray:
+def popularity_ranks(split: Split | HeldOut, stage: str = "test") -> np.ndarray:
     pop = popularity_counts(split, stage)
     return target_ranks(split, lambda pos: np.broadcast_to(pop, (len(pos), len(pop))), stage=stage)
 
@@ -385,7 +445,7 @@ def figure(entry: dict, key: str = "hr@10", fmt: str = ".4f") -> str:
     return format(entry[key], fmt) if key in entry else "skipped"
 
 
-def baselines(split: Split) -> dict:
+def baselines(split: Split | HeldOut) -> dict:
     """The reference baselines on this split, {name: test metrics, with the validation figures and,
     for the tuned ones, the setting chosen on validation}. Above ``DENSE_BASELINE_MAX_ITEMS``
     items, item-kNN, EASE and recency-weighted EASE are {"skipped": why} instead."""
@@ -395,9 +455,13 @@ def baselines(split: Split) -> dict:
         ranks = popularity_ranks(split, stage)
         res = metrics_from_ranks(ranks) | {"users": int(len(ranks))}
         out.setdefault("popularity", {}).update(res if stage == "test" else {"validation": res})
-    if split.n_items > DENSE_BASELINE_MAX_ITEMS:
+    why = None
+    if isinstance(split, HeldOut):
+        why = "held-out targets only (the Ray Data engine): item-kNN and EASE need the whole users x items matrix"
+    elif split.n_items > DENSE_BASELINE_MAX_ITEMS:
         why = (f"{split.n_items} items > {DENSE_BASELINE_MAX_ITEMS}: an items x items model "
                "(item-kNN, EASE) does not fit in memory")
+    if why:
         return out | {name: {"skipped": why} for name in DENSE_BASELINES}
     knn = {stage: itemknn_similarity(split.input_matrix(stage)).astype(np.float32) for stage in STAGES}
     out["itemknn"] = _eval_rows(split, "test", split.input_matrix("test"), knn["test"]) | {

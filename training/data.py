@@ -55,9 +55,7 @@ class Prepared:
         self.train = {k: v[rows] for k, v in self.rows.items()}
         target = self.split.targets(stage)[2]
         self.targets = {k: self.rows[k][target] for k in ("user", "hist", "counts")}
-        freq = np.bincount(self.train["item"], minlength=self.vocab.n_items + 1).astype(np.float64) + 1e-3
-        freq[0] = 1e-3
-        self.log_q = np.log(freq / freq.sum()).astype(np.float32)
+        self.log_q = log_q(np.bincount(self.train["item"], minlength=self.vocab.n_items + 1))
         self.n_train = int(rows.sum())
 
     def at(self, stage: str) -> "Prepared":
@@ -93,6 +91,19 @@ class Prepared:
         perm = np.random.default_rng(seed).permutation(self.n_train)
         per = self.n_train // workers
         return [{k: v[perm[w * per:(w + 1) * per]] for k, v in self.train.items()} for w in range(workers)]
+
+    def worker_inputs(self, workers: int, seed: int) -> tuple[dict, dict]:
+        """(the workers' config entries, Ray Train's datasets): one shard per worker in the object store."""
+        import ray
+        return {"shards": [ray.put(s) for s in self.shards(workers, seed)]}, {}
+
+
+def log_q(item_counts: np.ndarray) -> np.ndarray:
+    """The log of each item's share of the training examples (index 0 and unseen items: a floor),
+    the sampled softmax's correction."""
+    freq = item_counts.astype(np.float64) + 1e-3
+    freq[0] = 1e-3
+    return np.log(freq / freq.sum()).astype(np.float32)
 
 
 def load_table(source: str | pa.Table, settings: Settings, user_col="user_id", item_col="item_id",
