@@ -154,6 +154,12 @@ Precision = Literal["fp32", "fp16", "int8"]
 class TrainingSettings(BaseModel):
     """How a retraining runs, and the compression of what it publishes (README "Compression")."""
     workers: int = 2  # Ray Train workers of a scheduled retraining
+    # How the archive becomes training examples (README "Training data at archive scale").
+    # ray_data: streamed on Ray Data, no process holds the log (training.ray_data); memory: read
+    # whole on the driver (training.data.Prepared), the reference the other is tested equal to.
+    # Other sources (generators, files, tables) are in memory either way.
+    data_engine: Literal["memory", "ray_data"] = "ray_data"
+    data_block_rows: int = Field(250_000, ge=1_000)  # events per Ray Data block (memory per task)
     # Ray's placement of the workers: PACK fills a node first (its ring all-reduce stays local);
     # STRICT_SPREAD puts each on its own node (`recsys chaos ray-nodes`).
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"

@@ -7,8 +7,6 @@ Budget: about a minute for the parity on 2 cores (a private Ray, started once fo
 """
 from __future__ import annotations
 
-import recsys  # noqa: F401  (Ray's environment, before Ray is imported)
-
 import numpy as np
 import pytest
 

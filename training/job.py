@@ -109,17 +109,17 @@ def run_ray_training(prep: Prepared, cfg: ModelConfig, workers: int = 2, use_gpu
             raise TrainingError(f"--use-gpu: one GPU per worker, but the Ray cluster has {gpus:g} GPU(s) for {workers} workers")
         cpus = ray.cluster_resources().get("CPU", 2)
         per_worker_cpu = 1.0 if cpus >= workers else cpus / workers
-        shards = [ray.put(s) for s in prep.shards(workers, cfg.seed)]
+        inputs, datasets = prep.worker_inputs(workers, cfg.seed)
         storage = Path(storage or Path(tempfile.gettempdir()) / "recsys-ray-train").resolve()
         storage.mkdir(parents=True, exist_ok=True)
         name = f"train-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-        config = {"model": asdict(cfg), "shards": shards, "log_q": prep.log_q, "n_items": prep.vocab.n_items,
+        config = {"model": asdict(cfg), **inputs, "log_q": prep.log_q, "n_items": prep.vocab.n_items,
                   "n_users": prep.vocab.n_users, "item_genres": prep.vocab.item_genres, "use_gpu": use_gpu,
                   "mixed_precision": mixed_precision, "threads": max(1, int(per_worker_cpu)),
                   "resume_from": str(resume_from) if resume_from else None, "teacher": teacher,
                   "epoch_hooks": [KillWorkerAtEpoch(**fail)] if fail else []}
         trainer = TensorflowTrainer(
-            train_loop_per_worker, train_loop_config=config,
+            train_loop_per_worker, train_loop_config=config, datasets=datasets or None,
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, placement_strategy=placement_strategy,
                                          resources_per_worker={"CPU": per_worker_cpu, **({"GPU": 1} if use_gpu else {})}),
             run_config=RunConfig(name=name, storage_path=str(storage),
@@ -247,30 +247,40 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
     if resume_from is not None:
         validate_checkpoint(resume_from)  # before any work: a bad checkpoint fails fast
     teacher_model = distill.load_teacher(teacher) if teacher is not None else None  # fails fast too
-    t_start = time.perf_counter()
-    if prepared is None:
-        table, item_features, source_name = load_table(source, settings, user_col, item_col, ts_col)
-        longest = max([cfg.history, *(tune_grid or {}).get("history", ()),  # encoded once, sliced per setting
-                       *([teacher_model.config.history] if teacher_model else [])])
-        prepared = Prepared(table, item_features, replace(cfg, history=longest), settings.features.recent_items)
-    else:
-        source_name = source if isinstance(source, str) else "table"
-    prep = prepared.at("test")
-    teacher_config, distillation = None, None
-    if teacher_model is not None:
-        prep, teacher_config, distillation = distill.teacher_targets(teacher_model, prep)
-        distillation |= {"weight": cfg.distill_weight, "temperature": cfg.distill_temperature}
-    cfg.epochs = int(epochs) if epochs is not None else cfg.epochs_for(prep.n_train, workers)
-    t_prep = time.perf_counter() - t_start
+    streamed = prepared is None and isinstance(source, str) and source == "archive" \
+        and settings.training.data_engine == "ray_data"
+    if streamed and teacher_model is not None:
+        raise TrainingError("distillation reads the examples in memory: set training.data_engine to memory "
+                            "(RECSYS_TRAINING_DATA_ENGINE=memory) to distill from the archive")
     ray_options = dict(workers=workers, use_gpu=use_gpu, mixed_precision=mixed_precision, max_failures=max_failures,
                        placement_strategy=settings.training.placement_strategy,
                        storage=Path(settings.home).resolve() / "ray_results", worker_niceness=settings.ray.worker_niceness,
                        # quiet unless the command line asked for INFO (-v)
                        worker_stderr=None if log.isEnabledFor(logging.INFO) else settings.home / "logs" / "ray-workers.log")
     tuning = None
-    started = tune_grid is not None and ensure_ray(workers, use_gpu, settings.ray.worker_niceness,
-                                                   ray_options["worker_stderr"])  # one Ray for the whole grid
+    # One Ray for the whole grid, and for the Ray Data engine from the archive to the last epoch.
+    started = (tune_grid is not None or streamed) and ensure_ray(workers, use_gpu, settings.ray.worker_niceness,
+                                                                 ray_options["worker_stderr"])
     try:
+        t_start = time.perf_counter()
+        longest = max([cfg.history, *(tune_grid or {}).get("history", ()),  # encoded once, sliced per setting
+                       *([teacher_model.config.history] if teacher_model else [])])
+        if streamed:
+            from training.ray_data import ArchiveData
+            prepared, source_name = ArchiveData(settings, longest, settings.features.recent_items,
+                                                settings.training.data_block_rows), "archive"
+        elif prepared is None:
+            table, item_features, source_name = load_table(source, settings, user_col, item_col, ts_col)
+            prepared = Prepared(table, item_features, replace(cfg, history=longest), settings.features.recent_items)
+        else:
+            source_name = source if isinstance(source, str) else "table"
+        prep = prepared.at("test")
+        teacher_config, distillation = None, None
+        if teacher_model is not None:
+            prep, teacher_config, distillation = distill.teacher_targets(teacher_model, prep)
+            distillation |= {"weight": cfg.distill_weight, "temperature": cfg.distill_temperature}
+        cfg.epochs = int(epochs) if epochs is not None else cfg.epochs_for(prep.n_train, workers)
+        t_prep = time.perf_counter() - t_start
         if tune_grid is not None:
             tuning = tune(prep, cfg, tune_grid, lambda p, c: run_ray_training(p, c, **ray_options), progress)
             cfg = replace(cfg, **tuning["chosen"])
@@ -301,6 +311,7 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
                     "on the validation targets, test scored once (EVALUATION.md)",
         "tuning": tuning or "none: the model config as given, not chosen on this data's validation targets",
         "training": {"seconds": round(run["seconds"], 1), "prepare_seconds": round(t_prep, 1),
+                     "data_engine": "ray_data" if streamed else "memory",
                      "workers": workers, "use_gpu": use_gpu, "mixed_precision": mixed_precision,
                      "epochs": cfg.epochs, "examples_per_s": round(float(np.median(steady)), 1) if steady else None,
                      "history": history, "resumed_from_epoch": run["meta"].get("start_epoch", 0),

@@ -24,6 +24,7 @@ row of its keys. ``ArchiveData`` offers ``training.data.Prepared``'s interface, 
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Optional
 
 import numpy as np
@@ -39,8 +40,10 @@ from recsys.training_data import DataError
 from training import examples
 from training.data import log_q
 
+log = logging.getLogger(__name__)
 MODEL_COLUMNS = ("user", "hist", "counts", "item")
 COUNTED = ("ex_test", "ex_val", "pop_test", "pop_val")
+EXAMPLE_BLOCK_ROWS = 2048  # the shuffled examples' blocks: what a worker's epoch reorders
 
 
 def _hash_shuffled(ds, n: int, key: str):
@@ -128,6 +131,10 @@ class ArchiveData:
     def __init__(self, settings: Settings, history: int, recent_items: int, block_rows: int,
                  start_ts: Optional[int] = None, end_ts: Optional[int] = None):
         import ray
+        from ray.data.context import DataContext
+        verbose = log.isEnabledFor(logging.INFO)  # Ray Data's progress bars and plans only with -v
+        DataContext.get_current().enable_progress_bars = verbose
+        logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
         files = archive.event_files(settings.archive_dir)
         if not files:
             raise DataError("no events: the archive is empty")
@@ -190,16 +197,19 @@ class ArchiveData:
         return other
 
     def examples(self, seed: int):
-        """The stage's training examples (all history columns), shuffled once with ``seed``;
-        materialized in the object store, one copy per (stage, seed)."""
+        """The stage's training examples (all history columns), shuffled once with ``seed`` into
+        small blocks; materialized in the object store, one copy per (stage, seed)."""
         key = (self.stage, seed)
         if key not in self._shuffled:
+            blocks = int(np.clip(self.n_train // EXAMPLE_BLOCK_ROWS, 1, 4096))
             self._shuffled[key] = self.rows.map_batches(
                 _examples, batch_size=None, fn_kwargs={"flag": f"ex_{examples.STAGE[self.stage]}"}
-            ).random_shuffle(seed=seed).materialize()
+            ).random_shuffle(seed=seed).repartition(blocks).materialize()
         return self._shuffled[key]
 
     def worker_inputs(self, workers: int, seed: int) -> tuple[dict, dict]:
         """(the workers' config entries, Ray Train's datasets): the examples as the "train" dataset,
-        split equally among the workers."""
-        return {"examples_per_worker": self.n_train // workers, "history": self.history}, {"train": self.examples(seed)}
+        split equally among the workers, its blocks in a new order each epoch (each worker's
+        local shuffle then mixes rows of different blocks, near a full reshuffle per epoch)."""
+        return ({"examples_per_worker": self.n_train // workers},
+                {"train": self.examples(seed).randomize_block_order()})

@@ -3,6 +3,7 @@
 checkpoint after a restart."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from recsys.errors import TrainingError
+from recsys.features import COUNT_TYPES
 from recsys.model import ModelConfig
 from training.checkpoint import restore_checkpoint, save_checkpoint
 from training.model import tf_env
@@ -31,6 +33,22 @@ def log_progress_to_stdout() -> None:
         progress.addHandler(handler)
         progress.setLevel(logging.INFO)
         progress.propagate = False
+
+
+def stream_batches(shard, steps: int, epochs: int, batch_size: int, history: int, seed: int):
+    """``steps`` batches an epoch from a Ray Data shard, ``epochs`` times, each epoch in another
+    order (a local shuffle of the examples, which the engine shuffled once globally). Each epoch
+    reads the whole shard, so every worker's split of the dataset ends its epochs together."""
+    for epoch in range(epochs):
+        given = 0
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=16 * batch_size, local_shuffle_seed=seed + 1000 * epoch):
+            if given < steps:
+                yield {"user": batch["user"], "hist": batch["hist"][:, :history], "counts": batch["counts"],
+                       "item": batch["item"]}
+                given += 1
+        if given < steps:
+            raise TrainingError(f"the dataset shard gave {given} batches of {batch_size}, not {steps}")
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -56,16 +74,18 @@ def train_loop_per_worker(config: dict) -> None:
 
     from training.model import build_model, sampled_softmax_loss
     cfg = ModelConfig.from_dict(config["model"])
-    shard = ray.get(config["shards"][rank])  # this worker's shard only
+    # This worker's examples: its shard of the driver's arrays, or of the Ray Data engine's dataset.
+    shard = ray.get(config["shards"][rank]) if "shards" in config else None
+    examples = len(shard["item"]) if shard is not None else int(config["examples_per_worker"])
     log_q = tf.constant(config["log_q"])
     n_items = int(config["n_items"])
     bsz = cfg.batch_size
-    steps = len(shard["item"]) // bsz
+    steps = examples // bsz
     if steps == 0:
-        raise TrainingError(f"worker {rank}: {len(shard['item'])} examples, fewer than one batch of {bsz}")
+        raise TrainingError(f"worker {rank}: {examples} examples, fewer than one batch of {bsz}")
     teacher = None  # distillation: the teacher's item embeddings in this vocabulary (training.distill)
     if config.get("teacher") is not None and cfg.distill_weight > 0:
-        if "teacher_user" not in shard:
+        if shard is None or "teacher_user" not in shard:
             raise TrainingError(f"worker {rank}: distillation without the teacher's user embeddings in the shard")
         teacher = {"item": tf.constant(np.asarray(config["teacher"]["item"], np.float32)),
                    "known": tf.constant(np.asarray(config["teacher"]["known"], bool)),
@@ -95,6 +115,12 @@ def train_loop_per_worker(config: dict) -> None:
             log.info("resumed from the checkpoint of epoch %d (%s)", meta["epoch"] + 1, source_ckpt)
 
     def dataset_fn(input_context):
+        if shard is None:
+            batches = functools.partial(stream_batches, ray.train.get_dataset_shard("train"), steps,
+                                        cfg.epochs - start_epoch, bsz, cfg.history, cfg.seed + rank)
+            spec = {"user": tf.TensorSpec((bsz,), tf.int32), "hist": tf.TensorSpec((bsz, cfg.history), tf.int32),
+                    "counts": tf.TensorSpec((bsz, len(COUNT_TYPES)), tf.float32), "item": tf.TensorSpec((bsz,), tf.int32)}
+            return tf.data.Dataset.from_generator(batches, output_signature=spec).prefetch(4)
         ds = tf.data.Dataset.from_tensor_slices(shard)
         ds = ds.shuffle(len(shard["item"]), seed=cfg.seed + rank, reshuffle_each_iteration=True).repeat()
         return ds.batch(bsz, drop_remainder=True).prefetch(4)
