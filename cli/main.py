@@ -294,6 +294,14 @@ def cmd_bench_compression(args) -> int:
     return 1 if args.check and not result["passed"] else 0
 
 
+def cmd_bench_data(args) -> int:
+    from training.data_bench import bench
+    result = bench(get_settings(), [int(n) for n in args.events.split(",")],
+                   progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    _print(result, args.json)
+    return 0
+
+
 def cmd_bench_serve(args) -> int:
     from serving.bench import bench_serve
     settings = get_settings()
@@ -459,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--check", action="store_true", help="exit 1 when int8 loses more than 1%% HR@10")
     b.add_argument("--json", action="store_true", help="one JSON line")
     b.set_defaults(func=cmd_bench_compression)
+    b = bench.add_parser("data", help="the archive's examples on Ray Data vs in memory: wall time, peak memory of "
+                                       "the driver and of Ray's workers, examples/s, per log size")
+    b.add_argument("--events", default="1000000,10000000", help="synthetic log sizes, comma-separated")
+    b.add_argument("--json", action="store_true", help="one JSON line")
+    b.set_defaults(func=cmd_bench_data)
     b = bench.add_parser("serve", help="no-op and recommendation endpoints behind Serve's default and HAProxy "
                                         "ingress, and under plain uvicorn: req/s, p99, CPU-ms per request")
     b.add_argument("--replicas", type=int, default=2, help="fixed replicas (uvicorn: workers) of each variant")

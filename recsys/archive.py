@@ -168,6 +168,11 @@ def event_files(root: Path) -> list[Path]:
     return sorted(Path(root).glob("day=*/p*.parquet"))
 
 
+def stored_events(root: Path) -> int:
+    """The rows of the archive's files (duplicates and forgotten users included), from their footers."""
+    return sum(pq.read_metadata(f).num_rows for f in event_files(root))
+
+
 def _in_window(table: pa.Table, start_ts: int | None, end_ts: int | None) -> pa.Table:
     if start_ts is not None:
         table = table.filter(pc.greater_equal(table["ts"], start_ts))

@@ -156,9 +156,11 @@ class TrainingSettings(BaseModel):
     workers: int = 2  # Ray Train workers of a scheduled retraining
     # How the archive becomes training examples (README "Training data at archive scale").
     # ray_data: streamed on Ray Data, no process holds the log (training.ray_data); memory: read
-    # whole on the driver (training.data.Prepared), the reference the other is tested equal to.
+    # whole on the driver (training.data.Prepared), the reference the other is tested equal to,
+    # which also reports item-kNN and EASE; auto: memory up to memory_max_events stored events.
     # Other sources (generators, files, tables) are in memory either way.
-    data_engine: Literal["memory", "ray_data"] = "ray_data"
+    data_engine: Literal["auto", "memory", "ray_data"] = "auto"
+    memory_max_events: int = Field(2_000_000, ge=0)
     data_block_rows: int = Field(250_000, ge=1_000)  # events per Ray Data block (memory per task)
     # Ray's placement of the workers: PACK fills a node first (its ring all-reduce stays local);
     # STRICT_SPREAD puts each on its own node (`recsys chaos ray-nodes`).

@@ -247,8 +247,8 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
     if resume_from is not None:
         validate_checkpoint(resume_from)  # before any work: a bad checkpoint fails fast
     teacher_model = distill.load_teacher(teacher) if teacher is not None else None  # fails fast too
-    streamed = prepared is None and isinstance(source, str) and source == "archive" \
-        and settings.training.data_engine == "ray_data"
+    from training.ray_data import ArchiveData, streams_archive
+    streamed = prepared is None and isinstance(source, str) and source == "archive" and streams_archive(settings)
     if streamed and teacher_model is not None:
         raise TrainingError("distillation reads the examples in memory: set training.data_engine to memory "
                             "(RECSYS_TRAINING_DATA_ENGINE=memory) to distill from the archive")
@@ -266,7 +266,6 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
         longest = max([cfg.history, *(tune_grid or {}).get("history", ()),  # encoded once, sliced per setting
                        *([teacher_model.config.history] if teacher_model else [])])
         if streamed:
-            from training.ray_data import ArchiveData
             prepared, source_name = ArchiveData(settings, longest, settings.features.recent_items,
                                                 settings.training.data_block_rows), "archive"
         elif prepared is None:

@@ -30,7 +30,6 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from recsys import archive, evaluation
 from recsys.errors import TrainingError
@@ -121,6 +120,13 @@ def _stage_targets(batches: list[dict], test: bool, n_users: int, popularity: np
     return {k: rows[k] for k in ("user", "hist", "counts")}, stage
 
 
+def streams_archive(settings: Settings) -> bool:
+    """Whether ``settings.training.data_engine`` puts the archive on Ray Data."""
+    engine = settings.training.data_engine
+    return engine == "ray_data" or (engine == "auto" and
+                                    archive.stored_events(settings.archive_dir) > settings.training.memory_max_events)
+
+
 class ArchiveData:
     """The archive's examples and held-out targets, computed on Ray Data (see the module's doc).
 
@@ -138,8 +144,7 @@ class ArchiveData:
         files = archive.event_files(settings.archive_dir)
         if not files:
             raise DataError("no events: the archive is empty")
-        stored = sum(pq.read_metadata(f).num_rows for f in files)
-        blocks = max(1, -(-stored // block_rows))
+        blocks = max(1, -(-archive.stored_events(settings.archive_dir) // block_rows))
         paths = ray.data.from_items([{"path": str(f), "index": i} for i, f in enumerate(files)],
                                     override_num_blocks=min(len(files), 4 * blocks))
         events = _hash_shuffled(paths.map_batches(_read, batch_size=1, fn_kwargs={

@@ -1,0 +1,89 @@
+"""``recsys bench data``: the archive's examples on Ray Data against the in-memory path.
+
+For each size, a synthetic log is written straight into an archive by the archiver's own writer
+(``recsys.archive.write_events``), then each engine prepares it in a fresh process (a private
+Ray for the Ray Data engine) that reports wall time, the peak resident memory of the driver
+(its ``ru_maxrss``) and of the largest Ray worker (sampled), and examples per second. The Ray
+Data run also streams the test stage's examples once through a dataset iterator, as the workers
+would. The in-memory path is skipped above ``memory_max_events``, where it no longer fits.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from recsys.settings import Settings
+
+
+def _largest_child_rss(stop: threading.Event, out: dict) -> None:
+    import psutil
+    me = psutil.Process()
+    while not stop.wait(0.5):
+        for p in me.children(recursive=True):
+            try:
+                out["worker"] = max(out.get("worker", 0), p.memory_info().rss)
+            except psutil.Error:
+                pass
+
+
+def measure(settings: Settings, engine: str) -> dict:
+    """One engine on ``settings.archive_dir``, in this process: {seconds, examples, driver/worker peak MB}."""
+    peaks: dict = {}
+    stop = threading.Event()
+    sampler = threading.Thread(target=_largest_child_rss, args=(stop, peaks), daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    if engine == "memory":
+        from recsys.model import ModelConfig
+        from training.data import Prepared, load_table
+        table, _, _ = load_table("archive", settings)
+        n = Prepared(table, None, ModelConfig(), settings.features.recent_items).n_train
+    else:
+        from training.job import ensure_ray
+        from training.ray_data import ArchiveData
+        ensure_ray(2, False)
+        data = ArchiveData(settings, 50, settings.features.recent_items, settings.training.data_block_rows)
+        n = sum(len(b["item"]) for b in data.examples(0).iter_batches(batch_size=4096, batch_format="numpy"))
+    seconds = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    return {"engine": engine, "seconds": round(seconds, 1), "examples": n, "examples_per_s": round(n / seconds),
+            "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "worker_peak_mb": round(peaks["worker"] / 2**20) if engine == "ray_data" else None}
+
+
+def bench(settings: Settings, sizes: list[int], users_per_event: float = 0.02, progress=print) -> dict:
+    """Both engines at each size (events), on synthetic logs of ``users_per_event`` users per event."""
+    from recsys.archive import write_events
+    from recsys.sources import SyntheticSource
+    runs = []
+    for events in sizes:
+        folder = Path(settings.home) / "bench-data" / f"e{events}"
+        archive_dir = folder / "archive"
+        if not archive_dir.is_dir():
+            progress(f"writing {events:,} synthetic events to {archive_dir}")
+            write_events(archive_dir, SyntheticSource(events=events, users=max(100, int(events * users_per_event)),
+                                                      items=max(1000, events // 200)).events_iter())
+        for engine in ("memory", "ray_data"):
+            if engine == "memory" and events > settings.training.memory_max_events:
+                runs.append({"events": events, "engine": engine, "skipped": "above training.memory_max_events"})
+                continue
+            env = {**os.environ, **{k: v for k, v in settings.updated(archive_dir=archive_dir).environment().items() if v}}
+            out = subprocess.run([sys.executable, "-m", "training.data_bench", engine], env=env, capture_output=True,
+                                 text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"{engine} at {events:,} events failed: {out.stderr[-2000:]}")
+            runs.append({"events": events, **json.loads(out.stdout.strip().splitlines()[-1])})
+            progress(json.dumps(runs[-1]))
+    return {"runs": runs}
+
+
+if __name__ == "__main__":
+    from recsys.settings import get_settings
+    print(json.dumps(measure(get_settings(), sys.argv[1])))
