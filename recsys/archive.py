@@ -173,22 +173,12 @@ def stored_events(root: Path) -> int:
     return sum(pq.read_metadata(f).num_rows for f in event_files(root))
 
 
-def _in_window(table: pa.Table, start_ts: int | None, end_ts: int | None) -> pa.Table:
-    if start_ts is not None:
-        table = table.filter(pc.greater_equal(table["ts"], start_ts))
-    if end_ts is not None:
-        table = table.filter(pc.less(table["ts"], end_ts))
-    return table
-
-
-def read_file(path: Path, index: int, dead: dict[str, int], start_ts: int | None = None,
-              end_ts: int | None = None) -> pa.Table:
+def read_file(path: Path, index: int, dead: dict[str, int]) -> pa.Table:
     """One file's events as ``read_events`` keeps them before its sort, plus ``seq``: the row's
     place in the archive's read order (file ``index`` of ``event_files``, then row), so a
     reader that sees one file at a time (``training.ray_data``) orders ties exactly as it does."""
     table = pq.read_table(path, columns=SCHEMA.names).cast(SCHEMA)
     table = table.append_column("seq", pa.array((index << 32) + np.arange(table.num_rows, dtype=np.int64)))
-    table = _in_window(table, start_ts, end_ts)
     gone = forgotten_rows(table, dead)
     return table.filter(pa.array(~gone)) if gone.any() else table
 
@@ -200,7 +190,11 @@ def read_events(settings: Settings, start_ts: int | None = None, end_ts: int | N
     if not files:
         return SCHEMA.empty_table()
     table = ds.dataset([str(f) for f in files], schema=SCHEMA, format="parquet").to_table()
-    table = _without_forgotten(_in_window(table, start_ts, end_ts), root)
+    if start_ts is not None:
+        table = table.filter(pc.greater_equal(table["ts"], start_ts))
+    if end_ts is not None:
+        table = table.filter(pc.less(table["ts"], end_ts))
+    table = _without_forgotten(table, root)
     # Stable by time: equal times keep file order, i.e. Kafka offset order within a partition,
     # which is each user's order on the wire (and in Redis).
     table = table.take(pa.array(np.argsort(table["ts"].to_numpy(), kind="stable")))

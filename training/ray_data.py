@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -54,13 +53,8 @@ def _hash_shuffled(ds, n: int, key: str):
     return ds.repartition(n, keys=[key])
 
 
-def _read(batch: dict, dead: dict, start_ts, end_ts) -> pa.Table:
-    return pa.concat_tables([archive.read_file(p, int(i), dead, start_ts, end_ts)
-                             for p, i in zip(batch["path"], batch["index"])])
-
-
-def _first_copies(block: pa.Table) -> pa.Table:
-    return examples.first_copies(block)
+def _read(batch: dict, dead: dict) -> pa.Table:
+    return pa.concat_tables([archive.read_file(p, int(i), dead) for p, i in zip(batch["path"], batch["index"])])
 
 
 def _user_examples(block: pa.Table, vocab_refs, protocol: str, history: int, recent_items: int) -> dict:
@@ -134,8 +128,7 @@ class ArchiveData:
     examples stay in the object store and reach the workers as a dataset shard. ``stage`` picks
     the examples and targets ("test" or "validation"), ``history`` the recent items read."""
 
-    def __init__(self, settings: Settings, history: int, recent_items: int, block_rows: int,
-                 start_ts: Optional[int] = None, end_ts: Optional[int] = None):
+    def __init__(self, settings: Settings, history: int, recent_items: int, block_rows: int):
         import ray
         from ray.data.context import DataContext
         verbose = log.isEnabledFor(logging.INFO)  # Ray Data's progress bars and plans only with -v
@@ -147,12 +140,12 @@ class ArchiveData:
         blocks = max(1, -(-archive.stored_events(settings.archive_dir) // block_rows))
         paths = ray.data.from_items([{"path": str(f), "index": i} for i, f in enumerate(files)],
                                     override_num_blocks=min(len(files), 4 * blocks))
-        events = _hash_shuffled(paths.map_batches(_read, batch_size=1, fn_kwargs={
-            "dead": archive.tombstones(settings.archive_dir), "start_ts": start_ts, "end_ts": end_ts}),
-            blocks, "event_id").map_batches(_first_copies, batch_size=None, batch_format="pyarrow").materialize()
+        read = paths.map_batches(_read, batch_size=1, fn_kwargs={"dead": archive.tombstones(settings.archive_dir)})
+        events = _hash_shuffled(read, blocks, "event_id").map_batches(
+            examples.first_copies, batch_size=None, batch_format="pyarrow").materialize()
         n_events, min_ts, max_ts, users, items, types = _summary(events)
         if n_events == 0:
-            raise DataError("no events: the archive holds none in the window")
+            raise DataError("no events: every archived event is of a forgotten user")
         protocol = evaluation.protocol_for(types)
         if len(users) < 2:
             raise DataError(f"only {len(users)} user: need at least 2 users to train and evaluate")
