@@ -3,10 +3,11 @@
 For each size, a synthetic log is written straight into an archive by the archiver's own writer
 (``recsys.archive.write_events``), then each engine prepares it in a fresh process (a private
 Ray for the Ray Data engine) that reports wall time, examples per second and the peak memory
-(unique set size, sampled every 0.5 s) of the driver and of the largest Ray process; and the
-driver's ``ru_maxrss``, which also counts the object store's shared pages it read. The Ray
-Data run also streams the test stage's examples once through a dataset iterator, as the workers
-would. The in-memory path is skipped above ``memory_max_events``, where it no longer fits.
+(anonymous resident memory, sampled every second) of the driver and of the largest Ray process,
+with the largest by kind; and the driver's ``ru_maxrss``, which also counts the object store's
+shared pages it read. The Ray Data run also streams the test stage's examples once through a
+dataset iterator, as the workers would. The in-memory path is skipped above
+``training.memory_max_events``, where it no longer fits.
 """
 from __future__ import annotations
 
@@ -22,20 +23,24 @@ from pathlib import Path
 from recsys.settings import Settings
 
 
+def _heap_bytes(pid: int) -> int:
+    """A process's anonymous resident memory (``RssAnon``): its heap, without the object store's
+    shared pages or mapped files, which are bounded by the store's size and spilled beyond it."""
+    with open(f"/proc/{pid}/status") as fh:
+        return 1024 * next(int(line.split()[1]) for line in fh if line.startswith("RssAnon:"))
+
+
 def _peaks(stop: threading.Event, out: dict) -> None:
-    """Sample the unique (unshared) memory of this process and of its Ray processes: pages of the
-    object store that a process maps are shared, bounded by its size, and spilled beyond it."""
+    """Sample, every second, the heap of this process and of each kind of Ray process (raylet,
+    gcs_server, ray::<task or actor>)."""
     import psutil
     me = psutil.Process()
-    while not stop.wait(0.5):
-        try:
-            out["driver"] = max(out.get("driver", 0), me.memory_full_info().uss)
-        except psutil.Error:
-            pass
-        for p in me.children(recursive=True):
+    while not stop.wait(1.0):
+        for p in [me, *me.children(recursive=True)]:
             try:
-                out["worker"] = max(out.get("worker", 0), p.memory_full_info().uss)
-            except psutil.Error:
+                kind = "driver" if p.pid == me.pid else p.name().split(":")[-1] or p.name()
+                out[kind] = max(out.get(kind, 0), _heap_bytes(p.pid))
+            except (OSError, psutil.Error, StopIteration):
                 pass
 
 
@@ -61,9 +66,10 @@ def measure(settings: Settings, engine: str) -> dict:
     stop.set()
     sampler.join()
     return {"engine": engine, "seconds": round(seconds, 1), "examples": n, "examples_per_s": round(n / seconds),
-            "driver_peak_mb": round(peaks.get("driver", 0) / 2**20),
+            "driver_peak_mb": round(peaks.pop("driver", 0) / 2**20),
             "driver_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "worker_peak_mb": round(peaks["worker"] / 2**20) if engine == "ray_data" else None}
+            "worker_peak_mb": round(max(peaks.values()) / 2**20) if peaks else None,
+            "peak_mb_by_process": {k: round(v / 2**20) for k, v in sorted(peaks.items(), key=lambda kv: -kv[1])[:6]}}
 
 
 def bench(settings: Settings, sizes: list[int], users_per_event: float = 0.02, progress=print) -> dict:
