@@ -179,7 +179,7 @@ class Population:
         """The events a shopper with taste makes on a list just shown (rank 1 first): each item is
         clicked with chance click_match (the shopper's cluster) or click_other, / rank**position_decay;
         a click goes on to add_to_cart, and that to a purchase, each with chance buy_share.
-        None without a taste source."""
+        Nothing without a taste source."""
         if not self.taste:
             return []
         c, out = self.config, []
