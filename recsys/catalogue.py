@@ -3,8 +3,11 @@
 ``PUT /v1/items/{item_id}`` writes an entry twice in one transaction (both keys share one hash
 tag, so it holds on a Redis Cluster too)::
 
-  P:catalogue:{c}       HASH   item id -> its genres (JSON list): the snapshot a starting replica reads
-  P:catalogue:{c}:log   STREAM one entry per write (item, genres): what every replica tails
+  P-catalogue:{c}       HASH   item id -> its genres (JSON list): the snapshot a starting replica reads
+  P-catalogue:{c}:log   STREAM one entry per write (item, genres): what every replica tails
+
+Outside the features' prefix ``P:``, as the API keys are: a feature rebuild clears that prefix,
+and the catalogue cannot be rebuilt from the event log.
 
 Each replica polls the log every ``serving.catalogue_poll_s`` and gives each item its served
 model does not know an embedding from the model's content tower (``recsys.model.ContentTower``),
@@ -31,8 +34,8 @@ class CatalogueEntry(BaseModel):
 
 class CatalogueKeys:
     def __init__(self, prefix: str):
-        self.items = f"{prefix}:catalogue:{{c}}"
-        self.log = f"{prefix}:catalogue:{{c}}:log"
+        self.items = f"{prefix}-catalogue:{{c}}"
+        self.log = f"{prefix}-catalogue:{{c}}:log"
 
     @classmethod
     def of(cls, settings: Settings) -> "CatalogueKeys":
