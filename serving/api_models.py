@@ -23,6 +23,12 @@ class Accepted(BaseModel):
     accepted: int  # events now on the Kafka brokers
 
 
+class CatalogueAnswer(BaseModel):
+    item_id: str
+    genres: list[str]
+    unknown_genres: list[str]  # genres the served model does not know: they do not shape the item's embedding
+
+
 class Health(BaseModel):
     status: str
 
