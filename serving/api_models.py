@@ -39,6 +39,7 @@ class Readiness(BaseModel):
     redis: bool
     kafka: bool
     model_load_failure: Optional[dict[str, str]]
+    fresh_items: int  # catalogue items this replica serves by their content embedding (recsys/catalogue.py)
 
 
 class ErrorAnswer(BaseModel):

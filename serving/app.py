@@ -162,13 +162,11 @@ class RecsysService:
         """New catalogue entries into the live index of the served model and the candidate."""
         try:
             changed = self.catalogue.poll()
-        except redis.RedisError as exc:  # Redis away: the next poll reads what was missed
-            log.warning("catalogue not read: %r", exc)
-            changed = {}
-        if changed:
             self.catalogue_items.update(changed)
             for model in filter(None, (self.model, self.candidate and self.candidate.model)):
                 model.add_items(changed)
+        except Exception as exc:  # Redis away, say: the next poll reads what was missed; the watcher goes on
+            log.warning("catalogue not followed: %r", exc)
         if self.model is not None:  # every poll: Ray drops a gauge not set for two export intervals
             FRESH_ITEMS.set(len(self.model.fresh), tags={"version": self.model.version})
 
@@ -338,8 +336,9 @@ class RecsysService:
         return embed_together(requests)
 
     def readiness(self) -> dict:
+        model = self.model
         checks = {"model": self.version, "redis": self._redis_ok(), "kafka": kafka_answers(self.settings),
-                  "model_load_failure": self.load_failure}
+                  "model_load_failure": self.load_failure, "fresh_items": len(model.fresh) if model is not None else 0}
         return {"ready": checks["model"] is not None and checks["redis"] and checks["kafka"], **checks}
 
     def _redis_ok(self) -> bool:

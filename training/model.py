@@ -72,6 +72,8 @@ def build_model(cfg: ModelConfig, n_users: int, n_items: int, item_genres: np.nd
             self.item_out = keras.layers.Dense(cfg.dim, name="item_out")
             self.genres = tf.constant(item_genres.astype(np.float32))
             self.content_out = keras.layers.Dense(cfg.dim, name="content_out") if item_genres.shape[1] else None
+            # Items with the same genres share one id here: their content vectors are the same.
+            self.genre_set = tf.constant(np.unique(item_genres, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int32))
 
         def user_tower(self, user, hist, counts, training=False):
             if training and cfg.user_dropout > 0:
@@ -166,8 +168,7 @@ def sampled_softmax_loss(model, batch, log_q, n_items: int, cfg: ModelConfig, tr
         content = tf.matmul(tf.stop_gradient(u), model.content_tower(cand_items), transpose_b=True) / cfg.temperature
         if cfg.logq:
             content = content - tf.math.log(expected)[None, :]
-        genres_b, genres_c = tf.gather(model.genres, item), tf.gather(model.genres, cand_items)
-        same = tf.reduce_all(tf.equal(genres_b[:, None, :], genres_c[None, :, :]), axis=2)
+        same = tf.equal(tf.gather(model.genre_set, item)[:, None], tf.gather(model.genre_set, cand_items)[None, :])
         off = tf.constant(-1e9, logits.dtype)
         as_item = tf.concat([tf.where(tf.logical_and(same, tf.logical_not(own)), off, content), tf.where(own, off, real)], 1)
         against_item = tf.concat([tf.where(same, off, content), real], 1)
