@@ -15,6 +15,8 @@ whether it passed.
                    with kill -9 mid-stream and one added: the features equal one replay of every
                    event; then the group's rate with 1, 2 and 3 workers, as ratios in one run
   ray-nodes        Train and Serve across ``ray start`` nodes, one node killed in each (cli/chaos_ray.py)
+  guardrail        a bad model as an A/B candidate under taste shoppers: the online guardrail ends the
+                   experiment; a good one keeps running (cli/guardrail.py)
 
 The serving scenarios need the demo's model and users (``recsys demo`` first), as
 ``recsys bench serve`` does; they leave ``recsys serve``'s deployment as configured.
@@ -40,6 +42,7 @@ import numpy as np
 
 from cli.bench_stream import scratch_settings, settings_env
 from cli.chaos_ray import ray_nodes
+from cli.guardrail import guardrail
 from deploy.local import stack
 from recsys.archive import read_partition_log, run_archiver
 from recsys.auth import KeyStore, Scope
@@ -464,6 +467,7 @@ SCENARIOS = {
     "fuzz": lambda s, progress: _fuzz(s, progress=progress),
     "stream-workers": lambda s, progress: stream_workers(s, progress=progress),
     "ray-nodes": lambda s, progress: ray_nodes(s, progress=progress),
+    "guardrail": lambda s, progress: guardrail(s, progress=progress),
 }
 
 

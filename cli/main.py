@@ -248,6 +248,21 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_bench_new_items(args) -> int:
+    from training.new_items import DEFAULT_SOURCE, bench
+    result = bench(get_settings(), args.source or DEFAULT_SOURCE, args.new_share, epochs=args.epochs,
+                   progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for model, f in result["figures"].items():
+            print(f"{model:18s} new items HR@10 {f['new_items']['hr@10']:.4f} HR@50 {f['new_items']['hr@50']:.4f} | "
+                  f"all targets HR@10 {f['all']['hr@10']:.4f} HR@50 {f['all']['hr@50']:.4f}")
+        print(f"{result['new_item_targets']} of {result['test_targets']} test targets are new items; content head / full "
+              f"retrain HR@50 {result['content_vs_full_hr@50']}; {'PASS' if result['passed'] else 'FAIL'}")
+    return 0 if result["passed"] else 1
+
+
 def cmd_bench_ann(args) -> int:
     from recsys.ann import default_kind
     from recsys.ann_bench import KINDS, bench, format_table
@@ -414,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["create", "list", "revoke"])
     p.add_argument("id", nargs="?", help="revoke: the key's id")
     p.add_argument("--name", help="create: who or what uses the key")
-    p.add_argument("--scopes", help="create: comma-separated, of events:write, recs:read, admin (all of them)")
+    p.add_argument("--scopes", help="create: comma-separated, of events:write, recs:read, catalogue:write, admin (all of them)")
     p.add_argument("--rate", type=float, default=None, help="create: requests per second (default RECSYS_AUTH_RATE_PER_S)")
     p.add_argument("--burst", type=int, default=None, help="create: bucket size (default RECSYS_AUTH_BURST)")
     p.add_argument("--json", action="store_true", help="one JSON line")
@@ -429,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chaos", help="a long fault scenario (system test): one JSON line with what was lost, "
                                      "failed and how long recovery took; exit 1 when it did not pass")
     p.add_argument("scenario", choices=["kafka-leader-kill", "redis-rebuild", "replica-kill", "controller-kill", "fuzz",
-                                        "stream-workers", "ray-nodes"])
+                                        "stream-workers", "ray-nodes", "guardrail"])
     p.add_argument("--json", action="store_true", help="one JSON line")
     p.set_defaults(func=cmd_chaos)
 
@@ -445,6 +460,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_train_options(b)
     b = bench.add_parser("gate", help="the retraining gate per seed: same-data candidate published, shuffled rejected")
     add_bench_gate_options(b)
+    b = bench.add_parser("new-items", help="items served from their catalogue genres by the content head, against the "
+                                           "same items after a full retrain: HR@10/HR@50 on their test targets")
+    b.add_argument("--source", default=None, help="a source whose items have genres (default: training.new_items.DEFAULT_SOURCE)")
+    b.add_argument("--new-share", type=float, default=0.1, help="share of the items held back as new")
+    b.add_argument("--epochs", type=int, default=None, help="default: the model config's")
+    b.add_argument("--json", action="store_true", help="one JSON line")
+    b.set_defaults(func=cmd_bench_new_items)
     b = bench.add_parser("ann", help="FAISS's exact, IVF-Flat, IVF-fp16, IVF-int8, IVF-PQ and HNSW indexes: single-query "
                                       "p50/p99 on one thread, recall@10, build time, bytes per item")
     b.add_argument("--items", type=_sizes, default=[10_000, 100_000, 1_000_000], help="catalogue sizes, e.g. 10000,100000")

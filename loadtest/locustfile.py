@@ -87,7 +87,9 @@ def _on_quitting(environment, **_):
 
 
 class Shopper(FastHttpUser):
-    """One shopper per visit: recommendations first, then mostly recommendations, some events."""
+    """One shopper per visit: recommendations first, then mostly recommendations, some events.
+    A shopper with taste (``LOADTEST_TASTE_SOURCE``) posts its reactions to a list on its next
+    requests, before anything else, and before the next visit."""
 
     wait_time = between(PROFILE.wait_min_s, PROFILE.wait_max_s)
     default_headers = {"Authorization": f"Bearer {os.environ.get('LOADTEST_API_KEY', '')}"}
@@ -96,6 +98,7 @@ class Shopper(FastHttpUser):
     connection_timeout = 5.0
 
     def on_start(self):
+        self.pending: list[dict] = []  # reactions to the lists shown, to post next
         self._new_visit()
 
     def _new_visit(self):
@@ -106,6 +109,9 @@ class Shopper(FastHttpUser):
 
     @task
     def browse(self):
+        if self.pending:
+            self.post_event(self.pending.pop(0))
+            return
         if self.left <= 0:
             self._new_visit()
         self.left -= 1
@@ -148,9 +154,10 @@ class Shopper(FastHttpUser):
             resp.failure("a new user was not answered by the fallback")
             return
         self.shown = items
+        self.pending += POPULATION.reactions(self.user_id, items)
 
-    def post_event(self):
-        event = POPULATION.event(self.user_id, self.shown)
+    def post_event(self, event: dict | None = None):
+        event = event or POPULATION.event(self.user_id, self.shown)
         self._send(lambda: self.client.post(EVENTS, json=event, name=EVENTS, catch_response=True),
                    lambda resp: self._check_event(resp, event), EVENTS_RETRIED)
 

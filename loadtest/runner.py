@@ -251,7 +251,17 @@ def _service_answers(host: str, timeout_s: float = 10.0) -> None:
         raise LoadTestError(f"{host}/healthz does not answer: deploy the app first (`recsys serve up`)") from None
 
 
-def _end(proc: subprocess.Popen) -> int:
+def start_locust(host: str, env: dict, log: Path, *options: str) -> subprocess.Popen:
+    """Locust headless against ``host``, a child process with its output in ``log``; ``env``
+    carries the shoppers' LOADTEST_* variables (the profile, the key). Stop it with ``end``."""
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host,
+           "--loglevel", "WARNING", "--only-summary", "--exit-code-on-error", "0", *options]
+    env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))}
+    with log.open("w") as out:
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+
+def end(proc: subprocess.Popen) -> int:
     """SIGTERM (Locust then writes its reports), SIGKILL after 20 s."""
     proc.terminate()
     try:
@@ -276,21 +286,18 @@ def _api_key(settings: Settings, name: str):
 
 def _run_locust(opts: Options, env: dict, progress) -> tuple[int, float]:
     out = opts.out
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", opts.host,
-           "--csv", str(out / "locust"), "--csv-full-history", "--html", str(out / "locust.html"),
-           "--loglevel", "WARNING", "--only-summary", "--exit-code-on-error", "0"]
     limit = opts.profile.duration_s + 60
     started = time.monotonic()
-    with (out / "locust.log").open("w") as log:
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            rc = proc.wait(timeout=limit)
-        except subprocess.TimeoutExpired:
-            progress(f"loadtest: Locust still running after {limit:.0f}s; stopping it")
-            rc = _end(proc)
-        except BaseException:  # Ctrl-C: never leave the load running
-            _end(proc)
-            raise
+    proc = start_locust(opts.host, env, out / "locust.log", "--csv", str(out / "locust"), "--csv-full-history",
+                        "--html", str(out / "locust.html"))
+    try:
+        rc = proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        progress(f"loadtest: Locust still running after {limit:.0f}s; stopping it")
+        rc = end(proc)
+    except BaseException:  # Ctrl-C: never leave the load running
+        end(proc)
+        raise
     return rc, time.monotonic() - started
 
 
@@ -319,8 +326,7 @@ def run(settings: Settings, opts: Options, progress=print) -> dict:
             killer.start()
 
     env = {**os.environ, **opts.locust_env, "LOADTEST_PROFILE_SPEC": json.dumps(profile.spec()),
-           "LOADTEST_RECORD_DIR": str(out),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+           "LOADTEST_RECORD_DIR": str(out)}
     progress(f"loadtest: profile {profile.name} ({profile.duration_s:.0f}s) against {opts.host}; report in {out}")
     try:
         with _api_key(settings, profile.name) as key:

@@ -31,6 +31,7 @@ KEY_PREFIX = "rsk_"
 
 class Scope(str, Enum):
     events_write = "events:write"
+    catalogue_write = "catalogue:write"
     recs_read = "recs:read"
     admin = "admin"  # every scope
 

@@ -203,6 +203,72 @@ def item_embeddings_np(weights: dict[str, np.ndarray], item_genres: np.ndarray) 
     return _l2n(x @ weights["item_out_w"] + weights["item_out_b"]).astype(np.float32)
 
 
+class ContentTower:
+    """The content head of the item tower (``training.model``): an item's genres alone, projected
+    and L2-normalized. It embeds an item the model never saw from its catalogue entry."""
+
+    FILE = "content_tower.npz"
+
+    def __init__(self, weights: dict[str, np.ndarray], genres: list[str]):
+        self.w, self.b = weights["content_w"], weights["content_b"]
+        self.genre_index = {g: i for i, g in enumerate(genres)}
+
+    @staticmethod
+    def weights(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The head's weights, none for a model trained without genres."""
+        return {k: weights[k] for k in ("content_w", "content_b") if k in weights}
+
+    def known(self, genres: Sequence[str]) -> list[str]:
+        return [g for g in genres if g in self.genre_index]
+
+    def embed(self, genres_per_item: Sequence[Sequence[str]]) -> np.ndarray:
+        """(n, dim) float32, L2-normalized; genres the model does not know are left out."""
+        mh = np.zeros((len(genres_per_item), len(self.genre_index)), dtype=np.float32)
+        for r, genres in enumerate(genres_per_item):
+            for g in self.known(genres):
+                mh[r, self.genre_index[g]] = 1.0
+        return _l2n(mh @ self.w + self.b).astype(np.float32)
+
+
+class FreshItems:
+    """Items added to a served model since its index was built, searched exactly beside the index.
+
+    Written by one thread (the replica's catalogue follower), read by requests: ``add`` appends
+    the ids first and then swaps in a new vector array, so a search never sees a row without
+    its id."""
+
+    def __init__(self, ids: list[str], dim: int):
+        self.ids = ids  # the model's item ids: fresh ones are appended
+        self.first = len(ids)
+        self.row: dict[str, int] = {}
+        self.vectors = np.zeros((0, dim), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def add(self, items: Sequence[str], vectors: np.ndarray) -> None:
+        """Add new items, or give an added item its new vector (a catalogue update)."""
+        grown = np.concatenate([self.vectors, np.zeros((sum(i not in self.row for i in set(items)), vectors.shape[1]),
+                                                      dtype=np.float32)])
+        for item, vec in zip(items, vectors):
+            if item not in self.row:
+                self.row[item] = len(self.ids) - self.first
+                self.ids.append(item)
+            grown[self.row[item]] = vec
+        self.vectors = grown
+
+    def merge(self, queries: np.ndarray, idx: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The index's top-k merged with the fresh items' exact scores, best first."""
+        fresh = self.vectors
+        if not len(fresh):
+            return idx, scores
+        all_idx = np.concatenate([idx, np.broadcast_to(self.first + np.arange(len(fresh)), (len(queries), len(fresh)))], 1)
+        all_scores = np.concatenate([scores, queries @ fresh.T], 1)
+        all_scores = np.where(all_idx < 0, -np.inf, all_scores)
+        top = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(all_idx, top, 1), np.take_along_axis(all_scores, top, 1)
+
+
 # ---- export and load --------------------------------------------------------------------------
 
 def export(folder: Path, weights: dict[str, np.ndarray], vocab: Vocab, cfg: ModelConfig,
@@ -216,6 +282,8 @@ def export(folder: Path, weights: dict[str, np.ndarray], vocab: Vocab, cfg: Mode
     vocab.save(folder)
     (folder / "model_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     np.save(folder / "item_embeddings.npy", item_embeddings_np(weights, vocab.item_genres))
+    if ContentTower.weights(weights):
+        np.savez(folder / ContentTower.FILE, **ContentTower.weights(weights))
 
 
 class ServingModel:
@@ -239,13 +307,18 @@ class ServingModel:
         with np.load(self.folder / "user_tower.npz") as z:
             self.weights = {k: z[k] for k in z.files}
         self.tower = NumpyUserTower(self.weights, self.vocab, self.config.history)
-        self.item_ids: list[str] = self.vocab.item_ids
+        self.item_ids: list[str] = list(self.vocab.item_ids)
         self.item_embeddings: np.ndarray = np.load(self.folder / "item_embeddings.npy", mmap_mode="r")
         if (self.folder / "ann" / "index.faiss").exists():
             self.index: AnnIndex = load_index(self.folder / "ann")
         else:
             self.index = new_index("flat", np.asarray(self.item_embeddings))
         self.version: str = self.card.get("version", self.folder.name)
+        self.content: Optional[ContentTower] = None  # none without genres, or exported before it
+        if (self.folder / ContentTower.FILE).exists():
+            with np.load(self.folder / ContentTower.FILE) as z:
+                self.content = ContentTower({k: z[k] for k in z.files}, self.vocab.genres)
+        self.fresh = FreshItems(self.item_ids, int(self.item_embeddings.shape[1]))
         declared = self.card.get("compression", {}).get("tower", self.tower.precision)
         if declared != self.tower.precision:
             raise ValueError(f"{self.folder}: the card says a {declared} user tower, the file holds {self.tower.precision}")
@@ -254,9 +327,26 @@ class ServingModel:
         """(len(features), dim) float32, L2-normalized; unknown users/items fall into the OOV slot."""
         return self.tower(features)
 
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (rows of ``item_ids``, scores) per query: the ANN index and the fresh items."""
+        idx, scores = self.index.search(queries, k)
+        return self.fresh.merge(queries, idx, scores, k)
+
+    def add_items(self, catalogue: dict[str, list[str]]) -> list[str]:
+        """Embed the catalogue's items this version does not know from their genres and add them
+        to the live index; the items added (none without a content tower or a known genre)."""
+        if self.content is None:
+            return []
+        new = [(item, genres) for item, genres in catalogue.items()
+               if item not in self.vocab.item_index and self.content.known(genres)]
+        if new:
+            self.fresh.add([i for i, _ in new], self.content.embed([g for _, g in new]))
+        return [i for i, _ in new]
+
     def scored_item_vectors(self) -> np.ndarray:
-        """The item vectors as requests score them (the index's codes decoded), rows = item_ids."""
-        return self.index.stored_vectors()
+        """The item vectors as requests score them (the index's codes decoded, then the fresh
+        items'), rows = item_ids."""
+        return np.concatenate([self.index.stored_vectors(), self.fresh.vectors])
 
 
 def load_model(version_dir) -> ServingModel:

@@ -142,6 +142,9 @@ class ServingSettings(BaseModel):
     # Impressions wait here for the sending thread; when it is full (Kafka slow or away) they are
     # dropped and counted (recsys_impressions_dropped_total): a request never waits for them.
     impression_queue: int = Field(10_000, ge=1)
+    # The catalogue's log (recsys/catalogue.py) keeps about this many entries; a replica that
+    # falls further behind reads the whole catalogue again.
+    catalogue_log_max: int = Field(100_000, ge=100)
     # Serve kills a proxy whose ready or health check takes longer than this (Ray's defaults:
     # 5 s and 10 s), which a busy 2-core machine exceeds; the deploy then fails with ActorDiedError.
     proxy_ready_check_timeout_s: float = 30.0

@@ -49,6 +49,18 @@ def with_shuffled_items(table: pa.Table, seed: int = 0) -> pa.Table:
     return table.set_column(table.column_names.index("item_id"), "item_id", pa.array(items))
 
 
+def with_relabeled_items(table: pa.Table, item_features: dict | None, seed: int = 0) -> tuple[pa.Table, dict | None]:
+    """The table and item features with every item id renamed by one seeded permutation of the
+    ids: a model trained on them learns each item's behaviour under another item's id, as a broken
+    id mapping upstream would teach it (``recsys chaos guardrail``'s bad candidate). Its offline
+    metrics, on the relabelled data, look as good as a sound model's."""
+    ids = sorted(set(table["item_id"].to_pylist()) | set(item_features or ()))
+    rename = dict(zip(ids, (str(i) for i in np.random.default_rng(seed).permutation(ids))))
+    items = pa.array([rename[i] for i in table["item_id"].to_pylist()])
+    features = {rename[i]: f for i, f in item_features.items()} if item_features is not None else None
+    return table.set_column(table.column_names.index("item_id"), "item_id", items), features
+
+
 def check_table(table: pa.Table) -> None:
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:

@@ -23,6 +23,12 @@ class Accepted(BaseModel):
     accepted: int  # events now on the Kafka brokers
 
 
+class CatalogueAnswer(BaseModel):
+    item_id: str
+    genres: list[str]
+    unknown_genres: list[str]  # genres the served model does not know: they do not shape the item's embedding
+
+
 class Health(BaseModel):
     status: str
 
@@ -33,6 +39,7 @@ class Readiness(BaseModel):
     redis: bool
     kafka: bool
     model_load_failure: Optional[dict[str, str]]
+    fresh_items: int  # catalogue items this replica serves by their content embedding (recsys/catalogue.py)
 
 
 class ErrorAnswer(BaseModel):

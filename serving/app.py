@@ -27,6 +27,7 @@ from ray import serve
 from ray.util import metrics
 
 from recsys.auth import Authorizer, Scope
+from recsys.catalogue import CatalogueEntry, CatalogueFollower, CatalogueKeys, queue_put
 from recsys.errors import RecsysError, Unavailable
 from recsys.events import Event, EventTimeBounds
 from recsys.experiments import in_candidate_arm, overlap_at_k
@@ -36,7 +37,7 @@ from recsys.impressions import Impression, ImpressionSender
 from recsys.kafka_io import kafka_answers, producer, send_event
 from recsys.privacy import Pseudonyms
 from recsys.settings import Settings
-from serving.api_models import ERRORS, Accepted, ErrorAnswer, Health, Readiness, Recommendations
+from serving.api_models import ERRORS, Accepted, CatalogueAnswer, ErrorAnswer, Health, Readiness, Recommendations
 from serving.models import current_version, experiment, load_order, load_servable
 from serving.recommend import ServableModel, embed_together, needs_model, recommend
 
@@ -69,6 +70,8 @@ SHADOW_OVERLAP = metrics.Histogram("recsys_shadow_overlap", "overlap@k of a shad
                                    boundaries=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99], tag_keys=("version",))
 SHADOW_LATENCY_MS = metrics.Histogram("recsys_shadow_latency_ms", "time to compute a shadow candidate's list",
                                       boundaries=[0.5, 1, 2, 5, 10, 20, 50, 100], tag_keys=("version",))
+FRESH_ITEMS = metrics.Gauge("recsys_fresh_items", "catalogue items served by their content embedding (not yet known "
+                            "to the version by id)", tag_keys=("version",))
 MODEL_VERSION = metrics.Gauge("recsys_model_version_info", "1 for the version this replica serves", tag_keys=("version",))
 
 
@@ -120,8 +123,12 @@ class RecsysService:
                                             on_drop=lambda reason, n: IMPRESSIONS_DROPPED.inc(n, tags={"reason": reason}),
                                             on_sent=IMPRESSIONS_SENT.inc)
         self.model, self.version, self.load_failure = None, None, None
+        self.catalogue_keys = CatalogueKeys.of(s)
+        self.catalogue = CatalogueFollower(self.store.redis, self.catalogue_keys)
+        self.catalogue_items: dict[str, list[str]] = {}  # every entry read, for a version loaded later
         self.candidate: Optional[Candidate] = None
         self.candidate_failure: Optional[str] = None  # a candidate version that failed to load
+        self._follow_catalogue()  # before the first version loads: it starts with the whole catalogue
         for version in load_order(s):  # the current version, else the last good one: no crash loop
             try:
                 self._swap_to(version)
@@ -136,7 +143,7 @@ class RecsysService:
     def _swap_to(self, version: Optional[str]) -> None:
         if version == self.version:
             return
-        model = load_servable(self.settings, version) if version else None
+        model = self._loaded(version) if version else None
         # A request reads self.model once and names the version from that object, so it never
         # mixes two versions; self.version is the watcher's own bookkeeping.
         old, self.model, self.version = self.version, model, version
@@ -144,6 +151,24 @@ class RecsysService:
             MODEL_VERSION.set(0, tags={"version": old})
         if version:
             MODEL_VERSION.set(1, tags={"version": version})
+
+    def _loaded(self, version: str) -> ServableModel:
+        """The version, with the catalogue's items it does not know added to its live index."""
+        model = load_servable(self.settings, version)
+        model.add_items(self.catalogue_items)
+        return model
+
+    def _follow_catalogue(self) -> None:
+        """New catalogue entries into the live index of the served model and the candidate."""
+        try:
+            changed = self.catalogue.poll()
+            self.catalogue_items.update(changed)
+            for model in filter(None, (self.model, self.candidate and self.candidate.model)):
+                model.add_items(changed)
+        except Exception as exc:  # Redis away, say: the next poll reads what was missed; the watcher goes on
+            log.warning("catalogue not followed: %r", exc)
+        if self.model is not None:  # every poll: Ray drops a gauge not set for two export intervals
+            FRESH_ITEMS.set(len(self.model.fresh), tags={"version": self.model.version})
 
     def _load_failed(self, version: str, exc: Exception) -> None:
         self.load_failure = {"version": version, "error": f"{type(exc).__name__}: {exc}"[:500]}
@@ -166,6 +191,7 @@ class RecsysService:
                 self._load_failed(version, exc)
             finally:
                 self._follow_experiment()
+                self._follow_catalogue()
 
     def _follow_experiment(self) -> None:
         """Load the experiment's candidate, follow its share and mode, drop it when it ends. A
@@ -180,7 +206,7 @@ class RecsysService:
             elif held is not None and held.version == exp["candidate"]:
                 self.candidate = replace(held, share=exp["share"], shadow=exp["shadow"])
             elif exp["candidate"] != self.candidate_failure:
-                self.candidate = Candidate(exp["candidate"], load_servable(self.settings, exp["candidate"]),
+                self.candidate = Candidate(exp["candidate"], self._loaded(exp["candidate"]),
                                            exp["share"], exp["shadow"])
         except Exception as exc:
             self.candidate, self.candidate_failure = None, exp["candidate"] if exp else None
@@ -282,6 +308,17 @@ class RecsysService:
         timing = ", ".join(f"{stage};dur={ms:.3f}" for stage, ms in rec.stages_ms.items())
         return JSONResponse({**rec.to_json(user_id), "request_id": impression.request_id}, headers={"Server-Timing": timing})
 
+    async def put_item(self, item_id: str, entry: CatalogueEntry) -> dict:
+        try:
+            async with self.reader.redis.pipeline(transaction=True) as pipe:
+                queue_put(pipe, self.catalogue_keys, item_id, entry, self.settings.serving.catalogue_log_max)
+                await pipe.execute()
+        except redis.RedisError as exc:
+            raise Unavailable(f"Redis unavailable: {exc}") from None
+        model = self.model
+        known = set(model.content.known(entry.genres)) if model is not None and model.content else set()
+        return {"item_id": item_id, "genres": entry.genres, "unknown_genres": [g for g in entry.genres if g not in known]}
+
     @staticmethod
     def _shadow(candidate: Candidate, user: UserFeatures, k: int, trending: list, served: list[str]) -> None:
         try:
@@ -299,8 +336,9 @@ class RecsysService:
         return embed_together(requests)
 
     def readiness(self) -> dict:
+        model = self.model
         checks = {"model": self.version, "redis": self._redis_ok(), "kafka": kafka_answers(self.settings),
-                  "model_load_failure": self.load_failure}
+                  "model_load_failure": self.load_failure, "fresh_items": len(model.fresh) if model is not None else 0}
         return {"ready": checks["model"] is not None and checks["redis"] and checks["kafka"], **checks}
 
     def _redis_ok(self) -> bool:
@@ -424,6 +462,15 @@ async def events(request: Request):
         EVENTS_ACCEPTED.inc(len(accepted))
     LATENCY_MS.observe((time.perf_counter() - started) * 1e3, tags={"route": "events"})
     return {"accepted": len(accepted)}
+
+
+@app.put("/v1/items/{item_id}", status_code=202, response_model=CatalogueAnswer,
+         dependencies=[Security(_requires(Scope.catalogue_write))], responses=_errors(401, 403, 422, 429, 503))
+async def put_item(entry: CatalogueEntry, item_id: str = Path(min_length=1, max_length=MAX_ID_CHARS)):
+    """Add an item to the catalogue (or change its genres): every replica serves it within seconds,
+    embedded from its genres by the served model's content tower, until a retrain knows it by id.
+    ``unknown_genres``: those the served model never saw (they do not shape the embedding)."""
+    return await service().put_item(item_id, entry)
 
 
 @app.get("/healthz", response_model=Health)

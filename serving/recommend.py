@@ -10,19 +10,16 @@ import numpy as np
 from recsys.features import UserFeatures
 
 
-class AnnIndex(Protocol):
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Approximate top-k (item indices, scores) per query row; index -1 pads."""
-
-
 class ServableModel(Protocol):
     """What ``recsys.model.load_model`` returns."""
 
     version: str
     item_ids: list[str]
-    index: AnnIndex
 
     def user_embedding(self, features: list[UserFeatures]) -> np.ndarray: ...
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate top-k (rows of ``item_ids``, scores) per query row; -1 pads."""
 
 
 @dataclass
@@ -77,7 +74,7 @@ def recommend(model: ServableModel | None, user: UserFeatures, k: int, trending:
     t1 = time.perf_counter()
     # Ask for enough candidates that k survive the seen filter.
     n = min(len(model.item_ids), candidates_per_k * k + len(user.seen))
-    idx, scores = model.index.search(query, n)
+    idx, scores = model.search(query, n)
     t2 = time.perf_counter()
     items, out_scores = [], []
     for score, i in zip(scores[0], idx[0]):

@@ -67,9 +67,12 @@ class Scratch:
     def close(self):
         from recsys.auth import KeyStore
         stack.delete_topics(self.settings)
+        from recsys.catalogue import CatalogueKeys
         store = FeatureStore(self.settings)
         store.clear()
         KeyStore(self.settings, store.redis).clear()
+        catalogue = CatalogueKeys.of(self.settings)
+        store.redis.delete(catalogue.items, catalogue.log)
 
 
 def _tag(name: str) -> str:

@@ -18,7 +18,7 @@ from recsys.settings import Settings
 
 def test_scopes_parse_and_unknown_ones_are_named():
     assert parse_scopes("recs:read, events:write") == [Scope.recs_read, Scope.events_write]
-    with pytest.raises(InvalidInput, match="bogus.*events:write, recs:read, admin"):
+    with pytest.raises(InvalidInput, match="bogus.*events:write, catalogue:write, recs:read, admin"):
         parse_scopes("recs:read,bogus")
     with pytest.raises(InvalidInput, match="none given"):
         parse_scopes(" , ")

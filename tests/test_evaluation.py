@@ -16,7 +16,7 @@ from recsys.archive import SCHEMA
 from recsys.features import Keys, MemoryFeatures, event_ops
 from recsys.sources import MovieLensSource, SyntheticSource
 from recsys.training_data import (events_table, iter_point_in_time, point_in_time_features,
-                                  user_features_at)
+                                  user_features_at, with_relabeled_items)
 
 
 def _table(rows):
@@ -277,3 +277,16 @@ def test_events_table_is_time_ordered_archive_layout():
     assert t.schema == SCHEMA
     assert t.column("event_id").to_pylist() == ["1", "2"]
     assert t.column("value").to_pylist() == [4.0, None]
+
+
+def test_relabeled_items_are_one_consistent_renaming_of_events_and_features():
+    src = SyntheticSource(events=2000, users=50, items=40, clusters=4, categories=1)
+    table, features = events_table(src.events_iter()), src.item_features()
+    relabeled, renamed = with_relabeled_items(table, features, seed=3)
+    rename = dict(zip(table["item_id"].to_pylist(), relabeled["item_id"].to_pylist()))
+    assert len(set(rename.values())) == len(rename) and any(a != b for a, b in rename.items())
+    assert all(renamed[rename[i]] == features[i] for i in rename), "an item's features go with its behaviour"
+    assert sorted(renamed) == sorted(features)
+    assert relabeled.drop(["item_id"]).equals(table.drop(["item_id"]))
+    again, _ = with_relabeled_items(table, features, seed=3)
+    assert again.equals(relabeled)

@@ -82,6 +82,73 @@ def test_shopper_config_from_env():
         ShopperConfig.from_env({"LOADTEST_EVENT_MIX": "teleport=1"})
     assert zipf_cum_weights(3, 1.0) == pytest.approx([1, 1.5, 1.5 + 1 / 3])
 
+TASTE = "synthetic:users=500,items=400,clusters=10,categories=1"
+
+
+def _strip_ids(x):
+    """A draw without its uuid parts (new users' ids, event ids), which are not seeded."""
+    if isinstance(x, dict):
+        return {k: v for k, v in x.items() if k not in ("event_id", "ts")}
+    uid, is_new = x
+    return ("new" if is_new else uid), is_new
+
+
+def test_without_a_taste_source_shoppers_are_as_before():
+    plain = Population(ShopperConfig(), seed=5)
+    knobs = Population(ShopperConfig(click_match=1.0, click_other=1.0, buy_share=1.0), seed=5)
+    for pop in (plain, knobs):
+        assert pop.reactions("u3", ["i1", "i2"]) == []
+    draws = [[_strip_ids(f(pop)) for _ in range(300) for f in (Population.shopper, lambda p: p.event("u1", ["i9"]))]
+             for pop in (plain, knobs)]
+    assert draws[0] == draws[1]
+    assert {e["item_id"] for e in draws[0] if isinstance(e, dict)} - {"i9"}, "popular items besides the shown one"
+    assert all(uid.startswith("u") and int(uid[1:]) >= 1 for uid, _ in draws[0][::2] if uid != "new")
+
+
+def test_taste_shoppers_are_the_sources_users_and_browse_their_own_cluster():
+    from recsys.sources import open_source
+    src = open_source(TASTE)
+    pop = Population(ShopperConfig(taste_source=TASTE, new_user_share=0.0, event_mix="view=1"), seed=3)
+    users = Counter(pop.shopper()[0] for _ in range(5000))
+    assert all(0 <= int(u[1:]) < 500 for u in users)
+    heaviest = int(np.argmax(src.user_activity))
+    assert users.most_common(1)[0][0] == f"u{heaviest}", "drawn by the source's activity"
+    events = [pop.event("u7", shown=["i1"]) for _ in range(2000)]
+    own = np.mean([src.item_cluster[int(e["item_id"][1:])] == src.user_cluster[7] for e in events])
+    assert own > 0.75, "mostly of the user's own cluster (the source's taste is 0.8)"
+
+
+def test_taste_shoppers_click_their_own_cluster_and_the_top_ranks():
+    from recsys.sources import open_source
+    src = open_source(TASTE)
+    pop = Population(ShopperConfig(taste_source=TASTE, click_match=0.4, click_other=0.04, buy_share=0.5), seed=4)
+    user = "u11"
+    mine = [f"i{k}" for k in np.flatnonzero(src.item_cluster == src.user_cluster[11])]
+    others = [f"i{k}" for k in np.flatnonzero(src.item_cluster != src.user_cluster[11])]
+    rng = np.random.default_rng(0)
+    clicks = Counter()  # (own cluster?, rank) -> clicks
+    shown = Counter()
+    types = Counter()
+    for _ in range(3000):
+        items = list(rng.choice(mine, 5, replace=False)) + list(rng.choice(others, 5, replace=False))
+        rng.shuffle(items)
+        for rank, item in enumerate(items, start=1):
+            shown[(item in mine, rank)] += 1
+        for e in pop.reactions(user, items):
+            assert e["user_id"] == user and e["item_id"] in items
+            types[e["type"]] += 1
+            if e["type"] == "click":
+                clicks[(e["item_id"] in mine, items.index(e["item_id"]) + 1)] += 1
+    rate = lambda own, ranks: sum(clicks[(own, r)] for r in ranks) / sum(shown[(own, r)] for r in ranks)  # noqa: E731
+    assert rate(True, range(1, 11)) > 5 * rate(False, range(1, 11)), "own-cluster items get far more clicks"
+    assert rate(True, [1]) == pytest.approx(0.4, abs=0.05) and rate(False, [1]) == pytest.approx(0.04, abs=0.02)
+    by_rank = [rate(True, [r]) for r in range(1, 11)]
+    assert by_rank[0] > by_rank[2] > by_rank[9], "higher ranks get more clicks"
+    assert rate(True, [2]) == pytest.approx(0.2, abs=0.04)  # 0.4 / 2 ** position_decay
+    assert types["click"] > types["add_to_cart"] > types["purchase"] > 0
+    assert types["add_to_cart"] / types["click"] == pytest.approx(0.5, abs=0.06)
+    assert ShopperConfig.from_env({"LOADTEST_TASTE_SOURCE": TASTE, "LOADTEST_CLICK_MATCH": "0.5"}).click_match == 0.5
+
 
 # ---- SLO evaluation from recorded samples ------------------------------------
 

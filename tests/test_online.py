@@ -1,21 +1,28 @@
 """Issue 18 (point 2): events joined to the impressions that showed their items, per model
 version and arm; exact against the rule (``expected_report``) through the real broker and
-Redis, in whichever order the two topics arrive, after a kill -9, and under a full replay."""
+Redis, in whichever order the two topics arrive, after a kill -9, and under a full replay; the
+guardrail; and (point 4) Locust's taste shoppers, whose reactions count for the lists they saw."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
 import sys
 import time
 
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer
 
+from loadtest import runner
+from loadtest.shapes import Profile
 from recsys.attribution import expected_report, summarize
 from recsys.events import Event
 from recsys.impressions import Impression
-from recsys.kafka_io import connection
+from recsys.kafka_io import connection, replay
+from recsys.privacy import Pseudonyms
+from recsys.sources import open_source
+from tests.conftest import plain_api
 
 WINDOW_MS = 1_800_000
 ATTRIBUTABLE = ("click", "add_to_cart", "purchase")
@@ -161,3 +168,34 @@ def test_the_guardrail_leaves_an_equal_candidate_running(scratch):
     assert registry.experiment()["candidate"] == v2
     report = json.loads(scratch.cli("online", "report", "--json").stdout.strip().splitlines()[-1])
     assert report["guardrail_stops"] == {} and report["arms"][f"{v2}|candidate"]["impressions"] == 400
+
+
+def test_taste_shoppers_reactions_are_attributed_to_the_lists_that_showed_them(scratch, tmp_path):
+    """Locust's taste shoppers against the API (no model yet: trending answers) click, cart and
+    buy only items of the lists just shown to them, so the online consumer attributes (nearly)
+    every such event to its list, the top ranks most."""
+    s = scratch.settings
+    taste = "synthetic:events=3000,users=200,items=200,clusters=5,categories=1"
+    replay(Pseudonyms.of(s).events(open_source(taste).events_iter()), s, progress=False)
+    scratch.cli("stream", "--until-idle", "3", "--metrics-port", "0")  # trending, for the answers
+    load = Profile("taste", base=4, ramp_to=4, peak=4, baseline_s=15, ramp_s=0, surge_s=0, peak_s=0, decay_s=0,
+                   cooldown_s=0, wait_min_s=0.05, wait_max_s=0.2)
+    key = scratch.api_key()
+    env = {**os.environ, "LOADTEST_API_KEY": key, "LOADTEST_PROFILE_SPEC": json.dumps(load.spec()),
+           "LOADTEST_TASTE_SOURCE": taste, "LOADTEST_EVENT_MIX": "view=1", "LOADTEST_CLICK_MATCH": "0.6",
+           "LOADTEST_CLICK_OTHER": "0.1"}
+    with plain_api(s, s.serving.port + 93, key) as api:
+        locust = runner.start_locust(str(api.base_url), env, tmp_path / "locust.log")
+        assert locust.wait(timeout=90) == 0, (tmp_path / "locust.log").read_text()[-2000:]
+    consumer = KafkaConsumer(s.kafka.events_topic, **connection(s), group_id=None, auto_offset_reset="earliest",
+                             consumer_timeout_ms=5000)
+    posted = [e for r in consumer for e in [json.loads(r.value)] if e["event_id"].startswith("lt-")]
+    consumer.close()
+    reactions = [e for e in posted if e["type"] in ATTRIBUTABLE]
+    assert len(reactions) > 30 and len(posted) > len(reactions), "taste reactions and background views"
+    scratch.cli("online", "run", "--until-idle", "3", "--metrics-port", "0")
+    report = json.loads(scratch.cli("online", "report", "--json").stdout.strip().splitlines()[-1])
+    arm = report["arms"]["None|current"]  # no model: the trending fallback, in the current arm
+    assert 0 < arm["hit_rate"] <= 1 and arm["ctr_at_k"] > 0
+    assert 0.9 * len(reactions) <= sum(arm["hits"].values()) <= len(reactions)
+    assert arm["hit_ranks"]["1"] > arm["hit_ranks"].get("10", 0)

@@ -13,7 +13,6 @@ class TinyModel:
     def __init__(self, n=20):
         self.item_ids = [f"i{j}" for j in range(n)]
         self.emb = np.eye(n)
-        self.index = self
 
     def user_embedding(self, users):
         q = np.zeros((len(users), len(self.item_ids)))

@@ -111,9 +111,11 @@ def load_table(source: str | pa.Table, settings: Settings, user_col="user_id", i
     """(events table, item features or None, source name) from a table, ``archive`` or a source spec."""
     if isinstance(source, pa.Table):
         return sort_table(source), None, "table"
-    if source == "archive":
+    if source == "archive":  # the items' features: the catalogue's (recsys/catalogue.py), if it has any
         from recsys.archive import read_events
-        return sort_table(read_events(settings)), None, "archive"
+        from recsys.catalogue import snapshot
+        from recsys.feature_store import connect
+        return sort_table(read_events(settings)), snapshot(connect(settings), settings) or None, "archive"
     from recsys.privacy import Pseudonyms
     from recsys.sources import open_source
     src = open_source(source, user_col, item_col, ts_col)

@@ -351,10 +351,11 @@ def default_config() -> dict:
     return asdict(ModelConfig())
 
 
-def version_ranks(version_dirs: list[Path], table: pa.Table, settings: Settings
-                  ) -> tuple[evaluation.Split, dict[str, np.ndarray]]:
+def version_ranks(version_dirs: list[Path], table: pa.Table, settings: Settings,
+                  catalogue: Optional[dict[str, list[str]]] = None) -> tuple[evaluation.Split, dict[str, np.ndarray]]:
     """The table's split and, per published model, the rank of each test target (items a
-    model never saw score -inf): the paired per-user outcomes the gate compares."""
+    model never saw score -inf, unless ``catalogue`` gives their genres: then they score by the
+    model's content head, as a replica serves them): the paired per-user outcomes the gate compares."""
     from recsys.model import load_model
     if table.num_rows == 0:
         raise DataError("no events: the source is empty")
@@ -366,6 +367,7 @@ def version_ranks(version_dirs: list[Path], table: pa.Table, settings: Settings
     out = {}
     for folder in version_dirs:
         model = load_model(folder)
+        model.add_items(catalogue or {})
         users = model.user_embedding([feats[r] for r in split.test_index])
         pos = {t: i for i, t in enumerate(model.item_ids)}
         cols = np.array([pos.get(t, -1) for t in split.item_ids])

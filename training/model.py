@@ -10,6 +10,12 @@ Item tower: item id embedding (optionally the same table as the history's) besid
 item's features (multi-hot genres where the source has them), linearly projected,
 L2-normalized. Score = cosine / temperature.
 
+Content head (where items have genres): the item tower with the id always dropped, the
+genres alone linearly projected and L2-normalized, trained by the same softmax in its item's
+place among the same candidates, everything but the head held fixed. It embeds an item the model never saw from its catalogue
+entry (``recsys.catalogue``) and changes nothing else: dropping a share of the ids from the
+tower itself (id dropout 0.05-0.1) cost 5-6% of HR@10 on MovieLens-100K.
+
 Loss: in-batch softmax with log-Q correction (Yi et al. 2019), optionally mixed with
 uniformly sampled negatives: every candidate's logit is lowered by the log of its
 expected count among the negatives (B * q_j + M / N), duplicates of the positive masked.
@@ -65,6 +71,9 @@ def build_model(cfg: ModelConfig, n_users: int, n_items: int, item_genres: np.nd
             self.user_out = keras.layers.Dense(cfg.dim, name="user_out")
             self.item_out = keras.layers.Dense(cfg.dim, name="item_out")
             self.genres = tf.constant(item_genres.astype(np.float32))
+            self.content_out = keras.layers.Dense(cfg.dim, name="content_out") if item_genres.shape[1] else None
+            # Items with the same genres share one id here: their content vectors are the same.
+            self.genre_set = tf.constant(np.unique(item_genres, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int32))
 
         def user_tower(self, user, hist, counts, training=False):
             if training and cfg.user_dropout > 0:
@@ -85,6 +94,9 @@ def build_model(cfg: ModelConfig, n_users: int, n_items: int, item_genres: np.nd
             x = tf.concat([tf.cast(v, tf.float32), tf.gather(self.genres, item)], axis=1)
             return tf.math.l2_normalize(tf.cast(self.item_out(x), tf.float32), axis=1)
 
+        def content_tower(self, item):
+            return tf.math.l2_normalize(tf.cast(self.content_out(tf.gather(self.genres, item)), tf.float32), axis=1)
+
         def call(self, inputs, training=False):
             return (self.user_tower(inputs["user"], inputs["hist"], inputs["counts"], training),
                     self.item_tower(inputs["item"]))
@@ -93,6 +105,8 @@ def build_model(cfg: ModelConfig, n_users: int, n_items: int, item_genres: np.nd
     dummy = {"user": tf.zeros([1], tf.int32), "hist": tf.zeros([1, cfg.history], tf.int32),
              "counts": tf.zeros([1, len(COUNT_TYPES)], tf.float32), "item": tf.zeros([1], tf.int32)}
     model(dummy)
+    if model.content_out is not None:
+        model.content_tower(dummy["item"])
     return model
 
 
@@ -144,6 +158,22 @@ def sampled_softmax_loss(model, batch, log_q, n_items: int, cfg: ModelConfig, tr
     logits = tf.where(dup, tf.constant(-1e9, logits.dtype), logits)
     labels = tf.range(bsz)
     loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    if model.content_out is not None:
+        # The content head, trained among real items (held fixed, like everything but the head):
+        # the candidates are the batch's content vectors and its real items. In its item's place
+        # the content vector must beat the real candidates (the item's own left out); in the real
+        # item's place, the content vectors of other genres must lose to it. Content vectors of
+        # items with the same genres are the same vector: left out.
+        real = tf.stop_gradient(logits)
+        content = tf.matmul(tf.stop_gradient(u), model.content_tower(cand_items), transpose_b=True) / cfg.temperature
+        if cfg.logq:
+            content = content - tf.math.log(expected)[None, :]
+        same = tf.equal(tf.gather(model.genre_set, item)[:, None], tf.gather(model.genre_set, cand_items)[None, :])
+        off = tf.constant(-1e9, logits.dtype)
+        as_item = tf.concat([tf.where(tf.logical_and(same, tf.logical_not(own)), off, content), tf.where(own, off, real)], 1)
+        against_item = tf.concat([tf.where(same, off, content), real], 1)
+        loss = loss + tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=as_item) + \
+            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels + tf.shape(content)[1], logits=against_item)
     if teacher is None or cfg.distill_weight <= 0:
         return tf.reduce_mean(loss)
     t_logits = tf.matmul(batch["teacher_user"], tf.gather(teacher["item"], cand_items),
@@ -162,4 +192,6 @@ def model_weights(model) -> dict[str, np.ndarray]:
          "hidden_w": model.hidden.kernel.numpy(), "hidden_b": model.hidden.bias.numpy(),
          "user_out_w": model.user_out.kernel.numpy(), "user_out_b": model.user_out.bias.numpy(),
          "item_out_w": model.item_out.kernel.numpy(), "item_out_b": model.item_out.bias.numpy()}
+    if model.content_out is not None:
+        w.update(content_w=model.content_out.kernel.numpy(), content_b=model.content_out.bias.numpy())
     return {k: np.asarray(v, dtype=np.float32) for k, v in w.items()}
