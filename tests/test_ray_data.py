@@ -27,10 +27,18 @@ def ray_session():
 
 
 @pytest.fixture
-def settings(tmp_path):
-    from recsys.settings import get_settings
-    return get_settings().updated(home=tmp_path / "home", registry_dir=tmp_path / "models",
-                                  archive_dir=tmp_path / "archive")
+def settings(scratch):
+    """A private archive, registry and Redis prefix (the catalogue the engines read)."""
+    return scratch.settings
+
+
+def _put_catalogue(settings, entries: dict[str, list[str]]) -> None:
+    from recsys.catalogue import CatalogueEntry, CatalogueKeys, queue_put
+    from recsys.feature_store import connect
+    with connect(settings).pipeline(transaction=True) as pipe:
+        for item, genres in entries.items():
+            queue_put(pipe, CatalogueKeys.of(settings), item, CatalogueEntry(genres=genres), 1000)
+        pipe.execute()
 
 
 def _with_duplicates_and_ties(events: list[Event]) -> list[Event]:
@@ -57,10 +65,12 @@ def _assert_same(settings) -> tuple[object, object]:
     from recsys.model import ModelConfig
     from training.data import Prepared, load_table
     from training.ray_data import ArchiveData
-    table, _, _ = load_table("archive", settings)
-    mem = Prepared(table, None, ModelConfig(history=20), recent_items=20)
+    table, item_features, _ = load_table("archive", settings)
+    mem = Prepared(table, item_features, ModelConfig(history=20), recent_items=20)
     ray = ArchiveData(settings, history=20, recent_items=20, block_rows=15_000)
     assert ray.vocab.user_ids == mem.vocab.user_ids and ray.vocab.item_ids == mem.vocab.item_ids
+    assert ray.vocab.genres == mem.vocab.genres and np.array_equal(ray.vocab.item_genres, mem.vocab.item_genres)
+    assert np.array_equal(ray.split_item_rows, mem.split_item_rows)
     assert ray.split.window() == mem.split.window()
     for stage, tag in (("test", "test"), ("validation", "val")):
         a, b = mem.at(stage), ray.at(stage)
@@ -86,28 +96,39 @@ def test_movielens_examples_and_targets_equal_the_in_memory_path(ray_session, se
     assert mem.split.protocol == "A" and mem.split.window()["events"] == 100_000
 
 
-def test_synthetic_log_with_duplicates_ties_and_a_forgotten_user_equals_the_in_memory_path(ray_session, settings):
+def test_synthetic_log_with_duplicates_ties_a_forgotten_user_and_a_catalogue_equals_the_in_memory_path(
+        ray_session, settings):
+    """The catalogue names known items and items no event has touched (in the vocabulary, not ranked)."""
     from recsys.sources import open_source
     events = _with_duplicates_and_ties(list(open_source(SYN).events_iter()))
     archive.write_events(settings.archive_dir, events, partitions=3, batch=2500)
+    known = sorted({e.item_id for e in events})
+    _put_catalogue(settings, {**{t: [f"g{k % 5}"] for k, t in enumerate(known[::3])},
+                              **{f"new-{k}": ["g1", "g9"] for k in range(7)}, "0-first": ["g2"]})
     forgotten = events[50]
     archive.write_tombstone(settings.archive_dir, forgotten.user_id, forgotten.ts)
     mem, _ = _assert_same(settings)
-    assert mem.split.protocol == "B"
+    assert mem.split.protocol == "B" and mem.vocab.n_items == mem.split.n_items + 8
     assert mem.split.window()["events"] < len({e.event_id for e in events}) < len(events)
 
 
-def test_training_through_ray_data_matches_the_in_memory_model(ray_session, settings):
-    """Same data, same config: the two engines' models differ only by the order of the examples."""
+def test_training_through_ray_data_matches_the_in_memory_model_and_the_gate_ranks_alike(ray_session, settings):
+    """Same data, same config: the two engines' models differ only by the order of the examples.
+    The retraining gate's per-user ranks from the engine's held-out targets equal those from the
+    event table, for both models (each re-codes the inputs into its own vocabulary)."""
+    from recsys.registry import Registry
     from recsys.sources import open_source
-    from training.job import train
+    from training.data import load_table
+    from training.job import held_out_ranks, train, version_ranks
+    from training.ray_data import ArchiveData
     fast = {"dim": 32, "user_dim": 16, "hidden": 64, "batch_size": 128, "temperature": 0.1, "learning_rate": 0.005}
     archive.write_events(settings.archive_dir, open_source("synthetic:events=40000,users=1500,items=600,clusters=12,"
                                                            "seed=5,taste=0.9").events_iter(), partitions=2)
     cards = {}
     for engine in ("memory", "ray_data"):
         s = settings.updated(training={"data_engine": engine})
-        cards[engine] = train("archive", settings=s, workers=2, epochs=4, model_config=fast, publish=False)
+        cards[engine] = train("archive", settings=s, workers=2, epochs=4, model_config=fast, promote=False)
+    assert cards["ray_data"]["training"]["data_engine"] == "ray_data"
     mem, ray = (cards[e]["metrics"] for e in ("memory", "ray_data"))
     assert cards["memory"]["examples"] == cards["ray_data"]["examples"]
     assert ray["popularity"] == mem["popularity"]  # the gate's floor, on the same targets
@@ -118,3 +139,11 @@ def test_training_through_ray_data_matches_the_in_memory_model(ray_session, sett
     # the bound of test_training's 1 vs 2 workers, about 0.095 here.
     assert h_ray >= 2 * ray["popularity"]["hr@10"], ray
     assert abs(h_mem - h_ray) <= 0.05 + 0.1 * max(h_mem, h_ray), (h_mem, h_ray)
+
+    paths = [Registry(settings.registry_dir).path(cards[e]["version"]) for e in ("memory", "ray_data")]
+    split, want = version_ranks(paths, load_table("archive", settings)[0], settings)
+    held_out, got = held_out_ranks(paths, ArchiveData(settings, 50, settings.features.recent_items, 15_000))
+    assert held_out.window() == split.window()
+    for engine in ("memory", "ray_data"):
+        version = cards[engine]["version"]
+        assert np.array_equal(got[version], want[version]), engine

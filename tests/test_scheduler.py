@@ -167,7 +167,7 @@ def test_lock_is_exclusive_and_expires(scratch):
 
 
 def test_drift_retrain_on_the_newer_window_wins_and_is_published(scratch):
-    """Half-way through, a new season: tastes shift and the catalogue is replaced by new items.
+    """Half-way through, a new season (the second run on the Ray Data engine): tastes shift and the catalogue is replaced by new items.
     The model trained before it has never seen the new items, so on the newest hold-out it
     cannot hit; the retrained one can, and the gate publishes it (protocol B, default margin).
     The old model's HR@10 is 0.0 by construction. The data is the synthetic default's size: on
@@ -181,9 +181,12 @@ def test_drift_retrain_on_the_newer_window_wins_and_is_published(scratch):
     old = run_once(s, "manual")
     assert old["decision"] == "published"
     _archive(scratch, events[50_000:])
-    new = run_once(s, "new-events")
+    # The second run on the Ray Data engine (issue 19): its window, training and the gate on its held-out targets.
+    new = run_once(s.updated(training={"data_engine": "ray_data"}), "new-events")
     print(json.dumps({"candidate": new["candidate"], "current": new["current"], "popularity": new["popularity_hr10"]}))
     assert new["decision"] == "published", new
+    card = Registry(s.registry_dir).show(new["candidate"]["version"])
+    assert card["training"]["data_engine"] == "ray_data" and card["data_window"] == new["window"], card
     assert new["current"]["hr@10"] <= 0.01, new  # the old catalogue is gone from the newest window
     assert new["candidate"]["hr@10"] >= 0.05 and new["candidate"]["hr@10"] > new["current"]["hr@10"] + 0.04, new
 

@@ -310,7 +310,7 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
                     "on the validation targets, test scored once (EVALUATION.md)",
         "tuning": tuning or "none: the model config as given, not chosen on this data's validation targets",
         "training": {"seconds": round(run["seconds"], 1), "prepare_seconds": round(t_prep, 1),
-                     "data_engine": "ray_data" if streamed else "memory",
+                     "data_engine": "ray_data" if isinstance(prepared, ArchiveData) else "memory",
                      "workers": workers, "use_gpu": use_gpu, "mixed_precision": mixed_precision,
                      "epochs": cfg.epochs, "examples_per_s": round(float(np.median(steady)), 1) if steady else None,
                      "history": history, "resumed_from_epoch": run["meta"].get("start_epoch", 0),
@@ -356,7 +356,6 @@ def version_ranks(version_dirs: list[Path], table: pa.Table, settings: Settings,
     """The table's split and, per published model, the rank of each test target (items a
     model never saw score -inf, unless ``catalogue`` gives their genres: then they score by the
     model's content head, as a replica serves them): the paired per-user outcomes the gate compares."""
-    from recsys.model import load_model
     if table.num_rows == 0:
         raise DataError("no events: the source is empty")
     split = evaluation.split_table(table)
@@ -364,11 +363,36 @@ def version_ranks(version_dirs: list[Path], table: pa.Table, settings: Settings,
     test_rows = set(split.test_index.tolist())
     feats = {r: f for r, (_, f) in enumerate(iter_point_in_time(table, settings.features.recent_items))
              if r in test_rows}
+    return split, _ranks(version_dirs, split, lambda model: model.user_embedding([feats[r] for r in split.test_index]),
+                         catalogue)
+
+
+def held_out_ranks(version_dirs: list[Path], data) -> tuple[evaluation.HeldOut, dict[str, np.ndarray]]:
+    """``version_ranks`` on the Ray Data engine's held-out targets (``training.ray_data.ArchiveData``):
+    its encoded test inputs re-coded into each model's vocabulary (unknown ids: the OOV slot, as
+    ``encode_users`` codes them)."""
+    test = data.at("test").stage_inputs["test"]
+    users = np.asarray(data.vocab.user_ids, dtype=object)
+    items = np.asarray(data.vocab.item_ids, dtype=object)
+
+    def embed(model):
+        user_code = np.array([0] + [model.vocab.user_index.get(u, 0) for u in users], dtype=np.int32)
+        item_code = np.array([0] + [model.vocab.item_index.get(t, 0) for t in items], dtype=np.int32)
+        hist = item_code[test["hist"][:, :model.config.history]]
+        if hist.shape[1] < model.config.history:
+            hist = np.pad(hist, ((0, 0), (0, model.config.history - hist.shape[1])))
+        return model.tower.embed_encoded(user_code[test["user"]], hist, test["counts"])
+    return data.split, _ranks(version_dirs, data.split, embed, None)
+
+
+def _ranks(version_dirs: list[Path], split, embed, catalogue) -> dict[str, np.ndarray]:
+    """Per published model, each test target's rank; ``embed(model)``: the test targets' users."""
+    from recsys.model import load_model
     out = {}
     for folder in version_dirs:
         model = load_model(folder)
         model.add_items(catalogue or {})
-        users = model.user_embedding([feats[r] for r in split.test_index])
+        users = embed(model)
         pos = {t: i for i, t in enumerate(model.item_ids)}
         cols = np.array([pos.get(t, -1) for t in split.item_ids])
         vectors = model.scored_item_vectors()  # as requests score them (int8 codes decoded, say)
@@ -379,7 +403,7 @@ def version_ranks(version_dirs: list[Path], table: pa.Table, settings: Settings,
             s[:, cols < 0] = -np.inf
             return s
         out[model.version] = evaluation.target_ranks(split, score)
-    return split, out
+    return out
 
 
 def evaluate_version(version_dir: Path, source: str | pa.Table, settings: Settings, user_col="user_id", item_col="item_id", ts_col="timestamp") -> dict:

@@ -53,8 +53,9 @@ def _hash_shuffled(ds, n: int, key: str):
     return ds.repartition(n, keys=[key])
 
 
-def _read(batch: dict, dead: dict) -> pa.Table:
-    return pa.concat_tables([archive.read_file(p, int(i), dead) for p, i in zip(batch["path"], batch["index"])])
+def _read(batch: dict, dead: dict, after_ts: int | None) -> pa.Table:
+    table = pa.concat_tables([archive.read_file(p, int(i), dead) for p, i in zip(batch["path"], batch["index"])])
+    return table if after_ts is None else table.filter(pc.greater(table["ts"], after_ts))
 
 
 def _user_examples(block: pa.Table, vocab_refs, protocol: str, history: int, recent_items: int) -> dict:
@@ -98,9 +99,10 @@ def _examples(batch: dict, flag: str) -> dict:
     return {k: batch[k][batch[flag]] for k in MODEL_COLUMNS}
 
 
-def _stage_targets(batches: list[dict], test: bool, n_users: int, popularity: np.ndarray
+def _stage_targets(batches: list[dict], test: bool, n_users: int, popularity: np.ndarray, to_split: np.ndarray
                    ) -> tuple[dict, evaluation.StageTargets]:
-    """The stage's targets in user order, as the model's inputs and as ``HeldOut`` wants them."""
+    """The stage's targets in user order, as the model's inputs and as ``HeldOut`` wants them
+    (``to_split``: each vocabulary item's code among the events' items, which the split ranks)."""
     rows = {k: np.concatenate([b[k][b["tgt_test"] == test] for b in batches]) for k in (*MODEL_COLUMNS, "seen")}
     order = np.argsort(rows["user"], kind="stable")
     rows = {k: v[order] for k, v in rows.items()}
@@ -109,8 +111,8 @@ def _stage_targets(batches: list[dict], test: bool, n_users: int, popularity: np
     lens = np.zeros(n_users, dtype=np.int64)
     lens[users] = [len(s) for s in rows["seen"]]
     np.cumsum(lens, out=indptr[1:])
-    seen = np.concatenate([np.sort(s) for s in rows["seen"]] + [np.zeros(0, np.int32)]).astype(np.int64)
-    stage = evaluation.StageTargets(users, rows["item"].astype(np.int64) - 1, indptr, seen, popularity)
+    seen = np.concatenate([np.sort(to_split[s]) for s in rows["seen"]] + [np.zeros(0, np.int64)]).astype(np.int64)
+    stage = evaluation.StageTargets(users, to_split[rows["item"].astype(np.int64) - 1], indptr, seen, popularity)
     return {k: rows[k] for k in ("user", "hist", "counts")}, stage
 
 
@@ -128,8 +130,13 @@ class ArchiveData:
     examples stay in the object store and reach the workers as a dataset shard. ``stage`` picks
     the examples and targets ("test" or "validation"), ``history`` the recent items read."""
 
-    def __init__(self, settings: Settings, history: int, recent_items: int, block_rows: int):
+    def __init__(self, settings: Settings, history: int, recent_items: int, block_rows: int,
+                 after_ts: int | None = None):
+        """``after_ts``: only the events after it (a retraining's window), as ``read_events`` then
+        a filter on ts would keep them."""
         import ray
+        from recsys.catalogue import snapshot
+        from recsys.feature_store import connect
         from ray.data.context import DataContext
         verbose = log.isEnabledFor(logging.INFO)  # Ray Data's progress bars and plans only with -v
         DataContext.get_current().enable_progress_bars = verbose
@@ -140,7 +147,8 @@ class ArchiveData:
         blocks = max(1, -(-archive.stored_events(settings.archive_dir) // block_rows))
         paths = ray.data.from_items([{"path": str(f), "index": i} for i, f in enumerate(files)],
                                     override_num_blocks=min(len(files), 4 * blocks))
-        read = paths.map_batches(_read, batch_size=1, fn_kwargs={"dead": archive.tombstones(settings.archive_dir)})
+        read = paths.map_batches(_read, batch_size=1, fn_kwargs={"dead": archive.tombstones(settings.archive_dir),
+                                                                 "after_ts": after_ts})
         events = _hash_shuffled(read, blocks, "event_id").map_batches(
             examples.first_copies, batch_size=None, batch_format="pyarrow").materialize()
         n_events, min_ts, max_ts, users, items, types = _summary(events)
@@ -149,14 +157,20 @@ class ArchiveData:
         protocol = evaluation.protocol_for(types)
         if len(users) < 2:
             raise DataError(f"only {len(users)} user: need at least 2 users to train and evaluate")
-        self.vocab = Vocab.build(users, items)
+        # The items' features: the catalogue's (recsys/catalogue.py), as the in-memory path reads them.
+        self.vocab = Vocab.build(users, items, snapshot(connect(settings), settings) or None)
+        vocab_items = np.asarray(self.vocab.item_ids, dtype=str)
+        # The split ranks the events' items; the vocabulary may hold a larger catalogue.
+        self.split_item_rows = np.searchsorted(vocab_items, items)
+        to_split = np.full(len(vocab_items), -1, dtype=np.int64)
+        to_split[self.split_item_rows] = np.arange(len(items))
         self.history_len = min(history, recent_items)
-        refs = ray.put((pa.array(users), pa.array(items)))
+        refs = ray.put((pa.array(users), pa.array(vocab_items)))
         self.rows = _hash_shuffled(events, blocks, "user_id").map_batches(
             _user_examples, batch_size=None, batch_format="pyarrow",
             fn_kwargs={"vocab_refs": refs, "protocol": protocol, "history": self.history_len,
                        "recent_items": recent_items}).materialize()
-        counts = {flag: np.zeros(len(items) + 1, dtype=np.int64) for flag in COUNTED}
+        counts = {flag: np.zeros(len(vocab_items) + 1, dtype=np.int64) for flag in COUNTED}
         for batch in self.rows.map_batches(_item_counts, batch_size=None).iter_batches(batch_size=None):
             for flag in COUNTED:
                 counts[flag][batch["item"]] += batch[flag]
@@ -165,10 +179,10 @@ class ArchiveData:
         self.stage_inputs, stages = {}, {}
         for stage, tag in examples.STAGE.items():
             self.stage_inputs[stage], stages[stage] = _stage_targets(
-                batches, stage == "test", len(users), counts[f"pop_{tag}"][1:].astype(np.float32))
+                batches, stage == "test", len(users), counts[f"pop_{tag}"][1:][self.split_item_rows].astype(np.float32),
+                to_split)
         self.split = evaluation.HeldOut(users, items, protocol, stages, n_events, min_ts, max_ts)
         evaluation.check_evaluable(self.split)
-        self.split_item_rows = np.arange(len(items))  # the vocabulary holds the events' items only
         self._shuffled: dict = {}
         self._select("test")
 

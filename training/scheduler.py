@@ -34,7 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from recsys import evaluation
-from recsys.archive import read_events
+from recsys.archive import newest_ts, read_events
 from recsys.errors import Busy, LockLost
 from recsys.feature_store import connect
 from recsys.registry import Registry
@@ -152,12 +152,15 @@ def gate(candidate_hits: np.ndarray, current_hits: Optional[np.ndarray], popular
     return True, f"candidate HR@10 {cand:.4f}, {span}{f', above -{margin:g}' if ci else ''}; most-popular {pop:.4f}", ci
 
 
-def judge(settings: Settings, registry: Registry, candidate: str, current: Optional[str], holdout: pa.Table) -> dict:
+def judge(settings: Settings, registry: Registry, candidate: str, current: Optional[str], holdout) -> dict:
     """Both published models scored per user on the holdout's test targets, and the gate's
-    verdict: {passed, reason, interval, window, candidate, current, popularity_hr10}."""
-    from training.job import version_ranks
+    verdict: {passed, reason, interval, window, candidate, current, popularity_hr10}. ``holdout``:
+    the window's event table, or its held-out targets on the Ray Data engine (``ArchiveData``)."""
+    from training.job import held_out_ranks, version_ranks
     versions = [candidate] + ([current] if current else [])
-    split, ranks = version_ranks([registry.path(v) for v in versions], holdout, settings)
+    paths = [registry.path(v) for v in versions]
+    split, ranks = (version_ranks(paths, holdout, settings) if isinstance(holdout, pa.Table)
+                    else held_out_ranks(paths, holdout))
 
     def summary(version: str) -> dict:
         m = evaluation.metrics_from_ranks(ranks[version])
@@ -170,6 +173,14 @@ def judge(settings: Settings, registry: Registry, candidate: str, current: Optio
             "popularity_hr10": round(float(popularity_hits.mean()), 4)}
 
 
+def window_start(settings: Settings) -> Optional[int]:
+    """The training window's bound: events after it (None: everything)."""
+    if settings.retraining.window_days <= 0:
+        return None
+    newest = newest_ts(settings.archive_dir)
+    return None if newest is None else newest - int(settings.retraining.window_days * 86_400_000)
+
+
 def training_window(settings: Settings) -> pa.Table:
     """The newest ``retraining.window_days`` of the archive (everything for 0)."""
     table = read_events(settings)
@@ -179,13 +190,38 @@ def training_window(settings: Settings) -> pa.Table:
     return table
 
 
+def _train_and_judge(settings: Settings, registry: Registry, table: Optional[pa.Table]) -> tuple[dict, dict]:
+    """(the candidate's card, the gate's verdict): in memory, or on the Ray Data engine for a
+    large archive (``training.data_engine``), where one Ray serves the data, training and gate."""
+    from training.job import default_config, ensure_ray, train
+    from training.ray_data import ArchiveData, streams_archive
+    kw = dict(workers=settings.training.workers, epochs=settings.training.epochs, settings=settings, promote=False)
+    if table is not None or not streams_archive(settings):
+        holdout = training_window(settings)
+        card = train(holdout if table is None else table, **kw)
+        return card, judge(settings, registry, card["version"], registry.current(), holdout)
+    import ray
+    started = ensure_ray(settings.training.workers, False, settings.ray.worker_niceness)
+    try:
+        current = registry.current()
+        # the examples keep the longest history either model reads
+        history = max(default_config()["history"],
+                      *([registry.show(current).get("config", {}).get("history", 0)] if current else []))
+        data = ArchiveData(settings, history, settings.features.recent_items, settings.training.data_block_rows,
+                           after_ts=window_start(settings))
+        card = train("archive", prepared=data, **kw)
+        return card, judge(settings, registry, card["version"], current, data)
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def run_once(settings: Settings, trigger: str = "manual", table: Optional[pa.Table] = None) -> dict:
     """One retraining run under the lock; returns its history record. Raises Busy if another runs.
 
     ``table`` trains on other data than the archive's window (a test's corrupted data, say);
     the gate still judges both models on the window's hold-out, never on the data under test.
     """
-    from training.job import train
     registry = Registry(settings.registry_dir)
     with RunLock(settings) as lock:
         registry.clean_temp()  # what a killed run left behind
@@ -193,11 +229,7 @@ def run_once(settings: Settings, trigger: str = "manual", table: Optional[pa.Tab
                            started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         started = time.monotonic()
         try:
-            holdout = training_window(settings)
-            card = train(holdout if table is None else table, workers=settings.training.workers,
-                         epochs=settings.training.epochs, settings=settings, promote=False)
-            lock.check()  # not worth evaluating if it cannot promote
-            verdict = judge(settings, registry, card["version"], registry.current(), holdout)
+            card, verdict = _train_and_judge(settings, registry, table)
             passed = verdict.pop("passed")
             for name, value in verdict.items():
                 setattr(record, name, value)
