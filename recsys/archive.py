@@ -185,14 +185,21 @@ def read_file(path: Path, index: int, dead: dict[str, int]) -> pa.Table:
 
 def newest_ts(root: Path) -> int | None:
     """The newest archived event's time (ms; forgotten users' events aside), one file at a time."""
-    dead, newest = tombstones(root), None
+    newest = [int(ts.max()) for ts in _stored_times(root) if len(ts)]
+    return max(newest) if newest else None
+
+
+def stored_after(root: Path, after_ts: int) -> int:
+    """Archived events newer than ``after_ts`` (a duplicate delivery counts twice), one file at a time."""
+    return sum(int((ts > after_ts).sum()) for ts in _stored_times(root))
+
+
+def _stored_times(root: Path):
+    """Each file's event times (ms), forgotten users' events left out: two columns read, not the log."""
+    dead = tombstones(root)
     for f in event_files(root):
         table = pq.read_table(f, columns=["user_id", "ts"])
-        gone = forgotten_rows(table, dead)
-        ts = table["ts"].to_numpy()[~gone]
-        if len(ts):
-            newest = max(newest or int(ts.max()), int(ts.max()))
-    return newest
+        yield table["ts"].to_numpy()[~forgotten_rows(table, dead)]
 
 
 def read_events(settings: Settings, start_ts: int | None = None, end_ts: int | None = None) -> pa.Table:

@@ -59,8 +59,23 @@ class EvaluationError(InvalidInput):
     """The data cannot be evaluated (too few users or items); the message says why."""
 
 
+class _Coded:
+    """Users and items as codes into the sorted ``user_ids`` and ``item_ids``."""
+
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+
 @dataclass
-class Split:
+class Split(_Coded):
     """Integer-coded interactions in time order and the leave-last-one-out split.
 
     ``users[k]``/``items[k]`` are codes into ``user_ids``/``item_ids``; ``is_test[k]`` marks
@@ -87,14 +102,6 @@ class Split:
     _rows: dict = field(default_factory=dict, repr=False)
     _inputs: dict = field(default_factory=dict, repr=False)
     _sparse: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def n_users(self) -> int:
-        return len(self.user_ids)
-
-    @property
-    def n_items(self) -> int:
-        return len(self.item_ids)
 
     def input_rows(self, stage: str = "test") -> np.ndarray:
         """The rows a model may learn from at this stage: every row of a target user before the
@@ -178,7 +185,7 @@ class StageTargets:
 
 
 @dataclass
-class HeldOut:
+class HeldOut(_Coded):
     """What scoring needs of a split, without its rows: O(users + items + the target users' input
     items). Built by an engine that never holds the whole log (``training.ray_data``); ``Split``'s
     targets, input items of target users and popularity, equal to it row for row."""
@@ -190,14 +197,6 @@ class HeldOut:
     events: int
     min_ts: int
     max_ts: int
-
-    @property
-    def n_users(self) -> int:
-        return len(self.user_ids)
-
-    @property
-    def n_items(self) -> int:
-        return len(self.item_ids)
 
     @property
     def test_users(self) -> np.ndarray:

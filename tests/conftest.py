@@ -94,6 +94,17 @@ def module_scratch(live_stack, tmp_path_factory, request):
     s.close()
 
 
+@pytest.fixture(scope="module")
+def ray_session():
+    """A private local Ray for a module's tests (``training.job.ensure_ray``)."""
+    import ray
+
+    from training.job import ensure_ray
+    ensure_ray(2, False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def ml100k() -> Path:
     assert (ML100K / "u.data").is_file(), f"MovieLens-100K not found at {ML100K} (set RECSYS_ML100K)"

@@ -85,6 +85,18 @@ def test_compressed_towers_embed_users_as_the_fp32_tower_does_in_less_memory():
         compress_tower(w, "int4")
 
 
+def test_many_users_are_embedded_in_chunks_as_one_batch(monkeypatch):
+    import recsys.model
+    cfg = ModelConfig(dim=32, user_dim=16, hidden=64, history=10)
+    rng = np.random.default_rng(1)
+    tower = NumpyUserTower(compress_tower(_tower_weights(rng, 200, 500, cfg), "int8"),
+                           Vocab([f"u{i}" for i in range(200)], [f"i{i}" for i in range(500)]), 10)
+    user, hist, counts = rng.integers(0, 201, 70), rng.integers(0, 501, (70, 10)), rng.random((70, 5)).astype(np.float32)
+    whole = tower.embed_encoded(user, hist, counts)
+    monkeypatch.setattr(recsys.model, "EMBED_CHUNK", 16)  # 5 chunks, the last one short
+    assert np.allclose(tower.embed_encoded(user, hist, counts), whole, atol=1e-6) and whole.shape == (70, 32)
+
+
 def _publish_like_training(folder, kind: str, tower: str, rng) -> tuple[np.ndarray, Vocab]:
     """A version folder as training.job writes it, from random weights: export, the index, the card."""
     cfg = ModelConfig(dim=32, user_dim=16, hidden=64, history=10)

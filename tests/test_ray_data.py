@@ -16,16 +16,6 @@ from recsys.events import Event
 SYN = "synthetic:events=12000,users=300,items=400,clusters=8,seed=3"
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from training.job import ensure_ray
-    ensure_ray(2, False)
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture
 def settings(scratch):
     """A private archive, registry and Redis prefix (the catalogue the engines read)."""
@@ -115,11 +105,12 @@ def test_synthetic_log_with_duplicates_ties_a_forgotten_user_and_a_catalogue_equ
 def test_training_through_ray_data_matches_the_in_memory_model_and_the_gate_ranks_alike(ray_session, settings):
     """Same data, same config: the two engines' models differ only by the order of the examples.
     The retraining gate's per-user ranks from the engine's held-out targets equal those from the
-    event table, for both models (each re-codes the inputs into its own vocabulary)."""
+    event table, for both models, on an archive that grew users and items they never saw."""
     from recsys.registry import Registry
     from recsys.sources import open_source
     from training.data import load_table
-    from training.job import held_out_ranks, train, version_ranks
+    from recsys import evaluation
+    from training.job import evaluate_version, held_out_ranks, train, version_ranks
     from training.ray_data import ArchiveData
     fast = {"dim": 32, "user_dim": 16, "hidden": 64, "batch_size": 128, "temperature": 0.1, "learning_rate": 0.005}
     archive.write_events(settings.archive_dir, open_source("synthetic:events=40000,users=1500,items=600,clusters=12,"
@@ -140,10 +131,17 @@ def test_training_through_ray_data_matches_the_in_memory_model_and_the_gate_rank
     assert h_ray >= 2 * ray["popularity"]["hr@10"], ray
     assert abs(h_mem - h_ray) <= 0.05 + 0.1 * max(h_mem, h_ray), (h_mem, h_ray)
 
+    # The archive grows by users and items neither model knows: each re-codes the inputs into its vocabulary.
+    archive.write_events(settings.archive_dir, open_source("synthetic:events=8000,users=2000,items=800,clusters=12,"
+                                                           "seed=6,taste=0.9").events_iter(), partitions=2)
     paths = [Registry(settings.registry_dir).path(cards[e]["version"]) for e in ("memory", "ray_data")]
     split, want = version_ranks(paths, load_table("archive", settings)[0], settings)
     held_out, got = held_out_ranks(paths, ArchiveData(settings, 50, settings.features.recent_items, 15_000))
-    assert held_out.window() == split.window()
+    assert held_out.window() == split.window() and split.n_users > 1500 and split.n_items > 600
     for engine in ("memory", "ray_data"):
         version = cards[engine]["version"]
         assert np.array_equal(got[version], want[version]), engine
+    # recsys evaluate --source archive on the engine: the same figures
+    version = cards["ray_data"]["version"]
+    evaluated = evaluate_version(paths[1], "archive", settings.updated(training={"data_engine": "ray_data"}))
+    assert evaluated["metrics"]["two_tower"] == evaluation.metrics_from_ranks(want[version]) | {"users": len(want[version])}

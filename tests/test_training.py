@@ -24,16 +24,6 @@ SYN = "synthetic:events=40000,users=1500,items=600,clusters=12,seed=5,taste=0.9"
 FAST = {"dim": 32, "user_dim": 16, "hidden": 64, "batch_size": 128, "temperature": 0.1, "learning_rate": 0.005}
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from training.job import ensure_ray
-    ensure_ray(2, False)
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture
 def settings(tmp_path):
     from recsys.settings import get_settings

@@ -82,6 +82,11 @@ def ensure_ray(workers: int, use_gpu: bool, worker_niceness: int = 0, worker_std
     return True
 
 
+def worker_stderr(settings: Settings) -> Optional[Path]:
+    """Where the Ray workers' stderr goes: a log file, unless the command line asked for INFO (-v)."""
+    return None if log.isEnabledFor(logging.INFO) else settings.home / "logs" / "ray-workers.log"
+
+
 def run_ray_training(prep: Prepared, cfg: ModelConfig, workers: int = 2, use_gpu: bool = False,
                      mixed_precision: bool = False, max_failures: int = 2, resume_from: Optional[Path] = None,
                      fail: Optional[dict] = None, storage: Optional[Path] = None, worker_niceness: int = 0,
@@ -255,8 +260,7 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
     ray_options = dict(workers=workers, use_gpu=use_gpu, mixed_precision=mixed_precision, max_failures=max_failures,
                        placement_strategy=settings.training.placement_strategy,
                        storage=Path(settings.home).resolve() / "ray_results", worker_niceness=settings.ray.worker_niceness,
-                       # quiet unless the command line asked for INFO (-v)
-                       worker_stderr=None if log.isEnabledFor(logging.INFO) else settings.home / "logs" / "ray-workers.log")
+                       worker_stderr=worker_stderr(settings))
     tuning = None
     # One Ray for the whole grid, and for the Ray Data engine from the archive to the last epoch.
     started = (tune_grid is not None or streamed) and ensure_ray(workers, use_gpu, settings.ray.worker_niceness,
@@ -407,9 +411,23 @@ def _ranks(version_dirs: list[Path], split, embed, catalogue) -> dict[str, np.nd
 
 
 def evaluate_version(version_dir: Path, source: str | pa.Table, settings: Settings, user_col="user_id", item_col="item_id", ts_col="timestamp") -> dict:
-    """Metrics of a published model on a source's split, beside the baselines."""
-    table, _, name = load_table(source, settings, user_col, item_col, ts_col)
-    split, ranks = version_ranks([version_dir], table, settings)
+    """Metrics of a published model on a source's split, beside the baselines (a large archive:
+    on the Ray Data engine's held-out targets, see ``training.ray_data.streams_archive``)."""
+    from training.ray_data import ArchiveData, streams_archive
+    if isinstance(source, str) and source == "archive" and streams_archive(settings):
+        import ray
+        started, name = ensure_ray(settings.training.workers, False, settings.ray.worker_niceness,
+                                   worker_stderr(settings)), "archive"
+        try:
+            history = json.loads((Path(version_dir) / "model_config.json").read_text())["history"]
+            split, ranks = held_out_ranks([version_dir], ArchiveData(settings, history, settings.features.recent_items,
+                                                                     settings.training.data_block_rows))
+        finally:
+            if started:
+                ray.shutdown()
+    else:
+        table, _, name = load_table(source, settings, user_col, item_col, ts_col)
+        split, ranks = version_ranks([version_dir], table, settings)
     (version, r), = ranks.items()
     return {"version": version, "source": name, "data_window": split.window(),
             "metrics": {"two_tower": evaluation.metrics_from_ranks(r) | {"users": int(len(r))},

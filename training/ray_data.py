@@ -5,10 +5,12 @@ Ray's object store, which spills to disk when they outgrow it):
 
 1. read: one task per file (``recsys.archive.read_file``): each row keeps ``seq``, its place in
    the archive's read order, so ties in time are broken exactly as ``read_events`` breaks them;
+   a retraining's window keeps the events after ``after_ts``;
 2. hash-partition by event id and keep each id's first copy (``training.examples.first_copies``);
    materialized: the deduplicated log;
-3. the distinct types (the protocol), users and items (the vocabulary: O(users + items) on the
-   driver), the count and time range;
+3. the distinct types (the protocol), users and items (the vocabulary, with the catalogue's
+   items and genres as the in-memory path reads them: O(users + items) on the driver), the
+   count and time range;
 4. hash-partition by user: a block holds all the events of its users, and
    ``training.examples.block_examples`` makes their point-in-time examples and held-out targets
    with the same code as the in-memory path; materialized: the example rows;

@@ -6,6 +6,8 @@ per user) -> the gate (a paired bootstrap interval of the HR@10 difference again
 non-inferiority margin, and most-popular as a floor) -> promote, or record the rejection and
 leave serving untouched.
 The Serve replicas follow the registry's ``current`` by themselves (hot swap).
+An archive above ``training.memory_max_events`` goes through the Ray Data engine
+(``training.ray_data``): the window, the examples and the held-out targets the gate scores.
 
 Only one run at a time, across processes and machines: a lock in Redis with an expiry,
 renewed while the run lives, so a crashed holder frees it within ``retraining.lock_ttl_s``.
@@ -34,7 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from recsys import evaluation
-from recsys.archive import newest_ts, read_events
+from recsys.archive import newest_ts, read_events, stored_after
 from recsys.errors import Busy, LockLost
 from recsys.feature_store import connect
 from recsys.registry import Registry
@@ -193,7 +195,7 @@ def training_window(settings: Settings) -> pa.Table:
 def _train_and_judge(settings: Settings, registry: Registry, table: Optional[pa.Table]) -> tuple[dict, dict]:
     """(the candidate's card, the gate's verdict): in memory, or on the Ray Data engine for a
     large archive (``training.data_engine``), where one Ray serves the data, training and gate."""
-    from training.job import default_config, ensure_ray, train
+    from training.job import default_config, ensure_ray, train, worker_stderr
     from training.ray_data import ArchiveData, streams_archive
     kw = dict(workers=settings.training.workers, epochs=settings.training.epochs, settings=settings, promote=False)
     if table is not None or not streams_archive(settings):
@@ -201,12 +203,12 @@ def _train_and_judge(settings: Settings, registry: Registry, table: Optional[pa.
         card = train(holdout if table is None else table, **kw)
         return card, judge(settings, registry, card["version"], registry.current(), holdout)
     import ray
-    started = ensure_ray(settings.training.workers, False, settings.ray.worker_niceness)
+    started = ensure_ray(settings.training.workers, False, settings.ray.worker_niceness, worker_stderr(settings))
     try:
         current = registry.current()
         # the examples keep the longest history either model reads
-        history = max(default_config()["history"],
-                      *([registry.show(current).get("config", {}).get("history", 0)] if current else []))
+        history = max([default_config()["history"],
+                       *([registry.show(current).get("config", {}).get("history", 0)] if current else [])])
         data = ArchiveData(settings, history, settings.features.recent_items, settings.training.data_block_rows,
                            after_ts=window_start(settings))
         card = train("archive", prepared=data, **kw)
@@ -335,8 +337,7 @@ def new_events_since_current(settings: Settings) -> int:
     registry = Registry(settings.registry_dir)
     version = registry.current()
     since = registry.show(version).get("data_window", {}).get("max_ts", 0) if version else 0
-    table = read_events(settings)
-    return int(pc.sum(pc.greater(table["ts"], since)).as_py() or 0)
+    return stored_after(settings.archive_dir, since)
 
 
 def due_trigger(settings: Settings, last_run_at: Optional[float], now: float) -> Optional[str]:
