@@ -311,10 +311,10 @@ def cmd_bench_compression(args) -> int:
 
 def cmd_bench_data(args) -> int:
     from training.data_bench import bench
-    result = bench(get_settings(), [int(n) for n in args.events.split(",")],
+    result = bench(get_settings(), [int(n) for n in args.events.split(",")], args.users_per_event,
                    progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     _print(result, args.json)
-    return 0
+    return 1 if args.check and not result["pass"] else 0
 
 
 def cmd_bench_serve(args) -> int:
@@ -492,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("data", help="the archive's examples on Ray Data vs in memory: wall time, peak memory of "
                                        "the driver and of Ray's workers, examples/s, per log size")
     b.add_argument("--events", default="1000000,10000000", help="synthetic log sizes, comma-separated")
+    b.add_argument("--users-per-event", type=float, default=0.02, help="the logs' users, per event")
+    b.add_argument("--check", action="store_true", help="exit 1 when the engine's memory is not flat")
     b.add_argument("--json", action="store_true", help="one JSON line")
     b.set_defaults(func=cmd_bench_data)
     b = bench.add_parser("serve", help="no-op and recommendation endpoints behind Serve's default and HAProxy "

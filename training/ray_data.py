@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 MODEL_COLUMNS = ("user", "hist", "counts", "item")
 COUNTED = ("ex_test", "ex_val", "pop_test", "pop_val")
 EXAMPLE_BLOCK_ROWS = 2048  # the shuffled examples' blocks: what a worker's epoch reorders
+# An archived event's bytes in Arrow (ids, type, times, seq): about 100. A hash shuffle's map task
+# partitions this many blocks' bytes at once: Ray's default (1 GiB) made it hold the whole log
+# of a 1M-event archive, and 1.2 GB of heap at 10M.
+SHUFFLE_INPUT_BYTES_PER_ROW = 100
 
 
 def _hash_shuffled(ds, n: int, key: str):
@@ -141,7 +145,9 @@ class ArchiveData:
         from recsys.feature_store import connect
         from ray.data.context import DataContext
         verbose = log.isEnabledFor(logging.INFO)  # Ray Data's progress bars and plans only with -v
-        DataContext.get_current().enable_progress_bars = verbose
+        context = DataContext.get_current()
+        context.enable_progress_bars = verbose
+        context.shuffle_input_batch_bytes = SHUFFLE_INPUT_BYTES_PER_ROW * block_rows
         logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
         files = archive.event_files(settings.archive_dir)
         if not files:
