@@ -192,15 +192,18 @@ def training_window(settings: Settings) -> pa.Table:
     return table
 
 
-def _train_and_judge(settings: Settings, registry: Registry, table: Optional[pa.Table]) -> tuple[dict, dict]:
+def _train_and_judge(settings: Settings, registry: Registry, table: Optional[pa.Table], lock: RunLock
+                     ) -> tuple[dict, dict]:
     """(the candidate's card, the gate's verdict): in memory, or on the Ray Data engine for a
-    large archive (``training.data_engine``), where one Ray serves the data, training and gate."""
+    large archive (``training.data_engine``), where one Ray serves the data, training and gate.
+    A lapsed lock ends the run before the gate: it could not promote."""
     from training.job import default_config, ensure_ray, train, worker_stderr
     from training.ray_data import ArchiveData, streams_archive
     kw = dict(workers=settings.training.workers, epochs=settings.training.epochs, settings=settings, promote=False)
     if table is not None or not streams_archive(settings):
         holdout = training_window(settings)
         card = train(holdout if table is None else table, **kw)
+        lock.check()
         return card, judge(settings, registry, card["version"], registry.current(), holdout)
     import ray
     started = ensure_ray(settings.training.workers, False, settings.ray.worker_niceness, worker_stderr(settings))
@@ -212,6 +215,7 @@ def _train_and_judge(settings: Settings, registry: Registry, table: Optional[pa.
         data = ArchiveData(settings, history, settings.features.recent_items, settings.training.data_block_rows,
                            after_ts=window_start(settings))
         card = train("archive", prepared=data, **kw)
+        lock.check()
         return card, judge(settings, registry, card["version"], current, data)
     finally:
         if started:
@@ -231,7 +235,7 @@ def run_once(settings: Settings, trigger: str = "manual", table: Optional[pa.Tab
                            started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         started = time.monotonic()
         try:
-            card, verdict = _train_and_judge(settings, registry, table)
+            card, verdict = _train_and_judge(settings, registry, table, lock)
             passed = verdict.pop("passed")
             for name, value in verdict.items():
                 setattr(record, name, value)
