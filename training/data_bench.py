@@ -83,7 +83,7 @@ def bench(settings: Settings, sizes: list[int], users_per_event: float = 0.02, p
     runs = []
     for events in sizes:
         users = max(100, int(events * users_per_event))
-        folder = Path(settings.home) / "bench-data" / (f"e{events}" + ("" if users_per_event == 0.02 else f"-u{users}"))
+        folder = Path(settings.home) / "bench-data" / f"e{events}-u{users}"
         archive_dir = folder / "archive"
         if not archive_dir.is_dir():
             progress(f"writing {events:,} synthetic events of {users:,} users to {archive_dir}")

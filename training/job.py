@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -85,6 +86,18 @@ def ensure_ray(workers: int, use_gpu: bool, worker_niceness: int = 0, worker_std
 def worker_stderr(settings: Settings) -> Optional[Path]:
     """Where the Ray workers' stderr goes: a log file, unless the command line asked for INFO (-v)."""
     return None if log.isEnabledFor(logging.INFO) else settings.home / "logs" / "ray-workers.log"
+
+
+@contextmanager
+def ray_connected(settings: Settings, workers: int):
+    """``ensure_ray`` for a block of work (CPU workers): it disconnects at the end if it connected."""
+    import ray
+    started = ensure_ray(workers, False, settings.ray.worker_niceness, worker_stderr(settings))
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def run_ray_training(prep: Prepared, cfg: ModelConfig, workers: int = 2, use_gpu: bool = False,
@@ -415,16 +428,11 @@ def evaluate_version(version_dir: Path, source: str | pa.Table, settings: Settin
     on the Ray Data engine's held-out targets, see ``training.ray_data.streams_archive``)."""
     from training.ray_data import ArchiveData, streams_archive
     if isinstance(source, str) and source == "archive" and streams_archive(settings):
-        import ray
-        started, name = ensure_ray(settings.training.workers, False, settings.ray.worker_niceness,
-                                   worker_stderr(settings)), "archive"
-        try:
+        name = "archive"
+        with ray_connected(settings, settings.training.workers):
             history = json.loads((Path(version_dir) / "model_config.json").read_text())["history"]
             split, ranks = held_out_ranks([version_dir], ArchiveData(settings, history, settings.features.recent_items,
                                                                      settings.training.data_block_rows))
-        finally:
-            if started:
-                ray.shutdown()
     else:
         table, _, name = load_table(source, settings, user_col, item_col, ts_col)
         split, ranks = version_ranks([version_dir], table, settings)

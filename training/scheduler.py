@@ -197,7 +197,7 @@ def _train_and_judge(settings: Settings, registry: Registry, table: Optional[pa.
     """(the candidate's card, the gate's verdict): in memory, or on the Ray Data engine for a
     large archive (``training.data_engine``), where one Ray serves the data, training and gate.
     A lapsed lock ends the run before the gate: it could not promote."""
-    from training.job import default_config, ensure_ray, train, worker_stderr
+    from training.job import default_config, ray_connected, train
     from training.ray_data import ArchiveData, streams_archive
     kw = dict(workers=settings.training.workers, epochs=settings.training.epochs, settings=settings, promote=False)
     if table is not None or not streams_archive(settings):
@@ -205,9 +205,7 @@ def _train_and_judge(settings: Settings, registry: Registry, table: Optional[pa.
         card = train(holdout if table is None else table, **kw)
         lock.check()
         return card, judge(settings, registry, card["version"], registry.current(), holdout)
-    import ray
-    started = ensure_ray(settings.training.workers, False, settings.ray.worker_niceness, worker_stderr(settings))
-    try:
+    with ray_connected(settings, settings.training.workers):
         current = registry.current()
         # the examples keep the longest history either model reads
         history = max([default_config()["history"],
@@ -217,9 +215,6 @@ def _train_and_judge(settings: Settings, registry: Registry, table: Optional[pa.
         card = train("archive", prepared=data, **kw)
         lock.check()
         return card, judge(settings, registry, card["version"], current, data)
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def run_once(settings: Settings, trigger: str = "manual", table: Optional[pa.Table] = None) -> dict:
