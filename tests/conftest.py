@@ -22,6 +22,17 @@ from recsys.settings import get_settings
 
 ML100K = Path(os.environ.get("RECSYS_ML100K", Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"))
 
+# Tests that use one of these fixtures need a service the project starts (Kafka, Redis, Ray):
+# they are marked ``services``, so ``pytest -m "not services"`` is the fast tier without them.
+# A test that starts a service another way carries ``@pytest.mark.services`` itself.
+SERVICE_FIXTURES = {"live_stack", "scratch", "module_scratch", "ray_session", "redis_settings", "cluster"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SERVICE_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.services)
+
 
 @pytest.fixture(scope="session")
 def live_stack():

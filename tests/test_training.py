@@ -35,6 +35,7 @@ def _env(settings) -> dict:
     env["RECSYS_HOME"] = str(settings.home)
     env["RECSYS_REGISTRY_DIR"] = str(settings.registry_dir)
     env["PYTHONPATH"] = str(REPO)
+    env.setdefault("RECSYS_SECRET_USER_ID_KEY", "test-pseudonym-key")  # no `recsys stack up` in the fast tier
     return env
 
 
@@ -45,6 +46,7 @@ def _cli(settings, *args, timeout=600) -> subprocess.CompletedProcess:
 
 # ---- the required end-to-end check: MovieLens-100K, 2 workers, beats item-kNN ------------------------
 
+@pytest.mark.services  # `recsys train` starts Ray
 def test_movielens_two_workers_beat_recency_weighted_ease_and_publish_a_servable_model(ml100k, settings):
     """Protocol A, the default config (`recsys bench train` shows what the validation targets
     choose). Issue 14's target is 1.15x recency-weighted EASE; 2-worker runs measured 1.08-1.18x
