@@ -327,6 +327,12 @@ def cmd_bench_serve(args) -> int:
     return 1 if args.check and not result["pass"] else 0
 
 
+def cmd_bench_report(args) -> int:
+    from lab.bench.report import write
+    _print(write(get_settings(), *([Path(args.out)] if args.out else [])), args.json)
+    return 0
+
+
 def cmd_retrain_now(args) -> int:
     from training.scheduler import run_once
     record = run_once(get_settings(), trigger="manual")  # Busy: exit 1, through main
@@ -514,6 +520,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--reads", type=int, default=2_000, help="recommendation reads timed for Redis CPU per request")
     b.add_argument("--json", action="store_true", help="one JSON line")
     b.set_defaults(func=cmd_bench_redis_memory)
+    b = bench.add_parser("report", help="the saved results (.recsys/bench/*.json) as docs/benchmarks/results.md "
+                                         "and its plots")
+    b.add_argument("--out", help="folder of the page and plots (default: the project's docs/benchmarks)")
+    b.add_argument("--json", action="store_true", help="one JSON line")
+    b.set_defaults(func=cmd_bench_report)
 
     p = sub.add_parser("capacity", help="replicas, CPUs, Kafka partitions and brokers, stream workers, Redis memory "
                                         "and shards, index memory, training time for a load, from the benches' "

@@ -1,0 +1,1 @@
+"""The benchmarks, their saved results and the report made from them."""
