@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 
 from recsys.errors import EXIT_CODES, INTERNAL, UNAVAILABLE, InvalidInput, RecsysError, exit_code
-from recsys.settings import get_settings
+from recsys.settings import describe, get_settings, read_stack_state
 from loadtest.cli import register as register_loadtest
 from training.cli import add_bench_gate_options, add_bench_train_options
 from training.cli import register as register_training
@@ -50,8 +50,9 @@ def cmd_stack(args) -> int:
         settings = settings.updated(kafka={"brokers": args.brokers})
     if args.redis_cluster is not None:
         settings = settings.updated(redis={"cluster_masters": args.redis_cluster})
-    if args.action == "up":
-        result = stack.up(settings, progress=lambda msg: print(msg, file=sys.stderr), monitoring=args.monitoring)
+    if args.action == "up":  # monitoring, once started, comes back with the stack until `stack down`
+        monitoring = args.monitoring or bool(read_stack_state(settings.home).get("monitoring"))
+        result = stack.up(settings, progress=lambda msg: print(msg, file=sys.stderr), monitoring=monitoring)
     elif args.action == "down":
         result = stack.down(settings)
     else:
@@ -61,6 +62,18 @@ def cmd_stack(args) -> int:
     _print(result, args.json)
     for t in targets:  # Prometheus's scrape targets, one line each
         print(f"  scrape {t['job']:<10} {t['address']:<16} {t['health']}{'  ' + t['error'] if t.get('error') else ''}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    rows = describe(get_settings())
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    width = max(map(len, rows))
+    for name, row in rows.items():
+        value = row["value"] if isinstance(row["value"], str) else json.dumps(row["value"])
+        print(f"{name:<{width}}  {value}  ({row['source']}{' ' + row['from'] if row['from'] else ''})")
     return 0
 
 
@@ -408,16 +421,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stack", help="start, stop or inspect the local Kafka + Redis stack (+ Prometheus)")
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--monitoring", action="store_true",
-                   help="up: also Prometheus and the Redis exporter (deploy/monitoring; status lists the scrape targets)")
+                   help="up: also Prometheus and the Redis exporter (deploy/monitoring; status lists the scrape "
+                        "targets); remembered: a later `stack up` starts them again until `stack down`")
     p.add_argument("--brokers", type=int, default=None,
                    help="Kafka nodes: 3 runs a replicated cluster (replication factor 3, min.insync.replicas 2); "
-                        "default RECSYS_KAFKA_BROKERS (1). Other commands read RECSYS_KAFKA_BROKERS to find them all")
+                        "default kafka.brokers (1). Remembered in <home>/stack.json until `stack down`: later "
+                        "commands find them all with no RECSYS_KAFKA_BROKERS")
     p.add_argument("--redis-cluster", type=int, default=None, metavar="N",
                    help="a Redis Cluster of N masters (3 or more) on the Redis port, + 100, ...; default "
-                        "RECSYS_REDIS_CLUSTER_MASTERS (0: one Redis). Other commands read "
-                        "RECSYS_REDIS_CLUSTER_MASTERS to use a cluster client")
+                        "redis.cluster_masters (0: one Redis). Remembered like --brokers: later commands use a "
+                        "cluster client with no RECSYS_REDIS_CLUSTER_MASTERS")
     p.add_argument("--json", action="store_true", help="one JSON line")
     p.set_defaults(func=cmd_stack)
+
+    p = sub.add_parser("config", help="every setting in effect, with where it came from: env (the variable), "
+                                      "file (recsys.toml or $RECSYS_CONFIG), stack (how `stack up` started it) "
+                                      "or default; secrets masked")
+    p.add_argument("action", choices=["show"])
+    p.add_argument("--json", action="store_true",
+                   help='one JSON line: {"kafka.brokers": {"value": 3, "source": "stack", "from": PATH}, ...}')
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("replay", help="produce a source's events into Kafka, in time order")
     _source_options(p)

@@ -51,7 +51,7 @@ def test_verbose_before_or_after_the_command(argv, verbose):
 @pytest.mark.parametrize("argv", [["replay"], ["stream"], ["archive"], ["online", "run"], ["online", "report"],
                                   ["bench", "gate"], ["bench", "train"], ["stack", "status"], ["top"],
                                   ["train", "--source", "synthetic"], ["evaluate", "--source", "synthetic"],
-                                  ["models", "list"], ["retrain-now"], ["loadtest"]])
+                                  ["models", "list"], ["retrain-now"], ["config", "show"], ["loadtest"]])
 def test_json_is_accepted_by_every_command_that_prints_json(argv):
     assert cli_main.build_parser().parse_args([*argv, "--json"]).json is True
 
