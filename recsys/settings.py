@@ -258,7 +258,8 @@ class Settings(BaseSettings):
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
                                    file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
         """Arguments, then the environment, the settings file, the stack's state (module docstring)."""
-        return init_settings, env_settings, _Layer(settings_cls, read_config), _Layer(settings_cls, _stack_layer)
+        return (init_settings, env_settings, _Layer(settings_cls, lambda higher: read_config()),
+                _Layer(settings_cls, _stack_layer))
 
     # Where everything the local stack and the pipeline write lives (ignored by git).
     home: Path = Field(default=Path(".recsys"), description="state folder: stack data, archive, models")
@@ -339,7 +340,7 @@ def config_file() -> Path | None:
     return Path(CONFIG_FILE).resolve() if Path(CONFIG_FILE).is_file() else None
 
 
-def read_config(higher: dict | None = None) -> dict[str, Any]:
+def read_config() -> dict[str, Any]:
     """The settings file's values as a nested dict ({} without a file); every key must be a setting."""
     path = config_file()
     if path is None:

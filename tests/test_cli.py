@@ -12,20 +12,8 @@ from pydantic import ValidationError
 
 from cli import main as cli_main
 from recsys.errors import Busy, InvalidInput, RecsysError, Unavailable, exit_code
-from recsys.settings import Settings, get_settings
-
-
-@pytest.fixture
-def isolated(monkeypatch, tmp_path):
-    """No recsys.toml, no stack state and no RECSYS_* variables of the caller's shell."""
-    import os
-    for name in [n for n in os.environ if n.startswith("RECSYS_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
-    get_settings.cache_clear()
-    yield tmp_path
-    get_settings.cache_clear()
+from recsys.settings import Settings
+from tests.test_settings import folder  # noqa: F401 (the fixture: a working folder, no RECSYS_* variables)
 
 
 def _closed_port() -> int:
@@ -80,18 +68,18 @@ def test_settings_that_do_not_parse_are_bad_input():
     assert exit_code(bad.value) == 2
 
 
-def test_a_bad_argument_exits_2(isolated, capsys):
+def test_a_bad_argument_exits_2(folder, capsys):
     with pytest.raises(SystemExit) as done:
         cli_main.main(["-v", "stack", "sideways"])
     assert done.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
-def test_missing_input_exits_2_with_one_line(isolated, capsys):
+def test_missing_input_exits_2_with_one_line(folder, capsys):
     assert cli_main.main(["keys", "revoke", "-v"]) == 2
     assert capsys.readouterr().err.strip() == "recsys keys: revoke: give the key's id (recsys keys list)"
 
 
-def test_redis_that_does_not_answer_exits_69(isolated, monkeypatch, capsys):
+def test_redis_that_does_not_answer_exits_69(folder, monkeypatch, capsys):
     monkeypatch.setenv("RECSYS_REDIS_PORT", str(_closed_port()))
     monkeypatch.setenv("RECSYS_SECRET_REDIS_PASSWORD", "x")
     assert cli_main.main(["keys", "list", "-v"]) == 69
@@ -99,7 +87,7 @@ def test_redis_that_does_not_answer_exits_69(isolated, monkeypatch, capsys):
     assert err.startswith("recsys keys: a service does not answer (ConnectionError") and "stack status" in err
 
 
-def test_an_unexpected_error_exits_70_with_its_traceback(isolated, monkeypatch, capsys):
+def test_an_unexpected_error_exits_70_with_its_traceback(folder, monkeypatch, capsys):
     def broken(args):
         raise RuntimeError("a bug")
     monkeypatch.setattr(cli_main, "cmd_users", broken)
