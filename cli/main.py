@@ -1,4 +1,11 @@
-"""The ``recsys`` command line."""
+"""The ``recsys`` command line.
+
+Habits every command shares: ``-v`` before or after the command; ``--json`` wherever a
+command can print JSON (one JSON line on stdout; commands that print only JSON accept it
+too); ``recsys --version``; and distinct exit codes, listed in ``recsys --help`` and in
+``recsys.errors``: 0 ok, 1 failed, 2 usage or bad input, 69 service unavailable, 70 internal
+error, 130 interrupted.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,9 +13,11 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
-from recsys.settings import get_settings
+from recsys.errors import EXIT_CODES, INTERNAL, UNAVAILABLE, InvalidInput, RecsysError, exit_code
+from recsys.settings import describe, get_settings, read_stack_state
 from loadtest.cli import register as register_loadtest
 from training.cli import add_bench_gate_options, add_bench_train_options
 from training.cli import register as register_training
@@ -41,8 +50,9 @@ def cmd_stack(args) -> int:
         settings = settings.updated(kafka={"brokers": args.brokers})
     if args.redis_cluster is not None:
         settings = settings.updated(redis={"cluster_masters": args.redis_cluster})
-    if args.action == "up":
-        result = stack.up(settings, progress=lambda msg: print(msg, file=sys.stderr), monitoring=args.monitoring)
+    if args.action == "up":  # monitoring, once started, comes back with the stack until `stack down`
+        monitoring = args.monitoring or bool(read_stack_state(settings.home).get("monitoring"))
+        result = stack.up(settings, progress=lambda msg: print(msg, file=sys.stderr), monitoring=monitoring)
     elif args.action == "down":
         result = stack.down(settings)
     else:
@@ -52,6 +62,18 @@ def cmd_stack(args) -> int:
     _print(result, args.json)
     for t in targets:  # Prometheus's scrape targets, one line each
         print(f"  scrape {t['job']:<10} {t['address']:<16} {t['health']}{'  ' + t['error'] if t.get('error') else ''}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    rows = describe(get_settings())
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    width = max(map(len, rows))
+    for name, row in rows.items():
+        value = row["value"] if isinstance(row["value"], str) else json.dumps(row["value"])
+        print(f"{name:<{width}}  {value}  ({row['source']}{' ' + row['from'] if row['from'] else ''})")
     return 0
 
 
@@ -80,8 +102,8 @@ def _serve_metrics(port: int, what: str) -> None:
     try:
         metrics.serve(port, host)
     except OSError as exc:
-        raise SystemExit(f"recsys: cannot serve the {what}'s metrics on {host}:{port} ({exc.strerror}); another "
-                         f"{what} on this machine? Give it --metrics-port (0: none)") from None
+        raise RecsysError(f"cannot serve the {what}'s metrics on {host}:{port} ({exc.strerror}); another "
+                          f"{what} on this machine? Give it --metrics-port (0: none)") from None
 
 
 def cmd_stream(args) -> int:
@@ -122,7 +144,7 @@ def cmd_features(args) -> int:
         _print(rebuild_features(get_settings(), progress=lambda msg: print(msg, file=sys.stderr)), args.json)
         return 0
     if not args.id:
-        raise SystemExit(f"recsys features {args.kind}: give the {args.kind} id")
+        raise InvalidInput(f"give the {args.kind} id")
     store = FeatureStore(get_settings())
     if args.kind == "user":
         from recsys.privacy import Pseudonyms
@@ -141,13 +163,13 @@ def cmd_keys(args) -> int:
     store = KeyStore(settings, connect(settings))
     if args.action == "create":
         if not args.name or not args.scopes:
-            raise SystemExit("recsys keys create: give --name and --scopes")
+            raise InvalidInput("create: give --name and --scopes")
         made = store.create(args.name, parse_scopes(args.scopes), args.rate, args.burst)
         print("the key is shown this once; keep it in a secret store", file=sys.stderr)
         _print(made, args.json)
     elif args.action == "revoke":
         if not args.id:
-            raise SystemExit("recsys keys revoke: give the key's id (recsys keys list)")
+            raise InvalidInput("revoke: give the key's id (recsys keys list)")
         _print({"revoked": store.revoke(args.id)}, args.json)
     else:
         keys = store.list()
@@ -205,7 +227,6 @@ def cmd_bench_redis_memory(args) -> int:
 def cmd_capacity(args) -> int:
     from recsys import bench_store, capacity
     from recsys.ann import default_kind
-    from recsys.errors import InvalidInput
     from recsys.model import ModelConfig
     settings = get_settings()
     load = capacity.Load(args.rps, args.users, args.items, args.events_per_s)
@@ -372,32 +393,67 @@ def _source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ts-col", default="timestamp", help="csv: the timestamp column (seconds or ms)")
 
 
+VERBOSE_HELP = ("log at INFO level, with TensorFlow's, Ray's and kafka-python's lines (default: warnings only; "
+                "native stderr to .recsys/logs/native-stderr.log); before or after the command")
+ONLY_JSON_HELP = "one JSON line (what it prints anyway; accepted for scripts that pass --json to every command)"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser: it takes -v too, so ``recsys stream -v`` works like ``recsys -v stream``.
+    Its default is SUPPRESS, so a command without -v leaves the main parser's value as it was."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+    try:
+        return package_version("recsys")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recsys", description="Real-time recommendation reference application.")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="log at INFO level, with TensorFlow's, Ray's and kafka-python's lines "
-                             "(default: warnings only; native stderr to .recsys/logs/native-stderr.log)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    epilog = "exit codes:\n" + "\n".join(f"  {code:<4} {meaning}" for code, meaning in EXIT_CODES.items())
+    parser = argparse.ArgumentParser(prog="recsys", description="Real-time recommendation reference application.",
+                                     epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    parser.add_argument("--version", action="version", version=f"recsys {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
 
     p = sub.add_parser("stack", help="start, stop or inspect the local Kafka + Redis stack (+ Prometheus)")
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--monitoring", action="store_true",
-                   help="up: also Prometheus and the Redis exporter (deploy/monitoring; status lists the scrape targets)")
+                   help="up: also Prometheus and the Redis exporter (deploy/monitoring; status lists the scrape "
+                        "targets); remembered: a later `stack up` starts them again until `stack down`")
     p.add_argument("--brokers", type=int, default=None,
                    help="Kafka nodes: 3 runs a replicated cluster (replication factor 3, min.insync.replicas 2); "
-                        "default RECSYS_KAFKA_BROKERS (1). Other commands read RECSYS_KAFKA_BROKERS to find them all")
+                        "default kafka.brokers (1). Remembered in <home>/stack.json until `stack down`: later "
+                        "commands find them all with no RECSYS_KAFKA_BROKERS")
     p.add_argument("--redis-cluster", type=int, default=None, metavar="N",
                    help="a Redis Cluster of N masters (3 or more) on the Redis port, + 100, ...; default "
-                        "RECSYS_REDIS_CLUSTER_MASTERS (0: one Redis). Other commands read "
-                        "RECSYS_REDIS_CLUSTER_MASTERS to use a cluster client")
+                        "redis.cluster_masters (0: one Redis). Remembered like --brokers: later commands use a "
+                        "cluster client with no RECSYS_REDIS_CLUSTER_MASTERS")
     p.add_argument("--json", action="store_true", help="one JSON line")
     p.set_defaults(func=cmd_stack)
+
+    p = sub.add_parser("config", help="every setting in effect, with where it came from: env (the variable), "
+                                      "file (recsys.toml or $RECSYS_CONFIG), stack (how `stack up` started it) "
+                                      "or default; secrets masked")
+    p.add_argument("action", choices=["show"])
+    p.add_argument("--json", action="store_true",
+                   help='one JSON line: {"kafka.brokers": {"value": 3, "source": "stack", "from": PATH}, ...}')
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("replay", help="produce a source's events into Kafka, in time order")
     _source_options(p)
     p.add_argument("--rate", type=float, default=0.0, help="events per second, 0 for as fast as possible")
     p.add_argument("--limit", type=int, default=None, help="stop after N events")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help=ONLY_JSON_HELP)
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("stream", help="consume events into the Redis online features")
@@ -405,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit after this many seconds without new records")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus metrics on 127.0.0.1:PORT (default RECSYS_MONITORING_*_PORT; 0: none)")
+    p.add_argument("--json", action="store_true", help=ONLY_JSON_HELP)
     p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("online", help="online metrics: run the consumer that joins events to the impressions that "
@@ -414,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run: exit after this many seconds without records (default: run until SIGTERM)")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="run: Prometheus metrics on this port (default RECSYS_MONITORING_ONLINE_PORT; 0: none)")
-    p.add_argument("--json", action="store_true", help="report: one JSON line")
+    p.add_argument("--json", action="store_true", help="report: one JSON line (run prints one JSON line anyway)")
     p.set_defaults(func=cmd_online)
 
     p = sub.add_parser("archive", help="append events to the Parquet event log for training")
@@ -422,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit after this many seconds without new records")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus metrics on 127.0.0.1:PORT (default RECSYS_MONITORING_*_PORT; 0: none)")
+    p.add_argument("--json", action="store_true", help=ONLY_JSON_HELP)
     p.set_defaults(func=cmd_archive)
 
     p = sub.add_parser("features", help="print what Redis holds for a user or an item; or rebuild it all from "
@@ -466,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_train_options(b)
     b = bench.add_parser("gate", help="the retraining gate per seed: same-data candidate published, shuffled rejected")
     add_bench_gate_options(b)
+    b.add_argument("--json", action="store_true", help=ONLY_JSON_HELP)
     b = bench.add_parser("new-items", help="items served from their catalogue genres by the content head, against the "
                                            "same items after a full retrain: HR@10/HR@50 on their test targets")
     b.add_argument("--source", default=None, help="a source whose items have genres (default: training.new_items.DEFAULT_SOURCE)")
@@ -576,9 +635,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pydantic import ValidationError
-
-    from recsys.errors import RecsysError
     args = build_parser().parse_args(argv)
     try:
         if not args.verbose:
@@ -588,14 +644,16 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="recsys %(name)s %(levelname)s: %(message)s")
         return args.func(args)
-    except RecsysError as exc:  # the family's one mapping to exit codes
-        print(f"recsys {args.command}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except ValidationError as exc:  # settings from the environment that do not parse
-        print(f"recsys {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    except (Exception, KeyboardInterrupt) as exc:  # recsys.errors.exit_code: the one mapping to exit codes
+        code = exit_code(exc)
+        if code == INTERNAL:
+            traceback.print_exc()
+        elif code == UNAVAILABLE and not isinstance(exc, RecsysError):
+            print(f"recsys {args.command}: a service does not answer ({type(exc).__name__}: {exc}); is the stack "
+                  f"up? (`recsys stack status`)", file=sys.stderr)
+        elif not isinstance(exc, KeyboardInterrupt):
+            print(f"recsys {args.command}: {exc}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -3,17 +3,21 @@
 From the local Prometheus when it runs (``recsys stack up --monitoring``); otherwise from the
 processes' own endpoints (Ray's exporter for Serve, the stream worker's, the archiver's, the
 scheduler's), whose counters are differenced over the last 30 s for the rates and the p99s.
+Gathering (``from_prometheus``, ``Endpoints``) is apart from drawing (``view``, with rich).
 """
 from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from collections import defaultdict, deque
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
 
 from deploy.local import prometheus
 from recsys.settings import Settings
@@ -151,21 +155,28 @@ def _age(seconds: float) -> str:
         else f"{seconds / 60:.0f} min"
 
 
-def render(snap: dict) -> str:
-    routes = sorted(set(snap["rps"]) | set(snap["p99_ms"])) or ["(no requests)"]
-    lines = [f"recsys top  {time.strftime('%H:%M:%S')}  from {snap['source']}", "",
-             f"{'route':<18}{'req/s':>10}{'p99 ms':>10}"]
-    lines += [f"{r:<18}{_fmt(snap['rps'].get(r)):>10}{_fmt(snap['p99_ms'].get(r)):>10}" for r in routes]
-    lag = ", ".join(f"{g} {v:,.0f}" for g, v in sorted(snap["lag"].items())) or "-"
-    lines += ["", f"consumer lag (records): {lag}",
-              f"freshness p99: {_fmt(snap['freshness_p99_s'], '.3f')} s",
-              f"replicas ({DEPLOYMENT}): {_fmt(snap['replicas'], '.0f')}",
-              f"model served: {', '.join(snap['served']) or '-'}; current "
-              + (", ".join(f"{v} (age {_age(a)})" for v, a in snap["model_age_s"].items()) or "- (scheduler not seen)"),
-              f"gate: last decision {snap['last_decision'] or '-'}, consecutive rejections "
-              f"{_fmt(snap['rejections'], '.0f')}, HR@10 "
-              + (", ".join(f"{m} {v:.4f}" for m, v in sorted(snap["hr10"].items())) or "-")]
-    return "\n".join(lines)
+def view(snap: dict, clock: str) -> Group:
+    """A snapshot drawn with rich: a table of the routes, then the pipeline's figures. Pure: the
+    same snapshot and clock draw the same view (tests/test_top.py renders it to a string)."""
+    routes = Table()
+    routes.add_column("route")
+    routes.add_column("req/s", justify="right")
+    routes.add_column("p99 ms", justify="right")
+    for r in sorted(set(snap["rps"]) | set(snap["p99_ms"])) or ["(no requests)"]:
+        routes.add_row(r, _fmt(snap["rps"].get(r)), _fmt(snap["p99_ms"].get(r)))
+    figures = Table.grid(padding=(0, 2))
+    figures.add_column(style="bold")
+    figures.add_column()
+    figures.add_row("consumer lag (records)", ", ".join(f"{g} {v:,.0f}" for g, v in sorted(snap["lag"].items())) or "-")
+    figures.add_row("freshness p99", f"{_fmt(snap['freshness_p99_s'], '.3f')} s")
+    figures.add_row(f"replicas ({DEPLOYMENT})", _fmt(snap["replicas"], ".0f"))
+    figures.add_row("model served", f"{', '.join(snap['served']) or '-'}; current "
+                    + (", ".join(f"{v} (age {_age(a)})" for v, a in snap["model_age_s"].items())
+                       or "- (scheduler not seen)"))
+    figures.add_row("gate", f"last decision {snap['last_decision'] or '-'}, consecutive rejections "
+                    f"{_fmt(snap['rejections'], '.0f')}, HR@10 "
+                    + (", ".join(f"{m} {v:.4f}" for m, v in sorted(snap["hr10"].items())) or "-"))
+    return Group(Text(f"recsys top  {clock}  from {snap['source']}", style="bold"), routes, figures)
 
 
 def run(s: Settings, once: bool = False, as_json: bool = False, every_s: float = 1.0) -> int:
@@ -173,13 +184,21 @@ def run(s: Settings, once: bool = False, as_json: bool = False, every_s: float =
     if endpoints is not None:
         endpoints.snapshot()  # the first read: rates need two
         time.sleep(every_s)
-    while True:
-        snap = from_prometheus(s) if endpoints is None else endpoints.snapshot()
-        if as_json:
-            print(json.dumps(snap, default=str), flush=True)
-        else:
-            sys.stdout.write(("" if once else "\x1b[H\x1b[2J") + render(snap) + "\n")
-            sys.stdout.flush()
-        if once:
-            return 0
-        time.sleep(every_s)
+
+    def snapshot() -> dict:
+        return from_prometheus(s) if endpoints is None else endpoints.snapshot()
+
+    if as_json:
+        while True:
+            print(json.dumps(snapshot(), default=str), flush=True)
+            if once:
+                return 0
+            time.sleep(every_s)
+    console = Console()
+    if once:
+        console.print(view(snapshot(), time.strftime("%H:%M:%S")))
+        return 0
+    with Live(console=console, auto_refresh=False) as live:
+        while True:
+            live.update(view(snapshot(), time.strftime("%H:%M:%S")), refresh=True)
+            time.sleep(every_s)

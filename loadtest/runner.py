@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from recsys.errors import RecsysError
+from recsys.errors import INTERNAL, RecsysError, Unavailable
 from recsys.settings import Settings
 from loadtest import report
 from loadtest.shapes import Profile
@@ -30,7 +30,8 @@ ROOT = LOCUSTFILE.parent.parent
 
 
 class LoadTestError(RecsysError):
-    """Could not run the load test at all (no service to load, Locust failed to start)."""
+    """Locust could not run the load test at all (exit 70; no service to load is Unavailable, 69)."""
+    exit_code = INTERNAL
 
 
 @dataclass
@@ -248,7 +249,7 @@ def _service_answers(host: str, timeout_s: float = 10.0) -> None:
     try:
         wait_http(f"{host.rstrip('/')}/healthz", timeout_s=timeout_s)
     except TimeoutError:
-        raise LoadTestError(f"{host}/healthz does not answer: deploy the app first (`recsys serve up`)") from None
+        raise Unavailable(f"{host}/healthz does not answer: deploy the app first (`recsys serve up`)") from None
 
 
 def start_locust(host: str, env: dict, log: Path, *options: str) -> subprocess.Popen:

@@ -13,7 +13,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 from tqdm import tqdm
 
-from recsys.errors import InvalidInput, RecsysError
+from recsys.errors import InvalidInput, RecsysError, Unavailable
 from recsys.events import BAD_EVENT_KINDS, BadEvent, Event
 from recsys.metrics import ASSIGNED_PARTITIONS, CONSUMED, DEAD_LETTERS, LAG, RECREATED, UNASSIGNED_SECONDS
 from recsys.secrets import KAFKA_PASSWORD, env_name, read_secret
@@ -96,8 +96,8 @@ def kafka_answers(s: Settings) -> bool:
 log = logging.getLogger(__name__)
 
 
-class NoAssignment(RecsysError):
-    """A group consumer got no partitions in time, even after being recreated."""
+class NoAssignment(Unavailable):
+    """A group consumer got no partitions in time, even after being recreated (exit 69)."""
 
 
 class AssignmentWatch:

@@ -1,18 +1,36 @@
-"""One typed settings object in sections, read from ``RECSYS_*`` environment variables.
+"""One typed settings object in sections, from four layers; the first that sets a field wins:
 
-A section's field is ``RECSYS_<SECTION>_<FIELD>``: ``kafka.events_topic`` is
-``RECSYS_KAFKA_EVENTS_TOPIC``, ``retraining.cron`` is ``RECSYS_RETRAINING_CRON``. The
-top-level folders are ``RECSYS_HOME``, ``RECSYS_ARCHIVE_DIR`` and so on.
+1. ``RECSYS_*`` environment variables. A section's field is ``RECSYS_<SECTION>_<FIELD>``:
+   ``kafka.events_topic`` is ``RECSYS_KAFKA_EVENTS_TOPIC``, ``retraining.cron`` is
+   ``RECSYS_RETRAINING_CRON``; the top-level folders are ``RECSYS_HOME``, ``RECSYS_ARCHIVE_DIR``...
+2. A settings file: ``recsys.toml`` in the working folder, or the file ``RECSYS_CONFIG`` names.
+   Top-level fields at the top, each section a table (``[kafka]`` ``brokers = 3``). A key that
+   is no setting is an error naming the key and the file.
+3. The stack's state: how ``recsys stack up`` started the running stack (Kafka brokers, Redis
+   cluster masters), in ``<home>/stack.json``; ``recsys stack down`` removes it.
+4. The defaults below.
+
+``recsys config show`` prints every setting in effect and the layer it came from (``describe``).
 """
 from __future__ import annotations
 
 import json
+import os
+import re
+import tomllib
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from recsys.errors import InvalidInput
+
+CONFIG_FILE = "recsys.toml"  # read from the working folder
+CONFIG_ENV = "RECSYS_CONFIG"  # or the file this names (then it must exist)
+STACK_STATE = "stack.json"  # in the home folder, while the stack runs
+STACK_FIELDS = {"kafka": ("brokers",), "redis": ("cluster_masters",)}  # what the stack remembers
 
 
 class KafkaSettings(BaseModel):
@@ -236,6 +254,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore",
                                       env_nested_delimiter="_", env_nested_max_split=1)
 
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then the environment, the settings file, the stack's state (module docstring)."""
+        return (init_settings, env_settings, _Layer(settings_cls, lambda higher: read_config()),
+                _Layer(settings_cls, _stack_layer))
+
     # Where everything the local stack and the pipeline write lives (ignored by git).
     home: Path = Field(default=Path(".recsys"), description="state folder: stack data, archive, models")
     stack_cache: Path = Field(default=Path(".stack"), description="cached Kafka jars")
@@ -285,3 +310,128 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+# ---- the settings file and the stack's state ---------------------------------------------------
+
+class _Layer(PydanticBaseSettingsSource):
+    """A layer of settings from ``read(higher)``, a nested dict; ``higher``: what the layers above
+    it set (the stack's state is found in the home folder they name)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], read):
+        super().__init__(settings_cls)
+        self.read = read
+
+    def get_field_value(self, field, field_name: str) -> tuple[Any, str, bool]:
+        return self().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self.read(self.current_state)
+
+
+def config_file() -> Path | None:
+    """The settings file in use: the one RECSYS_CONFIG names, else ./recsys.toml if there is one."""
+    named = os.environ.get(CONFIG_ENV)
+    if named:
+        path = Path(named).expanduser()
+        if not path.is_file():
+            raise InvalidInput(f"{CONFIG_ENV}={named}: no such file")
+        return path.resolve()
+    return Path(CONFIG_FILE).resolve() if Path(CONFIG_FILE).is_file() else None
+
+
+def read_config() -> dict[str, Any]:
+    """The settings file's values as a nested dict ({} without a file); every key must be a setting."""
+    path = config_file()
+    if path is None:
+        return {}
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise InvalidInput(f"settings file {path}: {exc}") from None
+    for name, value in data.items():
+        field = Settings.model_fields.get(name)
+        if field is None:
+            raise InvalidInput(f"settings file {path}: unknown key {name!r}: no such setting")
+        section = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) \
+            else None
+        if section is not None and isinstance(value, dict):
+            for key in value:
+                if key not in section.model_fields:
+                    raise InvalidInput(f"settings file {path}: unknown key '{name}.{key}': no such setting")
+    return data
+
+
+def stack_state_path(home: Path) -> Path:
+    return Path(home).expanduser().resolve() / STACK_STATE
+
+
+def read_stack_state(home: Path) -> dict[str, Any]:
+    """What ``recsys stack up`` recorded in this home folder ({} when the stack was not started)."""
+    path = stack_state_path(home)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"stack state {path}: {exc}; remove it, or run `recsys stack up` again") from None
+
+
+def _stack_layer(higher: dict) -> dict[str, Any]:
+    home = higher.get("home", Settings.model_fields["home"].default)
+    return read_stack_state(home).get("settings", {})
+
+
+def remember_stack(s: Settings, monitoring: bool) -> None:
+    """Record how the stack was started, so later commands find it with no variables (stack.up).
+    Monitoring once started stays remembered until ``forget_stack``."""
+    monitoring = monitoring or bool(read_stack_state(s.home).get("monitoring"))
+    state = {"settings": {section: {f: getattr(getattr(s, section), f) for f in fields}
+                          for section, fields in STACK_FIELDS.items()}, "monitoring": monitoring}
+    path = stack_state_path(s.home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{STACK_STATE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def forget_stack(s: Settings) -> None:
+    """The stack is down: nothing to remember (stack.down)."""
+    stack_state_path(s.home).unlink(missing_ok=True)
+
+
+# ---- what `recsys config show` prints ----------------------------------------------------------
+
+SECRET_NAME = re.compile(r"(^|_)(password|passwd|secret|token|key|credentials?)$")
+
+
+def shown(name: str, value: Any) -> Any:
+    """A setting's value as printed: masked when its name says it is a secret."""
+    return "********" if value is not None and SECRET_NAME.search(name.rsplit(".", 1)[-1]) else value
+
+
+def describe(s: Settings | None = None) -> dict[str, dict[str, Any]]:
+    """Every setting in effect by dotted name: its value (JSON form, secrets masked), the layer it
+    came from (default, file, env, stack) and where (the file or the variable)."""
+    s = s or Settings()
+    env = EnvSettingsSource(Settings)()
+    file, config = config_file(), read_config()
+    state_path = stack_state_path(s.home)
+    state = read_stack_state(s.home).get("settings", {})
+    rows = {}
+    for name, value in s.model_dump(mode="json").items():
+        fields = {f"{name}.{k}": (name, k, v) for k, v in value.items()} if isinstance(value, dict) \
+            else {name: (name, None, value)}
+        for dotted, (top, key, v) in fields.items():
+            def has(layer: dict) -> bool:
+                return top in layer and (key is None or (isinstance(layer[top], dict) and key in layer[top]))
+            if has(env):
+                origin = ("env", "RECSYS_" + dotted.replace(".", "_").upper())
+            elif has(config):
+                origin = ("file", str(file))
+            elif has(state):
+                origin = ("stack", str(state_path))
+            else:
+                origin = ("default", None)
+            rows[dotted] = {"value": shown(dotted, v), "source": origin[0], "from": origin[1]}
+    return rows

@@ -237,7 +237,7 @@ def _wait_for_metric(worker, port: int, group: str, name: str, minimum: float, t
 
 def test_worker_without_partitions_recreates_its_consumer_then_exits_nonzero(scratch):
     """The bound on waiting for partitions: a worker whose topic is gone never gets any; it shows
-    that as a metric, recreates its consumer once after the timeout, and then exits 2 with a message."""
+    that as a metric, recreates its consumer once after the timeout, and then exits 69 (unavailable) with a message."""
     from deploy.local import stack
     stack.delete_topics(scratch.settings)
     port = _free_port()
@@ -248,7 +248,7 @@ def test_worker_without_partitions_recreates_its_consumer_then_exits_nonzero(scr
     waiting = _wait_for_metric(worker, port, group, "recsys_consumer_unassigned_seconds", 1.0)
     assert waiting["recsys_consumer_assigned_partitions"] == 0
     out, err = worker.communicate(timeout=120)
-    assert worker.returncode == 2, err[-2000:]
+    assert worker.returncode == 69, err[-2000:]
     assert "no partitions assigned for 3 s; recreating it (attempt 1 of 1)" in err
     assert "recsys stream: no partitions assigned for 3 s, also after recreating the consumer 1 time(s)" in err
     assert out == ""

@@ -38,7 +38,7 @@ from recsys import RAY_ENV
 from recsys.errors import RecsysError
 from recsys.kafka_io import broker_answers, connection
 from recsys.secrets import REDIS_PASSWORD, USER_ID_KEY, ensure_secret, read_secret
-from recsys.settings import Settings
+from recsys.settings import Settings, forget_stack, remember_stack
 
 DEPLOY = Path(__file__).resolve().parent
 # Text that /proc/<pid>/cmdline must contain for a recorded pid to still be ours, by the
@@ -641,12 +641,15 @@ def up(s: Settings, progress: Callable[[str], None] = print, monitoring: bool = 
     start_kafka(s, progress)
     if monitoring:
         start_monitoring(s, progress)
+    remember_stack(s, monitoring)  # later commands find this stack with no variables
     return status(s)
 
 
 def down(s: Settings) -> dict:
     """Stop what ``up`` started; a service started some other way is left alone."""
-    return {"monitoring": stop_monitoring(s), "ray": stop_ray(s), "kafka": stop_kafka(s), "redis": stop_redis(s)}
+    stopped = {"monitoring": stop_monitoring(s), "ray": stop_ray(s), "kafka": stop_kafka(s), "redis": stop_redis(s)}
+    forget_stack(s)
+    return stopped
 
 
 def _kafka_status(s: Settings) -> dict:
