@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from deploy.local import stack
+from lab import stack
 from recsys.archive import run_archiver
 from recsys.auth import KeyStore, Scope
 from recsys.evaluation import figure
@@ -40,7 +40,7 @@ def _show(answer: dict) -> str:
 
 
 def run_demo(settings: Settings, events: int = 100_000, epochs: Optional[int] = None) -> int:
-    from serving.deploy import base_url, serve_up
+    from lab.serve_local import base_url, serve_up
     from training.job import train
 
     _step(1, "local stack: Kafka broker, Redis server")

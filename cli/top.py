@@ -15,7 +15,7 @@ from collections import defaultdict, deque
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from deploy.local import prometheus
+from lab import prometheus
 from recsys.settings import Settings
 
 DEPLOYMENT = "RecsysApi"

@@ -69,12 +69,12 @@ class ReplicaSampler:
         self.available = self._connect(settings, progress)
 
     def _connect(self, settings: Settings, progress) -> bool:
-        from deploy.local import stack
+        from lab import stack
         if not stack.ray_address(settings):
             self.error = "no local Ray cluster: replicas not sampled"
             return False
         try:
-            from serving import deploy
+            from lab import serve_local as deploy
             deploy.connect_ray(settings, progress=lambda *_: None)
             auto = deploy.load_config()["deployments"]["RecsysApi"].get("autoscaling_config") or {}
             self.min_replicas = auto.get("min_replicas")
@@ -88,7 +88,7 @@ class ReplicaSampler:
 
     @staticmethod
     def count() -> int | None:
-        from serving import deploy
+        from lab import serve_local as deploy
         per = deploy.replicas()
         if not per:
             return None
@@ -221,7 +221,7 @@ def stream_series(settings: Settings, start: float, end: float) -> tuple[dict | 
     """The stream worker's consumer lag and freshness p99 over the run (seconds since ``start``,
     wall clock), from the local Prometheus; (None, why) when it is not running. The note
     gives each series' maximum."""
-    from deploy.local import prometheus
+    from lab import prometheus
     if not prometheus.answers(settings):
         return None, {"prometheus": "not running (`recsys stack up --monitoring`): no lag or freshness series"}
     every = settings.monitoring.scrape_interval_s
@@ -244,7 +244,7 @@ def stream_series(settings: Settings, start: float, end: float) -> tuple[dict | 
 # ---- the run ---------------------------------------------------------------
 
 def _service_answers(host: str, timeout_s: float = 10.0) -> None:
-    from serving.deploy import wait_http
+    from lab.serve_local import wait_http
     try:
         wait_http(f"{host.rstrip('/')}/healthz", timeout_s=timeout_s)
     except TimeoutError:

@@ -18,8 +18,8 @@ from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.errors import KafkaError
 
-from cli.bench_stream import settings_env
-from deploy.local import stack
+from lab.bench.stream import settings_env
+from lab import stack
 from recsys.events import Event
 from recsys.kafka_io import producer, send_event
 from recsys.settings import get_settings

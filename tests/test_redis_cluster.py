@@ -10,7 +10,7 @@ import sys
 import httpx
 import pytest
 
-from deploy.local import stack
+from lab import stack
 from recsys.events import Event
 from recsys.feature_store import FeatureStore, Pending, SentEvents
 from recsys.features import MemoryStore
@@ -42,7 +42,7 @@ def on_cluster(cluster, tmp_path, request):
 
 
 def _env(settings) -> dict:
-    from cli.bench_stream import settings_env
+    from lab.bench.stream import settings_env
     return settings_env(settings)
 
 

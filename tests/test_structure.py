@@ -14,8 +14,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"cli": 0, "serving": 1, "training": 1, "loadtest": 1, "deploy": 1, "recsys": 2}
-NOT_ON_THE_REQUEST_PATH = ("training", "deploy", "recsys.training_data", "cli")
+LAYERS = {"cli": 0, "serving": 1, "training": 1, "loadtest": 1, "deploy": 1, "lab": 1, "recsys": 2}
+NOT_ON_THE_REQUEST_PATH = ("training", "deploy", "lab", "recsys.training_data", "cli")
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -192,7 +192,7 @@ def test_compressed_models_agree_with_the_fp32_model_on_the_top_10_of_test_users
     the index, as a replica answers. Bounds: fp16 >= 0.97, int8 >= 0.85 (`recsys bench compression`
     shows the figures on MovieLens-100K and the synthetic stream)."""
     from recsys.model import ModelConfig
-    from training.compression import measure_served
+    from lab.bench.compression import measure_served
     from training.data import Prepared, load_table
     from training.job import _load_serving_weights, evaluate_weights, train
     table, features, _ = load_table(SYN, settings)

@@ -33,14 +33,14 @@ from kafka.errors import TopicAlreadyExistsError
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from deploy.local import prometheus
+from lab import prometheus
 from recsys import RAY_ENV
 from recsys.errors import RecsysError
 from recsys.kafka_io import broker_answers, connection
 from recsys.secrets import REDIS_PASSWORD, USER_ID_KEY, ensure_secret, read_secret
 from recsys.settings import Settings
 
-DEPLOY = Path(__file__).resolve().parent
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "local"
 # Text that /proc/<pid>/cmdline must contain for a recorded pid to still be ours, by the
 # service's name up to a dash ("kafka-2" is a Kafka node).
 MARKERS = {"kafka": "kafka.Kafka", "redis": "redis-server", "prometheus": "--storage.tsdb.path",
@@ -442,7 +442,7 @@ def stop_kafka(settings: Settings) -> str:
 
 # ---- ray -------------------------------------------------------------------
 
-HAPROXY_SHIM = Path(__file__).with_name("haproxy-loopback")
+HAPROXY_SHIM = DEPLOY / "haproxy-loopback"
 
 
 def haproxy_dir(s: Settings) -> Path:

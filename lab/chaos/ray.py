@@ -65,12 +65,12 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from deploy.local import stack
+from lab import stack
 from recsys import RAY_ENV
 from recsys.errors import RecsysError
 from recsys.settings import Settings
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HOME = Path("/tmp/recsys-raynodes")  # the scenario's RECSYS_HOME: Redis, secrets, registry, Train's storage
 RAY_TEMP = Path("/tmp/rnodes")  # Ray's temp dir for these nodes: short, a unix socket path has at most 107 bytes
 GCS_PORT = 36380
@@ -472,8 +472,8 @@ def serve_phase(s: Settings, cluster: LocalCluster, progress) -> dict:
     from recsys.auth import KeyStore, Scope
     from recsys.feature_store import connect
     from serving.app import RecsysApi
-    from serving.bench import _known_users
-    from serving.deploy import base_url, load_config, replicas, wait_http
+    from lab.bench.serve import _known_users
+    from lab.serve_local import base_url, load_config, replicas, wait_http
     options = {k: v for k, v in load_config()["deployments"]["RecsysApi"].items() if k != "autoscaling_config"}
     progress(f"ray-nodes: Serve, {REPLICAS} replicas, one proxy on the head at {base_url(s)}")
     quiet = lambda: logging.getLogger("ray.serve").setLevel(logging.WARNING)  # noqa: E731 deploy chatter; errors show

@@ -28,8 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from cli.bench_stream import scratch_settings, settings_env
-from deploy.local import stack
+from lab.bench.stream import scratch_settings, settings_env
+from lab import stack
 from loadtest import runner
 from loadtest.shapes import Profile
 from recsys.attribution import report, summarize
@@ -43,7 +43,7 @@ from recsys.sources import open_source
 from recsys.stream import run_stream
 from recsys.training_data import events_table, with_relabeled_items
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TASTE = "synthetic:events=20000,users=1000,items=1000,clusters=20,categories=1"
 API_PORT_OFFSET = 92  # the API: the serving port + 92
 GUARD_EVERY_S = 2.0
@@ -151,7 +151,7 @@ def _recsys(s: Settings, log: Path, *args: str) -> subprocess.Popen:
 
 
 def guardrail(settings: Settings, progress=print) -> dict:
-    from serving.bench import _Uvicorn
+    from lab.bench.serve import _Uvicorn
     home = settings.home / "chaos-guardrail"
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)

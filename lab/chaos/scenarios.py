@@ -14,9 +14,9 @@ whether it passed.
   stream-workers   3 stream worker processes in one consumer group over 6 partitions; one killed
                    with kill -9 mid-stream and one added: the features equal one replay of every
                    event; then the group's rate with 1, 2 and 3 workers, as ratios in one run
-  ray-nodes        Train and Serve across ``ray start`` nodes, one node killed in each (cli/chaos_ray.py)
+  ray-nodes        Train and Serve across ``ray start`` nodes, one node killed in each (lab/chaos/ray.py)
   guardrail        a bad model as an A/B candidate under taste shoppers: the online guardrail ends the
-                   experiment; a good one keeps running (cli/guardrail.py)
+                   experiment; a good one keeps running (lab/chaos/guardrail.py)
 
 The serving scenarios need the demo's model and users (``recsys demo`` first), as
 ``recsys bench serve`` does; they leave ``recsys serve``'s deployment as configured.
@@ -40,10 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cli.bench_stream import scratch_settings, settings_env
-from cli.chaos_ray import ray_nodes
-from cli.guardrail import guardrail
-from deploy.local import stack
+from lab.bench.stream import scratch_settings, settings_env
+from lab.chaos.ray import ray_nodes
+from lab.chaos.guardrail import guardrail
+from lab import stack
 from recsys.archive import read_partition_log, run_archiver
 from recsys.auth import KeyStore, Scope
 from recsys.errors import InvalidInput
@@ -55,7 +55,7 @@ from recsys.settings import Settings
 from recsys.sources import SyntheticSource
 from recsys.stream import run_stream
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHAOS_REDIS_PORT_OFFSET = 11  # the private Redis of redis-rebuild: the stack's port + 11
 CHAOS_KAFKA_PORT_OFFSET = 20  # the private brokers and controllers of kafka-leader-kill: the stack's + 20
 CHAOS_API_PORT_OFFSET = 91  # its API (serving.plain under uvicorn): the serving port + 91
@@ -200,7 +200,7 @@ def _wait_back_in_sync(s: Settings, server: str, timeout_s: float) -> bool:
 def kafka_leader_kill(settings: Settings, seconds: float = 60.0, rate: float = 600.0, kills: int = 3,
                       concurrency: int = 512, progress=print) -> dict:
     """Kafka's replication_test, hard-bounce flavour, through the project's own API."""
-    from serving.bench import _Uvicorn
+    from lab.bench.serve import _Uvicorn
     home = settings.home / "chaos-kafka"
     shutil.rmtree(home, ignore_errors=True)
     host, port = settings.kafka.bootstrap.rsplit(":", 1)
@@ -286,8 +286,8 @@ def _serving_fault(settings: Settings, scenario: str, progress) -> dict:
 
     from loadtest.runner import Options, run as run_load
     from loadtest.shapes import CHAOS_PROFILE
-    from serving.bench import _Cluster, pids_named
-    from serving.deploy import base_url, replicas, serve_up
+    from lab.bench.serve import _Cluster, pids_named
+    from lab.serve_local import base_url, replicas, serve_up
     cluster = _Cluster(settings, replicas=2)
     s = cluster.ensure(settings.serving.ingress)
     out = settings.home / "chaos-serving" / scenario
@@ -472,7 +472,7 @@ SCENARIOS = {
 
 
 def _fuzz(settings: Settings, progress) -> dict:
-    from cli.fuzz import fuzz
+    from lab.chaos.fuzz import fuzz
     return fuzz(settings, progress=progress)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from recsys.errors import InvalidInput
 from recsys.settings import Settings
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # name -> the command that writes it
 BENCHES = {"serve": "recsys bench serve", "stream": "recsys bench stream", "ann": "recsys bench ann",
            "train": "recsys bench train", "redis-memory": "recsys bench redis-memory"}

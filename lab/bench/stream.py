@@ -15,7 +15,7 @@ import uuid
 import numpy as np
 from kafka import KafkaConsumer
 
-from deploy.local import stack
+from lab import stack
 from recsys.feature_store import FeatureStore
 from recsys.kafka_io import connection, replay
 from recsys.settings import Settings

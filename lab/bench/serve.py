@@ -27,13 +27,13 @@ import psutil
 from fastapi import FastAPI, Query
 from ray import serve
 
-from deploy.local import stack
+from lab import stack
 from recsys.auth import KeyStore, Scope
 from recsys.errors import RecsysError
 from recsys.feature_store import FeatureStore
 from recsys.privacy import Pseudonyms
 from recsys.settings import Settings
-from serving.deploy import base_url, connect_ray, load_config, serve_up, start_serve, wait_http
+from lab.serve_local import base_url, connect_ray, load_config, serve_up, start_serve, wait_http
 
 noop_app = FastAPI()
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import yaml
 
-from deploy.local import stack
+from lab import stack
 from recsys.settings import Settings
 
-CONFIG = Path(__file__).with_name("config.yaml")
+CONFIG = Path(__file__).resolve().parents[1] / "serving" / "config.yaml"
 APP_NAME = "recsys"
 
 
