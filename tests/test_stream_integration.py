@@ -370,7 +370,7 @@ def test_an_unwritable_dead_letter_topic_holds_the_commit_until_it_is_back(scrat
     the topic is back every poison record is in it and every good event in Redis."""
     from lab import stack
     s = scratch.settings
-    with stack._admin(s) as admin:
+    with stack.kafka_admin(s) as admin:
         admin.delete_topics([s.kafka.dlq_topic])
     good = [{"event_id": f"ok-{n}", "user_id": f"u{n % 7}", "item_id": f"i{n}", "type": "click",
              "ts": 1_700_000_000_000 + n} for n in range(200)]
@@ -480,9 +480,9 @@ def test_redis_lost_with_its_files_is_rebuilt_exactly_from_the_archive(scratch, 
     assert stats["applied"] == 100_000
     users, items = sorted({e.user_id for e in events}), sorted({e.item_id for e in events})
     before = _snapshot(s, users, items)
-    os.kill(stack._pid(s, "redis"), signal.SIGKILL)
+    os.kill(stack.running_pid(s, "redis"), signal.SIGKILL)
     time.sleep(0.5)
-    shutil.rmtree(stack._dir(s, "redis"))
+    shutil.rmtree(stack.service_dir(s, "redis"))
     stack.start_redis(s, progress=lambda *_: None)
     assert FeatureStore(s).redis.dbsize() == 0, "Redis came back with data"
     rebuilt = stream_json(scratch.cli("features", "rebuild", "--json"))

@@ -163,7 +163,7 @@ def _summary(runs: list[dict]) -> dict:
             "cpu_ms_per_request": round(1e3 * sum(r["cpu_s"] for r in runs) / answered, 3) if answered else None}
 
 
-class _Cluster:
+class IngressCluster:
     """The local Ray cluster in one ingress mode at a time, with the apps a variant needs."""
 
     def __init__(self, settings: Settings, replicas: int):
@@ -188,7 +188,7 @@ class _Cluster:
         return s
 
 
-class _Uvicorn:
+class PlainUvicorn:
     """serving.plain under uvicorn with as many worker processes as Serve has replicas."""
 
     def __init__(self, settings: Settings, workers: int, port: int, ready_path: str = "/readyz"):
@@ -209,7 +209,7 @@ class _Uvicorn:
         self.proc.wait(timeout=30)
 
 
-def _known_users(settings: Settings, n: int, candidates: int = 20_000) -> list[str]:
+def known_users(settings: Settings, n: int, candidates: int = 20_000) -> list[str]:
     """Users of the demo's synthetic data (ids u0, u1, ...) with history in Redis, which knows
     them only by their pseudonyms."""
     store, pseudonyms = FeatureStore(settings), Pseudonyms.of(settings)
@@ -225,8 +225,8 @@ def _known_users(settings: Settings, n: int, candidates: int = 20_000) -> list[s
 
 def bench_serve(settings: Settings, replicas: int = 2, concurrency: int = 16, seconds: float = 20.0,
                 users: int = 500, uvicorn_port: int = 28090, progress=print) -> dict:
-    ids = _known_users(settings, users)
-    cluster = _Cluster(settings, replicas)
+    ids = known_users(settings, users)
+    cluster = IngressCluster(settings, replicas)
     plain = None
     runs = {v: [] for v in VARIANTS}
     keys = KeyStore(settings, FeatureStore(settings).redis)
@@ -237,7 +237,7 @@ def bench_serve(settings: Settings, replicas: int = 2, concurrency: int = 16, se
                 for v in order:
                     mode, endpoint = VARIANTS[v]
                     if mode == "uvicorn":
-                        plain = plain or _Uvicorn(settings, replicas, uvicorn_port)
+                        plain = plain or PlainUvicorn(settings, replicas, uvicorn_port)
                         base, pids = plain.url, plain.pids
                     else:
                         s = cluster.ensure(mode)

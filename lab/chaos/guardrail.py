@@ -151,7 +151,7 @@ def _recsys(s: Settings, log: Path, *args: str) -> subprocess.Popen:
 
 
 def guardrail(settings: Settings, progress=print) -> dict:
-    from lab.bench.serve import _Uvicorn
+    from lab.bench.serve import PlainUvicorn
     home = settings.home / "chaos-guardrail"
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
@@ -165,7 +165,7 @@ def guardrail(settings: Settings, progress=print) -> dict:
     try:
         cards = _models(s, progress)
         procs = [_recsys(s, home / "stream.log", "stream"), _recsys(s, home / "online.log", "online", "run")]
-        api = _Uvicorn(s, workers=1, port=settings.serving.port + API_PORT_OFFSET, ready_path="/healthz")
+        api = PlainUvicorn(s, workers=1, port=settings.serving.port + API_PORT_OFFSET, ready_path="/healthz")
         current = cards["current"]["version"]
         with KeyStore(s, connect(s)).temporary("guardrail", [Scope.recs_read, Scope.events_write]) as key:
             bad = _experiment(s, api.url, key, current, cards["bad"]["version"], True, home / "locust-bad.log", progress)

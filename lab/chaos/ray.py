@@ -238,7 +238,7 @@ class LocalCluster:
     def _start(self, name: str, index: int) -> RayNode:
         log = self.logs / f"{name}.log"
         with log.open("a") as out:
-            proc = subprocess.Popen([stack._ray_exe(), "start", *ray_start_args(index, None if name == "head" else name)],
+            proc = subprocess.Popen([stack.ray_exe(), "start", *ray_start_args(index, None if name == "head" else name)],
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     env=self.env, start_new_session=True, cwd=REPO)
         node = self.nodes[name] = RayNode(name, index, proc, log)
@@ -250,7 +250,7 @@ class LocalCluster:
             raise RayNodesError(f"ports {taken} are taken: another ray-nodes run still up? (its processes run "
                                 f"with --temp-dir={RAY_TEMP})")
         self.progress(f"ray-nodes: head on 127.0.0.1:{GCS_PORT} (0 CPUs)")
-        subprocess.run([stack._ray_exe(), "get-auth-token", "--generate"], capture_output=True, env=self.env)
+        subprocess.run([stack.ray_exe(), "get-auth-token", "--generate"], capture_output=True, env=self.env)
         head = self._start("head", 0)
         deadline = time.monotonic() + timeout_s
         while not _port_taken(GCS_PORT):
@@ -472,7 +472,7 @@ def serve_phase(s: Settings, cluster: LocalCluster, progress) -> dict:
     from recsys.auth import KeyStore, Scope
     from recsys.feature_store import connect
     from serving.app import RecsysApi
-    from lab.bench.serve import _known_users
+    from lab.bench.serve import known_users
     from lab.serve_local import base_url, load_config, replicas, wait_http
     options = {k: v for k, v in load_config()["deployments"]["RecsysApi"].items() if k != "autoscaling_config"}
     progress(f"ray-nodes: Serve, {REPLICAS} replicas, one proxy on the head at {base_url(s)}")
@@ -491,7 +491,7 @@ def serve_phase(s: Settings, cluster: LocalCluster, progress) -> dict:
     before, _ = _replicas(cluster)
     progress(f"ray-nodes: replicas per node {before}")
     victim = max((n for n in before if n != "head"), key=lambda n: (before[n], n))
-    users = _known_users(s, 500, candidates=TRAIN_USERS)
+    users = known_users(s, 500, candidates=TRAIN_USERS)
     urls = [f"{base_url(s)}/v1/recommendations/{u}?k=10" for u in users]
     key = KeyStore(s, connect(s)).create("ray-nodes", [Scope.recs_read], rate_per_s=1e6, burst=10**6)["key"]
     ctx = mp.get_context("spawn")

@@ -87,9 +87,9 @@ def redis_rebuild(settings: Settings, events: int = 50_000, progress=print) -> d
         before_items, before_users = _feature_counts(store, users, items)
         progress("chaos: kill -9 Redis, delete its files, start it empty")
         crashed = time.monotonic()
-        os.kill(stack._pid(s, "redis"), signal.SIGKILL)
+        os.kill(stack.running_pid(s, "redis"), signal.SIGKILL)
         time.sleep(0.5)
-        shutil.rmtree(stack._dir(s, "redis"))
+        shutil.rmtree(stack.service_dir(s, "redis"))
         stack.start_redis(s, progress)
         rebuilt = rebuild_features(s, progress=progress)
         caught_up = run_stream(s, until_idle=3)
@@ -200,7 +200,7 @@ def _wait_back_in_sync(s: Settings, server: str, timeout_s: float) -> bool:
 def kafka_leader_kill(settings: Settings, seconds: float = 60.0, rate: float = 600.0, kills: int = 3,
                       concurrency: int = 512, progress=print) -> dict:
     """Kafka's replication_test, hard-bounce flavour, through the project's own API."""
-    from lab.bench.serve import _Uvicorn
+    from lab.bench.serve import PlainUvicorn
     home = settings.home / "chaos-kafka"
     shutil.rmtree(home, ignore_errors=True)
     host, port = settings.kafka.bootstrap.rsplit(":", 1)
@@ -214,7 +214,7 @@ def kafka_leader_kill(settings: Settings, seconds: float = 60.0, rate: float = 6
         stack.start_redis(s, progress)
         stack.start_kafka(s, progress)
         key = KeyStore(s, connect(s)).create("chaos", [Scope.events_write], rate_per_s=1e6, burst=10**6)["key"]
-        api = _Uvicorn(s, workers=1, port=settings.serving.port + CHAOS_API_PORT_OFFSET, ready_path="/healthz")
+        api = PlainUvicorn(s, workers=1, port=settings.serving.port + CHAOS_API_PORT_OFFSET, ready_path="/healthz")
         ctx = mp.get_context("spawn")
         queue, load_started = ctx.Queue(), ctx.Event()
         load = ctx.Process(target=_event_load_process, args=(f"{api.url}/v1/events", {"Authorization": f"Bearer {key}"},
@@ -229,7 +229,7 @@ def kafka_leader_kill(settings: Settings, seconds: float = 60.0, rate: float = 6
             node = nodes[_leader(s)]
             progress(f"chaos: kill -9 {node.name}, leader of partition 0")
             killed = time.monotonic()
-            os.kill(stack._pid(s, node.name), signal.SIGKILL)
+            os.kill(stack.running_pid(s, node.name), signal.SIGKILL)
             time.sleep(2.0)
             stack.start_kafka_node(s, node, progress)
             in_sync = _wait_back_in_sync(s, node.server, timeout_s=60)
@@ -286,9 +286,9 @@ def _serving_fault(settings: Settings, scenario: str, progress) -> dict:
 
     from loadtest.runner import Options, run as run_load
     from loadtest.shapes import CHAOS_PROFILE
-    from lab.bench.serve import _Cluster, pids_named
+    from lab.bench.serve import IngressCluster, pids_named
     from lab.serve_local import base_url, replicas, serve_up
-    cluster = _Cluster(settings, replicas=2)
+    cluster = IngressCluster(settings, replicas=2)
     s = cluster.ensure(settings.serving.ingress)
     out = settings.home / "chaos-serving" / scenario
     shutil.rmtree(out, ignore_errors=True)
