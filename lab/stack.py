@@ -8,13 +8,10 @@ All run as detached child processes whose pids are kept in ``<home>/run``, so
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +30,7 @@ from kafka.errors import TopicAlreadyExistsError
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from lab import prometheus
+from lab import process, prometheus
 from recsys import RAY_ENV
 from recsys.errors import RecsysError
 from recsys.kafka_io import broker_answers, connection
@@ -91,13 +88,8 @@ def running_pid(s: Settings, name: str) -> int | None:
 
 
 def _spawn(s: Settings, name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
-    log = _log(s, name)
-    with log.open("a") as out:
-        out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n")
-        out.flush()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=env)
-    _pidfile(s, name).write_text(f"{proc.pid}\n")
+    proc = process.spawn(cmd, _log(s, name), _pidfile(s, name), env=env, new_session=True,
+                         banner=f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n")
     _children[name] = proc
     return proc
 
@@ -124,36 +116,26 @@ def _wait(s: Settings, name: str, answers: Callable[[Settings], bool], timeout_s
     A child just spawned (``proc``) is watched with poll(): right after exec its
     cmdline can be mid-rewrite (redis sets its process title), which running_pid would misread.
     """
-    deadline = time.monotonic() + timeout_s
-    while not answers(s):
-        exited = proc.poll() is not None if proc else running_pid(s, name) is None
-        if exited or time.monotonic() > deadline:
-            why = "exited" if exited else f"did not answer within {timeout_s:.0f}s"
-            log = _log(s, name)
-            raise StackError(f"{name} {why}; last lines of {log}:\n{_tail(log)}")
-        time.sleep(0.5)
+    def exited() -> str | None:
+        return "it exited" if (proc.poll() is not None if proc else running_pid(s, name) is None) else None
+    try:
+        process.wait_until(lambda: answers(s), timeout_s, f"{name} answers", gave_up=exited)
+    except process.NotInTime as exc:
+        log = _log(s, name)
+        raise StackError(f"{exc}; last lines of {log}:\n{_tail(log)}") from None
 
 
 def _stop(s: Settings, *names: str) -> str:
     """SIGTERM our processes (all at once: a Kafka node's controlled shutdown needs the
     others' quorum), SIGKILL any that outlives STOP_TIMEOUT_S. Returns what happened."""
     pids = {name: running_pid(s, name) for name in names}
-    for name, pid in pids.items():
+    for name in names:
         _pidfile(s, name).unlink(missing_ok=True)
-        if pid is not None:
-            os.kill(pid, signal.SIGTERM)
     running = {name: pid for name, pid in pids.items() if pid is not None}
     if not running:
         return "not running"
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    how = "stopped"
-    while alive := [(name, pid) for name, pid in running.items() if _alive(pid, name)]:
-        if time.monotonic() > deadline:
-            for _, pid in alive:
-                os.kill(pid, signal.SIGKILL)
-            how = "killed"
-            break
-        time.sleep(0.2)
+    name_of = {pid: name for name, pid in running.items()}
+    how = "stopped" if process.stop(running.values(), STOP_TIMEOUT_S, lambda pid: _alive(pid, name_of[pid])) else "killed"
     for name, pid in running.items():
         child = _children.pop(name, None)
         if child is not None and child.pid == pid:
@@ -265,11 +247,10 @@ def _create_cluster(s: Settings, progress: Callable[[str], None]) -> None:
             capture_output=True, text=True, env={**os.environ, "REDISCLI_AUTH": ensure_secret(s, REDIS_PASSWORD)})
         if done.returncode != 0:
             raise StackError(f"redis-cli --cluster create failed:\n{(done.stdout + done.stderr)[-2000:]}")
-    deadline = time.monotonic() + REDIS_TIMEOUT_S
-    while not _cluster_ok(s):
-        if time.monotonic() > deadline:
-            raise StackError(f"the Redis Cluster is not ok after {REDIS_TIMEOUT_S} s; see {_log(s, 'redis')}")
-        time.sleep(0.5)
+    try:
+        process.wait_until(lambda: _cluster_ok(s), REDIS_TIMEOUT_S, "the Redis Cluster is ok")
+    except process.NotInTime as exc:
+        raise StackError(f"{exc}; see {_log(s, 'redis')}") from None
 
 
 def stop_redis(settings: Settings) -> str:
@@ -482,11 +463,7 @@ def ray_exe() -> str:
 
 def ray_address(s: Settings) -> str | None:
     """The project's local Ray cluster (GCS on a fixed loopback port), or None when none runs."""
-    try:
-        with socket.create_connection(("127.0.0.1", s.ray.port), timeout=1):
-            return f"127.0.0.1:{s.ray.port}"
-    except OSError:
-        return None
+    return f"127.0.0.1:{s.ray.port}" if process.port_open("127.0.0.1", s.ray.port) else None
 
 
 def start_ray(s: Settings, progress: Callable[[str], None] = print) -> str:
@@ -536,15 +513,7 @@ def haproxy_pids(s: Settings) -> list[int]:
 
 
 def stop_haproxy(s: Settings, timeout_s: float = 10.0) -> None:
-    for pid in haproxy_pids(s):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while (left := haproxy_pids(s)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    process.stop(haproxy_pids(s), timeout_s, every_s=0.1)
 
 
 # ---- monitoring ------------------------------------------------------------
@@ -677,13 +646,13 @@ def status(s: Settings) -> dict:
 def delete_topics(settings: Settings, timeout_s: float = 30) -> None:
     """Delete the events, dead-letter and impressions topics and wait until they are gone."""
     topics = [settings.kafka.events_topic, settings.kafka.dlq_topic, settings.kafka.impressions_topic]
-    deadline = time.monotonic() + timeout_s
     with kafka_admin(settings) as admin:
         existing = [t for t in topics if t in admin.list_topics()]
         if existing:
             admin.delete_topics(existing)
-        while any(t in admin.list_topics() for t in topics):
-            if time.monotonic() > deadline:
-                raise StackError(f"kafka: topics {topics} not deleted after {timeout_s:.0f}s")
-            time.sleep(0.2)
+        try:
+            process.wait_until(lambda: not any(t in admin.list_topics() for t in topics), timeout_s,
+                               f"kafka: topics {topics} are deleted", every_s=0.2)
+        except process.NotInTime as exc:
+            raise StackError(str(exc)) from None
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lab import process
 from recsys.errors import RecsysError
 from recsys.settings import Settings
 from loadtest import report
@@ -106,13 +107,14 @@ class ReplicaSampler:
 
     def wait_for(self, target: int, max_s: float) -> bool:
         """Sample until the count is at most ``target`` or max_s passes."""
-        deadline = time.monotonic() + max_s
-        while time.monotonic() < deadline:
+        def down_to_target() -> bool:
             n = self.sample()
-            if n is not None and n <= target:
-                return True
-            time.sleep(self.every_s)
-        return False
+            return n is not None and n <= target
+        try:
+            process.wait_until(down_to_target, max_s, f"{target} replicas", every_s=self.every_s)
+        except process.NotInTime:
+            return False
+        return True
 
     def start(self) -> None:
         def loop():
@@ -257,18 +259,13 @@ def start_locust(host: str, env: dict, log: Path, *options: str) -> subprocess.P
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host,
            "--loglevel", "WARNING", "--only-summary", "--exit-code-on-error", "0", *options]
     env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))}
-    with log.open("w") as out:
-        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    return process.spawn(cmd, log, env=env, cwd=ROOT, append=False)
 
 
 def end(proc: subprocess.Popen) -> int:
     """SIGTERM (Locust then writes its reports), SIGKILL after 20 s."""
-    proc.terminate()
-    try:
-        return proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
+    process.stop(proc, grace_s=20)
+    return proc.returncode
 
 
 @contextlib.contextmanager

@@ -18,7 +18,6 @@ import asyncio
 import multiprocessing as mp
 import os
 import random
-import subprocess
 import sys
 import time
 
@@ -27,7 +26,7 @@ import psutil
 from fastapi import FastAPI, Query
 from ray import serve
 
-from lab import stack
+from lab import process, stack
 from recsys.auth import KeyStore, Scope
 from recsys.errors import RecsysError
 from recsys.feature_store import FeatureStore
@@ -194,10 +193,10 @@ class PlainUvicorn:
     def __init__(self, settings: Settings, workers: int, port: int, ready_path: str = "/readyz"):
         self.url = f"http://127.0.0.1:{port}"
         env = {**os.environ, **{k: v for k, v in settings.environment().items() if v is not None}}
-        self.proc = subprocess.Popen(
+        self.proc = process.spawn(
             [sys.executable, "-m", "uvicorn", "serving.plain:create", "--factory", "--host", "127.0.0.1",
              "--port", str(port), "--workers", str(workers), "--no-access-log", "--log-level", "warning"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            None, env=env)
         wait_http(f"{self.url}{ready_path}")
 
     def pids(self) -> set[int]:
@@ -205,8 +204,7 @@ class PlainUvicorn:
         return {parent.pid, *(c.pid for c in parent.children(recursive=True))}
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        process.stop(self.proc, grace_s=30)
 
 
 def known_users(settings: Settings, n: int, candidates: int = 20_000) -> list[str]:

@@ -31,7 +31,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -40,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lab.bench.stream import scratch_settings, settings_env
+from lab.bench.stream import recsys_child, scratch_settings
 from lab.chaos.ray import ray_nodes
 from lab.chaos.guardrail import guardrail
-from lab import stack
+from lab import process, stack
 from recsys.archive import read_partition_log, run_archiver
 from recsys.auth import KeyStore, Scope
 from recsys.errors import InvalidInput
@@ -55,7 +54,6 @@ from recsys.settings import Settings
 from recsys.sources import SyntheticSource
 from recsys.stream import run_stream
 
-REPO = Path(__file__).resolve().parents[2]
 CHAOS_REDIS_PORT_OFFSET = 11  # the private Redis of redis-rebuild: the stack's port + 11
 CHAOS_KAFKA_PORT_OFFSET = 20  # the private brokers and controllers of kafka-leader-kill: the stack's + 20
 CHAOS_API_PORT_OFFSET = 91  # its API (serving.plain under uvicorn): the serving port + 91
@@ -182,19 +180,18 @@ def _leader(s: Settings, partition: int = 0) -> int:
 def _wait_back_in_sync(s: Settings, server: str, timeout_s: float) -> bool:
     """True once the restarted broker answers and every partition of the events topic has all
     its replicas in sync again (an ISR read before that can still list the dead broker)."""
-    deadline = time.monotonic() + timeout_s
-    while not broker_answers(server):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    while time.monotonic() < deadline:
+    def in_sync() -> bool:
         try:
-            if all(len(p["isr_nodes"]) == s.kafka.replication_factor for p in _partitions(s, 5000)):
-                return True
+            return all(len(p["isr_nodes"]) == s.kafka.replication_factor for p in _partitions(s, 5000))
         except Exception:  # a broker is still away: ask again
-            pass
-        time.sleep(0.5)
-    return False
+            return False
+    deadline = time.monotonic() + timeout_s
+    try:
+        process.wait_until(lambda: broker_answers(server), timeout_s, f"{server} answers", every_s=0.2)
+        process.wait_until(in_sync, deadline - time.monotonic(), "every replica is in sync")
+    except process.NotInTime:
+        return False
+    return True
 
 
 def kafka_leader_kill(settings: Settings, seconds: float = 60.0, rate: float = 600.0, kills: int = 3,
@@ -351,9 +348,7 @@ WORKER_IDLE_S = 20.0  # a worker exits after this long without records: longer t
 
 def _worker(s: Settings, log: Path, idle_s: float = WORKER_IDLE_S) -> subprocess.Popen:
     """One ``recsys stream`` process of the scenario's consumer group, logging to ``log``."""
-    with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "cli", "stream", "--until-idle", str(idle_s), "--metrics-port", "0"],
-                                cwd=REPO, env=settings_env(s), stdout=out, stderr=subprocess.STDOUT)
+    return recsys_child(s, log, "stream", "--until-idle", str(idle_s))
 
 
 def _applied(store: FeatureStore, s: Settings) -> int:
@@ -390,10 +385,11 @@ def stream_workers(settings: Settings, events: int = 120_000, progress=print) ->
         progress(f"chaos: {acked:,} events on {partitions} partitions; 3 workers in group {s.kafka.stream_group}")
         procs = [_worker(s, logs / f"worker-{n}.log") for n in range(3)]
         started = time.monotonic()
-        while _applied(store, s) < 0.3 * len(sent):
-            if time.monotonic() - started > 300:
-                raise RuntimeError(f"chaos: the workers applied {_applied(store, s):,} events in 300 s (logs: {logs})")
-            time.sleep(0.1)
+        try:
+            process.wait_until(lambda: _applied(store, s) >= 0.3 * len(sent), 300, "the workers apply 30% of the events",
+                               every_s=0.1)
+        except process.NotInTime:
+            raise RuntimeError(f"chaos: the workers applied {_applied(store, s):,} events in 300 s (logs: {logs})") from None
         at_kill = _applied(store, s)
         progress(f"chaos: kill -9 worker 1 at {at_kill:,} events applied; worker 3 joins")
         procs[1].kill()
