@@ -193,7 +193,7 @@ def test_the_lab_rules_fail_when_broken(tmp_path):
         "lab/__init__.py": "", "lab/stack.py": "import subprocess\ndef _pid(): ...\nsubprocess.run(['true'])\n",
         "recsys/__init__.py": "", "recsys/features.py": "def _key(): ...\n",
         "serving/__init__.py": "",
-        "serving/bench.py": "import multiprocessing as mp\nfrom subprocess import Popen\nfrom lab import stack\n"
+        "serving/launch.py": "import multiprocessing as mp\nfrom subprocess import Popen\nfrom lab import stack\n"
                             "def f():\n    Popen(['true'])\n    mp.get_context('spawn')\n    stack._pid()\n",
         "training/__init__.py": "", "training/job.py": "import os\nfrom recsys.features import _key\nos.execv('x', [])\n",
         "cli/__init__.py": "", "cli/main.py": "import lab.stack\nlab.stack._pid()\nimport psutil\npsutil.Process(1)\n",
@@ -202,8 +202,8 @@ def test_the_lab_rules_fail_when_broken(tmp_path):
     for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(exist_ok=True)
         (tmp_path / rel).write_text(text)
-    assert process_starts(tmp_path) == ["serving.bench:5 subprocess.Popen", "serving.bench:6 multiprocessing.get_context",
+    assert process_starts(tmp_path) == ["serving.launch:5 subprocess.Popen", "serving.launch:6 multiprocessing.get_context",
                                         "training.job:3 os.execv"]
-    assert private_uses(tmp_path) == ["cli.main:2 lab.stack._pid", "serving.bench:7 lab.stack._pid",
+    assert private_uses(tmp_path) == ["cli.main:2 lab.stack._pid", "serving.launch:7 lab.stack._pid",
                                       "tests.test_x:2 recsys.features._key", "training.job:2 recsys.features._key"]
-    assert product_imports_of_the_lab(tmp_path) == ["serving.bench imports lab.stack"]
+    assert product_imports_of_the_lab(tmp_path) == ["serving.launch imports lab.stack"]
