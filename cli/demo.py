@@ -9,6 +9,7 @@ the model learns to read a known user's long history more than five odd clicks.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Optional
@@ -18,7 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from deploy.local import stack
+from lab import process, stack
 from recsys.archive import run_archiver
 from recsys.auth import KeyStore, Scope
 from recsys.evaluation import figure
@@ -40,7 +41,7 @@ def _show(answer: dict) -> str:
 
 
 def run_demo(settings: Settings, events: int = 100_000, epochs: Optional[int] = None) -> int:
-    from serving.deploy import base_url, serve_up
+    from lab.serve_local import base_url, serve_up
     from training.job import train
 
     _step(1, "local stack: Kafka broker, Redis server")
@@ -81,11 +82,9 @@ def run_demo(settings: Settings, events: int = 100_000, epochs: Optional[int] = 
     with keys.temporary("demo", [Scope.events_write, Scope.recs_read], rate_per_s=100, burst=100) as key, \
             httpx.Client(base_url=base_url(settings), timeout=10, headers={"Authorization": f"Bearer {key}"}) as client:
         # The version may take a poll interval to reach every replica.
-        deadline = time.monotonic() + 15
-        while client.get("/v1/recommendations/u0").json()["model_version"] != card["version"]:
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.3)
+        with contextlib.suppress(process.NotInTime):  # the demo goes on either way
+            process.wait_until(lambda: client.get("/v1/recommendations/u0").json()["model_version"] == card["version"],
+                               15, f"{card['version']} answers", every_s=0.3)
         _step(6, "recommendations for a few users (GET /v1/recommendations/{user})")
         # The demo knows its users' own ids; Redis knows only their pseudonyms.
         candidates = [f"u{n}" for n in range(50)]
@@ -107,9 +106,9 @@ def run_demo(settings: Settings, events: int = 100_000, epochs: Optional[int] = 
         batch = [{"event_id": f"demo-{now}-{n}-{t}", "user_id": user, "item_id": item, "type": t, "ts": now + 2 * n + j}
                  for n, item in enumerate(clicked) for j, t in enumerate(("view", "click"))]
         print(f"accepted {client.post('/v1/events', json=batch).json()['accepted']} events")
-        deadline = time.monotonic() + 10
-        while not set(clicked) <= store.users([pseudonyms.user_id(user)])[0].seen and time.monotonic() < deadline:
-            time.sleep(0.05)  # the stream worker applies them within about a second
+        with contextlib.suppress(process.NotInTime):  # the stream worker applies them within about a second
+            process.wait_until(lambda: set(clicked) <= store.users([pseudonyms.user_id(user)])[0].seen, 10,
+                               "the clicks are in Redis", every_s=0.05)
         after = {u: client.get(f"/v1/recommendations/{u}", params={"k": 10}).json() for u in (user, control)}
 
         def share(answer: dict) -> float:

@@ -19,7 +19,7 @@ from pathlib import Path
 from recsys.errors import EXIT_CODES, INTERNAL, UNAVAILABLE, InvalidInput, RecsysError, exit_code
 from recsys.settings import describe, get_settings, read_stack_state
 from loadtest.cli import register as register_loadtest
-from training.cli import add_bench_gate_options, add_bench_train_options
+from lab.bench.train import add_bench_gate_options, add_bench_train_options
 from training.cli import register as register_training
 
 
@@ -44,7 +44,7 @@ def _print(obj, as_json: bool) -> None:
 
 
 def cmd_stack(args) -> int:
-    from deploy.local import stack
+    from lab import stack
     settings = get_settings()
     if args.brokers is not None:
         settings = settings.updated(kafka={"brokers": args.brokers})
@@ -187,7 +187,7 @@ def cmd_users(args) -> int:
 
 
 def cmd_chaos(args) -> int:
-    from cli.chaos import run_chaos
+    from lab.chaos.scenarios import run_chaos
     result = run_chaos(get_settings(), args.scenario, progress=lambda msg: print(msg, file=sys.stderr))
     _print(result, args.json)
     return 0 if result["passed"] else 1
@@ -195,12 +195,12 @@ def cmd_chaos(args) -> int:
 
 def _save_bench(settings, name: str, result: dict) -> None:
     """Keep a bench's result for `recsys capacity` (<home>/bench/<name>.json), said on stderr."""
-    from recsys import bench_store
+    from lab.bench import store as bench_store
     print(f"saved {bench_store.save(settings, name, result)}", file=sys.stderr)
 
 
 def cmd_bench_stream(args) -> int:
-    from cli.bench_stream import bench_stream
+    from lab.bench.stream import bench_stream
     settings = get_settings()
     result = bench_stream(settings, events=args.events, steady_rate=args.rate, steady_seconds=args.seconds)
     _save_bench(settings, "stream", result)
@@ -209,8 +209,8 @@ def cmd_bench_stream(args) -> int:
 
 
 def cmd_bench_redis_memory(args) -> int:
-    from deploy.local import stack
-    from recsys.redis_memory_bench import bench, format_table
+    from lab import stack
+    from lab.bench.redis_memory import bench, format_table
     settings = get_settings()
     progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     stack.start_redis(settings, progress=progress)
@@ -225,7 +225,8 @@ def cmd_bench_redis_memory(args) -> int:
 
 
 def cmd_capacity(args) -> int:
-    from recsys import bench_store, capacity
+    from lab import capacity
+    from lab.bench import store as bench_store
     from recsys.ann import default_kind
     from recsys.model import ModelConfig
     settings = get_settings()
@@ -255,10 +256,10 @@ def cmd_capacity(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from serving import deploy
+    from lab import serve_local as deploy
     settings = get_settings()
     if args.action == "up":
-        from deploy.local import stack
+        from lab import stack
         stack.up(settings, progress=lambda msg: print(msg, file=sys.stderr))
         result = deploy.serve_up(settings, progress=lambda msg: print(msg, file=sys.stderr))
     elif args.action == "down":
@@ -270,7 +271,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_bench_new_items(args) -> int:
-    from training.new_items import DEFAULT_SOURCE, bench
+    from lab.bench.new_items import DEFAULT_SOURCE, bench
     result = bench(get_settings(), args.source or DEFAULT_SOURCE, args.new_share, epochs=args.epochs,
                    progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.json:
@@ -286,7 +287,7 @@ def cmd_bench_new_items(args) -> int:
 
 def cmd_bench_ann(args) -> int:
     from recsys.ann import default_kind
-    from recsys.ann_bench import KINDS, bench, format_table
+    from lab.bench.ann import KINDS, bench, format_table
     settings = get_settings()
     result = bench(args.items, queries=args.queries, tuning_queries=args.tuning_queries,
                    kinds=tuple(args.kinds or KINDS), spread=args.spread,
@@ -317,9 +318,9 @@ def _sizes(text: str) -> list[int]:
 
 
 def cmd_bench_compression(args) -> int:
-    from training.cli import _default_ml100k
-    from training.compression import bench, format_table
-    sources = args.sources or [f"movielens:{_default_ml100k()}", "synthetic"]
+    from lab.bench.train import default_ml100k
+    from lab.bench.compression import bench, format_table
+    sources = args.sources or [f"movielens:{default_ml100k()}", "synthetic"]
     result = bench(sources, get_settings(), workers=args.workers, epochs=args.epochs,
                    progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.json:
@@ -331,7 +332,7 @@ def cmd_bench_compression(args) -> int:
 
 
 def cmd_bench_data(args) -> int:
-    from training.data_bench import bench
+    from lab.bench.data import bench
     result = bench(get_settings(), [int(n) for n in args.events.split(",")], args.users_per_event,
                    progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     _print(result, args.json)
@@ -339,7 +340,7 @@ def cmd_bench_data(args) -> int:
 
 
 def cmd_bench_serve(args) -> int:
-    from serving.bench import bench_serve
+    from lab.bench.serve import bench_serve
     settings = get_settings()
     result = bench_serve(settings, replicas=args.replicas, concurrency=args.concurrency, seconds=args.seconds,
                          progress=lambda msg: print(msg, file=sys.stderr))
@@ -527,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help=ONLY_JSON_HELP)
     b = bench.add_parser("new-items", help="items served from their catalogue genres by the content head, against the "
                                            "same items after a full retrain: HR@10/HR@50 on their test targets")
-    b.add_argument("--source", default=None, help="a source whose items have genres (default: training.new_items.DEFAULT_SOURCE)")
+    b.add_argument("--source", default=None, help="a source whose items have genres (default: lab.bench.new_items.DEFAULT_SOURCE)")
     b.add_argument("--new-share", type=float, default=0.1, help="share of the items held back as new")
     b.add_argument("--epochs", type=int, default=None, help="default: the model config's")
     b.add_argument("--json", action="store_true", help="one JSON line")
@@ -540,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--spread", type=float, default=0.5,
                    help="noise per dimension around the cluster centres (standard normal): larger is harder")
     b.add_argument("--kinds", type=lambda s: [k for k in s.split(",") if k], default=None,
-                   help="index kinds of recsys.ann, comma-separated (default: all of recsys.ann_bench.KINDS; flat, the "
+                   help="index kinds of recsys.ann, comma-separated (default: all of lab.bench.ann.KINDS; flat, the "
                         "reference, is always measured)")
     b.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     b.add_argument("--json", action="store_true", help="one JSON line")

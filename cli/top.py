@@ -19,7 +19,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from deploy.local import prometheus
+from lab import prometheus
 from recsys.settings import Settings
 
 DEPLOYMENT = "RecsysApi"

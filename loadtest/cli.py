@@ -18,7 +18,7 @@ def handler(args: argparse.Namespace) -> int:
     from loadtest import report, runner
     from loadtest.shapes import get_profile
     from recsys.settings import get_settings
-    from serving.deploy import base_url
+    from lab.serve_local import base_url
 
     settings = get_settings()
     profile = get_profile(args.profile)

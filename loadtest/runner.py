@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lab import process
 from recsys.errors import INTERNAL, RecsysError, Unavailable
 from recsys.settings import Settings
 from loadtest import report
@@ -70,12 +71,12 @@ class ReplicaSampler:
         self.available = self._connect(settings, progress)
 
     def _connect(self, settings: Settings, progress) -> bool:
-        from deploy.local import stack
+        from lab import stack
         if not stack.ray_address(settings):
             self.error = "no local Ray cluster: replicas not sampled"
             return False
         try:
-            from serving import deploy
+            from lab import serve_local as deploy
             deploy.connect_ray(settings, progress=lambda *_: None)
             auto = deploy.load_config()["deployments"]["RecsysApi"].get("autoscaling_config") or {}
             self.min_replicas = auto.get("min_replicas")
@@ -89,7 +90,7 @@ class ReplicaSampler:
 
     @staticmethod
     def count() -> int | None:
-        from serving import deploy
+        from lab import serve_local as deploy
         per = deploy.replicas()
         if not per:
             return None
@@ -107,13 +108,14 @@ class ReplicaSampler:
 
     def wait_for(self, target: int, max_s: float) -> bool:
         """Sample until the count is at most ``target`` or max_s passes."""
-        deadline = time.monotonic() + max_s
-        while time.monotonic() < deadline:
+        def down_to_target() -> bool:
             n = self.sample()
-            if n is not None and n <= target:
-                return True
-            time.sleep(self.every_s)
-        return False
+            return n is not None and n <= target
+        try:
+            process.wait_until(down_to_target, max_s, f"{target} replicas", every_s=self.every_s)
+        except process.NotInTime:
+            return False
+        return True
 
     def start(self) -> None:
         def loop():
@@ -222,7 +224,7 @@ def stream_series(settings: Settings, start: float, end: float) -> tuple[dict | 
     """The stream worker's consumer lag and freshness p99 over the run (seconds since ``start``,
     wall clock), from the local Prometheus; (None, why) when it is not running. The note
     gives each series' maximum."""
-    from deploy.local import prometheus
+    from lab import prometheus
     if not prometheus.answers(settings):
         return None, {"prometheus": "not running (`recsys stack up --monitoring`): no lag or freshness series"}
     every = settings.monitoring.scrape_interval_s
@@ -245,7 +247,7 @@ def stream_series(settings: Settings, start: float, end: float) -> tuple[dict | 
 # ---- the run ---------------------------------------------------------------
 
 def _service_answers(host: str, timeout_s: float = 10.0) -> None:
-    from serving.deploy import wait_http
+    from lab.serve_local import wait_http
     try:
         wait_http(f"{host.rstrip('/')}/healthz", timeout_s=timeout_s)
     except TimeoutError:
@@ -258,18 +260,13 @@ def start_locust(host: str, env: dict, log: Path, *options: str) -> subprocess.P
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host,
            "--loglevel", "WARNING", "--only-summary", "--exit-code-on-error", "0", *options]
     env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))}
-    with log.open("w") as out:
-        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    return process.spawn(cmd, log, env=env, cwd=ROOT, append=False)
 
 
 def end(proc: subprocess.Popen) -> int:
     """SIGTERM (Locust then writes its reports), SIGKILL after 20 s."""
-    proc.terminate()
-    try:
-        return proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
+    process.stop(proc, grace_s=20)
+    return proc.returncode
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """Fixtures for tests against the real local stack (Kafka broker, Redis server, Ray).
 
-The stack is started by the project's own ``deploy.local.stack.up`` (idempotent) and, if this
+The stack is started by the project's own ``lab.stack.up`` (idempotent) and, if this
 session started it, stopped at the end. Each test gets its own topics, consumer groups,
 Redis key prefix and archive folder, so tests never see each other's data.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.local import stack
-from cli.bench_stream import scratch_settings, settings_env
+from lab import stack
+from lab.bench.stream import scratch_settings, settings_env
 from recsys.feature_store import FeatureStore
 from recsys.settings import get_settings
 
@@ -63,7 +63,7 @@ class Scratch:
     def client(self, *scopes, **kw):
         """An HTTP client of the deployed app that sends a key of this scratch space."""
         import httpx
-        from serving.deploy import base_url
+        from lab.serve_local import base_url
         return httpx.Client(base_url=base_url(self.settings), timeout=10,
                             headers={"Authorization": f"Bearer {self.api_key(*scopes, **kw)}"})
 

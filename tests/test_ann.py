@@ -9,7 +9,7 @@ import pytest
 
 from recsys.ann import (KINDS, build_index, default_kind, exact_search, load_index, new_index, precision_of,
                         recall_vs_exact)
-from recsys.ann_bench import clustered_vectors
+from lab.bench.ann import clustered_vectors
 from recsys.model import (DENSE, TABLES, ModelConfig, NumpyUserTower, Vocab, compress_tower, export, load_model,
                           tower_precision)
 from recsys.registry import CARD, file_sums

@@ -1,4 +1,4 @@
-"""recsys.ann_bench on 5,000 clustered vectors: every index kind is measured, the tuned parameters
+"""lab.bench.ann on 5,000 clustered vectors: every index kind is measured, the tuned parameters
 reach the recall they were tuned for on queries they were not tuned on, and the int8 index is
 small. Pure and fast: no services."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from recsys.ann import AnnIndex, choose_param, new_index, nlist_for, recall_vs_exact
-from recsys.ann_bench import KINDS, bench, clustered_vectors, judge
+from lab.bench.ann import KINDS, bench, clustered_vectors, judge
 
 N = 5000
 

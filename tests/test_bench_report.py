@@ -6,7 +6,7 @@ import json
 import struct
 
 from lab.bench import report
-from recsys import bench_store
+from lab.bench import store as bench_store
 from recsys.settings import Settings
 
 

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from recsys import bench_store, capacity
-from recsys.capacity import Figure, Load, MissingFigures
+from lab import capacity
+from lab.bench import store as bench_store
+from lab.capacity import Figure, Load, MissingFigures
 from recsys.model import ModelConfig
 from recsys.settings import Settings
 
@@ -158,7 +159,7 @@ def redis_settings():
     """The suite's Redis, started by the project's own stack code when it is not running (and then
     stopped again); a Redis this module did not start is left running. Only Redis: the bench needs
     no Kafka."""
-    from deploy.local import stack
+    from lab import stack
     from recsys.settings import get_settings
     settings = get_settings()
     started = not stack.redis_answers(settings)
@@ -170,7 +171,7 @@ def redis_settings():
 
 def test_redis_memory_bench_on_the_real_redis(redis_settings):
     from recsys.feature_store import connect
-    from recsys.redis_memory_bench import bench
+    from lab.bench.redis_memory import bench
     r = bench(redis_settings.updated(redis={"trending_shards": 1}), events=5000, users=300, items=200, reads=200)
     assert r["events"] == 5000 and r["users"] <= 300 and 128 < r["items"] <= 200  # trending past its listpack size
     assert r["bytes_per_user"] > r["bytes_per_item"] > 0 and r["bytes_per_event_in_dedup_window"] > 0

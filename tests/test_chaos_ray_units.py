@@ -1,9 +1,9 @@
-"""The pure parts of ``recsys chaos ray-nodes`` (cli/chaos_ray.py): its port plan, the node
+"""The pure parts of ``recsys chaos ray-nodes`` (lab/chaos/ray.py): its port plan, the node
 names and the replicas per node read from Ray's tables, and the load's figures. The scenario
 itself is a documented command (README, "Fault scenarios"), not a pytest test."""
 from __future__ import annotations
 
-from cli import chaos_ray as cr
+from lab.chaos import ray as cr
 from recsys.settings import Settings
 
 STACK_PORTS = {26379, 26380, 28000, 28080, 28101, 28404, 29092, 29093, 28201, 28202, 28203, 29090, 29121, 8265, 10001}

@@ -539,9 +539,9 @@ def check_ray_token_auth(objs: list[dict]) -> None:
 
 
 def check_serving_ingress(objs: list[dict]) -> None:
-    """The Serve pods' environment is the local stack's (deploy.local.stack.ray_cluster_env) but
+    """The Serve pods' environment is the local stack's (lab.stack.ray_cluster_env) but
     for its machine-local paths and loopback ports."""
-    from deploy.local.stack import ray_cluster_env
+    from lab.stack import ray_cluster_env
     from recsys.settings import Settings
     local = ray_cluster_env(Settings().updated(serving={"ingress": "haproxy"}))
     same = {"RAY_worker_niceness", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S",

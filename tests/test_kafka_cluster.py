@@ -18,8 +18,8 @@ from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.errors import KafkaError
 
-from cli.bench_stream import settings_env
-from deploy.local import stack
+from lab.bench.stream import settings_env
+from lab import stack
 from recsys.events import Event
 from recsys.kafka_io import producer, send_event
 from recsys.settings import get_settings
@@ -76,7 +76,7 @@ def test_three_brokers_keep_acknowledged_writes_once_through_a_leader_kill(clust
 
     nodes = {n.node_id: n for n in stack.kafka_nodes(s)}
     leader = nodes[next(p["leader_id"] for p in partitions if p["partition_index"] == 0)]
-    os.kill(stack._pid(s, leader.name), signal.SIGKILL)
+    os.kill(stack.running_pid(s, leader.name), signal.SIGKILL)
     ids = _produce(s, 300)  # acks=all: on both brokers left (min.insync.replicas=2)
 
     cons = KafkaConsumer(s.kafka.events_topic, bootstrap_servers=s.kafka.servers, group_id=None,
@@ -86,6 +86,6 @@ def test_three_brokers_keep_acknowledged_writes_once_through_a_leader_kill(clust
     assert sorted(got) == sorted(ids)  # every acknowledged write, once: idempotent retries
 
     second = next(n for n in nodes.values() if n != leader)
-    os.kill(stack._pid(s, second.name), signal.SIGKILL)
+    os.kill(stack.running_pid(s, second.name), signal.SIGKILL)
     with pytest.raises(KafkaError):  # one broker in sync is fewer than min.insync.replicas: refused
         _produce(s, 1, request_timeout_ms=2000, delivery_timeout_ms=6000, max_block_ms=6000)

@@ -237,7 +237,7 @@ def test_timeline_buckets_per_second_and_plots(tmp_path):
 def app(live_stack, tmp_path_factory):
     """The recsys app deployed on Ray Serve with this module's scratch topics and Redis prefix."""
     from conftest import Scratch
-    from serving import deploy
+    from lab import serve_local as deploy
     scratch = Scratch(live_stack, tmp_path_factory.mktemp("loadtest"), "loadtest")
     deploy.serve_up(scratch.settings, progress=lambda *_: None)
     yield scratch
@@ -249,7 +249,7 @@ def app(live_stack, tmp_path_factory):
 def monitoring(live_stack):
     """The project's Prometheus and Redis exporter (``recsys stack up --monitoring``), scraping
     the default loopback ports, which this module's processes are given."""
-    from deploy.local import prometheus, stack
+    from lab import prometheus, stack
     was_running = prometheus.answers(live_stack)
     stack.start_monitoring(live_stack, progress=lambda *_: None)
     yield live_stack
@@ -294,7 +294,7 @@ def test_smoke_profile_has_no_errors_scales_up_and_down_and_loses_nothing(app, m
 
 def test_nothing_lost_fails_when_the_stream_worker_drops_out(app, tmp_path):
     from loadtest import runner
-    from serving.deploy import base_url
+    from lab.serve_local import base_url
     tiny = Profile("tiny", base=4, ramp_to=6, peak=8, baseline_s=4, ramp_s=4, surge_s=2, peak_s=8,
                    decay_s=2, cooldown_s=4, wait_min_s=0.1, wait_max_s=0.3)
     opts = runner.Options(profile=tiny, host=base_url(app.settings), out=tmp_path / "report",
@@ -366,7 +366,7 @@ def test_every_dashboard_query_returns_data_from_the_real_prometheus(app, monito
     the same figures, from Prometheus and from the endpoints directly."""
     from kafka import KafkaProducer
     from cli.top import Endpoints
-    from deploy.local import prometheus
+    from lab import prometheus
     from training.scheduler import read_history
     ports = monitoring.monitoring
     procs = [_spawn(app.env, tmp_path, "stream", "--metrics-port", str(ports.stream_port)),

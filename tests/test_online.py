@@ -111,7 +111,7 @@ def test_the_consumer_is_exact_after_a_kill_and_under_a_replay(scratch):
     assert _counters(scratch) == want
     # Everything again from offset 0, in a new group: the same counters.
     again = scratch.settings.updated(online={"group": s.online.group + "-again"})
-    from cli.bench_stream import settings_env
+    from lab.bench.stream import settings_env
     subprocess.run([sys.executable, "-m", "cli", "online", "run", "--until-idle", "3"], env=settings_env(again),
                    check=True, capture_output=True, timeout=300)
     assert _counters(scratch) == want

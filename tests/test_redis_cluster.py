@@ -10,7 +10,7 @@ import sys
 import httpx
 import pytest
 
-from deploy.local import stack
+from lab import stack
 from recsys.events import Event
 from recsys.feature_store import FeatureStore, Pending, SentEvents
 from recsys.features import MemoryStore
@@ -42,7 +42,7 @@ def on_cluster(cluster, tmp_path, request):
 
 
 def _env(settings) -> dict:
-    from cli.bench_stream import settings_env
+    from lab.bench.stream import settings_env
     return settings_env(settings)
 
 
@@ -57,7 +57,7 @@ def test_movielens_is_exact_on_the_cluster_and_a_replay_changes_nothing(on_clust
     assert stats == {"consumed": 100_000, "applied": 100_000, "duplicates": 0, "dlq": 0}
     assert_features_match(s, ml100k, pseudonymized=True)
     store = FeatureStore(s)
-    per_master = [sum(1 for _ in stack._redis_at(s, port).scan_iter(match=f"{s.redis.prefix}:*", count=1000))
+    per_master = [sum(1 for _ in stack.redis_at(s, port).scan_iter(match=f"{s.redis.prefix}:*", count=1000))
                   for _, port in stack.redis_nodes(s)]
     assert min(per_master) > 0.15 * sum(per_master), f"keys per master: {per_master}"
     trending = store.trending(50)

@@ -18,7 +18,7 @@ from recsys.auth import Scope
 from recsys.kafka_io import replay
 from recsys.registry import Registry
 from recsys.sources import SyntheticSource
-from serving.deploy import serve_up
+from lab.serve_local import serve_up
 from training.scheduler import RunLock, Busy, due_trigger, gate, read_history, run_once
 
 SMALL = dict(users=400, items=300, clusters=10, seed=3)

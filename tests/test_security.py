@@ -22,7 +22,7 @@ from recsys.auth import Scope, auth_prefix
 from recsys.feature_store import FeatureStore, connect
 from recsys.privacy import Pseudonyms
 from recsys.registry import Registry
-from serving.deploy import base_url, serve_up
+from lab.serve_local import base_url, serve_up
 
 RAW_ID = "alice.7f3c@example.com"  # distinctive: found by a byte search only if it is there
 
@@ -89,7 +89,7 @@ def test_keys_are_stored_hashed_and_never_logged(world):
     import ray
     logs = [Path(ray._private.worker._global_node.get_logs_dir_path()), s.settings.home / "logs",
             Path("/tmp") / "haproxy-serve"]
-    from deploy.local.stack import haproxy_dir
+    from lab.stack import haproxy_dir
     logs.append(haproxy_dir(s.settings))
     searched = 0
     for folder in logs:

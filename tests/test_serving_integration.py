@@ -19,7 +19,7 @@ import httpx
 import pytest
 from kafka import KafkaConsumer
 
-from deploy.local import stack
+from lab import stack
 from recsys.evaluation import split_table
 from recsys.feature_store import FeatureStore
 from recsys.kafka_io import replay
@@ -27,7 +27,7 @@ from recsys.privacy import Pseudonyms
 from recsys.registry import Registry
 from recsys.sources import MovieLensSource
 from recsys.training_data import events_table, iter_events
-from serving.deploy import serve_up
+from lab.serve_local import serve_up
 from training.job import evaluate_version
 
 
@@ -176,7 +176,7 @@ def _swap_under_load(served, change, expect: str):
 def test_promote_and_rollback_swap_without_failures_across_two_replicas(served, tmp_path):
     import yaml
 
-    from serving.deploy import CONFIG, replicas
+    from lab.serve_local import CONFIG, replicas
     s = served["scratch"]
     config = yaml.safe_load(CONFIG.read_text())
     scaling = config["applications"][0]["deployments"][0]["autoscaling_config"]
@@ -522,7 +522,7 @@ def test_serve_down_and_ray_stop_leave_no_haproxy_and_a_redeploy_works(served):
     next deploy can bind its ports."""
     import ray
 
-    from serving.deploy import serve_down
+    from lab.serve_local import serve_down
     client, settings = served["client"], served["scratch"].settings
     assert stack.haproxy_pids(settings), "the HAProxy ingress is not running"
     serve_down(settings)

@@ -178,7 +178,7 @@ def test_archive_reader_keeps_one_copy_of_an_event_sent_twice(scratch, ml100k):
 def worker_holding_a_batch_without_redis(scratch, events, *worker_args):
     """A stream worker joins its group, Redis stops, the events arrive: the worker holds a batch
     it cannot apply. Redis starts again when the block ends."""
-    from deploy.local import stack
+    from lab import stack
     worker = scratch.popen("stream", *worker_args)
     time.sleep(3)  # joined the group
     stack.stop_redis(scratch.settings)
@@ -238,7 +238,7 @@ def _wait_for_metric(worker, port: int, group: str, name: str, minimum: float, t
 def test_worker_without_partitions_recreates_its_consumer_then_exits_nonzero(scratch):
     """The bound on waiting for partitions: a worker whose topic is gone never gets any; it shows
     that as a metric, recreates its consumer once after the timeout, and then exits 69 (unavailable) with a message."""
-    from deploy.local import stack
+    from lab import stack
     stack.delete_topics(scratch.settings)
     port = _free_port()
     env = {**scratch.env, "RECSYS_KAFKA_ASSIGNMENT_TIMEOUT_S": "3", "RECSYS_KAFKA_RECREATE_ATTEMPTS": "1"}
@@ -258,7 +258,7 @@ def test_worker_recreated_after_a_missing_topic_comes_back_consumes_everything(s
     """Joined while the topic is unavailable, recreated after the timeout, then it works: every
     event applied. The worker runs until SIGTERM (not --until-idle, which could end it between
     its assignment and the replay on a busy machine)."""
-    from deploy.local import stack
+    from lab import stack
     stack.delete_topics(scratch.settings)
     port = _free_port()
     env = {**scratch.env, "RECSYS_KAFKA_ASSIGNMENT_TIMEOUT_S": "3", "RECSYS_KAFKA_RECREATE_ATTEMPTS": "100"}
@@ -368,9 +368,9 @@ def test_a_redis_error_that_is_not_a_connection_error_commits_nothing_unapplied(
 def test_an_unwritable_dead_letter_topic_holds_the_commit_until_it_is_back(scratch):
     """The dead-letter topic gone: the worker keeps trying, commits nothing meanwhile, and once
     the topic is back every poison record is in it and every good event in Redis."""
-    from deploy.local import stack
+    from lab import stack
     s = scratch.settings
-    with stack._admin(s) as admin:
+    with stack.kafka_admin(s) as admin:
         admin.delete_topics([s.kafka.dlq_topic])
     good = [{"event_id": f"ok-{n}", "user_id": f"u{n % 7}", "item_id": f"i{n}", "type": "click",
              "ts": 1_700_000_000_000 + n} for n in range(200)]
@@ -470,7 +470,7 @@ def test_redis_lost_with_its_files_is_rebuilt_exactly_from_the_archive(scratch, 
     only), so the rebuild must also move the worker's group back to the archive's end."""
     import shutil
 
-    from deploy.local import stack
+    from lab import stack
     s = scratch.settings
     events = list(MovieLensSource(ml100k).events_iter())
     replay(events[:70_000], s, progress=False)
@@ -480,9 +480,9 @@ def test_redis_lost_with_its_files_is_rebuilt_exactly_from_the_archive(scratch, 
     assert stats["applied"] == 100_000
     users, items = sorted({e.user_id for e in events}), sorted({e.item_id for e in events})
     before = _snapshot(s, users, items)
-    os.kill(stack._pid(s, "redis"), signal.SIGKILL)
+    os.kill(stack.running_pid(s, "redis"), signal.SIGKILL)
     time.sleep(0.5)
-    shutil.rmtree(stack._dir(s, "redis"))
+    shutil.rmtree(stack.service_dir(s, "redis"))
     stack.start_redis(s, progress=lambda *_: None)
     assert FeatureStore(s).redis.dbsize() == 0, "Redis came back with data"
     rebuilt = stream_json(scratch.cli("features", "rebuild", "--json"))

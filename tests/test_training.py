@@ -194,14 +194,14 @@ def test_compressed_models_agree_with_the_fp32_model_on_the_top_10_of_test_users
     the index, as a replica answers. Bounds: fp16 >= 0.97, int8 >= 0.85 (`recsys bench compression`
     shows the figures on MovieLens-100K and the synthetic stream)."""
     from recsys.model import ModelConfig
-    from training.compression import measure_served
+    from lab.bench.compression import measure_served
     from training.data import Prepared, load_table
-    from training.job import _load_serving_weights, evaluate_weights, train
+    from training.job import evaluate_weights, load_serving_weights, train
     table, features, _ = load_table(SYN, settings)
     prepared = Prepared(table, features, ModelConfig.from_dict(FAST), settings.features.recent_items)
     card = train(SYN, workers=1, epochs=4, settings=settings, model_config=FAST, prepared=prepared, publish=False,
                  baselines={})
-    weights = _load_serving_weights(card["training"]["checkpoint_dir"])
+    weights = load_serving_weights(card["training"]["checkpoint_dir"])
     cfg = ModelConfig.from_dict(card["config"])
     prep = prepared.at("test").with_history(cfg.history)
     fp32, _, items = evaluate_weights(prep, weights, cfg)

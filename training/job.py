@@ -199,7 +199,7 @@ def served_artifact(prep: Prepared, weights: dict, cfg: ModelConfig, item_emb: n
     return metrics, index, compression
 
 
-def _load_serving_weights(folder: Path) -> dict:
+def load_serving_weights(folder: Path) -> dict:
     with np.load(Path(folder) / "serving_weights.npz") as z:
         return {k: z[k] for k in z.files}
 
@@ -222,7 +222,7 @@ def tune(prep: Prepared, cfg: ModelConfig, grid: dict, train_fn, progress=None) 
         p = val.with_history(c.history)
         run = train_fn(p, c)
         try:
-            metrics, _, _ = evaluate_weights(p, _load_serving_weights(run["checkpoint_dir"]), c)
+            metrics, _, _ = evaluate_weights(p, load_serving_weights(run["checkpoint_dir"]), c)
         finally:
             shutil.rmtree(run["checkpoint_dir"], ignore_errors=True)
         name = ",".join(f"{n}={setting[n]:g}" for n in names)
@@ -307,7 +307,7 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
         if started:
             import ray
             ray.shutdown()
-    weights = _load_serving_weights(run["checkpoint_dir"])
+    weights = load_serving_weights(run["checkpoint_dir"])
     fp32, _, item_emb = evaluate_weights(prep, weights, cfg)
     two_tower, index, compression = served_artifact(prep, weights, cfg, item_emb, fp32, settings.training)
     if tuning:

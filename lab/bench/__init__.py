@@ -1,1 +1,1 @@
-"""The benchmarks, their saved results and the report made from them."""
+"""The benches: each measures one part of the system and saves its result (``lab.bench.store``)."""

@@ -1,6 +1,6 @@
 """``recsys bench report``: the benches' saved results as the docs' results page and its plots.
 
-The page and the plots are made from ``<home>/bench/*.json`` (``recsys.bench_store``), never
+The page and the plots are made from ``<home>/bench/*.json`` (``lab.bench.store``), never
 copied by hand: ``render`` builds the Markdown from the saved runs (pure), the ``plot_*``
 functions draw a PNG each, and ``write`` puts both in ``docs/benchmarks/``.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-from recsys import bench_store
+from lab.bench import store as bench_store
 from recsys.settings import Settings
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"

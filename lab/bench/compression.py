@@ -81,7 +81,7 @@ def bench_source(source: str, settings: Settings, workers: int = 2, epochs: int 
                  progress: Callable[[str], None] = lambda line: None) -> dict:
     """Every model of ``MODELS`` trained on ``source`` and served at every precision."""
     from training.data import Prepared, load_table
-    from training.job import _load_serving_weights, default_config, evaluate_weights, train
+    from training.job import default_config, evaluate_weights, load_serving_weights, train
     table, item_features, _ = load_table(source, settings)
     base_cfg = ModelConfig.from_dict(default_config())
     prepared = Prepared(table, item_features, base_cfg, settings.features.recent_items)
@@ -94,7 +94,7 @@ def bench_source(source: str, settings: Settings, workers: int = 2, epochs: int 
             card = train(source, settings=s, workers=workers, epochs=epochs, model_config=overrides, prepared=prepared,
                          publish=False, baselines={}, teacher=teacher_dir if name == "distilled" else None)
             ckpt = Path(card["training"]["checkpoint_dir"])
-            weights = _load_serving_weights(ckpt)
+            weights = load_serving_weights(ckpt)
             cfg = ModelConfig.from_dict(card["config"])
             prep = prepared.at("test").with_history(cfg.history)
             fp32, _, item_emb = evaluate_weights(prep, weights, cfg)

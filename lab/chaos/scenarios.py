@@ -14,9 +14,9 @@ whether it passed.
   stream-workers   3 stream worker processes in one consumer group over 6 partitions; one killed
                    with kill -9 mid-stream and one added: the features equal one replay of every
                    event; then the group's rate with 1, 2 and 3 workers, as ratios in one run
-  ray-nodes        Train and Serve across ``ray start`` nodes, one node killed in each (cli/chaos_ray.py)
+  ray-nodes        Train and Serve across ``ray start`` nodes, one node killed in each (lab/chaos/ray.py)
   guardrail        a bad model as an A/B candidate under taste shoppers: the online guardrail ends the
-                   experiment; a good one keeps running (cli/guardrail.py)
+                   experiment; a good one keeps running (lab/chaos/guardrail.py)
 
 The serving scenarios need the demo's model and users (``recsys demo`` first), as
 ``recsys bench serve`` does; they leave ``recsys serve``'s deployment as configured.
@@ -31,7 +31,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -40,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cli.bench_stream import scratch_settings, settings_env
-from cli.chaos_ray import ray_nodes
-from cli.guardrail import guardrail
-from deploy.local import stack
+from lab.bench.stream import recsys_child, scratch_settings
+from lab.chaos.ray import ray_nodes
+from lab.chaos.guardrail import guardrail
+from lab import process, stack
 from recsys.archive import read_partition_log, run_archiver
 from recsys.auth import KeyStore, Scope
 from recsys.errors import InvalidInput
@@ -55,7 +54,6 @@ from recsys.settings import Settings
 from recsys.sources import SyntheticSource
 from recsys.stream import run_stream
 
-REPO = Path(__file__).resolve().parents[1]
 CHAOS_REDIS_PORT_OFFSET = 11  # the private Redis of redis-rebuild: the stack's port + 11
 CHAOS_KAFKA_PORT_OFFSET = 20  # the private brokers and controllers of kafka-leader-kill: the stack's + 20
 CHAOS_API_PORT_OFFSET = 91  # its API (serving.plain under uvicorn): the serving port + 91
@@ -87,9 +85,9 @@ def redis_rebuild(settings: Settings, events: int = 50_000, progress=print) -> d
         before_items, before_users = _feature_counts(store, users, items)
         progress("chaos: kill -9 Redis, delete its files, start it empty")
         crashed = time.monotonic()
-        os.kill(stack._pid(s, "redis"), signal.SIGKILL)
+        os.kill(stack.running_pid(s, "redis"), signal.SIGKILL)
         time.sleep(0.5)
-        shutil.rmtree(stack._dir(s, "redis"))
+        shutil.rmtree(stack.service_dir(s, "redis"))
         stack.start_redis(s, progress)
         rebuilt = rebuild_features(s, progress=progress)
         caught_up = run_stream(s, until_idle=3)
@@ -182,25 +180,24 @@ def _leader(s: Settings, partition: int = 0) -> int:
 def _wait_back_in_sync(s: Settings, server: str, timeout_s: float) -> bool:
     """True once the restarted broker answers and every partition of the events topic has all
     its replicas in sync again (an ISR read before that can still list the dead broker)."""
-    deadline = time.monotonic() + timeout_s
-    while not broker_answers(server):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    while time.monotonic() < deadline:
+    def in_sync() -> bool:
         try:
-            if all(len(p["isr_nodes"]) == s.kafka.replication_factor for p in _partitions(s, 5000)):
-                return True
+            return all(len(p["isr_nodes"]) == s.kafka.replication_factor for p in _partitions(s, 5000))
         except Exception:  # a broker is still away: ask again
-            pass
-        time.sleep(0.5)
-    return False
+            return False
+    deadline = time.monotonic() + timeout_s
+    try:
+        process.wait_until(lambda: broker_answers(server), timeout_s, f"{server} answers", every_s=0.2)
+        process.wait_until(in_sync, deadline - time.monotonic(), "every replica is in sync")
+    except process.NotInTime:
+        return False
+    return True
 
 
 def kafka_leader_kill(settings: Settings, seconds: float = 60.0, rate: float = 600.0, kills: int = 3,
                       concurrency: int = 512, progress=print) -> dict:
     """Kafka's replication_test, hard-bounce flavour, through the project's own API."""
-    from serving.bench import _Uvicorn
+    from lab.bench.serve import PlainUvicorn
     home = settings.home / "chaos-kafka"
     shutil.rmtree(home, ignore_errors=True)
     host, port = settings.kafka.bootstrap.rsplit(":", 1)
@@ -214,7 +211,7 @@ def kafka_leader_kill(settings: Settings, seconds: float = 60.0, rate: float = 6
         stack.start_redis(s, progress)
         stack.start_kafka(s, progress)
         key = KeyStore(s, connect(s)).create("chaos", [Scope.events_write], rate_per_s=1e6, burst=10**6)["key"]
-        api = _Uvicorn(s, workers=1, port=settings.serving.port + CHAOS_API_PORT_OFFSET, ready_path="/healthz")
+        api = PlainUvicorn(s, workers=1, port=settings.serving.port + CHAOS_API_PORT_OFFSET, ready_path="/healthz")
         ctx = mp.get_context("spawn")
         queue, load_started = ctx.Queue(), ctx.Event()
         load = ctx.Process(target=_event_load_process, args=(f"{api.url}/v1/events", {"Authorization": f"Bearer {key}"},
@@ -229,7 +226,7 @@ def kafka_leader_kill(settings: Settings, seconds: float = 60.0, rate: float = 6
             node = nodes[_leader(s)]
             progress(f"chaos: kill -9 {node.name}, leader of partition 0")
             killed = time.monotonic()
-            os.kill(stack._pid(s, node.name), signal.SIGKILL)
+            os.kill(stack.running_pid(s, node.name), signal.SIGKILL)
             time.sleep(2.0)
             stack.start_kafka_node(s, node, progress)
             in_sync = _wait_back_in_sync(s, node.server, timeout_s=60)
@@ -286,9 +283,9 @@ def _serving_fault(settings: Settings, scenario: str, progress) -> dict:
 
     from loadtest.runner import Options, run as run_load
     from loadtest.shapes import CHAOS_PROFILE
-    from serving.bench import _Cluster, pids_named
-    from serving.deploy import base_url, replicas, serve_up
-    cluster = _Cluster(settings, replicas=2)
+    from lab.bench.serve import IngressCluster, pids_named
+    from lab.serve_local import base_url, replicas, serve_up
+    cluster = IngressCluster(settings, replicas=2)
     s = cluster.ensure(settings.serving.ingress)
     out = settings.home / "chaos-serving" / scenario
     shutil.rmtree(out, ignore_errors=True)
@@ -351,9 +348,7 @@ WORKER_IDLE_S = 20.0  # a worker exits after this long without records: longer t
 
 def _worker(s: Settings, log: Path, idle_s: float = WORKER_IDLE_S) -> subprocess.Popen:
     """One ``recsys stream`` process of the scenario's consumer group, logging to ``log``."""
-    with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "cli", "stream", "--until-idle", str(idle_s), "--metrics-port", "0"],
-                                cwd=REPO, env=settings_env(s), stdout=out, stderr=subprocess.STDOUT)
+    return recsys_child(s, log, "stream", "--until-idle", str(idle_s))
 
 
 def _applied(store: FeatureStore, s: Settings) -> int:
@@ -390,10 +385,11 @@ def stream_workers(settings: Settings, events: int = 120_000, progress=print) ->
         progress(f"chaos: {acked:,} events on {partitions} partitions; 3 workers in group {s.kafka.stream_group}")
         procs = [_worker(s, logs / f"worker-{n}.log") for n in range(3)]
         started = time.monotonic()
-        while _applied(store, s) < 0.3 * len(sent):
-            if time.monotonic() - started > 300:
-                raise RuntimeError(f"chaos: the workers applied {_applied(store, s):,} events in 300 s (logs: {logs})")
-            time.sleep(0.1)
+        try:
+            process.wait_until(lambda: _applied(store, s) >= 0.3 * len(sent), 300, "the workers apply 30% of the events",
+                               every_s=0.1)
+        except process.NotInTime:
+            raise RuntimeError(f"chaos: the workers applied {_applied(store, s):,} events in 300 s (logs: {logs})") from None
         at_kill = _applied(store, s)
         progress(f"chaos: kill -9 worker 1 at {at_kill:,} events applied; worker 3 joins")
         procs[1].kill()
@@ -472,7 +468,7 @@ SCENARIOS = {
 
 
 def _fuzz(settings: Settings, progress) -> dict:
-    from cli.fuzz import fuzz
+    from lab.chaos.fuzz import fuzz
     return fuzz(settings, progress=progress)
 
 

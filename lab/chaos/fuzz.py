@@ -17,13 +17,13 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-from cli.bench_stream import scratch_settings
-from deploy.local import stack
+from lab.bench.stream import scratch_settings
+from lab import stack
 from recsys.auth import KeyStore, Scope
 from recsys.feature_store import FeatureStore
 from recsys.settings import Settings
 
-HOOKS = "cli.fuzz_hooks"
+HOOKS = "lab.chaos.fuzz_hooks"
 
 
 def per_operation(ndjson: Path) -> dict[str, dict]:
@@ -53,7 +53,7 @@ def _schema_ts_max(url: str) -> int:
 
 
 def fuzz(settings: Settings, cases: int = 500, progress=print) -> dict:
-    from serving.deploy import base_url, serve_up
+    from lab.serve_local import base_url, serve_up
     s = scratch_settings(settings, "fuzz")
     stack.ensure_topics(s)
     out = settings.home / "chaos-fuzz"
@@ -65,7 +65,7 @@ def fuzz(settings: Settings, cases: int = 500, progress=print) -> dict:
         url = base_url(s)
         key = KeyStore(s, store.redis).create("fuzz", [Scope.admin], rate_per_s=1e6, burst=10**6)["key"]
         ts_max = _schema_ts_max(url)
-        env = {**os.environ, "SCHEMATHESIS_HOOKS": HOOKS, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        env = {**os.environ, "SCHEMATHESIS_HOOKS": HOOKS, "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
                "RECSYS_FUZZ_TS_UNDECIDED": f"{ts_max},{ts_max + 3_600_000}"}
         cmd = [str(Path(sys.executable).with_name("schemathesis")), "run", f"{url}/openapi.json", "--checks", "all",
                "--mode", "all", "--max-examples", str(cases), "--seed", "13", "--no-color", "--workers", "2",

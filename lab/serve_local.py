@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import yaml
 
-from deploy.local import stack
+from lab import process, stack
 from recsys.settings import Settings
 
-CONFIG = Path(__file__).with_name("config.yaml")
+CONFIG = Path(__file__).resolve().parents[1] / "serving" / "config.yaml"
 APP_NAME = "recsys"
 
 
@@ -43,16 +42,18 @@ def start_serve(settings: Settings, http: dict) -> None:
                               **{k: v for k, v in http.items() if k not in ("host", "port")}})
 
 
+def answers(url: str) -> bool:
+    """Whether a GET of ``url`` succeeds (a 2xx or 3xx status) within 2 s."""
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def wait_http(url: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s")
-            time.sleep(0.3)
+    """Until ``url`` answers; NotInTime (a TimeoutError) after ``timeout_s``."""
+    process.wait_until(lambda: answers(url), timeout_s, f"{url} answers", every_s=0.3)
 
 
 def base_url(settings: Settings) -> str:
@@ -118,11 +119,10 @@ def serve_down(settings: Settings) -> dict:
 def _wait_controller_gone(ray, timeout_s: float = 60.0) -> None:
     """Until Serve's controller actor is gone: a deploy that starts while a shutdown is still
     draining direct-ingress replicas gets a controller that the shutdown then kills."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def gone() -> bool:
         try:
             ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
         except ValueError:
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"Serve's controller still alive {timeout_s:.0f}s after shutdown")
+            return True
+        return False
+    process.wait_until(gone, timeout_s, "Serve's controller is gone after shutdown")

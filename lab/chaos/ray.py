@@ -55,7 +55,6 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -65,12 +64,11 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from deploy.local import stack
+from lab import REPO, process, stack
 from recsys import RAY_ENV
 from recsys.errors import RecsysError
 from recsys.settings import Settings
 
-REPO = Path(__file__).resolve().parents[1]
 HOME = Path("/tmp/recsys-raynodes")  # the scenario's RECSYS_HOME: Redis, secrets, registry, Train's storage
 RAY_TEMP = Path("/tmp/rnodes")  # Ray's temp dir for these nodes: short, a unix socket path has at most 107 bytes
 GCS_PORT = 36380
@@ -180,9 +178,7 @@ def scenario_settings(settings: Settings) -> Settings:
 
 
 def _port_taken(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-        return True
-    return False
+    return process.port_open("127.0.0.1", port, timeout_s=0.5)
 
 
 def session_pids(sid: int) -> list[int]:
@@ -237,10 +233,8 @@ class LocalCluster:
 
     def _start(self, name: str, index: int) -> RayNode:
         log = self.logs / f"{name}.log"
-        with log.open("a") as out:
-            proc = subprocess.Popen([stack._ray_exe(), "start", *ray_start_args(index, None if name == "head" else name)],
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    env=self.env, start_new_session=True, cwd=REPO)
+        proc = process.spawn([stack.ray_exe(), "start", *ray_start_args(index, None if name == "head" else name)],
+                             log, env=self.env, cwd=REPO, new_session=True)
         node = self.nodes[name] = RayNode(name, index, proc, log)
         return node
 
@@ -250,13 +244,13 @@ class LocalCluster:
             raise RayNodesError(f"ports {taken} are taken: another ray-nodes run still up? (its processes run "
                                 f"with --temp-dir={RAY_TEMP})")
         self.progress(f"ray-nodes: head on 127.0.0.1:{GCS_PORT} (0 CPUs)")
-        subprocess.run([stack._ray_exe(), "get-auth-token", "--generate"], capture_output=True, env=self.env)
+        subprocess.run([stack.ray_exe(), "get-auth-token", "--generate"], capture_output=True, env=self.env)
         head = self._start("head", 0)
-        deadline = time.monotonic() + timeout_s
-        while not _port_taken(GCS_PORT):
-            if head.proc.poll() is not None or time.monotonic() > deadline:
-                raise RayNodesError(f"the head did not start; see {head.log}")
-            time.sleep(0.3)
+        try:
+            process.wait_until(lambda: _port_taken(GCS_PORT), timeout_s, f"the head listens on {GCS_PORT}", every_s=0.3,
+                               gave_up=lambda: "it exited" if head.proc.poll() is not None else None)
+        except process.NotInTime:
+            raise RayNodesError(f"the head did not start; see {head.log}") from None
 
     def add_workers(self, names: list[str], attempts: int = 3) -> None:
         """Start worker nodes one after the other, each once Ray counts the one before alive (its
@@ -281,14 +275,17 @@ class LocalCluster:
     def _joined(self, name: str, before: set[str], timeout_s: float = 90.0) -> bool:
         import ray
         node = self.nodes[name]
-        deadline = time.monotonic() + timeout_s
-        while node.proc.poll() is None and time.monotonic() < deadline:
-            for nid, n in node_names([x for x in ray.nodes() if x["Alive"]]).items():
-                if n == name and nid not in before:
-                    node.node_id = nid
-                    return True
-            time.sleep(0.5)
-        return False
+
+        def alive() -> bool:
+            node.node_id = next((nid for nid, n in node_names([x for x in ray.nodes() if x["Alive"]]).items()
+                                 if n == name and nid not in before), None)
+            return node.node_id is not None
+        try:
+            process.wait_until(alive, timeout_s, f"Ray counts node {name} alive",
+                               gave_up=lambda: "it exited" if node.proc.poll() is not None else None)
+        except process.NotInTime:
+            return False
+        return True
 
     def _index(self, name: str) -> int:
         return 1 + [*WORKER_NODES, REPLACEMENT].index(name)
@@ -315,12 +312,8 @@ class LocalCluster:
     def stop(self) -> None:
         """SIGTERM every process of every node (workers first), then SIGKILL what is left."""
         nodes = sorted(self.nodes.values(), key=lambda n: n.name == "head")
-        for node in nodes:
-            node.kill(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        while any(node.alive_pids() for node in nodes) and time.monotonic() < deadline:
-            time.sleep(0.3)
-        for node in nodes:
+        process.stop([pid for node in nodes for pid in session_pids(node.proc.pid)], grace_s=15, every_s=0.3)
+        for node in nodes:  # a worker forked meanwhile
             node.kill(signal.SIGKILL)
         for node in nodes:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -472,8 +465,8 @@ def serve_phase(s: Settings, cluster: LocalCluster, progress) -> dict:
     from recsys.auth import KeyStore, Scope
     from recsys.feature_store import connect
     from serving.app import RecsysApi
-    from serving.bench import _known_users
-    from serving.deploy import base_url, load_config, replicas, wait_http
+    from lab.bench.serve import known_users
+    from lab.serve_local import base_url, load_config, replicas, wait_http
     options = {k: v for k, v in load_config()["deployments"]["RecsysApi"].items() if k != "autoscaling_config"}
     progress(f"ray-nodes: Serve, {REPLICAS} replicas, one proxy on the head at {base_url(s)}")
     quiet = lambda: logging.getLogger("ray.serve").setLevel(logging.WARNING)  # noqa: E731 deploy chatter; errors show
@@ -483,15 +476,14 @@ def serve_phase(s: Settings, cluster: LocalCluster, progress) -> dict:
     serve.run(RecsysApi.options(**options, num_replicas=REPLICAS).bind(settings=s.model_dump(mode="json")),
               name="recsys", route_prefix="/", blocking=False)
     wait_http(f"{base_url(s)}/healthz", timeout_s=300)
-    deadline = time.monotonic() + 300
-    while replicas().get("RecsysApi", 0) < REPLICAS:
-        if time.monotonic() > deadline:
-            raise RayNodesError(f"Serve ran {replicas()} of {REPLICAS} replicas after 300 s")
-        time.sleep(0.5)
+    try:
+        process.wait_until(lambda: replicas().get("RecsysApi", 0) >= REPLICAS, 300, f"Serve runs {REPLICAS} replicas")
+    except process.NotInTime:
+        raise RayNodesError(f"Serve ran {replicas()} of {REPLICAS} replicas after 300 s") from None
     before, _ = _replicas(cluster)
     progress(f"ray-nodes: replicas per node {before}")
     victim = max((n for n in before if n != "head"), key=lambda n: (before[n], n))
-    users = _known_users(s, 500, candidates=TRAIN_USERS)
+    users = known_users(s, 500, candidates=TRAIN_USERS)
     urls = [f"{base_url(s)}/v1/recommendations/{u}?k=10" for u in users]
     key = KeyStore(s, connect(s)).create("ray-nodes", [Scope.recs_read], rate_per_s=1e6, burst=10**6)["key"]
     ctx = mp.get_context("spawn")

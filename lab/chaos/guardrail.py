@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from cli.bench_stream import scratch_settings, settings_env
-from deploy.local import stack
+from lab.bench.stream import recsys_child, scratch_settings, settings_env
+from lab import process, stack
 from loadtest import runner
 from loadtest.shapes import Profile
 from recsys.attribution import report, summarize
@@ -43,7 +41,6 @@ from recsys.sources import open_source
 from recsys.stream import run_stream
 from recsys.training_data import events_table, with_relabeled_items
 
-REPO = Path(__file__).resolve().parents[1]
 TASTE = "synthetic:events=20000,users=1000,items=1000,clusters=20,categories=1"
 API_PORT_OFFSET = 92  # the API: the serving port + 92
 GUARD_EVERY_S = 2.0
@@ -144,14 +141,8 @@ def _experiment(s: Settings, api: str, key: str, current: str, candidate: str, s
     return out
 
 
-def _recsys(s: Settings, log: Path, *args: str) -> subprocess.Popen:
-    with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "cli", *args, "--metrics-port", "0"], cwd=REPO,
-                                env=settings_env(s), stdout=out, stderr=subprocess.STDOUT)
-
-
 def guardrail(settings: Settings, progress=print) -> dict:
-    from serving.bench import _Uvicorn
+    from lab.bench.serve import PlainUvicorn
     home = settings.home / "chaos-guardrail"
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
@@ -164,8 +155,8 @@ def guardrail(settings: Settings, progress=print) -> dict:
     procs, api = [], None
     try:
         cards = _models(s, progress)
-        procs = [_recsys(s, home / "stream.log", "stream"), _recsys(s, home / "online.log", "online", "run")]
-        api = _Uvicorn(s, workers=1, port=settings.serving.port + API_PORT_OFFSET, ready_path="/healthz")
+        procs = [recsys_child(s, home / "stream.log", "stream"), recsys_child(s, home / "online.log", "online", "run")]
+        api = PlainUvicorn(s, workers=1, port=settings.serving.port + API_PORT_OFFSET, ready_path="/healthz")
         current = cards["current"]["version"]
         with KeyStore(s, connect(s)).temporary("guardrail", [Scope.recs_read, Scope.events_write]) as key:
             bad = _experiment(s, api.url, key, current, cards["bad"]["version"], True, home / "locust-bad.log", progress)
@@ -181,10 +172,7 @@ def guardrail(settings: Settings, progress=print) -> dict:
     finally:
         if api is not None:
             api.stop()
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
+        process.stop(procs, grace_s=30)
         stack.delete_topics(s)
         FeatureStore(s).clear()
         shutil.rmtree(home / "models", ignore_errors=True)

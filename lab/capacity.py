@@ -1,6 +1,6 @@
 """``recsys capacity``: what a load takes, from the per-unit figures the benchmarks measured.
 
-Pure functions, no I/O: the command line reads the saved bench results (``recsys.bench_store``)
+Pure functions, no I/O: the command line reads the saved bench results (``lab.bench.store``)
 and hands them in. Every figure a plan rests on is a ``Figure`` with its source, one of
 
 - ``measured: .recsys/bench/<name>.json (commit, date)``: a bench run here;

@@ -18,7 +18,6 @@ import asyncio
 import multiprocessing as mp
 import os
 import random
-import subprocess
 import sys
 import time
 
@@ -27,13 +26,13 @@ import psutil
 from fastapi import FastAPI, Query
 from ray import serve
 
-from deploy.local import stack
+from lab import process, stack
 from recsys.auth import KeyStore, Scope
 from recsys.errors import RecsysError
 from recsys.feature_store import FeatureStore
 from recsys.privacy import Pseudonyms
 from recsys.settings import Settings
-from serving.deploy import base_url, connect_ray, load_config, serve_up, start_serve, wait_http
+from lab.serve_local import base_url, connect_ray, load_config, serve_up, start_serve, wait_http
 
 noop_app = FastAPI()
 
@@ -163,7 +162,7 @@ def _summary(runs: list[dict]) -> dict:
             "cpu_ms_per_request": round(1e3 * sum(r["cpu_s"] for r in runs) / answered, 3) if answered else None}
 
 
-class _Cluster:
+class IngressCluster:
     """The local Ray cluster in one ingress mode at a time, with the apps a variant needs."""
 
     def __init__(self, settings: Settings, replicas: int):
@@ -188,16 +187,16 @@ class _Cluster:
         return s
 
 
-class _Uvicorn:
+class PlainUvicorn:
     """serving.plain under uvicorn with as many worker processes as Serve has replicas."""
 
     def __init__(self, settings: Settings, workers: int, port: int, ready_path: str = "/readyz"):
         self.url = f"http://127.0.0.1:{port}"
         env = {**os.environ, **{k: v for k, v in settings.environment().items() if v is not None}}
-        self.proc = subprocess.Popen(
+        self.proc = process.spawn(
             [sys.executable, "-m", "uvicorn", "serving.plain:create", "--factory", "--host", "127.0.0.1",
              "--port", str(port), "--workers", str(workers), "--no-access-log", "--log-level", "warning"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            None, env=env)
         wait_http(f"{self.url}{ready_path}")
 
     def pids(self) -> set[int]:
@@ -205,11 +204,10 @@ class _Uvicorn:
         return {parent.pid, *(c.pid for c in parent.children(recursive=True))}
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        process.stop(self.proc, grace_s=30)
 
 
-def _known_users(settings: Settings, n: int, candidates: int = 20_000) -> list[str]:
+def known_users(settings: Settings, n: int, candidates: int = 20_000) -> list[str]:
     """Users of the demo's synthetic data (ids u0, u1, ...) with history in Redis, which knows
     them only by their pseudonyms."""
     store, pseudonyms = FeatureStore(settings), Pseudonyms.of(settings)
@@ -225,8 +223,8 @@ def _known_users(settings: Settings, n: int, candidates: int = 20_000) -> list[s
 
 def bench_serve(settings: Settings, replicas: int = 2, concurrency: int = 16, seconds: float = 20.0,
                 users: int = 500, uvicorn_port: int = 28090, progress=print) -> dict:
-    ids = _known_users(settings, users)
-    cluster = _Cluster(settings, replicas)
+    ids = known_users(settings, users)
+    cluster = IngressCluster(settings, replicas)
     plain = None
     runs = {v: [] for v in VARIANTS}
     keys = KeyStore(settings, FeatureStore(settings).redis)
@@ -237,7 +235,7 @@ def bench_serve(settings: Settings, replicas: int = 2, concurrency: int = 16, se
                 for v in order:
                     mode, endpoint = VARIANTS[v]
                     if mode == "uvicorn":
-                        plain = plain or _Uvicorn(settings, replicas, uvicorn_port)
+                        plain = plain or PlainUvicorn(settings, replicas, uvicorn_port)
                         base, pids = plain.url, plain.pids
                     else:
                         s = cluster.ensure(mode)

@@ -94,7 +94,7 @@ def bench(settings: Settings, sizes: list[int], users_per_event: float = 0.02, p
                 runs.append({"events": events, "engine": engine, "skipped": "above training.memory_max_events"})
                 continue
             env = {**os.environ, **{k: v for k, v in settings.updated(archive_dir=archive_dir).environment().items() if v}}
-            out = subprocess.run([sys.executable, "-m", "training.data_bench", engine], env=env, capture_output=True,
+            out = subprocess.run([sys.executable, "-m", "lab.bench.data", engine], env=env, capture_output=True,
                                  text=True)
             if out.returncode != 0:
                 raise RuntimeError(f"{engine} at {events:,} events failed: {out.stderr[-2000:]}")

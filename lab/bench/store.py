@@ -14,10 +14,10 @@ import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lab import REPO
 from recsys.errors import InvalidInput
 from recsys.settings import Settings
 
-REPO = Path(__file__).resolve().parents[1]
 # name -> the command that writes it
 BENCHES = {"serve": "recsys bench serve", "stream": "recsys bench stream", "ann": "recsys bench ann",
            "train": "recsys bench train", "redis-memory": "recsys bench redis-memory"}

@@ -11,11 +11,12 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 from kafka import KafkaConsumer
 
-from deploy.local import stack
+from lab import REPO, process, stack
 from recsys.feature_store import FeatureStore
 from recsys.kafka_io import connection, replay
 from recsys.settings import Settings
@@ -43,6 +44,13 @@ def settings_env(settings: Settings) -> dict:
         else:
             env[key] = value
     return env
+
+
+def recsys_child(settings: Settings, log: Path, *args: str) -> subprocess.Popen:
+    """``recsys ARGS`` as a child process with these settings and no metrics endpoint, its output
+    appended to ``log``."""
+    return process.spawn([sys.executable, "-m", "cli", *args, "--metrics-port", "0"], log,
+                         env=settings_env(settings), cwd=REPO)
 
 
 def _rate(n: int, seconds: float) -> float:

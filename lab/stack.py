@@ -8,13 +8,10 @@ All run as detached child processes whose pids are kept in ``<home>/run``, so
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,14 +30,14 @@ from kafka.errors import TopicAlreadyExistsError
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from deploy.local import prometheus
+from lab import process, prometheus
 from recsys import RAY_ENV
 from recsys.errors import RecsysError
 from recsys.kafka_io import broker_answers, connection
 from recsys.secrets import REDIS_PASSWORD, USER_ID_KEY, ensure_secret, read_secret
 from recsys.settings import Settings, forget_stack, remember_stack
 
-DEPLOY = Path(__file__).resolve().parent
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "local"
 # Text that /proc/<pid>/cmdline must contain for a recorded pid to still be ours, by the
 # service's name up to a dash ("kafka-2" is a Kafka node).
 MARKERS = {"kafka": "kafka.Kafka", "redis": "redis-server", "prometheus": "--storage.tsdb.path",
@@ -58,18 +55,18 @@ class StackError(RecsysError):
 
 # ---- processes -------------------------------------------------------------
 
-def _dir(s: Settings, name: str) -> Path:
+def service_dir(s: Settings, name: str) -> Path:
     path = s.home.resolve() / name
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def _log(s: Settings, name: str) -> Path:
-    return _dir(s, "logs") / f"{name}.log"
+    return service_dir(s, "logs") / f"{name}.log"
 
 
 def _pidfile(s: Settings, name: str) -> Path:
-    return _dir(s, "run") / f"{name}.pid"
+    return service_dir(s, "run") / f"{name}.pid"
 
 
 def _alive(pid: int, name: str) -> bool:
@@ -81,7 +78,7 @@ def _alive(pid: int, name: str) -> bool:
     return MARKERS[name.split("-")[0]].encode() in cmdline
 
 
-def _pid(s: Settings, name: str) -> int | None:
+def running_pid(s: Settings, name: str) -> int | None:
     """The recorded pid if that process is still ours, else None."""
     try:
         pid = int(_pidfile(s, name).read_text())
@@ -91,13 +88,8 @@ def _pid(s: Settings, name: str) -> int | None:
 
 
 def _spawn(s: Settings, name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
-    log = _log(s, name)
-    with log.open("a") as out:
-        out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n")
-        out.flush()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=env)
-    _pidfile(s, name).write_text(f"{proc.pid}\n")
+    proc = process.spawn(cmd, _log(s, name), _pidfile(s, name), env=env, new_session=True,
+                         banner=f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n")
     _children[name] = proc
     return proc
 
@@ -122,38 +114,28 @@ def _wait(s: Settings, name: str, answers: Callable[[Settings], bool], timeout_s
     """Wait until the service answers; fail early if it exits.
 
     A child just spawned (``proc``) is watched with poll(): right after exec its
-    cmdline can be mid-rewrite (redis sets its process title), which _pid would misread.
+    cmdline can be mid-rewrite (redis sets its process title), which running_pid would misread.
     """
-    deadline = time.monotonic() + timeout_s
-    while not answers(s):
-        exited = proc.poll() is not None if proc else _pid(s, name) is None
-        if exited or time.monotonic() > deadline:
-            why = "exited" if exited else f"did not answer within {timeout_s:.0f}s"
-            log = _log(s, name)
-            raise StackError(f"{name} {why}; last lines of {log}:\n{_tail(log)}")
-        time.sleep(0.5)
+    def exited() -> str | None:
+        return "it exited" if (proc.poll() is not None if proc else running_pid(s, name) is None) else None
+    try:
+        process.wait_until(lambda: answers(s), timeout_s, f"{name} answers", gave_up=exited)
+    except process.NotInTime as exc:
+        log = _log(s, name)
+        raise StackError(f"{exc}; last lines of {log}:\n{_tail(log)}") from None
 
 
 def _stop(s: Settings, *names: str) -> str:
     """SIGTERM our processes (all at once: a Kafka node's controlled shutdown needs the
     others' quorum), SIGKILL any that outlives STOP_TIMEOUT_S. Returns what happened."""
-    pids = {name: _pid(s, name) for name in names}
-    for name, pid in pids.items():
+    pids = {name: running_pid(s, name) for name in names}
+    for name in names:
         _pidfile(s, name).unlink(missing_ok=True)
-        if pid is not None:
-            os.kill(pid, signal.SIGTERM)
     running = {name: pid for name, pid in pids.items() if pid is not None}
     if not running:
         return "not running"
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    how = "stopped"
-    while alive := [(name, pid) for name, pid in running.items() if _alive(pid, name)]:
-        if time.monotonic() > deadline:
-            for _, pid in alive:
-                os.kill(pid, signal.SIGKILL)
-            how = "killed"
-            break
-        time.sleep(0.2)
+    name_of = {pid: name for name, pid in running.items()}
+    how = "stopped" if process.stop(running.values(), STOP_TIMEOUT_S, lambda pid: _alive(pid, name_of[pid])) else "killed"
     for name, pid in running.items():
         child = _children.pop(name, None)
         if child is not None and child.pid == pid:
@@ -175,7 +157,7 @@ def redis_nodes(s: Settings) -> list[tuple[str, int]]:
     return [("redis" if i == 0 else f"redis-{i}", s.redis.port + CLUSTER_PORT_STEP * i) for i in range(n)]
 
 
-def _redis_at(s: Settings, port: int) -> redis.Redis:
+def redis_at(s: Settings, port: int) -> redis.Redis:
     # retry=0: the client's default retries make a refused connection take ~5 s.
     return redis.Redis(host=s.redis.host, port=port, socket_connect_timeout=1, socket_timeout=1, decode_responses=True,
                        password=read_secret(s, REDIS_PASSWORD), retry=Retry(NoBackoff(), 0))
@@ -183,7 +165,7 @@ def _redis_at(s: Settings, port: int) -> redis.Redis:
 
 def _node_answers(s: Settings, port: int) -> bool:
     try:
-        with _redis_at(s, port) as r:
+        with redis_at(s, port) as r:
             return bool(r.ping())
     except redis.RedisError:
         return False
@@ -193,7 +175,7 @@ def _cluster_ok(s: Settings) -> bool:
     """Every master answers and says the cluster is ``ok`` (all 16384 slots served)."""
     try:
         for _, port in redis_nodes(s):
-            with _redis_at(s, port) as r:
+            with redis_at(s, port) as r:
                 if r.cluster("info").get("cluster_state") != "ok":
                     return False
         return True
@@ -222,7 +204,7 @@ def _redis_server() -> str:
 
 def _redis_config(s: Settings) -> Path:
     """A config file (mode 0600) that sets the password: on the command line, ``ps`` would show it."""
-    path = _dir(s, "redis") / "redis.conf"
+    path = service_dir(s, "redis") / "redis.conf"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(f"requirepass {ensure_secret(s, REDIS_PASSWORD)}\n")
@@ -238,9 +220,9 @@ def start_redis(s: Settings, progress: Callable[[str], None] = print) -> None:
         if _node_answers(s, port):
             continue
         proc = None
-        if _pid(s, name) is None:
+        if running_pid(s, name) is None:
             progress(f"redis: starting {name} on {s.redis.host}:{port}")
-            folder = _dir(s, name)
+            folder = service_dir(s, name)
             cluster = ["--cluster-enabled", "yes", "--cluster-config-file", str(folder / "nodes.conf"),
                        "--cluster-port", str(port + CLUSTER_BUS_OFFSET), "--cluster-node-timeout", "5000"]
             proc = _spawn(s, name, [
@@ -255,7 +237,7 @@ def start_redis(s: Settings, progress: Callable[[str], None] = print) -> None:
 def _create_cluster(s: Settings, progress: Callable[[str], None]) -> None:
     """Give the masters the slots, once (a restarted cluster finds its slots in nodes.conf)."""
     nodes = redis_nodes(s)
-    with _redis_at(s, nodes[0][1]) as r:
+    with redis_at(s, nodes[0][1]) as r:
         fresh = int(r.cluster("info").get("cluster_slots_assigned", 0)) == 0
     if fresh:
         progress(f"redis: redis-cli --cluster create, {len(nodes)} masters")
@@ -265,11 +247,10 @@ def _create_cluster(s: Settings, progress: Callable[[str], None]) -> None:
             capture_output=True, text=True, env={**os.environ, "REDISCLI_AUTH": ensure_secret(s, REDIS_PASSWORD)})
         if done.returncode != 0:
             raise StackError(f"redis-cli --cluster create failed:\n{(done.stdout + done.stderr)[-2000:]}")
-    deadline = time.monotonic() + REDIS_TIMEOUT_S
-    while not _cluster_ok(s):
-        if time.monotonic() > deadline:
-            raise StackError(f"the Redis Cluster is not ok after {REDIS_TIMEOUT_S} s; see {_log(s, 'redis')}")
-        time.sleep(0.5)
+    try:
+        process.wait_until(lambda: _cluster_ok(s), REDIS_TIMEOUT_S, "the Redis Cluster is ok")
+    except process.NotInTime as exc:
+        raise StackError(f"{exc}; see {_log(s, 'redis')}") from None
 
 
 def stop_redis(settings: Settings) -> str:
@@ -278,7 +259,7 @@ def stop_redis(settings: Settings) -> str:
 
 # ---- kafka -----------------------------------------------------------------
 
-def _admin(s: Settings) -> KafkaAdminClient:
+def kafka_admin(s: Settings) -> KafkaAdminClient:
     return KafkaAdminClient(**connection(s), bootstrap_timeout_ms=10000)
 
 
@@ -339,10 +320,10 @@ def _kafka_config(s: Settings, node: KafkaNode) -> Path:
               "controller.quorum.voters=" + ",".join(f"{n.node_id}@{host}:{n.controller_port}" for n in nodes))
     text = Template((DEPLOY / "kafka" / "server.properties").read_text()).substitute(
         node_id=node.node_id, quorum=quorum, host=host, port=port, controller_port=node.controller_port,
-        log_dirs=_dir(s, node.name) / "data", replication_factor=s.kafka.replication_factor,
+        log_dirs=service_dir(s, node.name) / "data", replication_factor=s.kafka.replication_factor,
         min_insync_replicas=s.kafka.min_insync_replicas,
         heartbeat_interval_ms=2000 if len(nodes) == 1 else 1000, session_timeout_ms=9000 if len(nodes) == 1 else 3000)
-    path = _dir(s, node.name) / "server.properties"
+    path = service_dir(s, node.name) / "server.properties"
     path.write_text(text)
     return path
 
@@ -356,7 +337,7 @@ def _cluster_id(s: Settings) -> str:
     """The id every node's storage is formatted with: a formatted node's, else a new one
     (Kafka cluster ids are a random UUID in unpadded URL-safe base64)."""
     for node in kafka_nodes(s):
-        meta = _dir(s, node.name) / "data" / "meta.properties"
+        meta = service_dir(s, node.name) / "data" / "meta.properties"
         if meta.exists():
             found = re.search(r"^cluster\.id=(\S+)", meta.read_text(), re.M)
             if found:
@@ -366,7 +347,7 @@ def _cluster_id(s: Settings) -> str:
 
 def _format_storage(s: Settings, node: KafkaNode, libs: Path, config: Path, progress: Callable[[str], None]) -> None:
     """First start only: write meta.properties (and, for a single node, its one-voter quorum)."""
-    if (_dir(s, node.name) / "data" / "meta.properties").exists():
+    if (service_dir(s, node.name) / "data" / "meta.properties").exists():
         return
     cluster_id = _cluster_id(s)
     progress(f"{node.name}: formatting storage (cluster id {cluster_id})")
@@ -389,7 +370,7 @@ def ensure_topics(s: Settings, timeout_s: float = 30) -> None:
               s.kafka.impressions_topic: s.kafka.events_partitions}
     configs = {"min.insync.replicas": str(s.kafka.min_insync_replicas)}
     deadline = time.monotonic() + timeout_s
-    with _admin(s) as admin:
+    with kafka_admin(s) as admin:
         while missing := {t: n for t, n in wanted.items() if t not in admin.list_topics()}:
             try:
                 admin.create_topics({t: {"num_partitions": n, "replication_factor": s.kafka.replication_factor,
@@ -405,15 +386,15 @@ def _other_kafka(s: Settings, nodes: list[KafkaNode]) -> str | None:
     """A Kafka node of another layout (a single node when a cluster is wanted, or the reverse)
     that ``up`` started and that still runs: it holds the ports."""
     ours = {n.name for n in nodes}
-    for pidfile in _dir(s, "run").glob("kafka*.pid"):
-        if pidfile.stem not in ours and _pid(s, pidfile.stem) is not None:
+    for pidfile in service_dir(s, "run").glob("kafka*.pid"):
+        if pidfile.stem not in ours and running_pid(s, pidfile.stem) is not None:
             return pidfile.stem
     return None
 
 
 def start_kafka_node(s: Settings, node: KafkaNode, progress: Callable[[str], None] = print) -> subprocess.Popen | None:
     """Spawn one node unless it answers or runs already; the spawned child, or None."""
-    if broker_answers(node.server) or _pid(s, node.name) is not None:
+    if broker_answers(node.server) or running_pid(s, node.name) is not None:
         return None
     _java()  # fail before downloading jars it could not run
     libs = _kafka_libs(s, progress)
@@ -437,12 +418,12 @@ def start_kafka(s: Settings, progress: Callable[[str], None] = print) -> None:
 
 def stop_kafka(settings: Settings) -> str:
     """Stop every Kafka node ``up`` started, of whatever layout."""
-    return _stop(settings, *(f.stem for f in _dir(settings, "run").glob("kafka*.pid")))
+    return _stop(settings, *(f.stem for f in service_dir(settings, "run").glob("kafka*.pid")))
 
 
 # ---- ray -------------------------------------------------------------------
 
-HAPROXY_SHIM = Path(__file__).with_name("haproxy-loopback")
+HAPROXY_SHIM = DEPLOY / "haproxy-loopback"
 
 
 def haproxy_dir(s: Settings) -> Path:
@@ -476,17 +457,13 @@ def ray_cluster_env(s: Settings) -> dict[str, str]:
     return env
 
 
-def _ray_exe() -> str:
+def ray_exe() -> str:
     return str(Path(os.sys.executable).with_name("ray"))
 
 
 def ray_address(s: Settings) -> str | None:
     """The project's local Ray cluster (GCS on a fixed loopback port), or None when none runs."""
-    try:
-        with socket.create_connection(("127.0.0.1", s.ray.port), timeout=1):
-            return f"127.0.0.1:{s.ray.port}"
-    except OSError:
-        return None
+    return f"127.0.0.1:{s.ray.port}" if process.port_open("127.0.0.1", s.ray.port) else None
 
 
 def start_ray(s: Settings, progress: Callable[[str], None] = print) -> str:
@@ -498,8 +475,8 @@ def start_ray(s: Settings, progress: Callable[[str], None] = print) -> str:
     progress(f"ray: starting a local cluster ({s.ray.num_cpus:g} logical CPUs)")
     env = {**os.environ, **RAY_ENV, **ray_cluster_env(s)}
     # `ray start` refuses to make the auth token (ray.init does): on a fresh machine, make it first.
-    subprocess.run([_ray_exe(), "get-auth-token", "--generate"], capture_output=True, env=env)
-    done = subprocess.run([_ray_exe(), "start", "--head", f"--port={s.ray.port}", f"--num-cpus={s.ray.num_cpus:g}",
+    subprocess.run([ray_exe(), "get-auth-token", "--generate"], capture_output=True, env=env)
+    done = subprocess.run([ray_exe(), "start", "--head", f"--port={s.ray.port}", f"--num-cpus={s.ray.num_cpus:g}",
                            "--include-dashboard=false",
                            f"--metrics-export-port={s.ray.metrics_port}", "--disable-usage-stats"],
                           capture_output=True, text=True, env=env)
@@ -516,7 +493,7 @@ def stop_ray(settings: Settings) -> str:
         return "not running"
     if "ray" in sys.modules:  # a driver whose raylet dies exits at once: disconnect first
         sys.modules["ray"].shutdown()
-    subprocess.run([_ray_exe(), "stop", "--force"], capture_output=True)
+    subprocess.run([ray_exe(), "stop", "--force"], capture_output=True)
     stop_haproxy(settings)
     return "stopped"
 
@@ -536,15 +513,7 @@ def haproxy_pids(s: Settings) -> list[int]:
 
 
 def stop_haproxy(s: Settings, timeout_s: float = 10.0) -> None:
-    for pid in haproxy_pids(s):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while (left := haproxy_pids(s)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    process.stop(haproxy_pids(s), timeout_s, every_s=0.1)
 
 
 # ---- monitoring ------------------------------------------------------------
@@ -572,7 +541,7 @@ def _exporter_answers(s: Settings) -> bool:
 def _prometheus_config(s: Settings) -> Path:
     """deploy/monitoring's prometheus.yml and rules.yml, copied into <home>/prometheus with this
     stack's scrape interval and a targets/local.yml of loopback addresses."""
-    folder = _dir(s, "prometheus")
+    folder = service_dir(s, "prometheus")
     config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
     every = f"{s.monitoring.scrape_interval_s:g}s"
     config["global"].update(scrape_interval=every, evaluation_interval=every)
@@ -595,7 +564,7 @@ def start_monitoring(s: Settings, progress: Callable[[str], None] = print) -> No
     config = _prometheus_config(s)
     if not _exporter_answers(s):
         proc = None
-        if _pid(s, "redis_exporter") is None:
+        if running_pid(s, "redis_exporter") is None:
             progress(f"redis exporter: starting on 127.0.0.1:{s.monitoring.redis_exporter_port}")
             # The password through the environment (REDIS_PASSWORD): argv is visible to every user.
             env = {**os.environ, "REDIS_PASSWORD": ensure_secret(s, REDIS_PASSWORD)}
@@ -608,11 +577,11 @@ def start_monitoring(s: Settings, progress: Callable[[str], None] = print) -> No
         httpx.post(f"{prometheus.url(s)}/-/reload", timeout=10)  # the targets of these settings
         return
     proc = None
-    if _pid(s, "prometheus") is None:
+    if running_pid(s, "prometheus") is None:
         progress(f"prometheus: starting on {prometheus.url(s)} (scraping every {s.monitoring.scrape_interval_s:g} s)")
         proc = _spawn(s, "prometheus", [
             _binary("prometheus", "prometheus"), f"--config.file={config}",
-            f"--storage.tsdb.path={_dir(s, 'prometheus') / 'data'}", "--storage.tsdb.retention.time=7d",
+            f"--storage.tsdb.path={service_dir(s, 'prometheus') / 'data'}", "--storage.tsdb.retention.time=7d",
             f"--web.listen-address=127.0.0.1:{s.monitoring.prometheus_port}", "--web.enable-lifecycle"])
     _wait(s, "prometheus", prometheus.answers, PROMETHEUS_TIMEOUT_S, proc)
 
@@ -624,8 +593,8 @@ def stop_monitoring(s: Settings) -> str:
 def _monitoring_status(s: Settings) -> dict:
     """Prometheus's state and, while it runs, each scrape target: job, address, up or why not."""
     if not prometheus.answers(s):
-        return {"state": "stopped", "pid": _pid(s, "prometheus"), "log": str(_log(s, "prometheus"))}
-    return {"state": "running", "pid": _pid(s, "prometheus"), "url": prometheus.url(s),
+        return {"state": "stopped", "pid": running_pid(s, "prometheus"), "log": str(_log(s, "prometheus"))}
+    return {"state": "running", "pid": running_pid(s, "prometheus"), "url": prometheus.url(s),
             "redis_exporter": "running" if _exporter_answers(s) else "stopped",
             "targets": prometheus.targets(s), "log": str(_log(s, "prometheus"))}
 
@@ -656,7 +625,7 @@ def _kafka_status(s: Settings) -> dict:
     nodes = kafka_nodes(s)
     up_ = [n for n in nodes if broker_answers(n.server)]
     state = "running" if len(up_) == len(nodes) else f"degraded ({len(up_)} of {len(nodes)} up)" if up_ else "stopped"
-    brokers = [{"server": n.server, "pid": _pid(s, n.name), "state": "running" if n in up_ else "stopped",
+    brokers = [{"server": n.server, "pid": running_pid(s, n.name), "state": "running" if n in up_ else "stopped",
                 "log": str(_log(s, n.name))} for n in nodes]
     first = brokers[0]
     return {"state": state, "pid": first["pid"], "bootstrap": ",".join(s.kafka.servers), "version": s.kafka.version,
@@ -668,7 +637,7 @@ def status(s: Settings) -> dict:
     """Per service: state "running" only if it answers, our pid (or None), address and log file."""
     return {
         "kafka": _kafka_status(s),
-        "redis": {"state": "running" if redis_answers(s) else "stopped", "pid": _pid(s, "redis"),
+        "redis": {"state": "running" if redis_answers(s) else "stopped", "pid": running_pid(s, "redis"),
                   "url": s.redis.url, "log": str(_log(s, "redis")),
                   **({"cluster_masters": [f"{s.redis.host}:{port}" for _, port in redis_nodes(s)]}
                      if s.redis.cluster_masters else {})},
@@ -680,13 +649,13 @@ def status(s: Settings) -> dict:
 def delete_topics(settings: Settings, timeout_s: float = 30) -> None:
     """Delete the events, dead-letter and impressions topics and wait until they are gone."""
     topics = [settings.kafka.events_topic, settings.kafka.dlq_topic, settings.kafka.impressions_topic]
-    deadline = time.monotonic() + timeout_s
-    with _admin(settings) as admin:
+    with kafka_admin(settings) as admin:
         existing = [t for t in topics if t in admin.list_topics()]
         if existing:
             admin.delete_topics(existing)
-        while any(t in admin.list_topics() for t in topics):
-            if time.monotonic() > deadline:
-                raise StackError(f"kafka: topics {topics} not deleted after {timeout_s:.0f}s")
-            time.sleep(0.2)
+        try:
+            process.wait_until(lambda: not any(t in admin.list_topics() for t in topics), timeout_s,
+                               f"kafka: topics {topics} are deleted", every_s=0.2)
+        except process.NotInTime as exc:
+            raise StackError(str(exc)) from None
 
