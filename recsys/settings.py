@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from recsys.events import EventType
+
 
 class KafkaSettings(BaseModel):
     # Ports stay clear of Ray's defaults (GCS 6379, worker ports 10002-19999). Broker i of
@@ -205,7 +207,7 @@ class OnlineSettings(BaseModel):
     (recsys/attribution.py, `recsys online`)."""
     group: str = "online"  # the consumer group on the impressions and events topics
     window_s: float = Field(1800.0, gt=0)  # an event counts for an impression at most this much older
-    attributable: tuple[str, ...] = ("click", "add_to_cart", "purchase")
+    attributable: tuple[EventType, ...] = (EventType.click, EventType.add_to_cart, EventType.purchase)
     # Records held per partition while the other topic catches up, before its fetching pauses.
     buffer_records: int = Field(5000, ge=10)
     # The guardrail (recsys.experiments.guardrail): every guard_every_s the consumer tests an A/B
