@@ -88,6 +88,10 @@ class Schema:
         return {"version": self.version, "inputs": [asdict(i) for i in self.inputs],
                 "event_types": list(self.event_types)}
 
+    @classmethod
+    def from_json(cls, d: dict) -> "Schema":
+        return cls(int(d["version"]), tuple(Input(**i) for i in d["inputs"]), tuple(d["event_types"]))
+
     def __str__(self) -> str:
         shapes = ", ".join(f"{i.name} {i.dtype}" + (f"[{i.width}]" if i.width is not None else "") for i in self.inputs)
         return f"schema {self.version} ({shapes}; counts of {', '.join(self.event_types)})"
@@ -189,7 +193,10 @@ def recorded_schema(folder: Path, history: int, version: str) -> Schema:
         return ours
     recorded = json.loads(path.read_text())
     if recorded != ours.to_json():
-        raise UnsupportedUserInput(
-            f"model {version}: trained on user input {json.dumps(recorded, separators=(',', ':'))}; this code "
-            f"encodes {ours} (its history as the model's config): serve it with the code that trained it, or retrain")
+        try:
+            named = str(Schema.from_json(recorded))
+        except (KeyError, TypeError, ValueError):  # a layout this code cannot even read
+            named = json.dumps(recorded, separators=(",", ":"))
+        raise UnsupportedUserInput(f"model {version} was trained on user input {named}; this code encodes {ours}: "
+                                   f"serve {version} with the code that trained it, or retrain it")
     return ours

@@ -8,9 +8,9 @@ import pyarrow as pa
 
 from recsys import evaluation, user_input
 from recsys.model import ModelConfig, Vocab
-from recsys.user_input import HIST, ITEM
 from recsys.settings import Settings
 from recsys.training_data import DataError, events_table, iter_point_in_time, sort_table
+from recsys.user_input import HIST, ITEM
 
 
 class Prepared:
