@@ -30,7 +30,9 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "rating")
+from recsys.events import EventType
+
+EVENT_TYPES = tuple(t.value for t in EventType)
 
 
 @dataclass(frozen=True)

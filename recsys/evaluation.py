@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from recsys.errors import InvalidInput
+from recsys.events import EventType
 
 MIN_INTERACTIONS = 5
 KS = (10, 50)
@@ -49,7 +50,7 @@ PROTOCOLS = {
     "A": "temporal leave-last-one-out, full ranking, input items removed",
     "B": "next new item: first interactions, inputs strictly before the target's time, full ranking, touched items removed",
 }
-STREAM_TYPES = {"view", "click", "add_to_cart", "purchase"}
+STREAM_TYPES = {t.value for t in EventType if t is not EventType.rating}  # protocol B
 DENSE_BASELINES = ("itemknn", "ease", "recency_ease")
 DENSE_BASELINE_MAX_ITEMS = 10_000  # items x items float64 matrices (Gram, inverse, per lambda): 0.8 GB each at 10,000
 BATCH_SCORES = 1 << 25  # scores per batch at most by default: 512 users up to 65,536 items, fewer above

@@ -5,12 +5,15 @@ import json
 import time
 from dataclasses import dataclass
 from enum import Enum
-from typing import Optional
+from functools import lru_cache
+from typing import TYPE_CHECKING, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from recsys.errors import InvalidInput
-from recsys.settings import FeatureSettings
+
+if TYPE_CHECKING:  # the settings name event types (``online.attributable``): they import this module
+    from recsys.settings import FeatureSettings
 
 
 @dataclass(frozen=True)
@@ -32,10 +35,16 @@ class EventTimeBounds:
             raise ValueError(f"event time {ts} ms is outside [{self.oldest_ms} ms, now + {self.max_skew_s:g} s]")
 
 
-DEFAULT_BOUNDS = EventTimeBounds.of(FeatureSettings())
+@lru_cache(maxsize=1)
+def default_bounds() -> EventTimeBounds:
+    """The bounds of the default settings."""
+    from recsys.settings import FeatureSettings
+    return EventTimeBounds.of(FeatureSettings())
 
 
 class EventType(str, Enum):
+    """The event types: the one list (the model's counts, the evaluation protocol, the settings
+    and the load test's shoppers read it)."""
     view = "view"
     click = "click"
     add_to_cart = "add_to_cart"
@@ -87,13 +96,14 @@ class BadEvent(InvalidInput):
         self.reason, self.kind = reason, kind
 
 
-def parse_event(raw: bytes | None, bounds: EventTimeBounds = DEFAULT_BOUNDS) -> Event:
-    """Decode one Kafka record value, raising BadEvent with a short reason. Pydantic parses
-    the JSON itself (in Rust: half the CPU of json.loads and a validation of the dict)."""
+def parse_event(raw: bytes | None, bounds: EventTimeBounds | None = None) -> Event:
+    """Decode one Kafka record value, raising BadEvent with a short reason (``bounds``: the
+    default settings' when None). Pydantic parses the JSON itself (in Rust: half the CPU of
+    json.loads and a validation of the dict)."""
     if raw is None:
         raise BadEvent("empty record", "empty")
     try:
-        return Event.model_validate_json(raw, context={"bounds": bounds})
+        return Event.model_validate_json(raw, context={"bounds": bounds or default_bounds()})
     except ValidationError as exc:
         errors = exc.errors()
         if errors[0]["type"] == "json_invalid":

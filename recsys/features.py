@@ -121,14 +121,6 @@ def event_ops(event: Event, keys: Keys, recent_items: int, half_life_s: float) -
     return user_ops(event, keys, recent_items) + item_ops(event, keys, half_life_s)
 
 
-COUNT_TYPES = [t.value for t in EventType]  # the order of the model's counts vector
-
-
-def counts_vector(counts: dict[str, int]) -> list[float]:
-    """The counts by type in ``COUNT_TYPES`` order, as log(1 + count)."""
-    return [math.log1p(counts.get(t, 0)) for t in COUNT_TYPES]
-
-
 @dataclass
 class UserFeatures:
     user_id: str

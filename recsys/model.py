@@ -13,7 +13,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from recsys.features import COUNT_TYPES, UserFeatures, counts_vector
+from recsys import user_input
+from recsys.features import UserFeatures
+from recsys.user_input import COUNTS, HIST, USER
 
 
 @dataclass
@@ -89,6 +91,18 @@ class Vocab:
                     mh[k + 1, gi[g]] = 1.0
         return cls(user_ids, item_ids, genres, mh)
 
+    def user_codes(self, ids: Sequence[str]) -> np.ndarray:
+        return np.fromiter((self.user_index.get(u, 0) for u in ids), dtype=np.int32, count=len(ids))
+
+    def item_codes(self, ids: Sequence[str]) -> np.ndarray:
+        return np.fromiter((self.item_index.get(t, 0) for t in ids), dtype=np.int32, count=len(ids))
+
+    def recoding(self, other: "Vocab") -> tuple[np.ndarray, np.ndarray]:
+        """(users, items): this vocabulary's code of each code of ``other`` (0 -> 0, and ids this
+        one does not know -> 0), for ``user_input.Schema.fit``."""
+        return (np.concatenate([[0], self.user_codes(other.user_ids)]).astype(np.int32),
+                np.concatenate([[0], self.item_codes(other.item_ids)]).astype(np.int32))
+
     @property
     def n_users(self) -> int:
         return len(self.user_ids)
@@ -107,21 +121,6 @@ class Vocab:
     def load(cls, folder: Path) -> "Vocab":
         return cls([str(x) for x in np.load(folder / "user_ids.npy")], [str(x) for x in np.load(folder / "item_ids.npy")],
                    json.loads((folder / "genres.json").read_text()), np.load(folder / "item_genres.npy"))
-
-
-def encode_users(features: Sequence[UserFeatures], vocab: Vocab, history: int) -> dict[str, np.ndarray]:
-    """The user tower's inputs for a batch of features: user, hist (n, history), counts (n, types)."""
-    n = len(features)
-    users = np.zeros(n, dtype=np.int32)
-    hist = np.zeros((n, history), dtype=np.int32)
-    counts = np.zeros((n, len(COUNT_TYPES)), dtype=np.float32)
-    ui, ii = vocab.user_index, vocab.item_index
-    for r, f in enumerate(features):
-        users[r] = ui.get(f.user_id, 0)
-        idx = [ii.get(t, 0) for t in f.recent[:history]]
-        hist[r, :len(idx)] = idx
-        counts[r] = counts_vector(f.counts)
-    return {"user": users, "hist": hist, "counts": counts}
 
 
 # ---- numpy towers (serving) -------------------------------------------------------------------
@@ -170,13 +169,13 @@ class NumpyUserTower:
     """The user tower's forward pass in numpy: microseconds per user, no TensorFlow. Its weights
     may be compressed (``compress_tower``): table rows are decoded as they are gathered."""
 
-    def __init__(self, weights: dict[str, np.ndarray], vocab: Vocab, history: int):
+    def __init__(self, weights: dict[str, np.ndarray], vocab: Vocab, schema: user_input.Schema):
         self.w = {k: v for k, v in weights.items() if not k.endswith(SCALE)}
         self.scales = {k[:-len(SCALE)]: v for k, v in weights.items() if k.endswith(SCALE)}
         for name in DENSE:  # small: decoded once
             self.w[name] = self._decode(name, self.w[name], slice(None))
         self.vocab = vocab
-        self.history = history
+        self.schema = schema
         self.precision = tower_precision(weights)
         self.pos_w = np.exp(weights["pos_logits"]).astype(np.float32)
 
@@ -185,14 +184,16 @@ class NumpyUserTower:
             return codes.astype(np.float32) * self.scales[name][rows][..., None]
         return codes if codes.dtype == np.float32 else codes.astype(np.float32)
 
-    def embed_encoded(self, user: np.ndarray, hist: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """(n, dim) embeddings of encoded users, ``EMBED_CHUNK`` at a time: a user's history rows
-        take history x dim floats while pooled (12.8 kB at 50 x 64), so a retraining's 160,000
-        test users at once took 5 GB."""
-        if len(user) > EMBED_CHUNK:
-            return np.concatenate([self.embed_encoded(user[k:k + EMBED_CHUNK], hist[k:k + EMBED_CHUNK],
-                                                      counts[k:k + EMBED_CHUNK]) for k in range(0, len(user), EMBED_CHUNK)])
+    def embed_encoded(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """(n, dim) embeddings of encoded users (``recsys.user_input``), ``EMBED_CHUNK`` at a time:
+        a user's history rows take history x dim floats while pooled (12.8 kB at 50 x 64), so a
+        retraining's 160,000 test users at once took 5 GB."""
+        n = len(inputs[USER])
+        if n > EMBED_CHUNK:
+            return np.concatenate([self.embed_encoded({k: inputs[k][i:i + EMBED_CHUNK] for k in self.schema.names})
+                                   for i in range(0, n, EMBED_CHUNK)])
         w = self.w
+        user, hist, counts = inputs[USER], inputs[HIST], inputs[COUNTS]
         u = self._decode("user_table", w["user_table"][user], user)
         h = self._decode("hist_table", w["hist_table"][hist], hist)
         pw = self.pos_w[None, :] * (hist > 0)
@@ -202,8 +203,7 @@ class NumpyUserTower:
         return _l2n(z @ w["user_out_w"] + w["user_out_b"]).astype(np.float32)
 
     def __call__(self, features: Sequence[UserFeatures]) -> np.ndarray:
-        enc = encode_users(features, self.vocab, self.history)
-        return self.embed_encoded(enc["user"], enc["hist"], enc["counts"])
+        return self.embed_encoded(user_input.encode(features, self.schema, self.vocab))
 
 
 def item_embeddings_np(weights: dict[str, np.ndarray], item_genres: np.ndarray) -> np.ndarray:
@@ -290,6 +290,7 @@ def export(folder: Path, weights: dict[str, np.ndarray], vocab: Vocab, cfg: Mode
     np.savez(folder / "user_tower.npz", **compress_tower(weights, tower))
     vocab.save(folder)
     (folder / "model_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    user_input.write(folder, user_input.schema(cfg.history))  # checked when a replica loads it
     np.save(folder / "item_embeddings.npy", item_embeddings_np(weights, vocab.item_genres))
     if ContentTower.weights(weights):
         np.savez(folder / ContentTower.FILE, **ContentTower.weights(weights))
@@ -315,14 +316,15 @@ class ServingModel:
         self.vocab = Vocab.load(self.folder)
         with np.load(self.folder / "user_tower.npz") as z:
             self.weights = {k: z[k] for k in z.files}
-        self.tower = NumpyUserTower(self.weights, self.vocab, self.config.history)
+        self.version: str = self.card.get("version", self.folder.name)
+        self.tower = NumpyUserTower(self.weights, self.vocab,  # the schema it recorded, else refused
+                                    user_input.recorded_schema(self.folder, self.config.history, self.version))
         self.item_ids: list[str] = list(self.vocab.item_ids)
         self.item_embeddings: np.ndarray = np.load(self.folder / "item_embeddings.npy", mmap_mode="r")
         if (self.folder / "ann" / "index.faiss").exists():
             self.index: AnnIndex = load_index(self.folder / "ann")
         else:
             self.index = new_index("flat", np.asarray(self.item_embeddings))
-        self.version: str = self.card.get("version", self.folder.name)
         self.content: Optional[ContentTower] = None  # none without genres, or exported before it
         if (self.folder / ContentTower.FILE).exists():
             with np.load(self.folder / ContentTower.FILE) as z:

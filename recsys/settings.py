@@ -32,6 +32,8 @@ CONFIG_ENV = "RECSYS_CONFIG"  # or the file this names (then it must exist)
 STACK_STATE = "stack.json"  # in the home folder, while the stack runs
 STACK_FIELDS = {"kafka": ("brokers",), "redis": ("cluster_masters",)}  # what the stack remembers
 
+from recsys.events import EventType
+
 
 class KafkaSettings(BaseModel):
     # Ports stay clear of Ray's defaults (GCS 6379, worker ports 10002-19999). Broker i of
@@ -223,7 +225,7 @@ class OnlineSettings(BaseModel):
     (recsys/attribution.py, `recsys online`)."""
     group: str = "online"  # the consumer group on the impressions and events topics
     window_s: float = Field(1800.0, gt=0)  # an event counts for an impression at most this much older
-    attributable: tuple[str, ...] = ("click", "add_to_cart", "purchase")
+    attributable: tuple[EventType, ...] = (EventType.click, EventType.add_to_cart, EventType.purchase)
     # Records held per partition while the other topic catches up, before its fetching pauses.
     buffer_records: int = Field(5000, ge=10)
     # The guardrail (recsys.experiments.guardrail): every guard_every_s the consumer tests an A/B

@@ -13,6 +13,7 @@ from lab.bench.ann import clustered_vectors
 from recsys.model import (DENSE, TABLES, ModelConfig, NumpyUserTower, Vocab, compress_tower, export, load_model,
                           tower_precision)
 from recsys.registry import CARD, file_sums
+from recsys.user_input import COUNTS, HIST, USER, schema
 
 
 def test_an_ivf_index_reaches_its_recall_on_held_out_queries_and_is_exact_with_every_list():
@@ -70,12 +71,13 @@ def test_compressed_towers_embed_users_as_the_fp32_tower_does_in_less_memory():
     user, hist = rng.integers(0, 201, 64), rng.integers(0, 501, (64, 10))
     hist[0] = 0
     counts = rng.random((64, 5)).astype(np.float32)
-    ref = NumpyUserTower(w, vocab, 10).embed_encoded(user, hist, counts)
+    inputs = {USER: user, HIST: hist, COUNTS: counts}
+    ref = NumpyUserTower(w, vocab, schema(10)).embed_encoded(inputs)
     nbytes = {}
     for precision, min_cos in (("fp32", 1 - 1e-6), ("fp16", 0.9999), ("int8", 0.999)):
         cw = compress_tower(w, precision)
         assert tower_precision(cw) == precision
-        got = NumpyUserTower(cw, vocab, 10).embed_encoded(user, hist, counts)
+        got = NumpyUserTower(cw, vocab, schema(10)).embed_encoded(inputs)
         assert got.dtype == np.float32 and (np.sum(got * ref, 1) >= min_cos).all(), precision
         nbytes[precision] = sum(a.nbytes for k, a in cw.items() if k.split(".")[0] in TABLES)
         assert all(cw[k].dtype == np.float32 for k in DENSE) or precision == "fp16"  # int8: matrices stay fp32
@@ -90,11 +92,12 @@ def test_many_users_are_embedded_in_chunks_as_one_batch(monkeypatch):
     cfg = ModelConfig(dim=32, user_dim=16, hidden=64, history=10)
     rng = np.random.default_rng(1)
     tower = NumpyUserTower(compress_tower(_tower_weights(rng, 200, 500, cfg), "int8"),
-                           Vocab([f"u{i}" for i in range(200)], [f"i{i}" for i in range(500)]), 10)
-    user, hist, counts = rng.integers(0, 201, 70), rng.integers(0, 501, (70, 10)), rng.random((70, 5)).astype(np.float32)
-    whole = tower.embed_encoded(user, hist, counts)
+                           Vocab([f"u{i}" for i in range(200)], [f"i{i}" for i in range(500)]), schema(10))
+    inputs = {USER: rng.integers(0, 201, 70), HIST: rng.integers(0, 501, (70, 10)),
+              COUNTS: rng.random((70, 5)).astype(np.float32)}
+    whole = tower.embed_encoded(inputs)
     monkeypatch.setattr(recsys.model, "EMBED_CHUNK", 16)  # 5 chunks, the last one short
-    assert np.allclose(tower.embed_encoded(user, hist, counts), whole, atol=1e-6) and whole.shape == (70, 32)
+    assert np.allclose(tower.embed_encoded(inputs), whole, atol=1e-6) and whole.shape == (70, 32)
 
 
 def _publish_like_training(folder, kind: str, tower: str, rng) -> tuple[np.ndarray, Vocab]:
@@ -104,8 +107,8 @@ def _publish_like_training(folder, kind: str, tower: str, rng) -> tuple[np.ndarr
     w = _tower_weights(rng, 300, 3000, cfg)
     export(folder, w, vocab, cfg, tower=tower)
     items = np.load(folder / "item_embeddings.npy")
-    queries = NumpyUserTower(w, vocab, 10).embed_encoded(rng.integers(1, 301, 400), rng.integers(1, 3001, (400, 10)),
-                                                         np.zeros((400, 5), np.float32))
+    queries = NumpyUserTower(w, vocab, schema(10)).embed_encoded(
+        {USER: rng.integers(1, 301, 400), HIST: rng.integers(1, 3001, (400, 10)), COUNTS: np.zeros((400, 5), np.float32)})
     index = build_index(items, queries[:200], queries[200:], kind, target_recall=0.9)
     index.save(folder / "ann")
     card = {"version": folder.name, "compression": {"tower": tower, "items": precision_of(kind), "index": kind},

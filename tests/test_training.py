@@ -168,6 +168,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint_and_checkpoints_resume_o
 
 def test_numpy_user_tower_matches_the_tensorflow_tower():
     from recsys.model import ModelConfig, NumpyUserTower, Vocab, item_embeddings_np
+    from recsys.user_input import COUNTS, HIST, USER, schema
     from training.model import build_model, model_weights
     cfg = ModelConfig(dim=16, user_dim=8, hidden=32, history=7, share_item_table=False)
     genres = np.random.default_rng(0).integers(0, 2, (21, 4)).astype(np.float32)
@@ -177,10 +178,11 @@ def test_numpy_user_tower_matches_the_tensorflow_tower():
     hist = rng.integers(0, 21, (6, 7)).astype(np.int32)
     hist[0] = 0  # a user without history
     counts = rng.random((6, 5)).astype(np.float32)
-    expected = model.user_tower(user, hist, counts).numpy()
+    inputs = {USER: user, HIST: hist, COUNTS: counts}
+    expected = model.user_tower(inputs).numpy()
     w = model_weights(model)
     vocab = Vocab([f"u{i}" for i in range(10)], [f"i{i}" for i in range(20)], [f"g{i}" for i in range(4)], genres)
-    got = NumpyUserTower(w, vocab, cfg.history).embed_encoded(user, hist, counts)
+    got = NumpyUserTower(w, vocab, schema(cfg.history)).embed_encoded(inputs)
     assert np.allclose(got, expected, atol=1e-5)
     items = model.item_tower(np.arange(1, 21, dtype=np.int32)).numpy()
     assert np.allclose(item_embeddings_np(w, genres), items, atol=1e-5)

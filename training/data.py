@@ -6,11 +6,11 @@ import copy
 import numpy as np
 import pyarrow as pa
 
-from recsys import evaluation
-from recsys.features import COUNT_TYPES
-from recsys.model import ModelConfig, Vocab, encode_users
+from recsys import evaluation, user_input
+from recsys.model import ModelConfig, Vocab
 from recsys.settings import Settings
 from recsys.training_data import DataError, events_table, iter_point_in_time, sort_table
+from recsys.user_input import HIST, ITEM
 
 
 class Prepared:
@@ -33,18 +33,12 @@ class Prepared:
         self.vocab = Vocab.build(self.split.user_ids, self.split.item_ids, item_features)
         # The split ranks the items of the events; the vocabulary may hold a larger catalogue.
         self.split_item_rows = np.array([self.vocab.item_index[str(t)] - 1 for t in self.split.item_ids])
-        hist_len = min(cfg.history, recent_items)  # the store keeps only recent_items of them
-        n = table.num_rows
-        users = np.zeros(n, dtype=np.int32)
-        items = np.zeros(n, dtype=np.int32)
-        hist = np.zeros((n, hist_len), dtype=np.int32)
-        counts = np.zeros((n, len(COUNT_TYPES)), dtype=np.float32)
-        ii = self.vocab.item_index
-        for r, (event, feats) in enumerate(iter_point_in_time(table, recent_items)):
-            enc = encode_users([feats], self.vocab, hist_len)
-            users[r], hist[r], counts[r] = enc["user"][0], enc["hist"][0], enc["counts"][0]
-            items[r] = ii[event.item_id]
-        self.rows = {"user": users, "hist": hist, "counts": counts, "item": items}
+        # Each row's user as the store held it just before the row's event; the store keeps only
+        # recent_items of the recent items.
+        self.schema = user_input.schema(min(cfg.history, recent_items))
+        features = (feats for _, feats in iter_point_in_time(table, recent_items))
+        self.rows = {**user_input.encode_all(features, table.num_rows, self.schema, self.vocab),
+                     ITEM: self.vocab.item_codes([str(t) for t in table["item_id"].to_pylist()])}
         self._select("test")
 
     def _select(self, stage: str) -> None:
@@ -54,8 +48,8 @@ class Prepared:
         rows = self.split.input_rows(stage) & self.split.is_positive
         self.train = {k: v[rows] for k, v in self.rows.items()}
         target = self.split.targets(stage)[2]
-        self.targets = {k: self.rows[k][target] for k in ("user", "hist", "counts")}
-        self.log_q = log_q(np.bincount(self.train["item"], minlength=self.vocab.n_items + 1))
+        self.targets = {k: self.rows[k][target] for k in self.schema.names}
+        self.log_q = log_q(np.bincount(self.train[ITEM], minlength=self.vocab.n_items + 1))
         self.n_train = int(rows.sum())
 
     def at(self, stage: str) -> "Prepared":
@@ -67,7 +61,8 @@ class Prepared:
     def with_history(self, history: int) -> "Prepared":
         """The same data with only the ``history`` newest recent items (at most the encoded ones)."""
         other = copy.copy(self)
-        other.rows = {**self.rows, "hist": self.rows["hist"][:, :history]}
+        other.schema = user_input.schema(min(history, self.history))
+        other.rows = {**self.rows, **other.schema.fit(self.rows)}
         other._select(self.stage)
         return other
 
@@ -76,15 +71,15 @@ class Prepared:
         embeddings, ``training.distill``): carried into the training examples and the shards."""
         other = copy.copy(self)
         for name, col in columns.items():
-            if len(col) != len(self.rows["item"]):
-                raise ValueError(f"column {name!r}: {len(col)} rows for {len(self.rows['item'])} events")
+            if len(col) != len(self.rows[ITEM]):
+                raise ValueError(f"column {name!r}: {len(col)} rows for {len(self.rows[ITEM])} events")
         other.rows = {**self.rows, **columns}
         other._select(self.stage)
         return other
 
     @property
     def history(self) -> int:
-        return self.rows["hist"].shape[1]
+        return self.rows[HIST].shape[1]
 
     def shards(self, workers: int, seed: int) -> list[dict]:
         """Equal-sized shards, one per worker (equal sizes keep the collectives in step)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from recsys.errors import RecsysError, TrainingError
+from recsys.user_input import ITEM
 from training.data import Prepared
 
 DEFAULT_WEIGHT = 0.5  # the loss share of the teacher when a teacher is given and the config leaves it at 0
@@ -40,13 +41,6 @@ def load_teacher(folder: Path):
         raise TrainingError(f"teacher {folder}: cannot be loaded: {msg}") from exc
 
 
-def index_map(student_ids: list[str], teacher_index: dict[str, int]) -> np.ndarray:
-    """(len(student_ids) + 1,) int32: the teacher's index of each student index; 0 -> 0 (OOV)."""
-    out = np.zeros(len(student_ids) + 1, dtype=np.int32)
-    out[1:] = [teacher_index.get(x, 0) for x in student_ids]
-    return out
-
-
 def teacher_targets(teacher, prep: Prepared, chunk: int = 8192) -> tuple[Prepared, dict, dict]:
     """(``prep`` with the ``teacher_user`` column, the workers' ``teacher`` config, the card's
     ``distillation`` facts but the weight and temperature).
@@ -55,16 +49,15 @@ def teacher_targets(teacher, prep: Prepared, chunk: int = 8192) -> tuple[Prepare
     (other rows: zeros), from the same point-in-time features, its history at most the encoded one.
     """
     t0 = time.perf_counter()
-    tv, dim, hist_len = teacher.vocab, int(teacher.item_embeddings.shape[1]), int(teacher.config.history)
-    users, items = index_map(prep.vocab.user_ids, tv.user_index), index_map(prep.vocab.item_ids, tv.item_index)
+    dim = int(teacher.item_embeddings.shape[1])
+    users, items = teacher.vocab.recoding(prep.vocab)
     rows = np.flatnonzero(prep.split.input_rows(prep.stage) & prep.split.is_positive)
-    col = np.zeros((len(prep.rows["item"]), dim), dtype=np.float32)
+    col = np.zeros((len(prep.rows[ITEM]), dim), dtype=np.float32)
     for start in range(0, len(rows), chunk):
         r = rows[start:start + chunk]
-        hist = items[prep.rows["hist"][r, :hist_len]]
-        if hist.shape[1] < hist_len:  # encoded with fewer recent items: the rest is padding
-            hist = np.pad(hist, ((0, 0), (0, hist_len - hist.shape[1])))
-        col[r] = teacher.tower.embed_encoded(users[prep.rows["user"][r]], hist, prep.rows["counts"][r])
+        # in the teacher's vocabulary, its history cut or padded (encoded with fewer recent items)
+        inputs = teacher.tower.schema.fit({k: prep.rows[k][r] for k in prep.schema.names}, users, items)
+        col[r] = teacher.tower.embed_encoded(inputs)
     known = items > 0
     item = np.zeros((len(items), dim), dtype=np.float32)
     item[known] = teacher.item_embeddings[items[known] - 1]

@@ -14,9 +14,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recsys import evaluation
-from recsys.features import COUNT_TYPES, counts_vector
+from recsys import evaluation, user_input
 from recsys.training_data import iter_point_in_time
+from recsys.user_input import ITEM
 
 ORDER = [("ts", "ascending"), ("seq", "ascending")]
 # Per stage (test, validation), per output row: a training example (the stage's input and a
@@ -42,30 +42,45 @@ def _codes(values, ids: pa.Array) -> np.ndarray:
     return pc.fill_null(pc.add(pc.index_in(values, value_set=ids), 1), 0).to_numpy().astype(np.int32)
 
 
+class SortedIds:
+    """``recsys.user_input.Codes`` from the whole log's distinct ids, sorted: the codes ``Vocab``
+    gives them, without a dict of every id in each block's task."""
+
+    def __init__(self, user_ids: pa.Array, item_ids: pa.Array):
+        self.user_ids, self.item_ids = user_ids, item_ids
+
+    def user_codes(self, ids) -> np.ndarray:
+        return _codes(pa.array(ids, pa.string()), self.user_ids)
+
+    def item_codes(self, ids) -> np.ndarray:
+        return _codes(pa.array(ids, pa.string()), self.item_ids)
+
+
 def block_examples(block: pa.Table, user_ids: pa.Array, item_ids: pa.Array, protocol: str, history: int,
                    recent_items: int) -> dict[str, np.ndarray]:
     """The block's training examples and targets, one output row per event that is either.
 
     ``user_ids``/``item_ids``: the whole log's distinct ids, sorted (the vocabulary, index 0 for
-    none). Columns: user, item (vocabulary codes), hist (rows x history), counts, ts, seq, the
-    ``FLAGS`` and ``seen``: on a target row, the user's distinct input items at that stage as
-    0-based item codes (the candidates evaluation removes), elsewhere empty.
+    none). Columns: the user's inputs (``recsys.user_input.schema(history)``), item (vocabulary
+    code), ts, seq, the ``FLAGS`` and ``seen``: on a target row, the user's distinct input items at
+    that stage as 0-based item codes (the candidates evaluation removes), elsewhere empty.
     """
     block = in_time_order(block)
     if block.num_rows == 0:
         return empty(history)
+    codes = SortedIds(user_ids, item_ids)
     split = evaluation.split_arrays(block["user_id"].to_numpy(zero_copy_only=False),
                                     block["item_id"].to_numpy(zero_copy_only=False), block["ts"].to_numpy(),
                                     protocol=protocol)
     flags, seen = _stage_rows(split, _codes(pa.array(split.item_ids), item_ids) - 1)
     keep = flags["ex_test"] | flags["tgt_test"] | flags["tgt_val"]
-    hist, counts = _features(block, keep, item_ids, history, recent_items)
-    kept_seen = np.empty(len(hist), dtype=object)
+    features = (feats for r, (_, feats) in enumerate(iter_point_in_time(block, recent_items)) if keep[r])
+    inputs = user_input.encode_all(features, int(keep.sum()), user_input.schema(history), codes)
+    kept_seen = np.empty(int(keep.sum()), dtype=object)
     for k, items in enumerate(seen[keep]):
         kept_seen[k] = np.zeros(0, np.int32) if items is None else items.astype(np.int32)
-    return {"user": _codes(block["user_id"], user_ids)[keep], "item": _codes(block["item_id"], item_ids)[keep],
-            "hist": hist, "counts": counts, "ts": block["ts"].to_numpy()[keep], "seq": block["seq"].to_numpy()[keep],
-            **{name: flag[keep] for name, flag in flags.items()}, "seen": kept_seen}
+    return {**inputs, ITEM: _codes(block["item_id"], item_ids)[keep], "ts": block["ts"].to_numpy()[keep],
+            "seq": block["seq"].to_numpy()[keep], **{name: flag[keep] for name, flag in flags.items()}, "seen": kept_seen}
 
 
 def _stage_rows(split: evaluation.Split, item_codes: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -88,27 +103,8 @@ def _stage_rows(split: evaluation.Split, item_codes: np.ndarray) -> tuple[dict[s
     return flags, seen
 
 
-def _features(block: pa.Table, keep: np.ndarray, item_ids: pa.Array, history: int, recent_items: int
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """The kept rows' point-in-time features, encoded as ``recsys.model.encode_users`` encodes
-    them: (recent item codes, rows x history; log counts, rows x types)."""
-    counts = np.zeros((int(keep.sum()), len(COUNT_TYPES)), dtype=np.float32)
-    recent = []
-    for r, (_, feats) in enumerate(iter_point_in_time(block, recent_items)):
-        if keep[r]:
-            counts[len(recent)] = counts_vector(feats.counts)
-            recent.append(feats.recent[:history])
-    lens = np.array([len(x) for x in recent], dtype=np.int64)
-    hist = np.zeros((len(recent), history), dtype=np.int32)
-    cols = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
-    hist[np.repeat(np.arange(len(recent)), lens), cols] = _codes(pa.array([t for x in recent for t in x], pa.string()),
-                                                                item_ids)
-    return hist, counts
-
-
 def empty(history: int) -> dict[str, np.ndarray]:
     """``block_examples``'s columns with no rows."""
-    return {"user": np.zeros(0, np.int32), "item": np.zeros(0, np.int32), "hist": np.zeros((0, history), np.int32),
-            "counts": np.zeros((0, len(COUNT_TYPES)), np.float32), "ts": np.zeros(0, np.int64),
+    return {**user_input.schema(history).empty(), ITEM: np.zeros(0, np.int32), "ts": np.zeros(0, np.int64),
             "seq": np.zeros(0, np.int64), **{name: np.zeros(0, bool) for name in FLAGS},
             "seen": np.zeros(0, dtype=object)}

@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from recsys import evaluation
+from recsys import evaluation, user_input
 from recsys.ann import AnnIndex, build_index, default_kind, precision_of
 from recsys.errors import TrainingError
 from recsys.model import ModelConfig, NumpyUserTower, compress_tower, export
@@ -166,8 +166,7 @@ def run_ray_training(prep: Prepared, cfg: ModelConfig, workers: int = 2, use_gpu
 def evaluate_weights(prep: Prepared, weights: dict, cfg: ModelConfig) -> tuple[dict, np.ndarray, np.ndarray]:
     """Two-tower metrics on the prepared stage's targets; also (their user embeddings, item embeddings)."""
     from recsys.model import item_embeddings_np
-    tower = NumpyUserTower(weights, prep.vocab, cfg.history)
-    users = tower.embed_encoded(prep.targets["user"], prep.targets["hist"], prep.targets["counts"])
+    users = NumpyUserTower(weights, prep.vocab, user_input.schema(cfg.history)).embed_encoded(prep.targets)
     items = item_embeddings_np(weights, prep.vocab.item_genres)
     return evaluate_embeddings(prep, users, items), users, items
 
@@ -185,8 +184,8 @@ def served_artifact(prep: Prepared, weights: dict, cfg: ModelConfig, item_emb: n
     and the ANN index of ``ts.ann_kind`` (default: ``recsys.ann.default_kind`` at
     ``ts.item_precision``). Returns (the served model's metrics, exact scoring over the index's
     codes; the index; the card's compression entry against the fp32 model's ``fp32`` metrics)."""
-    tower = NumpyUserTower(compress_tower(weights, ts.tower_precision), prep.vocab, cfg.history)
-    users = tower.embed_encoded(prep.targets["user"], prep.targets["hist"], prep.targets["counts"])
+    tower = NumpyUserTower(compress_tower(weights, ts.tower_precision), prep.vocab, user_input.schema(cfg.history))
+    users = tower.embed_encoded(prep.targets)
     kind = ts.ann_kind or default_kind(len(item_emb), ts.item_precision, ts.ann_exact_below)
     # The search parameter chosen on half of the test users' queries, recall measured on the other half's.
     order = np.random.default_rng(0).permutation(len(users))
@@ -387,18 +386,11 @@ def version_ranks(version_dirs: list[Path], table: pa.Table, settings: Settings,
 def held_out_ranks(version_dirs: list[Path], data) -> tuple[evaluation.HeldOut, dict[str, np.ndarray]]:
     """``version_ranks`` on the Ray Data engine's held-out targets (``training.ray_data.ArchiveData``):
     its encoded test inputs re-coded into each model's vocabulary (unknown ids: the OOV slot, as
-    ``encode_users`` codes them)."""
+    the encoder codes them) and fitted to its schema."""
     test = data.at("test").stage_inputs["test"]
-    users = np.asarray(data.vocab.user_ids, dtype=object)
-    items = np.asarray(data.vocab.item_ids, dtype=object)
 
     def embed(model):
-        user_code = np.array([0] + [model.vocab.user_index.get(u, 0) for u in users], dtype=np.int32)
-        item_code = np.array([0] + [model.vocab.item_index.get(t, 0) for t in items], dtype=np.int32)
-        hist = item_code[test["hist"][:, :model.config.history]]
-        if hist.shape[1] < model.config.history:
-            hist = np.pad(hist, ((0, 0), (0, model.config.history - hist.shape[1])))
-        return model.tower.embed_encoded(user_code[test["user"]], hist, test["counts"])
+        return model.tower.embed_encoded(model.tower.schema.fit(test, *model.vocab.recoding(data.vocab)))
     return data.split, _ranks(version_dirs, data.split, embed, None)
 
 

@@ -30,8 +30,9 @@ import os
 
 import numpy as np
 
-from recsys.features import COUNT_TYPES
+from recsys import user_input
 from recsys.model import ModelConfig
+from recsys.user_input import COUNTS, HIST, ITEM, USER
 
 
 def tf_env() -> dict[str, str]:
@@ -75,7 +76,9 @@ def build_model(cfg: ModelConfig, n_users: int, n_items: int, item_genres: np.nd
             # Items with the same genres share one id here: their content vectors are the same.
             self.genre_set = tf.constant(np.unique(item_genres, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int32))
 
-        def user_tower(self, user, hist, counts, training=False):
+        def user_tower(self, inputs, training=False):
+            """The user embeddings of a batch of encoded users (``recsys.user_input``)."""
+            user, hist, counts = inputs[USER], inputs[HIST], inputs[COUNTS]
             if training and cfg.user_dropout > 0:
                 keep = tf.random.uniform(tf.shape(user)) >= cfg.user_dropout
                 user = tf.where(keep, user, tf.zeros_like(user))
@@ -98,16 +101,21 @@ def build_model(cfg: ModelConfig, n_users: int, n_items: int, item_genres: np.nd
             return tf.math.l2_normalize(tf.cast(self.content_out(tf.gather(self.genres, item)), tf.float32), axis=1)
 
         def call(self, inputs, training=False):
-            return (self.user_tower(inputs["user"], inputs["hist"], inputs["counts"], training),
-                    self.item_tower(inputs["item"]))
+            return self.user_tower(inputs, training), self.item_tower(inputs[ITEM])
 
     model = TwoTower()
-    dummy = {"user": tf.zeros([1], tf.int32), "hist": tf.zeros([1, cfg.history], tf.int32),
-             "counts": tf.zeros([1, len(COUNT_TYPES)], tf.float32), "item": tf.zeros([1], tf.int32)}
+    dummy = input_signature(cfg, 1, tf.zeros)
     model(dummy)
     if model.content_out is not None:
-        model.content_tower(dummy["item"])
+        model.content_tower(dummy[ITEM])
     return model
+
+
+def input_signature(cfg: ModelConfig, n: int, make) -> dict:
+    """``make(shape, dtype)`` (``tf.zeros``, ``tf.TensorSpec``) of each user input for ``n`` users
+    of a model of ``cfg`` (``recsys.user_input``), and of the example's item."""
+    return {**{i.name: make(i.shape(n), i.dtype) for i in user_input.schema(cfg.history).inputs},
+            ITEM: make((n,), "int32")}
 
 
 def distillation_kl(student_logits, teacher_logits, valid, temperature: float):
@@ -137,7 +145,7 @@ def sampled_softmax_loss(model, batch, log_q, n_items: int, cfg: ModelConfig, tr
     """
     tf, _ = _tf()
     u, v = model(batch, training=training)
-    item = batch["item"]
+    item = batch[ITEM]
     bsz = tf.shape(item)[0]
     cand_items = item
     cand_v = v

@@ -32,16 +32,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recsys import archive, evaluation
+from recsys import archive, evaluation, user_input
 from recsys.errors import TrainingError
 from recsys.model import Vocab
 from recsys.settings import Settings
 from recsys.training_data import DataError
+from recsys.user_input import ITEM, NAMES, USER
 from training import examples
 from training.data import log_q
 
 log = logging.getLogger(__name__)
-MODEL_COLUMNS = ("user", "hist", "counts", "item")
+MODEL_COLUMNS = (*NAMES, ITEM)
 COUNTED = ("ex_test", "ex_val", "pop_test", "pop_val")
 EXAMPLE_BLOCK_ROWS = 2048  # the shuffled examples' blocks: what a worker's epoch reorders
 # An archived event's bytes in Arrow (ids, type, times, seq): about 100. A hash shuffle's map task
@@ -91,8 +92,8 @@ def _summary(events) -> tuple[int, int, int, np.ndarray, np.ndarray, np.ndarray]
 
 def _item_counts(batch: dict) -> dict:
     """Per item of the block: its examples and its input users at each stage."""
-    items = np.unique(batch["item"])
-    return {"item": items, **{flag: np.bincount(np.searchsorted(items, batch["item"][batch[flag]]),
+    items = np.unique(batch[ITEM])
+    return {ITEM: items, **{flag: np.bincount(np.searchsorted(items, batch[ITEM][batch[flag]]),
                                                 minlength=len(items)) for flag in COUNTED}}
 
 
@@ -110,16 +111,16 @@ def _stage_targets(batches: list[dict], test: bool, n_users: int, popularity: np
     """The stage's targets in user order, as the model's inputs and as ``HeldOut`` wants them
     (``to_split``: each vocabulary item's code among the events' items, which the split ranks)."""
     rows = {k: np.concatenate([b[k][b["tgt_test"] == test] for b in batches]) for k in (*MODEL_COLUMNS, "seen")}
-    order = np.argsort(rows["user"], kind="stable")
+    order = np.argsort(rows[USER], kind="stable")
     rows = {k: v[order] for k, v in rows.items()}
-    users = rows["user"].astype(np.int64) - 1
+    users = rows[USER].astype(np.int64) - 1
     indptr = np.zeros(n_users + 1, dtype=np.int64)
     lens = np.zeros(n_users, dtype=np.int64)
     lens[users] = [len(s) for s in rows["seen"]]
     np.cumsum(lens, out=indptr[1:])
     seen = np.concatenate([np.sort(to_split[s]) for s in rows["seen"]] + [np.zeros(0, np.int64)]).astype(np.int64)
-    stage = evaluation.StageTargets(users, to_split[rows["item"].astype(np.int64) - 1], indptr, seen, popularity)
-    return {k: rows[k] for k in ("user", "hist", "counts")}, stage
+    stage = evaluation.StageTargets(users, to_split[rows[ITEM].astype(np.int64) - 1], indptr, seen, popularity)
+    return {k: rows[k] for k in NAMES}, stage
 
 
 def streams_archive(settings: Settings) -> bool:
@@ -181,7 +182,7 @@ class ArchiveData:
         counts = {flag: np.zeros(len(vocab_items) + 1, dtype=np.int64) for flag in COUNTED}
         for batch in self.rows.map_batches(_item_counts, batch_size=None).iter_batches(batch_size=None):
             for flag in COUNTED:
-                counts[flag][batch["item"]] += batch[flag]
+                counts[flag][batch[ITEM]] += batch[flag]
         self.item_counts = counts
         batches = list(self.rows.map_batches(_targets, batch_size=None).iter_batches(batch_size=None))
         self.stage_inputs, stages = {}, {}
@@ -199,7 +200,7 @@ class ArchiveData:
         tag = examples.STAGE[stage]
         self.n_train = int(self.item_counts[f"ex_{tag}"].sum())
         self.log_q = log_q(self.item_counts[f"ex_{tag}"])
-        self.targets = {**self.stage_inputs[stage], "hist": self.stage_inputs[stage]["hist"][:, :self.history]}
+        self.targets = user_input.schema(self.history).fit(self.stage_inputs[stage])
 
     @property
     def history(self) -> int:

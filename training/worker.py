@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from recsys.errors import TrainingError
-from recsys.features import COUNT_TYPES
+from recsys import user_input
 from recsys.model import ModelConfig
+from recsys.user_input import ITEM
 from training.checkpoint import restore_checkpoint, save_checkpoint
 from training.model import tf_env
 
@@ -44,8 +45,7 @@ def stream_batches(shard, steps: int, epochs: int, batch_size: int, history: int
         for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
                                         local_shuffle_buffer_size=16 * batch_size, local_shuffle_seed=seed + 1000 * epoch):
             if given < steps:
-                yield {"user": batch["user"], "hist": batch["hist"][:, :history], "counts": batch["counts"],
-                       "item": batch["item"]}
+                yield {**user_input.schema(history).fit(batch), ITEM: batch[ITEM]}
                 given += 1
         if given < steps:
             raise TrainingError(f"the dataset shard gave {given} batches of {batch_size}, not {steps}")
@@ -72,11 +72,11 @@ def train_loop_per_worker(config: dict) -> None:
     if config["use_gpu"] and config["mixed_precision"]:
         tf_keras.mixed_precision.set_global_policy("mixed_float16")
 
-    from training.model import build_model, sampled_softmax_loss
+    from training.model import build_model, input_signature, sampled_softmax_loss
     cfg = ModelConfig.from_dict(config["model"])
     # This worker's examples: its shard of the driver's arrays, or of the Ray Data engine's dataset.
     shard = ray.get(config["shards"][rank]) if "shards" in config else None
-    examples = len(shard["item"]) if shard is not None else int(config["examples_per_worker"])
+    examples = len(shard[ITEM]) if shard is not None else int(config["examples_per_worker"])
     log_q = tf.constant(config["log_q"])
     n_items = int(config["n_items"])
     bsz = cfg.batch_size
@@ -118,11 +118,10 @@ def train_loop_per_worker(config: dict) -> None:
         if shard is None:
             batches = functools.partial(stream_batches, ray.train.get_dataset_shard("train"), steps,
                                         cfg.epochs - start_epoch, bsz, cfg.history, cfg.seed + rank)
-            spec = {"user": tf.TensorSpec((bsz,), tf.int32), "hist": tf.TensorSpec((bsz, cfg.history), tf.int32),
-                    "counts": tf.TensorSpec((bsz, len(COUNT_TYPES)), tf.float32), "item": tf.TensorSpec((bsz,), tf.int32)}
+            spec = input_signature(cfg, bsz, tf.TensorSpec)
             return tf.data.Dataset.from_generator(batches, output_signature=spec).prefetch(4)
         ds = tf.data.Dataset.from_tensor_slices(shard)
-        ds = ds.shuffle(len(shard["item"]), seed=cfg.seed + rank, reshuffle_each_iteration=True).repeat()
+        ds = ds.shuffle(len(shard[ITEM]), seed=cfg.seed + rank, reshuffle_each_iteration=True).repeat()
         return ds.batch(bsz, drop_remainder=True).prefetch(4)
 
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))

@@ -20,9 +20,11 @@ from typing import Callable
 
 import numpy as np
 
+from recsys import user_input
 from recsys.ann import exact_search, precision_of, recall_vs_exact
 from recsys.model import ModelConfig, NumpyUserTower, compress_tower
 from recsys.settings import Settings
+from recsys.user_input import USER
 
 MODELS = {"teacher": {"dim": 128}, "default": {}, "student": {"dim": 32}, "distilled": {"dim": 32}}
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -54,18 +56,16 @@ def measure_served(prep, weights: dict, cfg: ModelConfig, item_emb: np.ndarray, 
     ts = settings.training.model_copy(update={"tower_precision": precision, "item_precision": precision})
     metrics, index, compression = served_artifact(prep, weights, cfg, item_emb, fp32, ts)
     tower_weights = compress_tower(weights, precision)
-    tower = NumpyUserTower(tower_weights, prep.vocab, cfg.history)
+    tower = NumpyUserTower(tower_weights, prep.vocab, user_input.schema(cfg.history))
     t = prep.targets
-    n = min(timed_users, len(t["user"]))
-    queries = tower.embed_encoded(t["user"][:n], t["hist"][:n], t["counts"][:n])
-    fp32_users = NumpyUserTower(weights, prep.vocab, cfg.history).embed_encoded(t["user"][:n], t["hist"][:n],
-                                                                             t["counts"][:n])
+    n = min(timed_users, len(t[USER]))
+    queries = tower.embed_encoded({k: v[:n] for k, v in t.items()})
+    fp32_users = NumpyUserTower(weights, prep.vocab, tower.schema).embed_encoded({k: v[:n] for k, v in t.items()})
     overlap = top10_overlap(index.search(queries, 10)[0], fp32_users, item_emb)
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
-        tower_us = _stage_us(lambda i: tower.embed_encoded(t["user"][i:i + 1], t["hist"][i:i + 1],
-                                                           t["counts"][i:i + 1]), n)
+        tower_us = _stage_us(lambda i: tower.embed_encoded({k: v[i:i + 1] for k, v in t.items()}), n)
         ann_us = _stage_us(lambda i: index.search(queries[i:i + 1], CANDIDATES), n)
     finally:
         faiss.omp_set_num_threads(threads)
