@@ -51,8 +51,9 @@ def test_offer_never_waits_and_every_loss_is_counted_by_reason():
     started = time.perf_counter()
     offered = [sender.offer(Impression.served(u, None, "current", ["i1"])) for u in users]
     assert time.perf_counter() - started < 1.0  # would be 10 s if offer waited for the send
-    # Three wait in the queue, a fourth if the thread already holds "a"; the rest find it full.
-    assert offered in ([True] * 3 + [False] * 3, [True] * 4 + [False] * 2)
+    # Three wait in the queue, a fourth once the thread holds "a" (on a busy machine it may take
+    # "a" only after later offers found the queue full); the rest find it full.
+    assert offered[:3] == [True] * 3 and offered.count(True) in (3, 4)
     release.set()
     sender.close()
     queued = [u for u, ok in zip(users, offered) if ok]
