@@ -24,7 +24,7 @@ What a stale model cannot know and a fresh one can:
 
 Where the parameters come from (fixed before any model is tuned):
 
-- ``SESSION_GAP_MS`` = 30 min: the inactivity cut of web-usage mining since Catledge & Pitkow
+- ``SESSION_GAP_MS`` (``recsys.evaluation``) = 30 min: the inactivity cut of web-usage mining since Catledge & Pitkow
   (1995, 25.5 min), still the common session definition (Carevic et al., "Session modelling",
   TPDL 2020, doi:10.1007/978-3-030-58219-7_6).
 - ``session_items`` = 4 (geometric, median 3): the OTTO session log (otto-de/recsys-dataset,
@@ -52,10 +52,10 @@ from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 
+from recsys.evaluation import SESSION_GAP_MS
 from recsys.events import Event, EventType
 from recsys.sources import SourceError, SyntheticSource, _draw
 
-SESSION_GAP_MS = 30 * 60 * 1000
 MIXTURE = 3            # clusters in a user's long-term mixture
 OFF_INTENT = 0.25      # weight of a graph neighbour outside the intent's cluster
 NEIGHBOUR_IN_CLUSTER = 0.8  # share of an item's out-neighbours drawn from its own cluster
@@ -306,8 +306,8 @@ class SessionSource(SyntheticSource):
         return out
 
 
-def item_index(item_ids) -> tuple[np.ndarray, np.ndarray]:
-    """(season letter, index) of synthetic item ids ``i<k>``/``n<k>``."""
-    ids = np.asarray(item_ids).astype(str)
-    return np.array([s[0] for s in ids]), np.array([int(s[1:]) for s in ids])
-
+    @staticmethod
+    def item_indices(item_ids) -> tuple[np.ndarray, np.ndarray]:
+        """(season letter, item index) of each id ``i<k>``/``n<k>``."""
+        ids = np.asarray(item_ids).astype(str)
+        return np.array([s[0] for s in ids]), np.array([int(s[1:]) for s in ids])

@@ -74,7 +74,7 @@ def cmd_train(args) -> int:
         print(f"published {card['version']}: two-tower HR@10 {m['two_tower']['hr@10']:.4f} "
               f"NDCG@10 {m['two_tower']['ndcg@10']:.4f} | popularity {m['popularity']['hr@10']:.4f} "
               f"item-kNN {figure(m['itemknn'])} EASE {figure(m['ease'])} "
-              f"recency-weighted EASE {figure(m['recency_ease'])} (test targets, protocol "
+              f"recency-weighted EASE {figure(m['recency_ease'])} session-kNN {figure(m['session_knn'])} (test targets, protocol "
               f"{card['data_window']['protocol']}; settings chosen on validation"
               f"{'' if isinstance(card['tuning'], dict) else ', the two-tower config as given'})")
         print(json.dumps(card, default=str))
@@ -189,9 +189,9 @@ def bench_train(args) -> int:
                                              if "skipped" not in m else m) for name, m in card2["metrics"].items()},
         "two_tower": card2["metrics"]["two_tower"],
         "two_tower_tuning": card2["tuning"],
-        "baselines": {k: card2["metrics"][k] for k in ("popularity", "itemknn", "ease", "recency_ease")},
+        "baselines": {k: card2["metrics"][k] for k in ("popularity", "itemknn", "ease", "recency_ease", "session_knn")},
         **{f"two_tower_vs_{name}_hr@10": round(card2["metrics"]["two_tower"]["hr@10"] / base[name]["hr@10"], 3)
-           if "hr@10" in base[name] else None for name in ("ease", "recency_ease")},
+           if "hr@10" in base[name] else None for name in ("ease", "recency_ease", "session_knn")},
         "epochs": epochs, "workers": 2,
         "training_seconds_2_workers": round(quality_s, 1),
         "examples_per_s_1_worker": round(r1, 1), "examples_per_s_2_workers": round(r2, 1),
