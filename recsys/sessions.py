@@ -178,7 +178,7 @@ class SessionSource(SyntheticSource):
 
     def states(self) -> Iterator[State]:
         """Every event's true state, in time order (ties: visit start order)."""
-        offset = self.end_ms - math.ceil(self._span())
+        offset = self.end_ms - self._span()
         rng = np.random.default_rng(self.seed + 1)
         shift_index = int(self.shift_at * self.events) if 0 < self.shift_at < 1 else None
         new_items_index = int(self.new_items_at * self.events) if 0 < self.new_items_at < 1 else None
@@ -204,7 +204,7 @@ class SessionSource(SyntheticSource):
                 sessions += 1
                 started += int(per_session[j])
                 for k, (t, state) in enumerate(events):
-                    heapq.heappush(heap, (t, state.session, k, state._replace(ts=int(offset + t))))
+                    heapq.heappush(heap, (t, state.session, k, state._replace(ts=round(offset + t))))
         while heap:
             emitted, state = self._emit(heap, emitted, new_items_index)
             yield state
