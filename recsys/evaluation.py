@@ -47,8 +47,8 @@ KS = (10, 50)
 EASE_LAMBDAS = (50.0, 200.0, 500.0, 1000.0)
 HALF_LIVES = (1.0, 3.0, 10.0)  # recency-weighted EASE's half-life h, in interactions
 SESSION_GAP_MS = 30 * 60 * 1000  # a longer pause starts a new session
-SKNN_NEIGHBOURS = (50, 100, 500)  # V-SKNN's k (Ludewig & Jannach 2018 tune k and the sample on validation)
-SKNN_SAMPLES = (500, 1000, 5000)  # V-SKNN's sample: the most recent sessions sharing an item
+SKNN_NEIGHBOURS = (100, 500)  # V-SKNN's k (Ludewig & Jannach 2018 tune k and the sample on validation)
+SKNN_SAMPLES = (1000, 5000)  # V-SKNN's sample: the most recent sessions sharing an item
 STAGES = ("validation", "test")
 PROTOCOLS = {
     "A": "temporal leave-last-one-out, full ranking, input items removed",
