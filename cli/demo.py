@@ -67,7 +67,7 @@ def run_demo(settings: Settings, events: int = 100_000, epochs: Optional[int] = 
     m = card["metrics"]
     print(f"published {card['version']}: HR@10 two-tower {m['two_tower']['hr@10']:.3f} | most-popular "
           f"{m['popularity']['hr@10']:.3f} | item-kNN {figure(m['itemknn'], fmt='.3f')} | EASE {figure(m['ease'], fmt='.3f')} | "
-          f"recency-weighted EASE {figure(m['recency_ease'], fmt='.3f')} (protocol {card['data_window']['protocol']}: "
+          f"recency-weighted EASE {figure(m['recency_ease'], fmt='.3f')} | session-kNN {figure(m['session_knn'], fmt='.3f')} (protocol {card['data_window']['protocol']}: "
           f"{'the next new item' if card['data_window']['protocol'] == 'B' else 'the last interaction'})")
 
     _step(5, "serve it with Ray Serve")

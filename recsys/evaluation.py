@@ -19,10 +19,12 @@ interactions only; at the **test** stage it also sees the validation interaction
 before the test target). Every hyperparameter (EASE's lambda, the recency half-life) is
 chosen on the validation stage; the test stage is scored once, with the choice.
 
-Baselines on the same split: most-popular, item-kNN (cosine), EASE^R (Steck 2019) and
+Baselines on the same split: most-popular, item-kNN (cosine), EASE^R (Steck 2019),
 recency-weighted EASE (EASE's weights; the user's row weights each interaction 0.5^(r/h),
-r its recency rank, 0 = newest). Pure numpy: EASE on a few thousand items is one dense
-inverse.
+r its recency rank, 0 = newest) and session-kNN (V-SKNN, Ludewig & Jannach 2018: the user's
+latest session against the other sessions of the input rows). Pure numpy: EASE on a few
+thousand items is one dense inverse. On the sessions generator, the oracle (``oracle``) ranks by
+the generator's true next-item probability: the ceiling.
 
 Scoring never needs a users x items matrix: each user's input items are kept as sorted index
 arrays (``Split.input_items``), so a batch of users costs (batch, items) memory, whatever the
@@ -45,6 +47,9 @@ MIN_INTERACTIONS = 5
 KS = (10, 50)
 EASE_LAMBDAS = (50.0, 200.0, 500.0, 1000.0)
 HALF_LIVES = (1.0, 3.0, 10.0)  # recency-weighted EASE's half-life h, in interactions
+SESSION_GAP_MS = 30 * 60 * 1000  # a longer pause starts a new session
+SKNN_NEIGHBOURS = (100, 500)  # V-SKNN's k (Ludewig & Jannach 2018 tune k and the sample on validation)
+SKNN_SAMPLES = (1000, 5000)  # V-SKNN's sample: the most recent sessions sharing an item
 STAGES = ("validation", "test")
 PROTOCOLS = {
     "A": "temporal leave-last-one-out, full ranking, input items removed",
@@ -417,22 +422,148 @@ def ease_weights(x: np.ndarray, lam: float) -> np.ndarray:
     return b
 
 
+def _rows_times(split: Split, stage: str, rows: np.ndarray, weights: np.ndarray) -> Callable:
+    """The scorer (the target users' input rows) x weights."""
+    users = split.targets(stage)[0]
+    return lambda pos: rows[users[pos]] @ weights
+
+
 def _eval_rows(split: Split, stage: str, rows: np.ndarray, weights: np.ndarray) -> dict:
     """Metrics of scores = (the users' input rows) x weights."""
-    users = split.targets(stage)[0]
-    return evaluate_scorer(split, lambda pos: rows[users[pos]] @ weights, stage=stage)
+    return evaluate_scorer(split, _rows_times(split, stage, rows, weights), stage=stage)
 
 
-def _tuned(split: Split, grid: dict, fit: Callable, rows: Callable) -> dict:
+def _tuned(split: Split, grid: dict, scorer: Callable) -> dict:
     """Every setting of ``grid`` scored on the validation stage; the best (HR@10, then NDCG@10)
-    scored once on the test stage. ``fit(stage, setting)`` gives the weights, ``rows(stage,
-    setting)`` the users' input rows."""
-    on_val = {name: _eval_rows(split, "validation", rows("validation", setting), fit("validation", setting))
+    scored once on the test stage. ``scorer(stage, setting)`` gives the score function."""
+    on_val = {name: evaluate_scorer(split, scorer("validation", setting), stage="validation")
               for name, setting in grid.items()}
     best = max(on_val, key=lambda k: (on_val[k]["hr@10"], on_val[k]["ndcg@10"]))
-    test = _eval_rows(split, "test", rows("test", grid[best]), fit("test", grid[best]))
+    test = evaluate_scorer(split, scorer("test", grid[best]), stage="test")
     return test | {"chosen": grid[best], "validation": on_val[best],
                    "validation_hr@10_by_setting": {k: v["hr@10"] for k, v in on_val.items()}}
+
+
+@dataclass
+class Sessions:
+    """A stage's input rows cut into sessions (a pause over ``SESSION_GAP_MS`` starts one),
+    numbered in order of their start. Session ``s``'s distinct items are
+    ``items[indptr[s]:indptr[s + 1]]``; the sessions holding item ``i`` are
+    ``by_item[item_ptr[i]:item_ptr[i + 1]]`` (ascending, so the most recent last);
+    ``last[u]`` is user ``u``'s latest session (-1: none) and ``recent[u]`` its items, oldest
+    first by their last event (CSR: ``recent_ptr``)."""
+
+    indptr: np.ndarray
+    items: np.ndarray
+    item_ptr: np.ndarray
+    by_item: np.ndarray
+    last: np.ndarray
+    recent_ptr: np.ndarray
+    recent: np.ndarray
+
+    @classmethod
+    def of(cls, split: Split, stage: str) -> "Sessions":
+        rows = np.flatnonzero(split.input_rows(stage))
+        rows = rows[np.argsort(split.users[rows], kind="stable")]  # per user, in time order
+        users, ts = split.users[rows], split.ts[rows]
+        new = np.ones(len(rows), dtype=bool)
+        new[1:] = (users[1:] != users[:-1]) | (ts[1:] - ts[:-1] > SESSION_GAP_MS)
+        sid = np.cumsum(new) - 1
+        order = np.argsort(ts[new], kind="stable")  # renumber by start time
+        renumber = np.empty_like(order)
+        renumber[order] = np.arange(len(order))
+        sid = renumber[sid]
+        n = len(order)
+        last = np.full(split.n_users, -1, dtype=np.int64)
+        np.maximum.at(last, users, sid)
+        pair = np.unique(sid * split.n_items + split.items[rows])
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(pair // split.n_items, minlength=n), out=indptr[1:])
+        items = pair % split.n_items
+        by = np.lexsort((pair // split.n_items, items))
+        item_ptr = np.zeros(split.n_items + 1, dtype=np.int64)
+        np.cumsum(np.bincount(items, minlength=split.n_items), out=item_ptr[1:])
+        # Each user's latest session: its distinct items ordered by their last event.
+        cur = np.flatnonzero(sid == last[users])
+        key = users[cur] * split.n_items + split.items[rows[cur]]
+        _, newest = np.unique(key[::-1], return_index=True)
+        cur = np.sort(cur[len(cur) - 1 - newest])
+        recent_ptr = np.zeros(split.n_users + 1, dtype=np.int64)
+        np.cumsum(np.bincount(users[cur], minlength=split.n_users), out=recent_ptr[1:])
+        return cls(indptr, items, item_ptr, (pair // split.n_items)[by], last, recent_ptr, split.items[rows[cur]])
+
+
+def _gather(indptr: np.ndarray, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the CSR rows ``which``, concatenated, and the index into ``which`` of each."""
+    lens = indptr[which + 1] - indptr[which]
+    owner = np.repeat(np.arange(len(which)), lens)
+    return np.arange(len(owner)) + np.repeat(indptr[which] - (np.cumsum(lens) - lens), lens), owner
+
+
+def session_knn_scores(sessions: Sessions, user: int, k: int, sample: int, n_items: int) -> np.ndarray:
+    """V-SKNN (Ludewig & Jannach 2018) for one user: the items of the user's latest session weigh
+    p/n by position (1 = oldest of n, n = newest: linear decay); a past session's similarity is the
+    sum of the weights of the items it shares; of the ``sample`` most recent sessions sharing an
+    item, the ``k`` most similar vote for their items with their similarity."""
+    items = sessions.recent[sessions.recent_ptr[user]:sessions.recent_ptr[user + 1]]
+    if len(items) == 0:
+        return np.zeros(n_items)
+    weight = np.arange(1, len(items) + 1) / len(items)
+    at, owner = _gather(sessions.item_ptr, items)
+    sim = np.bincount(sessions.by_item[at], weights=weight[owner], minlength=len(sessions.indptr) - 1)
+    sim[sessions.last[user]] = 0.0  # not a neighbour of itself
+    near = np.flatnonzero(sim)[-sample:]
+    if len(near) > k:
+        near = near[np.argpartition(-sim[near], k - 1)[:k]]
+    at, owner = _gather(sessions.indptr, near)
+    return np.bincount(sessions.items[at], weights=sim[near][owner], minlength=n_items)
+
+
+def session_knn(split: Split) -> dict:
+    """V-SKNN's test metrics, k and the sample chosen on validation. Items no neighbour votes for
+    (and ties) rank by popularity."""
+    cache: dict = {}
+
+    def scorer(stage: str, setting: dict) -> Callable:
+        if stage not in cache:
+            pop = popularity_counts(split, stage).astype(np.float64)
+            cache[stage] = Sessions.of(split, stage), 1e-6 * pop / max(1.0, pop.max())
+        sessions, tie = cache[stage]
+        users = split.targets(stage)[0]
+        return lambda pos: np.stack([session_knn_scores(sessions, u, setting["k"], setting["sample"], split.n_items)
+                                     for u in users[pos]]) + tie
+    grid = {f"k={k},sample={m}": {"k": k, "sample": m} for k in SKNN_NEIGHBOURS for m in SKNN_SAMPLES}
+    return _tuned(split, grid, scorer)
+
+
+def oracle(split: Split, source) -> dict:
+    """The ceiling on the sessions generator: each target ranked by the generator's true
+    next-item probability at its event (``source``: a ``recsys.sessions.SessionSource`` whose
+    events are the split's), test metrics with the validation ones."""
+    out = {}
+    for stage in ("validation", "test"):
+        ranks = oracle_ranks(split, source, stage)
+        out[stage] = metrics_from_ranks(ranks) | {"users": int(len(ranks))}
+    return out["test"] | {"validation": out["validation"]}
+
+
+def oracle_ranks(split: Split, source, stage: str = "test") -> np.ndarray:
+    """0-based rank of each target of the stage under the oracle (see ``oracle``)."""
+    users, items, rows = split.targets(stage)
+    keys = [(str(split.user_ids[u]), str(split.item_ids[i]), int(split.ts[r])) for u, i, r in zip(users, items, rows)]
+    states = source.states_at(set(keys))
+    missing = [k for k in keys if k not in states]
+    if missing:
+        raise EvaluationError(f"{len(missing)} targets are not events of this source (e.g. {missing[0]})")
+    season, index = source.item_indices(split.item_ids)
+
+    def score(pos: np.ndarray) -> np.ndarray:
+        out = np.empty((len(pos), split.n_items))
+        for row, p in enumerate(pos):
+            s = states[keys[p]]
+            out[row] = source.next_item_probabilities(s.intent, s.prev)[index] * (season == s.season)
+        return out
+    return target_ranks(split, score, stage=stage)
 
 
 def popularity_ranks(split: Split | HeldOut, stage: str = "test") -> np.ndarray:
@@ -448,20 +579,22 @@ def figure(entry: dict, key: str = "hr@10", fmt: str = ".4f") -> str:
 def baselines(split: Split | HeldOut) -> dict:
     """The reference baselines on this split, {name: test metrics, with the validation figures and,
     for the tuned ones, the setting chosen on validation}. Above ``DENSE_BASELINE_MAX_ITEMS``
-    items, item-kNN, EASE and recency-weighted EASE are {"skipped": why} instead."""
+    items, item-kNN, EASE and recency-weighted EASE are {"skipped": why} instead (session-kNN
+    too, on held-out targets without their rows)."""
     check_evaluable(split)
     out = {}
     for stage in ("test", "validation"):
         ranks = popularity_ranks(split, stage)
         res = metrics_from_ranks(ranks) | {"users": int(len(ranks))}
         out.setdefault("popularity", {}).update(res if stage == "test" else {"validation": res})
-    why = None
     if isinstance(split, HeldOut):
         why = "held-out targets only (the Ray Data engine): item-kNN and EASE need the whole users x items matrix"
-    elif split.n_items > DENSE_BASELINE_MAX_ITEMS:
+        return out | {name: {"skipped": why} for name in DENSE_BASELINES} | {
+            "session_knn": {"skipped": "held-out targets only (the Ray Data engine): session-kNN needs every session"}}
+    out["session_knn"] = session_knn(split)
+    if split.n_items > DENSE_BASELINE_MAX_ITEMS:
         why = (f"{split.n_items} items > {DENSE_BASELINE_MAX_ITEMS}: an items x items model "
                "(item-kNN, EASE) does not fit in memory")
-    if why:
         return out | {name: {"skipped": why} for name in DENSE_BASELINES}
     knn = {stage: itemknn_similarity(split.input_matrix(stage)).astype(np.float32) for stage in STAGES}
     out["itemknn"] = _eval_rows(split, "test", split.input_matrix("test"), knn["test"]) | {
@@ -474,8 +607,9 @@ def baselines(split: Split | HeldOut) -> dict:
             weights[key] = ease_weights(split.input_matrix(stage), setting["lambda"]).astype(np.float32)
         return weights[key]
 
-    out["ease"] = _tuned(split, {f"lambda={lam:g}": {"lambda": lam} for lam in EASE_LAMBDAS}, ease,
-                         lambda stage, _: split.input_matrix(stage))
+    out["ease"] = _tuned(split, {f"lambda={lam:g}": {"lambda": lam} for lam in EASE_LAMBDAS},
+                         lambda stage, setting: _rows_times(split, stage, split.input_matrix(stage), ease(stage, setting)))
     grid = {f"lambda={lam:g},h={h:g}": {"lambda": lam, "half_life": h} for lam in EASE_LAMBDAS for h in HALF_LIVES}
-    out["recency_ease"] = _tuned(split, grid, ease, lambda stage, setting: split.recency_matrix(stage, setting["half_life"]))
+    out["recency_ease"] = _tuned(split, grid, lambda stage, setting: _rows_times(
+        split, stage, split.recency_matrix(stage, setting["half_life"]), ease(stage, setting)))
     return out

@@ -2,6 +2,8 @@
 
 Spec strings, as the command line takes them:
   ``synthetic`` or ``synthetic:events=100000,users=2000,items=1000,seed=7``
+  ``synthetic:generator=sessions,...`` (sessions, intents and order: ``recsys.sessions``;
+                     ``generator=clusters``, one cluster per user for good, is the default)
   ``movielens:DIR``  (MovieLens-100K ``u.data`` and ``u.item``)
   ``csv:PATH``       (with user/item/ts column names given separately)
 """
@@ -207,17 +209,22 @@ def open_source(spec: str, user_col: str = "user_id", item_col: str = "item_id",
     """Turn a spec string into a source (see the module docstring)."""
     kind, _, arg = spec.partition(":")
     if kind == "synthetic":
-        allowed = {f.name: f.type for f in fields(SyntheticSource) if f.init}
+        from recsys.sessions import SessionSource
+        generators = {"clusters": SyntheticSource, "sessions": SessionSource}
+        parts = dict(part.partition("=")[::2] for part in filter(None, arg.split(",")))
+        cls = generators.get(parts.pop("generator", "clusters"))
+        if cls is None:
+            raise SourceError(f"synthetic: unknown generator (known: {', '.join(generators)})")
+        allowed = {f.name: f.type for f in fields(cls) if f.init}
         params = {}
-        for part in filter(None, arg.split(",")):
-            key, _, value = part.partition("=")
+        for key, value in parts.items():
             if key not in allowed:
-                raise SourceError(f"synthetic: unknown parameter {key!r} (known: {', '.join(allowed)})")
+                raise SourceError(f"synthetic: unknown parameter {key!r} (known: generator, {', '.join(allowed)})")
             try:
-                params[key] = float(value) if allowed[key] == "float" else int(value)
+                params[key] = value if allowed[key] == "str" else float(value) if allowed[key] == "float" else int(value)
             except ValueError:
                 raise SourceError(f"synthetic: {key}={value!r} is not a number") from None
-        return SyntheticSource(**params)
+        return cls(**params)
     if kind == "movielens":
         return MovieLensSource(Path(arg or "../shared/data/ml-100k"))
     if kind == "csv":

@@ -73,7 +73,7 @@ def cmd_train(args) -> int:
         print(f"published {card['version']}: two-tower HR@10 {m['two_tower']['hr@10']:.4f} "
               f"NDCG@10 {m['two_tower']['ndcg@10']:.4f} | popularity {m['popularity']['hr@10']:.4f} "
               f"item-kNN {figure(m['itemknn'])} EASE {figure(m['ease'])} "
-              f"recency-weighted EASE {figure(m['recency_ease'])} (test targets, protocol "
+              f"recency-weighted EASE {figure(m['recency_ease'])} session-kNN {figure(m['session_knn'])} (test targets, protocol "
               f"{card['data_window']['protocol']}; settings chosen on validation"
               f"{'' if isinstance(card['tuning'], dict) else ', the two-tower config as given'})")
         print(json.dumps(card, default=str))

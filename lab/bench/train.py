@@ -60,9 +60,9 @@ def bench_train(args) -> int:
                                              if "skipped" not in m else m) for name, m in card2["metrics"].items()},
         "two_tower": card2["metrics"]["two_tower"],
         "two_tower_tuning": card2["tuning"],
-        "baselines": {k: card2["metrics"][k] for k in ("popularity", "itemknn", "ease", "recency_ease")},
+        "baselines": {k: card2["metrics"][k] for k in ("popularity", "itemknn", "ease", "recency_ease", "session_knn")},
         **{f"two_tower_vs_{name}_hr@10": round(card2["metrics"]["two_tower"]["hr@10"] / base[name]["hr@10"], 3)
-           if "hr@10" in base[name] else None for name in ("ease", "recency_ease")},
+           if "hr@10" in base[name] else None for name in ("ease", "recency_ease", "session_knn")},
         "epochs": epochs, "workers": 2,
         "training_seconds_2_workers": round(quality_s, 1),
         "examples_per_s_1_worker": round(r1, 1), "examples_per_s_2_workers": round(r2, 1),
