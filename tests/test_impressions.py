@@ -195,7 +195,6 @@ def test_each_served_list_is_on_the_impressions_topic(scratch):
     pairs = [(r, imp) for r in records for imp in decode_record(r.value)[0]]
     got = {imp.request_id: (r, imp) for r, imp in pairs}
     assert len(pairs) == 6 and set(got) == {a["request_id"] for a in answers}
-    assert len(records) < 6  # answers within 100 ms of each other share a record
     pseudonym = Pseudonyms.of(s).user_id
     for n, answer in enumerate(answers):
         record, imp = got[answer["request_id"]]
