@@ -92,8 +92,9 @@ REDIS_AWAY = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 def expected_report(impressions: list[tuple[Impression, int]], events: list[tuple[Event, int]],
                     window_ms: int, attributable: tuple[str, ...]) -> dict[str, dict[str, int]]:
-    """The counters per "version|arm" that the rule gives, from (impression, record ms) and
-    (event, record ms) in any order; first occurrences of request and event ids count."""
+    """The counters per "version|arm" that the rule gives, from (impression, its ms: its record's,
+    or in a batch record its own) and (event, record ms) in any order; first occurrences of
+    request and event ids count."""
     arms: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     shown: dict[tuple[str, str], list[tuple[int, Impression, int]]] = defaultdict(list)
     seen_requests: set[str] = set()
