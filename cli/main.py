@@ -343,7 +343,7 @@ def cmd_bench_serve(args) -> int:
     from lab.bench.serve import bench_serve
     settings = get_settings()
     result = bench_serve(settings, replicas=args.replicas, concurrency=args.concurrency, seconds=args.seconds,
-                         progress=lambda msg: print(msg, file=sys.stderr))
+                         levers=args.levers, progress=lambda msg: print(msg, file=sys.stderr))
     _save_bench(settings, "serve", result)
     _print(result, args.json)
     return 1 if args.check and not result["pass"] else 0
@@ -567,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--replicas", type=int, default=2, help="fixed replicas (uvicorn: workers) of each variant")
     b.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
     b.add_argument("--seconds", type=float, default=20.0, help="measured load time per variant (two runs)")
+    b.add_argument("--levers", action="store_true", help="also (c) with the cost levers all off and each alone on")
     b.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     b.add_argument("--json", action="store_true", help="one JSON line")
     b.set_defaults(func=cmd_bench_serve)

@@ -44,7 +44,8 @@ def handler(args: argparse.Namespace) -> int:
             print(f"  {'PASS' if slo['passed'] else 'FAIL'}  {slo['name']}: {json.dumps(slo['measured'])} "
                   f"(threshold {json.dumps(slo['threshold'])}; {slo['detail']})")
         print(f"  peak {h['peak_rps_5s']} req/s (5 s mean), p50/p99 at peak {h['peak_p50_ms']}/{h['peak_p99_ms']} ms, "
-              f"replicas {h['replicas']['start']} -> {h['replicas']['max']} -> {h['replicas']['final']}")
+              f"replicas {h['replicas']['start']} -> {h['replicas']['max']} -> {h['replicas']['final']}, "
+              f"first new replica {h['surge_to_first_new_replica_s']} s after the surge's start")
         print(f"  report: {summary['files']['folder']}")
     return 0 if summary["passed"] else 1
 

@@ -101,6 +101,16 @@ def replicas_at(replicas: list[tuple[float, int]], t: float) -> int | None:
     return before[-1] if before else rep[0][1]
 
 
+def surge_to_first_new_replica_s(replicas: list[tuple[float, int]], windows: dict[str, tuple[float, float]]
+                                 ) -> float | None:
+    """Seconds from the surge's start to the first sample with more replicas than at the ramp's
+    start (negative: they rose during the ramp); None when none came."""
+    ramp_start, surge_start = windows["ramp"][0], windows["surge"][0]
+    baseline = replicas_at(replicas, ramp_start)
+    first = next((t for t, n in sorted(replicas) if t >= ramp_start and n > baseline), None)
+    return None if first is None else round(first - surge_start, 2)
+
+
 def evaluate(req: Requests, replicas: list[tuple[float, int]] | None, windows: dict[str, tuple[float, float]],
              posted: int, found: int | None, budgets: Budgets = Budgets(),
              min_replicas: int | None = None) -> list[dict]:
@@ -167,7 +177,8 @@ def headline(req: Requests, replicas: list[tuple[float, int]], windows: dict[str
             "peak_p99_events_ms": _pct(peak.latency_ms[peak.route == EVENTS], 99),
             "overall_p99_ms": _pct(req.latency_ms, 99),
             "replicas": {"start": replicas_at(replicas, windows["surge"][0]),
-                         "max": max(counts) if counts else None, "final": counts[-1] if counts else None}}
+                         "max": max(counts) if counts else None, "final": counts[-1] if counts else None},
+            "surge_to_first_new_replica_s": surge_to_first_new_replica_s(replicas, windows) if replicas else None}
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

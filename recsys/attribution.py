@@ -3,8 +3,10 @@
 The rule (``expected_report`` states it in plain Python, and the tests hold the consumer to
 it): an event of an attributable type (``online.attributable``: click, add to cart, purchase)
 counts for the latest impression of the same user that showed its item, accepted at most
-``online.window_s`` before the event. Times are the Kafka records' (when the API accepted the
-impression or the event), so a client's clock does not move a hit. An event id counts once, an
+``online.window_s`` before the event. Times are the API's, not a client's, so a client's clock
+does not move a hit: an event's and a single impression record's are their Kafka records'
+times; an impression in a batch record (``recsys.impressions``) has its own served time, since
+the record went out up to ``serving.impressions_flush_ms`` later. An event id counts once, an
 impression's request id once. Per model version and arm:
 
   impressions           lists served
@@ -22,10 +24,14 @@ experiment in the registry: the replicas then serve everyone the current model.
 
 The consumer (``recsys online``, group ``online.group``) reads the impressions and the events
 topics. They have as many partitions and are keyed alike, so Kafka's range assignment gives a
-member partition p of both: a user's impressions and events. Applied with the stream worker's
-rules: per record, a script on the user's hash slot, then one on the arm's
-(``{o:<version>|<arm>}``) with that arm's applied offset per partition, so a replay or a crash
-between the two applies each once. The user script remembers each event id's verdict with the
+member partition p of both: a user's impressions and events. A batch record is taken apart into
+its impressions (``Shown``), each merged at its own time. Applied with the stream worker's
+rules: per event or impression, a script on the user's hash slot, then one on the arm's
+(``{o:<version>|<arm>}``) with that arm's applied position per partition, so a replay or a
+crash between the two applies each once. An impression's position is its record's offset x
+4096 + its place in the record (``Shown.position``), so a batch record applied in part (its
+later impressions wait for the events before them) and read again after a crash counts each
+of its impressions once; offsets are committed only up to the first record not wholly applied. The user script remembers each event id's verdict with the
 position it was first seen at (as the feature store's dedup markers do), so a replay gets the
 same verdict and a client's retry of the id gets none. An event waits until the impressions of
 its partition are consumed up to its time (or to the end), so that the join does not depend
@@ -50,6 +56,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import redis
 from kafka import ConsumerRebalanceListener, OffsetAndMetadata, TopicPartition
@@ -61,7 +68,7 @@ from recsys.events import BadEvent, Event, EventTimeBounds, parse_event
 from recsys.experiments import guardrail
 from recsys.feature_store import connect, run_scripts
 from recsys.features import offset_field
-from recsys.impressions import Impression
+from recsys.impressions import Impression, decode_record
 from recsys.registry import Registry, RegistryError
 from recsys.settings import Settings
 
@@ -85,8 +92,9 @@ REDIS_AWAY = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 def expected_report(impressions: list[tuple[Impression, int]], events: list[tuple[Event, int]],
                     window_ms: int, attributable: tuple[str, ...]) -> dict[str, dict[str, int]]:
-    """The counters per "version|arm" that the rule gives, from (impression, record ms) and
-    (event, record ms) in any order; first occurrences of request and event ids count."""
+    """The counters per "version|arm" that the rule gives, from (impression, its ms: its record's,
+    or in a batch record its own) and (event, record ms) in any order; first occurrences of
+    request and event ids count."""
     arms: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     shown: dict[tuple[str, str], list[tuple[int, Impression, int]]] = defaultdict(list)
     seen_requests: set[str] = set()
@@ -220,6 +228,56 @@ def _evalsha(script: str, keys: list[str], args: list) -> tuple:
     return ("EVALSHA", hashlib.sha1(script.encode()).hexdigest(), len(keys), *keys, *args)
 
 
+# ---- impressions as the merge takes them ------------------------------------------------------------
+
+PLACES = 4096  # impressions per record at most (serving.impressions_batch_max): an arm's position unit
+
+
+class Shown(NamedTuple):
+    """One impression of an impressions record, with the record's place and the time the rule
+    uses for it (a batch's impressions their own, a single record its record's)."""
+    topic: str
+    partition: int
+    offset: int
+    index: int  # its place in the record
+    timestamp: int  # ms
+    impression: Impression
+
+    @property
+    def position(self) -> int:
+        """The arm script's applied position: records in offset order, a record's impressions in place order."""
+        return self.offset * PLACES + self.index
+
+    @property
+    def memo(self) -> str:
+        """What the user script remembers as the position that first applied the request."""
+        pos = (self.partition << 40) + self.offset
+        return str(pos) if self.index == 0 else f"{pos}:{self.index}"
+
+
+def shown(record) -> list[Shown]:
+    """A record of the impressions topic as its impressions, in their order; ValueError,
+    KeyError or TypeError when it is not one (see ``recsys.impressions.decode_record``)."""
+    impressions, batch = decode_record(record.value)
+    if len(impressions) > PLACES:
+        raise ValueError(f"{len(impressions)} impressions in one record; at most {PLACES}")
+    return [Shown(record.topic, record.partition, record.offset, i, imp.ts if batch else record.timestamp, imp)
+            for i, imp in enumerate(impressions)]
+
+
+def commit_offsets(applied: list, remaining: dict) -> dict:
+    """Per partition, the next offset to read after ``applied`` (records or ``Shown``): past
+    the last one, but no further than the first record still buffered (a batch applied in part)."""
+    offsets: dict = {}
+    for r in applied:
+        tp = TopicPartition(r.topic, r.partition)
+        offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
+    for tp, buffered in remaining.items():
+        if tp in offsets and buffered:
+            offsets[tp] = min(offsets[tp], buffered[0].offset)
+    return offsets
+
+
 # ---- the consumer ---------------------------------------------------------------------------------
 
 @dataclass
@@ -342,12 +400,15 @@ class OnlineConsumer:
         decoded, bad, first = [], [], []
         for r in records:
             try:
-                if r.topic == imp_topic:
-                    imp = Impression.from_bytes(r.value)
+                if isinstance(r, Shown):
+                    imp = r.impression
                     decoded.append((r, imp))
                     first.append(_evalsha(_IMPRESSION, [self.keys.shown(imp.user_id)],
-                                          [self.ttl, imp.request_id, _pos(r), r.timestamp, str(imp.model_version),
+                                          [self.ttl, imp.request_id, r.memo, r.timestamp, str(imp.model_version),
                                            imp.arm, *imp.items]))
+                elif r.topic == imp_topic:  # it did not decode when it came: again, for the reason
+                    shown(r)
+                    raise ValueError("an impressions record without impressions")
                 else:
                     event = parse_event(r.value, self.bounds)
                     if event.type.value not in self.settings.online.attributable:
@@ -372,8 +433,9 @@ class OnlineConsumer:
                                          "lists_with_hit", int(first_hit)]))
                 counted.append((name, what.type.value, int(first_hit)))
         if second:
-            commands = [_evalsha(_ARM, [self.keys.arm(name)], [offset_field(r.topic, r.partition), r.offset, *incr])
-                        for name, r, incr in second]
+            commands = [_evalsha(_ARM, [self.keys.arm(name)],
+                                 [offset_field(r.topic, r.partition), r.position if isinstance(r, Shown) else r.offset,
+                                  *incr]) for name, r, incr in second]
             pipe = self.redis.pipeline(transaction=False)
             pipe.sadd(self.keys.arms, *{name for name, _, _ in second})
             pipe.execute()
@@ -394,10 +456,7 @@ class OnlineConsumer:
                 "the dead-letter topic", (KafkaError,), self.stopping) is None:
             return False
         self.stats.dlq += len(bad)
-        offsets = {}
-        for r in records:
-            tp = TopicPartition(r.topic, r.partition)
-            offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
+        offsets = commit_offsets(records, self.buffers)
         commit = {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}
         self.done.update(commit)
         self.member.mark_done(offsets)
@@ -407,7 +466,7 @@ class OnlineConsumer:
     def run(self, until_idle: float | None = None) -> OnlineStats:
         def on_poll(polled: dict) -> None:
             for tp, records in polled.items():
-                self.buffers[tp].extend(records)
+                self.buffers[tp].extend(self._entries(records) if tp.topic == self.topics[0] else records)
             records = self.ready()
             if records and not self.process(records):
                 self.stopping.set()
@@ -423,6 +482,17 @@ class OnlineConsumer:
         finally:
             self.close()
         return self.stats
+
+    @staticmethod
+    def _entries(records: list) -> list:
+        """Impressions records as their impressions; one that does not decode stays whole (for the DLQ)."""
+        out = []
+        for r in records:
+            try:
+                out.extend(shown(r))
+            except (ValueError, KeyError, TypeError):
+                out.append(r)
+        return out
 
     def close(self) -> None:
         try:

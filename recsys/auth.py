@@ -8,17 +8,26 @@ prefix, so that a feature rebuild (which clears that prefix) keeps the keys:
   <prefix>-auth:apikey:{<sha256>}     hash: id, name, scopes (space-separated), rate, burst, created_ms
   <prefix>-auth:ratelimit:{<sha256>}  hash: tokens, ts_ms (expires once full again)
 
-One script checks the key, its scope and its bucket in one round trip.
+One script checks the key, its scope and its bucket in one round trip. A replica remembers a
+known key's scopes and limits for ``serving.key_cache_s`` (``KeyVerdicts``); while it does, a
+request runs only the bucket's script, so the rate limit stays exact (one bucket in Redis for
+every replica) and only the key's lookup is saved. ``recsys keys revoke`` deletes the key and
+publishes its digest on ``<prefix>-auth:revoked``; each replica's follower
+(``follow_revocations``) forgets it at once, so a revoked key fails within milliseconds, and
+within ``key_cache_s`` even when the message is lost (the follower also forgets everything
+whenever it reconnects).
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import secrets
+import threading
 import time
 from enum import Enum
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import redis
 import redis.asyncio
@@ -27,6 +36,7 @@ from recsys.errors import InvalidInput, RecsysError, Unavailable
 from recsys.settings import Settings
 
 KEY_PREFIX = "rsk_"
+log = logging.getLogger(__name__)
 
 
 class Scope(str, Enum):
@@ -59,30 +69,47 @@ class RateLimited(RecsysError):
         return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
+# The token bucket, a Lua function both scripts share: spend one token of the bucket at ``key``
+# (``rate`` tokens/s, at most ``burst``); returns 0 (allowed) or 3 (over the limit) and the ms
+# to wait. Redis's own clock (TIME) serves every replica alike.
+_SPEND_FN = """
+local function spend(key, rate, burst)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local bucket = redis.call('HMGET', key, 'tokens', 'ts_ms')
+  local tokens = tonumber(bucket[1]) or burst
+  local last = tonumber(bucket[2]) or now
+  tokens = math.min(burst, tokens + math.max(0, now - last) * rate / 1000)
+  local allowed = tokens >= 1
+  if allowed then tokens = tokens - 1 end
+  redis.call('HSET', key, 'tokens', tostring(tokens), 'ts_ms', now)
+  redis.call('PEXPIRE', key, math.ceil((burst - tokens) / rate * 1000) + 1000)
+  if allowed then return 0, 0 end
+  return 3, math.ceil((1 - tokens) / rate * 1000)
+end
+"""
+
 # KEYS: the key's hash, its bucket. ARGV: the scope, the default rate (tokens/s) and burst.
-# Returns {0: allowed | 1: unknown key | 2: scope missing | 3: over the limit, ms to wait}.
-# Redis's own clock (TIME) serves every replica alike.
-_AUTHORIZE = """
+# Returns {1: unknown key, 0} or {0: allowed | 2: scope missing | 3: over the limit, ms to wait,
+# the key's scopes, rate, burst} (what a replica remembers of a known key).
+_AUTHORIZE = _SPEND_FN + """
 local key = redis.call('HMGET', KEYS[1], 'scopes', 'rate', 'burst')
 if not key[1] then return {1, 0} end
-local scopes = ' ' .. key[1] .. ' '
-if not (string.find(scopes, ' ' .. ARGV[1] .. ' ', 1, true) or string.find(scopes, ' admin ', 1, true)) then
-  return {2, 0}
-end
 local rate = tonumber(key[2]) or tonumber(ARGV[2])
 local burst = tonumber(key[3]) or tonumber(ARGV[3])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local bucket = redis.call('HMGET', KEYS[2], 'tokens', 'ts_ms')
-local tokens = tonumber(bucket[1]) or burst
-local last = tonumber(bucket[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - last) * rate / 1000)
-local allowed = tokens >= 1
-if allowed then tokens = tokens - 1 end
-redis.call('HSET', KEYS[2], 'tokens', tostring(tokens), 'ts_ms', now)
-redis.call('PEXPIRE', KEYS[2], math.ceil((burst - tokens) / rate * 1000) + 1000)
-if allowed then return {0, 0} end
-return {3, math.ceil((1 - tokens) / rate * 1000)}
+local scopes = ' ' .. key[1] .. ' '
+if not (string.find(scopes, ' ' .. ARGV[1] .. ' ', 1, true) or string.find(scopes, ' admin ', 1, true)) then
+  return {2, 0, key[1], tostring(rate), tostring(burst)}
+end
+local outcome, wait = spend(KEYS[2], rate, burst)
+return {outcome, wait, key[1], tostring(rate), tostring(burst)}
+"""
+
+# A key the replica knows: its bucket alone. KEYS: the bucket. ARGV: rate, burst. Returns
+# {0: allowed | 3: over the limit, ms to wait}.
+_SPEND = _SPEND_FN + """
+local outcome, wait = spend(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
+return {outcome, wait}
 """
 
 
@@ -97,6 +124,51 @@ class Decision(NamedTuple):
             raise Forbidden(f"this API key lacks the scope {scope.value!r}")
         if self.outcome == 3:
             raise RateLimited(self.retry_after_ms / 1000)
+
+
+class KeyRecord(NamedTuple):
+    """What a replica remembers of a known key."""
+    scopes: frozenset[str]
+    rate_per_s: float
+    burst: float
+
+    def has(self, scope: Scope) -> bool:
+        return scope.value in self.scopes or Scope.admin.value in self.scopes
+
+
+class KeyVerdicts:
+    """Known keys' records by digest, each for ``ttl_s`` after Redis gave it; at most
+    ``max_keys`` (the oldest forgotten first). Unknown keys are never remembered: a key made a
+    moment ago works at once, and random keys cannot fill the cache."""
+
+    def __init__(self, ttl_s: float, max_keys: int = 10_000, clock: Callable[[], float] = time.monotonic):
+        self.ttl_s, self.max_keys, self._clock = ttl_s, max_keys, clock
+        self._held: dict[str, tuple[float, KeyRecord]] = {}
+
+    def get(self, sha: str) -> KeyRecord | None:
+        held = self._held.get(sha)
+        if held is None:
+            return None
+        if self._clock() - held[0] >= self.ttl_s:
+            self._held.pop(sha, None)
+            return None
+        return held[1]
+
+    def put(self, sha: str, record: KeyRecord) -> None:
+        self._held.pop(sha, None)
+        while len(self._held) >= self.max_keys:
+            self._held.pop(next(iter(self._held)))
+        self._held[sha] = (self._clock(), record)
+
+    def drop(self, sha: str) -> None:
+        """A revoked key (the message of ``KeyStore.revoke``)."""
+        self._held.pop(sha, None)
+
+    def clear(self) -> None:
+        self._held.clear()
+
+    def __len__(self) -> int:
+        return len(self._held)
 
 
 def digest(key: str) -> str:
@@ -123,6 +195,11 @@ def _key(prefix: str, sha: str) -> str:
 
 def _bucket(prefix: str, sha: str) -> str:
     return f"{prefix}:ratelimit:{{{sha}}}"
+
+
+def revocations_channel(prefix: str) -> str:
+    """Where ``KeyStore.revoke`` publishes a revoked key's digest."""
+    return f"{prefix}:revoked"
 
 
 class KeyStore:
@@ -185,6 +262,7 @@ class KeyStore:
             if record["id"] == key_id:
                 sha = name.rsplit("{", 1)[1].rstrip("}")
                 self.redis.delete(_key(self.prefix, sha), _bucket(self.prefix, sha))
+                self.redis.publish(revocations_channel(self.prefix), sha)  # replicas forget it now
                 return self._public(record)
         raise InvalidInput(f"no API key with id {key_id!r} (see `recsys keys list`)")
 
@@ -192,29 +270,41 @@ class KeyStore:
 
 class Authorizer:
     """The request path's check, on the API's asyncio Redis client: one command, which the
-    recommendation route sends in the same pipeline as its feature reads (one round trip)."""
+    recommendation route sends in the same pipeline as its feature reads (one round trip).
+    With ``verdicts``, a key known to this replica runs only its bucket's script."""
 
     _SHA = hashlib.sha1(_AUTHORIZE.encode()).hexdigest()
+    _SPEND_SHA = hashlib.sha1(_SPEND.encode()).hexdigest()
 
-    def __init__(self, settings: Settings, client: redis.asyncio.Redis):
+    def __init__(self, settings: Settings, client: redis.asyncio.Redis, verdicts: KeyVerdicts | None = None):
         self.settings, self.redis, self.prefix = settings, client, auth_prefix(settings)
+        self.verdicts = verdicts
 
     def command(self, key: str | None, scope: Scope) -> tuple:
-        """The check as one Redis command (EVALSHA); Unauthorized at once when there is no key."""
+        """The check as one Redis command (EVALSHA); Unauthorized at once when there is no key,
+        Forbidden at once for a remembered key without the scope."""
         if not key:
             raise Unauthorized("an API key is required: send the header 'Authorization: Bearer <key>'")
         sha, a = digest(key), self.settings.auth
+        known = self.verdicts.get(sha) if self.verdicts is not None else None
+        if known is not None:
+            if not known.has(scope):
+                raise Forbidden(f"this API key lacks the scope {scope.value!r}")
+            return ("EVALSHA", self._SPEND_SHA, 1, _bucket(self.prefix, sha), known.rate_per_s, known.burst)
         return ("EVALSHA", self._SHA, 2, _key(self.prefix, sha), _bucket(self.prefix, sha), scope.value,
                 a.rate_per_s, a.burst)
 
-    @staticmethod
-    def judge(reply, scope: Scope) -> None:
-        """Raise Unauthorized, Forbidden or RateLimited for the command's reply, or return."""
+    def judge(self, reply, scope: Scope, key: str) -> None:
+        """Raise Unauthorized, Forbidden or RateLimited for the command's reply, or return; a
+        full check's reply on a known key is remembered."""
+        if len(reply) > 2 and self.verdicts is not None:
+            self.verdicts.put(digest(key), KeyRecord(frozenset(reply[2].split()), float(reply[3]), float(reply[4])))
         Decision(int(reply[0]), int(reply[1])).raise_unless_allowed(scope)
 
     async def load(self) -> None:
-        """Load the script (Redis forgets scripts when it restarts): answers NoScriptError."""
+        """Load the scripts (Redis forgets scripts when it restarts): answers NoScriptError."""
         await self.redis.script_load(_AUTHORIZE)
+        await self.redis.script_load(_SPEND)
 
     async def authorize(self, key: str | None, scope: Scope) -> None:
         """The check on its own: raise Unauthorized, Forbidden or RateLimited, or return."""
@@ -227,4 +317,27 @@ class Authorizer:
                 reply = await self.redis.execute_command(*command)
         except redis.RedisError as exc:
             raise Unavailable(f"Redis unavailable: {exc}") from None
-        self.judge(reply, scope)
+        self.judge(reply, scope, key)
+
+
+def follow_revocations(client: redis.Redis, prefix: str, verdicts: KeyVerdicts, stopping: threading.Event,
+                       retry_s: float = 1.0) -> None:
+    """A replica's thread: forget each revoked key as its message comes (``KeyStore.revoke``).
+    Messages sent while it is not subscribed are lost, so it forgets every key whenever it
+    (re)subscribes; the cache's TTL bounds what a lost message can cost."""
+    channel = revocations_channel(prefix)
+    while not stopping.is_set():
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(channel)
+            verdicts.clear()
+            while not stopping.is_set():
+                message = pubsub.get_message(timeout=1.0)
+                if message is not None and message["type"] == "message":
+                    verdicts.drop(message["data"])
+        except redis.RedisError as exc:
+            log.warning("revocations not followed (every key is looked up again): %r", exc)
+            verdicts.clear()
+            stopping.wait(retry_s)
+        finally:
+            pubsub.close()

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from typing import Iterable
+import logging
+import threading
+import time
+from typing import Callable, Iterable
 
 import hiredis
 import redis
@@ -24,6 +27,8 @@ from recsys.events import Event
 from recsys.features import OFFSET_FIELD, Keys, Op, UserFeatures, item_ops, merge_trending, offset_field, user_ops
 from recsys.secrets import REDIS_PASSWORD, read_secret
 from recsys.settings import Settings
+
+log = logging.getLogger(__name__)
 
 _APPLY_USER = """
 local offset = tonumber(ARGV[3])
@@ -147,6 +152,12 @@ def connect_async(settings: Settings, timeout_s: float, retries: int) -> redis.a
     return redis.asyncio.Redis(**_client_options(settings, timeout_s), retry=retry)
 
 
+def connect_node(settings: Settings, timeout_s: float = 2.0) -> redis.Redis:
+    """A client of the configured node alone, for pub/sub: a cluster's nodes pass every
+    published message to each other, so one node is enough."""
+    return redis.Redis(**_client_options(settings, timeout_s))
+
+
 class FeatureReader:
     """What one recommendation reads, on the asyncio client: an async endpoint awaits Redis
     on its event loop, with no hop to a thread pool (in a Serve replica that hop cost more
@@ -156,20 +167,52 @@ class FeatureReader:
         self.redis = client
         self.keys = Keys.of(settings.redis)
 
-    async def user_and_trending(self, user_id: str, n: int, first: tuple | None = None
-                                ) -> tuple[UserFeatures, list[tuple[str, float]], object]:
-        """The user and the top-n trending items (every shard's top n, merged), in one pipelined
-        round trip (on a cluster, one to each node, at once); ``first``, a command sent ahead of
-        them in the same round trip (the API key check), and its reply (None without)."""
+    async def user_and_trending(self, user_id: str, n: int, first: tuple | None = None, trending: bool = True
+                                ) -> tuple[UserFeatures, list[tuple[str, float]] | None, object]:
+        """The user and the top-n trending items (every shard's top n, merged; None when not
+        ``trending``: the replica's ``TrendingCache`` has them), in one pipelined round trip (on
+        a cluster, one to each node, at once); ``first``, a command sent ahead of them in the
+        same round trip (the API key check), and its reply (None without)."""
         pipe = self.redis.pipeline(transaction=False)
         if first:
             pipe.execute_command(*first)
         _queue_user(pipe, self.keys, user_id)
-        for key in self.keys.trending:
+        for key in self.keys.trending if trending else ():
             pipe.zrevrange(key, 0, n - 1, withscores=True)
         res = await pipe.execute()
         head, res = (res[0], res[1:]) if first else (None, res)
-        return _user_from(user_id, res[:3]), merge_trending(res[3:], n), head
+        return _user_from(user_id, res[:3]), merge_trending(res[3:], n) if trending else None, head
+
+
+class TrendingCache:
+    """The merged trending top-``n`` of one replica, read by ``refresh`` in the background
+    (``run``: every ``max_age_s / 2``) so that a request reads none of the trending shards.
+    ``top(k)`` gives it while its read began at most ``max_age_s`` ago, else None (the refresh
+    failed or fell behind: the request reads the shards itself), so a cold-start answer lags
+    Redis by at most ``max_age_s``."""
+
+    def __init__(self, read: Callable[[int], list[tuple[str, float]]], n: int, max_age_s: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self._read, self.n, self.max_age_s, self._clock = read, n, max_age_s, clock
+        self._held: tuple[float, list[tuple[str, float]]] | None = None
+
+    def refresh(self) -> None:
+        started = self._clock()
+        self._held = (started, self._read(self.n))
+
+    def top(self, k: int) -> list[tuple[str, float]] | None:
+        held = self._held
+        if held is None or k > self.n or self._clock() - held[0] > self.max_age_s:
+            return None
+        return held[1][:k]
+
+    def run(self, stopping: threading.Event) -> None:
+        while not stopping.is_set():
+            try:
+                self.refresh()
+            except redis.RedisError as exc:  # requests read the shards themselves once it is too old
+                log.warning("trending cache not refreshed: %r", exc)
+            stopping.wait(self.max_age_s / 2)
 
 
 def _queue_user(pipe, keys: Keys, uid: str) -> None:

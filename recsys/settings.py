@@ -162,6 +162,26 @@ class ServingSettings(BaseModel):
     # Impressions wait here for the sending thread; when it is full (Kafka slow or away) they are
     # dropped and counted (recsys_impressions_dropped_total): a request never waits for them.
     impression_queue: int = Field(10_000, ge=1)
+    # Cost levers of the request path (issue 33); each can be turned off alone to measure it.
+    # Impressions: the sending thread gathers them this long (or this many) and sends one record
+    # per partition (recsys/impressions.py); 0 ms: one record per impression, as before batches.
+    impressions_flush_ms: float = Field(100.0, ge=0)
+    impressions_batch_max: int = Field(500, ge=1, le=4096)  # 4096: recsys.attribution.PLACES
+    # The share of answers whose impression is sent; below 1 the online metrics see a sample
+    # (recsys.impressions.ImpressionSender says what they lose).
+    impressions_sample: float = Field(1.0, gt=0, le=1)
+    # The merged trending top, cached per replica and read again in the background this often
+    # (twice per period: a cold-start answer lags Redis by at most this); 0: read per request.
+    trending_cache_s: float = Field(1.0, ge=0)
+    # A replica remembers a known API key's scopes and limits this long (a revoked key still
+    # passes here for at most this long when the revocation's message is lost; recsys/auth.py);
+    # the token bucket stays in Redis, exact. 0: every request looks the key up.
+    key_cache_s: float = Field(1.0, ge=0)
+    key_cache_max: int = Field(10_000, ge=1)  # keys remembered per replica
+    # The user tower under @serve.batch (Serve replicas only): off calls it per request.
+    tower_batch: bool = True
+    tower_batch_max: int = Field(16, ge=1)
+    tower_batch_wait_s: float = Field(0.0005, ge=0)
     # The catalogue's log (recsys/catalogue.py) keeps about this many entries; a replica that
     # falls further behind reads the whole catalogue again.
     catalogue_log_max: int = Field(100_000, ge=100)

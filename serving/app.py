@@ -26,14 +26,14 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from ray import serve
 from ray.util import metrics
 
-from recsys.auth import Authorizer, Scope
+from recsys.auth import Authorizer, KeyVerdicts, Scope, auth_prefix, follow_revocations
 from recsys.catalogue import CatalogueEntry, CatalogueFollower, CatalogueKeys, queue_put
 from recsys.errors import RecsysError, Unavailable
 from recsys.events import Event, EventTimeBounds
 from recsys.experiments import in_candidate_arm, overlap_at_k
 from recsys.features import UserFeatures
-from recsys.feature_store import FeatureReader, FeatureStore, connect, connect_async
-from recsys.impressions import Impression, ImpressionSender
+from recsys.feature_store import FeatureReader, FeatureStore, TrendingCache, connect, connect_async, connect_node
+from recsys.impressions import Impression, ImpressionSender, by_partition, encode_batch
 from recsys.kafka_io import kafka_answers, producer, send_event
 from recsys.privacy import Pseudonyms
 from recsys.settings import Settings
@@ -109,17 +109,31 @@ class RecsysService:
 
     def __init__(self, settings: Settings, model_poll_s: float = 1.0, batch_tower: bool = True):
         self.settings = s = settings
-        self.batch_tower = batch_tower  # @serve.batch works in a Serve replica only
+        sv = s.serving
+        self.batch_tower = batch_tower and sv.tower_batch  # @serve.batch works in a Serve replica only
+        if self.batch_tower:
+            RecsysService._embed.set_max_batch_size(sv.tower_batch_max)
+            RecsysService._embed.set_batch_wait_timeout_s(sv.tower_batch_wait_s)
         self.bounds = EventTimeBounds.of(s.features)
         # Fail within a bounded time when Redis is gone, instead of hanging a request.
-        bounded = {"timeout_s": s.serving.redis_timeout_s, "retries": s.serving.redis_retries}
-        self.store = FeatureStore(s, connect(s, **bounded))  # readiness
+        bounded = {"timeout_s": sv.redis_timeout_s, "retries": sv.redis_retries}
+        self.store = FeatureStore(s, connect(s, **bounded))  # readiness, the trending cache
         self.reader = FeatureReader(s, connect_async(s, **bounded))  # the request path
-        self.authorizer = Authorizer(s, self.reader.redis)
+        self.stopping = threading.Event()  # the caches' threads run until it is set
+        verdicts = KeyVerdicts(sv.key_cache_s, sv.key_cache_max) if sv.key_cache_s > 0 else None
+        self.authorizer = Authorizer(s, self.reader.redis, verdicts)
+        if verdicts is not None:
+            threading.Thread(target=follow_revocations, name="revocations", daemon=True,
+                             args=(connect_node(s), auth_prefix(s), verdicts, self.stopping)).start()
+        self.trending = TrendingCache(self.store.trending, 2 * K_MAX, sv.trending_cache_s) if sv.trending_cache_s else None
+        if self.trending is not None:
+            threading.Thread(target=self.trending.run, args=(self.stopping,), name="trending", daemon=True).start()
         self.pseudonyms = Pseudonyms.of(s)
         self._producer = None
         self._producer_lock = threading.Lock()
-        self.impressions = ImpressionSender(self._send_impression, capacity=s.serving.impression_queue,
+        self.impressions = ImpressionSender(self._send_impressions, capacity=sv.impression_queue,
+                                            flush_s=sv.impressions_flush_ms / 1000, batch_max=sv.impressions_batch_max,
+                                            sample=sv.impressions_sample,
                                             on_drop=lambda reason, n: IMPRESSIONS_DROPPED.inc(n, tags={"reason": reason}),
                                             on_sent=IMPRESSIONS_SENT.inc)
         self.model, self.version, self.load_failure = None, None, None
@@ -239,10 +253,16 @@ class RecsysService:
         except Unavailable:  # Kafka down at start: the first event tries again
             pass
 
-    def _send_impression(self, impression: Impression):
-        """On the impressions thread: the send may wait for the topic's metadata, a request never does."""
-        return self._kafka().send(self.settings.kafka.impressions_topic, key=impression.user_id.encode(),
-                                  value=impression.to_bytes())
+    def _send_impressions(self, batch: list[Impression]) -> list[tuple[object, int]]:
+        """On the impressions thread: the send may wait for the topic's metadata, a request never
+        does. One record per impression, keyed by its user, when batching is off; else one batch
+        record per partition, on the partition of its users' events."""
+        prod, topic = self._kafka(), self.settings.kafka.impressions_topic
+        if not self.settings.serving.impressions_flush_ms:
+            return [(prod.send(topic, key=i.user_id.encode(), value=i.to_bytes()), 1) for i in batch]
+        partitions = sorted(prod.partitions_for(topic))
+        return [(prod.send(topic, partition=partitions[p], value=encode_batch(group)), len(group))
+                for p, group in by_partition(batch, len(partitions)).items()]
 
     def _send(self, events: list[Event]) -> list:
         prod = self._kafka()
@@ -274,7 +294,8 @@ class RecsysService:
                 shadow = candidate
             else:
                 model, arm = candidate.model, "candidate"
-        read = lambda: self.reader.user_and_trending(pseudonym, 2 * k, first=check)  # noqa: E731
+        cached = self.trending.top(2 * k) if self.trending is not None else None
+        read = lambda: self.reader.user_and_trending(pseudonym, 2 * k, first=check, trending=cached is None)  # noqa: E731
         try:
             try:
                 user, trending, decision = await read()
@@ -285,7 +306,8 @@ class RecsysService:
         except redis.RedisError as exc:
             raise Unavailable(f"Redis unavailable: {exc}") from None
         if check:
-            self.authorizer.judge(decision, Scope.recs_read)
+            self.authorizer.judge(decision, Scope.recs_read, api_key)
+        trending = cached if trending is None else trending
         query, tower_ms = None, None
         if needs_model(model, user):
             t0 = time.perf_counter()
@@ -329,11 +351,19 @@ class RecsysService:
         except Exception:  # a shadow must never disturb the served path
             log.exception("shadow candidate %s failed", candidate.version)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0005)  # serving.tower_batch_*, set in __init__
     async def _embed(self, requests: list[tuple[ServableModel, UserFeatures]]) -> list[np.ndarray]:
         """The user tower once for the requests that arrive together (measured: 8% less CPU
-        per request at 8 in flight; README, "Serving")."""
+        per request at 8 in flight; README, "Serving"); off with ``serving.tower_batch``."""
         return embed_together(requests)
+
+    def close(self) -> None:
+        """At shutdown: the impressions gathered but not sent yet go to Kafka (within seconds), the
+        caches' threads stop."""
+        self.stopping.set()
+        self.impressions.close()
+        if self._producer is not None:
+            self._producer.flush(timeout=self.settings.serving.kafka_timeout_s)
 
     def readiness(self) -> dict:
         model = self.model
@@ -368,6 +398,14 @@ def service() -> RecsysService:
     if _service is None:
         raise Unavailable("the service is starting")
     return _service
+
+
+def _shutdown() -> None:
+    if _service is not None:
+        _service.close()
+
+
+app.router.on_shutdown.append(_shutdown)  # the ASGI lifespan's end: a Serve replica's and uvicorn's
 
 
 # -- routes ------------------------------------------------------------------

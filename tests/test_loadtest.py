@@ -214,6 +214,19 @@ def test_each_slo_fails_on_its_own_fault():
     assert not empty["p99_during_peak"]["passed"] and not empty["error_rate"]["passed"]
 
 
+def test_the_time_from_the_surges_start_to_the_first_new_replica():
+    """Issue 32's smoke run: the surge began at 20 s and replicas stayed at 1 until 35 s."""
+    late = [(float(t), 1) for t in range(-3, 35)] + [(35.4, 2), (41.0, 4)] + [(float(t), 1) for t in range(50, 60)]
+    assert report.surge_to_first_new_replica_s(late, WINDOWS) == 15.4
+    assert report.surge_to_first_new_replica_s(GOOD_REPLICAS, WINDOWS) == -2.0  # up during the ramp already
+    flat = [(float(t), 1) for t in range(-3, 60)]
+    assert report.surge_to_first_new_replica_s(flat, WINDOWS) is None
+    high_before = [(float(t), 2) for t in range(-3, 60)]  # more than the minimum all along: none new
+    assert report.surge_to_first_new_replica_s(high_before, WINDOWS) is None
+    assert report.headline(_requests(), late, WINDOWS)["surge_to_first_new_replica_s"] == 15.4
+    assert report.headline(_requests(), [], WINDOWS)["surge_to_first_new_replica_s"] is None
+
+
 def test_timeline_buckets_per_second_and_plots(tmp_path):
     req = report.Requests(np.array([0.1, 0.5, 0.9, 1.2, 3.5]), np.array([report.RECS] * 4 + [report.EVENTS], dtype=object),
                           np.array([10.0, 20.0, 30.0, 40.0, 5.0]), np.array([True, True, False, True, True]))

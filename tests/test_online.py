@@ -11,14 +11,17 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
+from typing import NamedTuple
 
-from kafka import KafkaConsumer, KafkaProducer
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from loadtest import runner
 from loadtest.shapes import Profile
-from recsys.attribution import expected_report, summarize
+from recsys.attribution import PLACES, commit_offsets, expected_report, shown, summarize
 from recsys.events import Event
-from recsys.impressions import Impression
+from recsys.impressions import Impression, by_partition, encode_batch
 from recsys.kafka_io import connection, replay
 from recsys.privacy import Pseudonyms
 from recsys.sources import open_source
@@ -57,6 +60,39 @@ def test_the_rule_latest_impression_within_the_window_each_id_once():
     assert summarize(got["v2|candidate"])["ctr_at_k"] == 0.5 and summarize(got["v1|current"])["hit_rate"] == 0.5
 
 
+class Record(NamedTuple):
+    """What the consumer reads of a Kafka record."""
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    value: bytes
+
+
+def test_a_batch_record_is_its_impressions_each_at_its_own_time_and_place():
+    first, second = (Impression(f"r{n}", f"p{n}", "v1", "current", ("x", "y"), 1_000 + n) for n in range(2))
+    batch = shown(Record("impressions", 3, 17, 5_000, encode_batch([first, second])))
+    assert [(e.impression, e.timestamp, e.index) for e in batch] == [(first, 1_000, 0), (second, 1_001, 1)]
+    assert [e.position for e in batch] == [17 * PLACES, 17 * PLACES + 1]
+    assert batch[0].memo == str((3 << 40) + 17) and batch[1].memo == f"{(3 << 40) + 17}:1"
+    (single,) = shown(Record("impressions", 3, 18, 5_000, first.to_bytes()))
+    assert (single.impression, single.timestamp, single.position) == (first, 5_000, 18 * PLACES)  # the record's time
+    assert batch[1].position < single.position  # an arm's positions follow the partition's order
+    with pytest.raises(ValueError):
+        shown(Record("impressions", 3, 19, 5_000, b"[]"))
+
+
+def test_offsets_are_committed_only_past_records_wholly_applied():
+    imps, evs = TopicPartition("impressions", 0), TopicPartition("events", 0)
+    batch = shown(Record("impressions", 0, 7, 0, encode_batch([imp(f"r{n}", "a", ["x"]) for n in range(3)])))
+    before = Record("impressions", 0, 6, 0, b"")
+    event = Record("events", 0, 40, 0, b"")
+    # The batch's first impression applied, the others wait for a later event: commit up to 7 (re-read it).
+    assert commit_offsets([before, batch[0], event], {imps: batch[1:], evs: []}) == {imps: 7, evs: 41}
+    assert commit_offsets(batch[1:], {imps: []}) == {imps: 8}
+    assert commit_offsets([event], {imps: batch}) == {evs: 41}  # a partition with nothing applied: no commit
+
+
 def _traffic(seed: int, users: int = 60, lists: int = 400, events: int = 1500):
     """Impressions and later events of a few users, with their record times; some of each
     sent twice (a client's retry: a new record with the same id)."""
@@ -78,14 +114,25 @@ def _traffic(seed: int, users: int = 60, lists: int = 400, events: int = 1500):
     return impressions, evs
 
 
-def _produce(s, impressions, events) -> None:
-    """Events first, then impressions, each in record-time order: the topics arrive apart."""
+def _produce(s, impressions, events, batch: int = 1) -> None:
+    """Events first, then impressions, each in record-time order: the topics arrive apart.
+    ``batch`` > 1: impressions as a replica batches them, up to that many per record of their
+    partition, each with its own time (the record's: its last impression's)."""
     prod = KafkaProducer(**connection(s), acks="all")
     for e, ts in sorted(events, key=lambda x: x[1]):
         prod.send(s.kafka.events_topic, key=e.user_id.encode(), value=e.to_bytes(), timestamp_ms=ts)
     prod.flush()
-    for i, ts in sorted(impressions, key=lambda x: x[1]):
-        prod.send(s.kafka.impressions_topic, key=i.user_id.encode(), value=i.to_bytes(), timestamp_ms=ts)
+    in_order = sorted(impressions, key=lambda x: x[1])
+    if batch == 1:
+        for i, ts in in_order:
+            prod.send(s.kafka.impressions_topic, key=i.user_id.encode(), value=i.to_bytes(), timestamp_ms=ts)
+    else:
+        timed = by_partition([replace(i, ts=ts) for i, ts in in_order], s.kafka.events_partitions)
+        for partition, group in timed.items():
+            for n in range(0, len(group), batch):
+                part = group[n:n + batch]
+                prod.send(s.kafka.impressions_topic, partition=partition, value=encode_batch(part),
+                          timestamp_ms=part[-1].ts)
     prod.flush()
     prod.close()
 
@@ -95,12 +142,15 @@ def _counters(scratch) -> dict:
     return {name: arm["counters"] for name, arm in out["arms"].items()}
 
 
-def test_the_consumer_is_exact_after_a_kill_and_under_a_replay(scratch):
+@pytest.mark.parametrize("batch", [1, 7], ids=["single", "batched"])
+def test_the_consumer_is_exact_after_a_kill_and_under_a_replay(scratch, batch):
+    """Single impression records, and batch records (each impression at its own time, a record
+    possibly applied in part before the kill)."""
     s = scratch.settings
     impressions, events = _traffic(seed=18)
     want = expected_report(impressions, events, WINDOW_MS, ATTRIBUTABLE)
     assert sum(c.get("lists_with_hit", 0) for c in want.values()) > 20  # the traffic has hits to find
-    _produce(s, impressions, events)
+    _produce(s, impressions, events, batch)
     worker = subprocess.Popen([sys.executable, "-m", "cli", "online", "run"], env=scratch.env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(4)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsys.archive import read_events
-from recsys.auth import Scope, auth_prefix
+from recsys.auth import KeyStore, Scope, auth_prefix
 from recsys.feature_store import FeatureStore, connect
 from recsys.privacy import Pseudonyms
 from recsys.registry import Registry
@@ -74,6 +74,25 @@ def test_no_key_401_unknown_key_401_wrong_scope_403_revoked_401(world):
     assert made["id"] in [k["id"] for k in listed] and made["key"] not in json.dumps(listed)
     s.cli("keys", "revoke", made["id"])
     assert httpx.post(f"{url}/v1/events", json=event, headers=writer).status_code == 401
+
+
+def test_a_revoked_key_fails_on_every_replica_within_a_second(world):
+    """Issue 33: replicas remember a known key for ``serving.key_cache_s`` (1 s), and a revocation
+    reaches them at once through Redis pub/sub: the first request after `recsys keys revoke`
+    gets its 401 well inside the second, and none after the second gets anything else."""
+    s = world["scratch"]
+    url = f"{base_url(s.settings)}/v1/recommendations/u1"
+    made = json.loads(s.cli("keys", "create", "--name", "short-lived", "--scopes", "recs:read", "--json").stdout)
+    with httpx.Client(headers={"Authorization": f"Bearer {made['key']}"}, timeout=10) as client:
+        assert [client.get(url).status_code for _ in range(20)] == [200] * 20  # every replica remembers it
+        KeyStore(s.settings, connect(s.settings)).revoke(made["id"])
+        revoked_at, answers = time.monotonic(), []
+        while (since := time.monotonic() - revoked_at) < 2.0:
+            answers.append((since, client.get(url).status_code))
+    first_401 = next(t for t, code in answers if code == 401)
+    late = [code for t, code in answers if t > s.settings.serving.key_cache_s]
+    assert first_401 < 0.2, answers[:10]  # the message, not the cache's expiry
+    assert late and set(late) == {401}, answers
 
 
 def test_keys_are_stored_hashed_and_never_logged(world):

@@ -251,7 +251,7 @@ def test_an_ab_experiment_splits_users_stably_and_a_shadow_is_only_measured(serv
     from kafka import KafkaConsumer
 
     from recsys.experiments import in_candidate_arm
-    from recsys.impressions import Impression
+    from recsys.impressions import decode_record
     from recsys.kafka_io import connection
     s, client = served["scratch"], served["client"]
     registry = Registry(s.settings.registry_dir)
@@ -279,7 +279,7 @@ def test_an_ab_experiment_splits_users_stably_and_a_shadow_is_only_measured(serv
         assert versions(users[:50]) == {u: answers[u]["model_version"] for u in users[:50]}  # stable
         consumer = KafkaConsumer(s.settings.kafka.impressions_topic, **connection(s.settings), group_id=None,
                                  auto_offset_reset="earliest", consumer_timeout_ms=5000)
-        shown = {imp.request_id: imp for imp in map(Impression.from_bytes, (r.value for r in consumer))}
+        shown = {imp.request_id: imp for r in consumer for imp in decode_record(r.value)[0]}
         consumer.close()
         for u, answer in answers.items():
             imp = shown[answer["request_id"]]
