@@ -102,6 +102,14 @@ def serve_status(settings: Settings) -> dict:
     return {"state": apps[APP_NAME].status.value, "url": base_url(settings), "replicas": replicas(), "readyz": ready}
 
 
+def serve_delete(settings: Settings) -> None:
+    """Delete the recsys app and its replicas, leaving Serve and its ingress up for the next
+    deploy (a test's app whose topics are gone would otherwise keep polling for them)."""
+    from ray import serve
+    connect_ray(settings, progress=lambda *_: None)
+    serve.delete(APP_NAME)
+
+
 def serve_down(settings: Settings) -> dict:
     """Shut Serve down: the app, its controller and proxies, and the HAProxy they started."""
     from ray import serve

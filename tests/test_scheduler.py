@@ -18,7 +18,7 @@ from recsys.auth import Scope
 from recsys.kafka_io import replay
 from recsys.registry import Registry
 from recsys.sources import SyntheticSource
-from lab.serve_local import serve_up
+from lab.serve_local import serve_delete, serve_up
 from training.scheduler import RunLock, Busy, due_trigger, gate, read_history, run_once
 
 SMALL = dict(users=400, items=300, clusters=10, seed=3)
@@ -114,6 +114,7 @@ def test_publish_good_candidate_reject_sabotaged_one_under_load(scratch):
     assert [h["decision"] for h in history] == ["published", "published", "rejected"]
     shown = json.loads(scratch.cli("models", "history", "--json").stdout)
     assert [h["run_id"] for h in shown] == [h["run_id"] for h in history]
+    serve_delete(s)  # its topics go with the test
 
 
 def test_two_runs_at_once_train_one_at_a_time(scratch):

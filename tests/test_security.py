@@ -22,7 +22,7 @@ from recsys.auth import KeyStore, Scope, auth_prefix
 from recsys.feature_store import FeatureStore, connect
 from recsys.privacy import Pseudonyms
 from recsys.registry import Registry
-from lab.serve_local import base_url, serve_up
+from lab.serve_local import base_url, serve_delete, serve_up
 
 RAW_ID = "alice.7f3c@example.com"  # distinctive: found by a byte search only if it is there
 
@@ -42,6 +42,7 @@ def world(module_scratch):
     train(s)
     yield {"scratch": s, "client": client, "pseudonym": Pseudonyms.of(s.settings).user_id(RAW_ID)}
     client.close()
+    serve_delete(s.settings)
 
 
 def train(s) -> dict:

@@ -30,6 +30,25 @@ def settings(tmp_path):
     return get_settings().updated(home=tmp_path / "home", registry_dir=tmp_path / "models")
 
 
+@pytest.fixture(scope="module")
+def synthetic_models(ray_session, tmp_path_factory):
+    """SYN trained once by 1 and once by 2 workers (``FAST``, 4 epochs) into one registry, for every
+    test of this module that needs such a published model (quality, a distillation teacher):
+    the same content is trained once, not once per test."""
+    from recsys.model import ModelConfig
+    from recsys.settings import get_settings
+    from recsys.sources import open_source
+    from recsys.training_data import events_table
+    from training.data import Prepared
+    from training.job import train
+    folder = tmp_path_factory.mktemp("synthetic-models")
+    s = get_settings().updated(home=folder / "home", registry_dir=folder / "models")
+    prep = Prepared(events_table(open_source(SYN).events_iter()), None, ModelConfig.from_dict(FAST),
+                    s.features.recent_items)
+    cards = {w: train(SYN, workers=w, epochs=4, settings=s, model_config=FAST, prepared=prep) for w in (1, 2)}
+    return {"settings": s, "prepared": prep, "cards": cards}
+
+
 def _env(settings) -> dict:
     env = dict(os.environ)
     env["RECSYS_HOME"] = str(settings.home)
@@ -110,16 +129,8 @@ def test_movielens_two_workers_beat_recency_weighted_ease_and_publish_a_servable
 
 # ---- synthetic: quality against popularity, 1 vs 2 workers ---------------------------------------------
 
-def test_synthetic_beats_popularity_widely_and_one_or_two_workers_agree(ray_session, settings):
-    from recsys.model import ModelConfig
-    from recsys.sources import open_source
-    from training.data import Prepared
-    from training.job import train
-    from recsys.training_data import events_table
-    src = open_source(SYN)
-    cfg = ModelConfig.from_dict(FAST)
-    prep = Prepared(events_table(src.events_iter()), None, cfg, settings.features.recent_items)
-    cards = {w: train(SYN, workers=w, epochs=4, settings=settings, model_config=FAST, prepared=prep) for w in (1, 2)}
+def test_synthetic_beats_popularity_widely_and_one_or_two_workers_agree(synthetic_models):
+    settings, cards = synthetic_models["settings"], synthetic_models["cards"]
     for w, card in cards.items():
         tt, pop = card["metrics"]["two_tower"], card["metrics"]["popularity"]
         assert card["data_window"]["protocol"] == "B"  # events: the next new item
@@ -202,7 +213,7 @@ def test_compressed_models_agree_with_the_fp32_model_on_the_top_10_of_test_users
     table, features, _ = load_table(SYN, settings)
     prepared = Prepared(table, features, ModelConfig.from_dict(FAST), settings.features.recent_items)
     card = train(SYN, workers=1, epochs=4, settings=settings, model_config=FAST, prepared=prepared, publish=False,
-                 baselines={})
+                 baselines={})  # the fp32 weights (a published version keeps only the served, compressed tower)
     weights = load_serving_weights(card["training"]["checkpoint_dir"])
     cfg = ModelConfig.from_dict(card["config"])
     prep = prepared.at("test").with_history(cfg.history)
@@ -264,17 +275,12 @@ def test_distill_kl_zero_for_the_teachers_logits_positive_otherwise_with_a_gradi
         ModelConfig(distill_temperature=0)
 
 
-def test_distill_a_small_student_from_a_published_teacher_and_refuse_bad_teachers(ray_session, settings, tmp_path):
+def test_distill_a_small_student_from_a_published_teacher_and_refuse_bad_teachers(synthetic_models, settings, tmp_path):
     from recsys.errors import TrainingError
-    from recsys.model import ModelConfig
-    from recsys.sources import open_source
-    from recsys.training_data import events_table
-    from training.data import Prepared
     from training.job import TUNING_GRID, train
-    prep = Prepared(events_table(open_source(SYN).events_iter()), None, ModelConfig.from_dict(FAST),
-                    settings.features.recent_items)
-    teacher = train(SYN, workers=1, epochs=2, settings=settings, model_config=FAST, prepared=prep, baselines={})
-    folder = Registry(settings.registry_dir).path(teacher["version"])
+    prep = synthetic_models["prepared"]
+    teacher = synthetic_models["cards"][1]  # published, dim 32
+    folder = Registry(synthetic_models["settings"].registry_dir).path(teacher["version"])
     assert "distillation" not in teacher and teacher["config"]["distill_weight"] == 0
     student = train(SYN, workers=2, epochs=2, settings=settings, model_config={**FAST, "dim": 16, "distill_weight": 0.5},
                     prepared=prep, baselines={}, teacher=folder, promote=False)
