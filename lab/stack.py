@@ -445,6 +445,7 @@ def ray_cluster_env(s: Settings) -> dict[str, str]:
         run.mkdir(parents=True, exist_ok=True)
         env.update({
             "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": f"{s.serving.replica_drain_s:g}",
             "RAY_SERVE_HAPROXY_BINARY_PATH": str(HAPROXY_SHIM), "RECSYS_HAPROXY_REAL_BINARY": get_haproxy_binary(),
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(run / "haproxy.cfg"),
             "RAY_SERVE_HAPROXY_SOCKET_PATH": str(run / "admin.sock"),
