@@ -545,7 +545,8 @@ def check_serving_ingress(objs: list[dict]) -> None:
     from recsys.settings import Settings
     local = ray_cluster_env(Settings().updated(serving={"ingress": "haproxy"}))
     same = {"RAY_worker_niceness", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S",
-            "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RECSYS_HAPROXY_HTTP_REQUEST_TIMEOUT_S"}
+            "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RECSYS_HAPROXY_HTTP_REQUEST_TIMEOUT_S",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"}
     # Machine-local on the local stack; Ray's defaults inside a pod. The binary is the pod's shim.
     local_only = {"RECSYS_HAPROXY_REAL_BINARY", "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH",
                   "RAY_SERVE_HAPROXY_SERVER_STATE_BASE", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE",
