@@ -75,13 +75,22 @@ def serve_up(settings: Settings, config_path: Path = CONFIG, progress=print) -> 
     return serve_status(settings)
 
 
-def replicas(app_name: str = APP_NAME) -> dict[str, int]:
-    """Running replicas per deployment, from Serve's own status API."""
+WANTED = ("STARTING", "UPDATING", "RECOVERING", "RUNNING")  # the replicas the autoscaler has decided on
+
+
+def replica_states(app_name: str = APP_NAME) -> dict[str, dict[str, int]]:
+    """Replicas per state per deployment, from Serve's own status API."""
     from ray import serve
     app = serve.status().applications.get(app_name)
     if app is None:
         return {}
-    return {name: d.replica_states.get("RUNNING", 0) for name, d in app.deployments.items()}
+    return {name: {str(getattr(k, "value", k)): n for k, n in d.replica_states.items()}
+            for name, d in app.deployments.items()}
+
+
+def replicas(app_name: str = APP_NAME) -> dict[str, int]:
+    """Running replicas per deployment."""
+    return {name: states.get("RUNNING", 0) for name, states in replica_states(app_name).items()}
 
 
 def serve_status(settings: Settings) -> dict:

@@ -7,21 +7,38 @@ could not run (no app answering, Locust failed to start).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from loadtest.shapes import PROFILES
+from loadtest.shapes import PROFILES, Profile, get_profile
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number of shoppers, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def chosen_profile(name: str, peak_users: int | None = None) -> Profile:
+    """The named profile; with ``peak_users``, its shape with that many shoppers at the peak
+    (the capacity search of ``--peak-users``)."""
+    profile = get_profile(name)
+    return profile if peak_users is None else dataclasses.replace(profile, peak=peak_users)
 
 
 def handler(args: argparse.Namespace) -> int:
     from loadtest import report, runner
-    from loadtest.shapes import get_profile
     from recsys.settings import get_settings
     from lab.serve_local import base_url
 
     settings = get_settings()
-    profile = get_profile(args.profile)
+    profile = chosen_profile(args.profile, args.peak_users)
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
     opts = runner.Options(
         profile=profile, host=(args.host or base_url(settings)).rstrip("/"),
@@ -58,6 +75,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                                           "Exit 0 if every SLO passes, 1 otherwise.")
     p.add_argument("--profile", default="smoke", choices=sorted(PROFILES),
                    help="load profile (loadtest/shapes.py): smoke (<2 min, CI) or peak (~8.5 min)")
+    p.add_argument("--peak-users", dest="peak_users", type=_positive_int, default=None, metavar="N",
+                   help="the profile's shoppers at the sustained peak (default: the profile's own)")
     p.add_argument("--host", default=None, help="base URL of the app (default: the settings' Serve address)")
     p.add_argument("--out", default=None, help="report folder (default reports/loadtest-<profile>-<UTC timestamp>/)")
     p.add_argument("--json", action="store_true", help="print summary.json as one JSON line (progress goes to stderr)")

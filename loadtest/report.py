@@ -111,6 +111,16 @@ def surge_to_first_new_replica_s(replicas: list[tuple[float, int]], windows: dic
     return None if first is None else round(first - surge_start, 2)
 
 
+def reversals(replicas: list[tuple[float, int]]) -> int:
+    """How often the replica count turned from rising to falling or back: one for a surge that
+    is met and then released, more for an autoscaler that oscillates."""
+    steps = [b - a for (_, a), (_, b) in zip(sorted(replicas), sorted(replicas)[1:]) if b != a]
+    return sum(1 for x, y in zip(steps, steps[1:]) if (x > 0) != (y > 0))
+
+
+MAX_REVERSALS = 1  # up for the surge, down after it
+
+
 def evaluate(req: Requests, replicas: list[tuple[float, int]] | None, windows: dict[str, tuple[float, float]],
              posted: int, found: int | None, budgets: Budgets = Budgets(),
              min_replicas: int | None = None) -> list[dict]:
@@ -131,7 +141,7 @@ def evaluate(req: Requests, replicas: list[tuple[float, int]] | None, windows: d
                  "detail": f"{errors} failed of {len(req)} requests"})
 
     if not replicas:
-        for name in ("replicas_up_in_surge", "replicas_down_after"):
+        for name in ("replicas_up_in_surge", "replicas_steady", "replicas_down_after"):
             slos.append({"name": name, "passed": False, "measured": None, "threshold": None,
                          "detail": "no replica samples (Serve's status API not reachable)"})
     else:
@@ -149,6 +159,10 @@ def evaluate(req: Requests, replicas: list[tuple[float, int]] | None, windows: d
                      "measured": {"baseline": baseline, "at_surge_start": at_surge, "max": top},
                      "threshold": {"min_replicas": min_replicas},
                      "detail": "replicas at the end of the baseline (should be the minimum) -> most during surge and peak"})
+        turns = reversals(replicas)
+        slos.append({"name": "replicas_steady", "passed": turns <= MAX_REVERSALS, "measured": turns,
+                     "threshold": MAX_REVERSALS,
+                     "detail": "times the running replica count turned between rising and falling (oscillation)"})
         slos.append({"name": "replicas_down_after", "passed": top is not None and final <= floor < top,
                      "measured": {"max": top, "final": final}, "threshold": {"back_to": floor},
                      "detail": "replicas after the decay and cool-down, back to where they started"})
@@ -159,8 +173,11 @@ def evaluate(req: Requests, replicas: list[tuple[float, int]] | None, windows: d
     return slos
 
 
-def headline(req: Requests, replicas: list[tuple[float, int]], windows: dict[str, tuple[float, float]]) -> dict:
-    """The figures people quote: peak throughput, latency at peak, replicas min -> max -> final."""
+def headline(req: Requests, replicas: list[tuple[float, int]], windows: dict[str, tuple[float, float]],
+             wanted: list[tuple[float, int]] | None = None) -> dict:
+    """The figures people quote: peak throughput, latency at peak, replicas min -> max -> final,
+    how soon the autoscaler decided (``wanted``: replicas starting included) and the first new
+    replica ran after the surge began, and how often the count reversed."""
     peak = req.between(*windows["peak"])
     dur = windows["peak"][1] - windows["peak"][0]
     per_s = np.bincount(np.floor(req.t[req.t >= 0]).astype(int)) if len(req) else np.zeros(1)
@@ -178,7 +195,9 @@ def headline(req: Requests, replicas: list[tuple[float, int]], windows: dict[str
             "overall_p99_ms": _pct(req.latency_ms, 99),
             "replicas": {"start": replicas_at(replicas, windows["surge"][0]),
                          "max": max(counts) if counts else None, "final": counts[-1] if counts else None},
-            "surge_to_first_new_replica_s": surge_to_first_new_replica_s(replicas, windows) if replicas else None}
+            "surge_to_scale_up_decision_s": surge_to_first_new_replica_s(wanted, windows) if wanted else None,
+            "surge_to_first_new_replica_s": surge_to_first_new_replica_s(replicas, windows) if replicas else None,
+            "replica_reversals": reversals(replicas) if replicas else None}
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

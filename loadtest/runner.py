@@ -59,10 +59,13 @@ def default_out(profile: str) -> Path:
 # ---- replicas --------------------------------------------------------------
 
 class ReplicaSampler:
-    """Serve's running replicas of the app, every ``every_s``, from its status API (wall-clock times)."""
+    """Serve's replicas of the app, every ``every_s``, from its status API (wall-clock times):
+    ``samples`` the running ones, ``wanted`` the ones the autoscaler has decided on (starting
+    included), which rise a replica's start-up time earlier."""
 
     def __init__(self, settings: Settings, every_s: float = 1.0, progress=print):
         self.samples: list[tuple[float, int]] = []
+        self.wanted: list[tuple[float, int]] = []
         self.every_s = every_s
         self.error: str | None = None
         self.min_replicas: int | None = None
@@ -80,7 +83,7 @@ class ReplicaSampler:
             deploy.connect_ray(settings, progress=lambda *_: None)
             auto = deploy.load_config()["deployments"]["RecsysApi"].get("autoscaling_config") or {}
             self.min_replicas = auto.get("min_replicas")
-            if self.count() is None:
+            if self.counts() is None:
                 self.error = f"app {deploy.APP_NAME!r} not deployed on the local Ray cluster"
                 return False
         except Exception as exc:  # Ray missing or unreachable: the test still runs, the SLO says why
@@ -89,22 +92,28 @@ class ReplicaSampler:
         return True
 
     @staticmethod
-    def count() -> int | None:
+    def counts() -> tuple[int, int] | None:
+        """(running, wanted) replicas of the API deployment; None when the app is not deployed."""
         from lab import serve_local as deploy
-        per = deploy.replicas()
+        per = deploy.replica_states()
         if not per:
             return None
-        return per.get("RecsysApi", sum(per.values()))
+        states = per.get("RecsysApi") or next(iter(per.values()))
+        return states.get("RUNNING", 0), sum(states.get(name, 0) for name in deploy.WANTED)
 
     def sample(self) -> int | None:
+        """Running replicas now (and both counts recorded); None when not sampled."""
         try:
-            n = self.count()
+            counts = self.counts()
         except Exception as exc:  # a hiccup of the status API: skip this sample
             self.error = f"sampling failed once: {exc!r}"
             return None
-        if n is not None:
-            self.samples.append((time.time(), n))
-        return n
+        if counts is None:
+            return None
+        now = time.time()
+        self.samples.append((now, counts[0]))
+        self.wanted.append((now, counts[1]))
+        return counts[0]
 
     def wait_for(self, target: int, max_s: float) -> bool:
         """Sample until the count is at most ``target`` or max_s passes."""
@@ -354,12 +363,14 @@ def run(settings: Settings, opts: Options, progress=print) -> dict:
 
     req = report.Requests.read_csv(out / "requests.csv", t0)
     replicas = [(t - t0, n) for t, n in sampler.samples]
+    wanted = [(t - t0, n) for t, n in sampler.wanted]
     windows = profile.windows()
     end_s = max([profile.duration_s] + [t for t, _ in replicas])
     first = min([0.0] + [t for t, _ in replicas])
     rows = report.timeline(req, replicas, lambda t: profile.users_at(t) if t >= 0 else 0, end_s, start_s=max(-10.0, first))
     report.write_csv(rows, out / "timeline.csv")
-    report.write_csv([{"t": round(t, 3), "replicas": n} for t, n in replicas], out / "replicas.csv")
+    report.write_csv([{"t": round(t, 3), "replicas": n, "wanted": w} for (t, n), (_, w) in zip(replicas, wanted)],
+                     out / "replicas.csv")
     slos = report.evaluate(req, replicas, windows, len(posted), found, opts.budgets, sampler.min_replicas)
     stream, stream_note = stream_series(settings, t0, t0 + end_s)
     if stream:
@@ -376,7 +387,7 @@ def run(settings: Settings, opts: Options, progress=print) -> dict:
 
     summary = {
         "profile": profile.to_json(), "host": opts.host, "passed": all(s["passed"] for s in slos), "slos": slos,
-        "headline": report.headline(req, replicas, windows),
+        "headline": report.headline(req, replicas, windows, wanted),
         "events": {"posted": len(posted), "in_redis": found, "missing_examples": missing, "waited_s": waited,
                    "stream_worker": worker_stats if worker else "external", "monitoring": stream_note},
         "replicas": {"min_replicas": sampler.min_replicas, "sampled": bool(sampler.samples),

@@ -180,7 +180,7 @@ def _by_name(slos):
 def test_all_slos_pass_on_a_good_run():
     slos = report.evaluate(_requests(), GOOD_REPLICAS, WINDOWS, posted=300, found=300, min_replicas=1)
     assert [s["name"] for s in slos] == ["p99_during_peak", "error_rate", "replicas_up_in_surge",
-                                        "replicas_down_after", "nothing_lost"]
+                                        "replicas_steady", "replicas_down_after", "nothing_lost"]
     assert all(s["passed"] for s in slos), slos
     assert _by_name(slos)["replicas_up_in_surge"]["measured"] == {"baseline": 1, "at_surge_start": 2, "max": 3}
 
@@ -201,6 +201,12 @@ def test_each_slo_fails_on_its_own_fault():
     stays_up = [(t, n) for t, n in GOOD_REPLICAS if t < 42] + [(float(t), 2) for t in range(42, 60)]
     stuck = _by_name(report.evaluate(req, stays_up, WINDOWS, 1, 1, min_replicas=1))
     assert stuck["replicas_up_in_surge"]["passed"] and not stuck["replicas_down_after"]["passed"]
+    flapping = [(t, n) for t, n in GOOD_REPLICAS if t < 30] + [(30.0, 1), (31.0, 3), (33.0, 2), (36.0, 3)] + \
+        [(float(t), 1) for t in range(42, 60)]  # up, down, up, down, up, down: 5 reversals
+    flaps = _by_name(report.evaluate(req, flapping, WINDOWS, 1, 1, min_replicas=1))
+    assert not flaps["replicas_steady"]["passed"] and flaps["replicas_steady"]["measured"] == 5
+    assert flaps["replicas_up_in_surge"]["passed"] and flaps["replicas_down_after"]["passed"]
+    assert _by_name(report.evaluate(req, GOOD_REPLICAS, WINDOWS, 1, 1))["replicas_steady"]["measured"] == 1
     started_high = [(t, max(n, 2)) for t, n in GOOD_REPLICAS]  # not at the minimum before the rush
     assert not _by_name(report.evaluate(req, started_high, WINDOWS, 1, 1, min_replicas=1))["replicas_up_in_surge"]["passed"]
     no_samples = _by_name(report.evaluate(req, [], WINDOWS, 1, 1))
@@ -225,6 +231,11 @@ def test_the_time_from_the_surges_start_to_the_first_new_replica():
     assert report.surge_to_first_new_replica_s(high_before, WINDOWS) is None
     assert report.headline(_requests(), late, WINDOWS)["surge_to_first_new_replica_s"] == 15.4
     assert report.headline(_requests(), [], WINDOWS)["surge_to_first_new_replica_s"] is None
+    # The autoscaler's decision (replicas starting counted) shows before the replica runs.
+    decided = sorted([(t, 2 if 21.5 <= t < 35.4 else n) for t, n in late] + [(21.5, 2)])
+    head = report.headline(_requests(), late, WINDOWS, decided)
+    assert head["surge_to_scale_up_decision_s"] == 1.5 and head["surge_to_first_new_replica_s"] == 15.4
+    assert head["replica_reversals"] == 1 and report.headline(_requests(), late, WINDOWS)["surge_to_scale_up_decision_s"] is None
 
 
 def test_timeline_buckets_per_second_and_plots(tmp_path):
@@ -294,6 +305,7 @@ def test_smoke_profile_has_no_errors_scales_up_and_down_and_loses_nothing(app, m
     assert slos["replicas_up_in_surge"]["measured"]["max"] > 1
     assert slos["replicas_down_after"]["passed"], slos["replicas_down_after"]
     assert slos["replicas_down_after"]["measured"]["final"] == 1
+    assert slos["replicas_steady"]["passed"], slos["replicas_steady"]
     assert slos["nothing_lost"]["passed"], slos["nothing_lost"]
     assert summary["events"]["posted"] > 100 and summary["events"]["in_redis"] == summary["events"]["posted"]
     assert summary["passed"] == all(s["passed"] for s in slos.values())
@@ -443,3 +455,20 @@ def test_every_dashboard_query_returns_data_from_the_real_prometheus(app, monito
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=60)
+
+
+def test_peak_users_changes_only_the_peak_and_must_be_positive():
+    import argparse
+
+    from loadtest.cli import chosen_profile, register
+    smoke = chosen_profile("smoke")
+    wider = chosen_profile("smoke", 120)
+    assert (smoke.peak, wider.peak, wider.duration_s) == (60, 120, smoke.duration_s)
+    assert wider.users_at(wider.windows()["peak"][0] + 1) == 120 and wider.base == smoke.base
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    assert parser.parse_args(["loadtest", "--peak-users", "90"]).peak_users == 90
+    assert parser.parse_args(["loadtest"]).peak_users is None
+    for bad in ("0", "-5", "many"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["loadtest", "--peak-users", bad])
