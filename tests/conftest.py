@@ -36,11 +36,22 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def live_stack():
+    """The stack with its Ray cluster, and ``RAY_ADDRESS`` set to that cluster for the rest of
+    the session: a training run (in a test, or a ``recsys`` child) joins it instead of starting
+    and stopping a private one (7-9 s each, some 20 runs in the suite), as it would join a
+    cluster on Kubernetes. ``ensure_ray``'s private cluster, the command line's default, is what
+    a run gets without the variable (``tests/test_training.py``'s MovieLens run)."""
     settings = get_settings()
     status = stack.status(settings)
     was_running = all(status[name]["state"] == "running" for name in ("kafka", "redis", "ray"))
     stack.up(settings)  # a failure here fails the test loudly: no silent skip
+    before = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = stack.start_ray(settings, progress=lambda *_: None)
     yield settings
+    if before is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    else:
+        os.environ["RAY_ADDRESS"] = before
     if not was_running:
         stack.down(settings)
 
@@ -106,8 +117,8 @@ def module_scratch(live_stack, tmp_path_factory, request):
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    """A private local Ray for a module's tests (``training.job.ensure_ray``)."""
+def ray_session(live_stack):
+    """Ray for a module's tests: the stack's cluster (``RAY_ADDRESS``, ``training.job.ensure_ray``)."""
     import ray
 
     from training.job import ensure_ray
