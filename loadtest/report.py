@@ -114,7 +114,8 @@ def surge_to_first_new_replica_s(replicas: list[tuple[float, int]], windows: dic
 def reversals(replicas: list[tuple[float, int]]) -> int:
     """How often the replica count turned from rising to falling or back: one for a surge that
     is met and then released, more for an autoscaler that oscillates."""
-    steps = [b - a for (_, a), (_, b) in zip(sorted(replicas), sorted(replicas)[1:]) if b != a]
+    counts = [n for _, n in sorted(replicas)]
+    steps = [b - a for a, b in zip(counts, counts[1:]) if b != a]
     return sum(1 for x, y in zip(steps, steps[1:]) if (x > 0) != (y > 0))
 
 
