@@ -74,7 +74,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                                           "and writes a report folder (Locust HTML/CSV, timeline, plot, summary.json). "
                                           "Exit 0 if every SLO passes, 1 otherwise.")
     p.add_argument("--profile", default="smoke", choices=sorted(PROFILES),
-                   help="load profile (loadtest/shapes.py): smoke (<2 min, CI) or peak (~8.5 min)")
+                   help="load profile (loadtest/shapes.py): smoke (<2 min) or peak (~8.5 min)")
     p.add_argument("--peak-users", dest="peak_users", type=_positive_int, default=None, metavar="N",
                    help="the profile's shoppers at the sustained peak (default: the profile's own)")
     p.add_argument("--host", default=None, help="base URL of the app (default: the settings' Serve address)")

@@ -1,7 +1,9 @@
-"""The peak-season load test: pure logic (shapes, shoppers, SLO evaluation) and two runs
-against the real stack (Kafka, Redis, Ray Serve): the smoke profile passes its SLOs with
-the autoscaler going up and back down while Prometheus scrapes it, and a run that drops events
-fails nothing-lost. Then every dashboard query is asked of that real Prometheus.
+"""The peak-season load test: pure logic (shapes, shoppers, SLO evaluation) and one run
+against the real stack (Kafka, Redis, Ray Serve) whose stream worker drops out, so nothing-lost
+must fail. Then every dashboard query is asked of the real Prometheus.
+
+The smoke and peak profiles themselves are system scenarios, not tests: ``recsys loadtest
+--profile smoke|peak --json`` runs one and prints its SLOs and a pass flag (loadtest/README.md).
 """
 from __future__ import annotations
 
@@ -279,42 +281,6 @@ def monitoring(live_stack):
     yield live_stack
     if not was_running:
         stack.stop_monitoring(live_stack)
-
-
-def _loadtest_cmd() -> list[str]:
-    return [sys.executable, "-m", "cli", "loadtest"]
-
-
-def test_smoke_profile_has_no_errors_scales_up_and_down_and_loses_nothing(app, monitoring, tmp_path):
-    """Behaviour only. The p99 budget is a wall-clock figure that a busy 2-core machine misses
-    for reasons unrelated to the code: it is recorded in the report (and printed here), and
-    judged by ``recsys loadtest`` runs, not by this test. Prometheus scrapes the run's stream
-    worker: the report plots its lag and freshness."""
-    out = tmp_path / "report"
-    env = {**app.env, "RECSYS_MONITORING_STREAM_PORT": str(monitoring.monitoring.stream_port)}
-    done = subprocess.run([*_loadtest_cmd(), "--profile", "smoke", "--json", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode in (0, 1), done.stderr[-2000:]  # 69, 70: the test could not run
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
-    slos = {s["name"]: s for s in summary["slos"]}
-    print(json.dumps(summary["headline"]), json.dumps(summary["events"]), json.dumps(slos["p99_during_peak"]))
-    assert slos["p99_during_peak"]["measured"] > 0  # measured and reported, not judged here
-    assert slos["error_rate"]["measured"] == 0, slos["error_rate"]
-    assert slos["replicas_up_in_surge"]["passed"], slos["replicas_up_in_surge"]
-    assert slos["replicas_up_in_surge"]["measured"]["baseline"] == 1  # config.yaml's min_replicas
-    assert slos["replicas_up_in_surge"]["measured"]["max"] > 1
-    assert slos["replicas_down_after"]["passed"], slos["replicas_down_after"]
-    assert slos["replicas_down_after"]["measured"]["final"] == 1
-    assert slos["replicas_steady"]["passed"], slos["replicas_steady"]
-    assert slos["nothing_lost"]["passed"], slos["nothing_lost"]
-    assert summary["events"]["posted"] > 100 and summary["events"]["in_redis"] == summary["events"]["posted"]
-    assert summary["passed"] == all(s["passed"] for s in slos.values())
-    for name in ("summary.json", "loadtest.png", "locust.html", "locust_stats.csv", "locust_stats_history.csv",
-                 "timeline.csv", "replicas.csv", "stream.csv"):
-        assert (out / name).stat().st_size > 0, name
-    seen = summary["events"]["monitoring"]
-    assert seen["max_lag"] is not None and seen["max_lag"] >= 0, seen
-    assert 0 < seen["max_freshness_p99_s"] < 60, seen
 
 
 def test_nothing_lost_fails_when_the_stream_worker_drops_out(app, tmp_path):
