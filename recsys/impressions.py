@@ -13,16 +13,17 @@ shapes, both read by ``decode_record``:
   the one Kafka's default partitioner gives the pseudonym, so a user's impressions still
   share a partition number with the user's events (``partition_of``).
 
-Sending never blocks or fails a request: ``ImpressionSender.offer`` puts the impression in a
-bounded queue and returns at once; one thread gathers and sends from it. A full queue (Kafka
-slow or away longer than the queue lasts), a producer that cannot be made, or a send the
-brokers refuse drops the impressions and counts them by reason.
+Sending never blocks or fails a request: ``ImpressionSender.offer`` appends the impression to a
+bounded buffer and returns at once; one thread gathers and sends from it, woken once per batch
+(not once per impression: a wake-up per answer costs the event loop a GIL hand-over each). A
+full buffer (reason ``queue_full``: Kafka slow or away longer than the buffer lasts), a producer
+that cannot be made, or a send the brokers refuse drops the impressions and counts them by reason.
 """
 from __future__ import annotations
 
 import json
 import logging
-import queue
+import collections
 import random
 import threading
 import time
@@ -35,7 +36,6 @@ from kafka.partitioner.default import murmur2
 log = logging.getLogger(__name__)
 
 _compact = json.JSONEncoder(separators=(",", ":")).encode
-_DUE = object()  # the sending thread's wake-up when a batch's time is up
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def by_partition(impressions: Iterable[Impression], partitions: int) -> dict[int
 
 
 class ImpressionSender:
-    """A bounded queue in front of one thread that gathers impressions for up to ``flush_s``
+    """A bounded buffer in front of one thread that gathers impressions for up to ``flush_s``
     (or ``batch_max`` of them) and hands each batch to ``send``: the I/O, which returns one
     ``(future, impressions in it)`` per Kafka record, each future with ``add_callback`` and
     ``add_errback``. ``on_drop(reason, n)`` counts what is lost: "queue_full" or "kafka";
@@ -125,50 +125,50 @@ class ImpressionSender:
                  capacity: int = 10_000, flush_s: float = 0.1, batch_max: int = 500, sample: float = 1.0,
                  clock: Callable[[], float] = time.monotonic, draw: Callable[[], float] = random.random):
         self._send, self._on_drop, self._on_sent = send, on_drop, on_sent
-        self._flush_s, self._batch_max, self._sample = flush_s, max(1, batch_max), sample
-        self._clock, self._draw = clock, draw
-        self._queue: queue.Queue[Impression | None] = queue.Queue(maxsize=capacity)
+        # flush_s 0: each impression goes alone, at once.
+        self._flush_s, self._batch_max = flush_s, 1 if flush_s <= 0 else max(1, batch_max)
+        self._capacity, self._sample, self._clock, self._draw = capacity, sample, clock, draw
+        self._pending: collections.deque[Impression] = collections.deque()  # append/popleft: safe across threads
+        self._wake = threading.Event()  # a batch's first impression, a full batch, or close()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="impressions", daemon=True)
         self._thread.start()
 
     def offer(self, impression: Impression) -> bool:
-        """Queue the impression (or leave it out of the sample); False (and counted) when the
-        queue is full. Never waits."""
+        """Buffer the impression (or leave it out of the sample); False (and counted) when the
+        buffer is full. Never waits; wakes the sending thread only for a batch's first impression
+        and for a full batch."""
         if self._sample < 1.0 and self._draw() >= self._sample:
             return True
-        try:
-            self._queue.put_nowait(impression)
-            return True
-        except queue.Full:
+        if len(self._pending) >= self._capacity:
             self._on_drop("queue_full", 1)
             return False
+        self._pending.append(impression)
+        n = len(self._pending)
+        if n == 1 or n == self._batch_max:
+            self._wake.set()
+        return True
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Send what is queued (within ``timeout_s``), then stop the thread."""
-        try:
-            self._queue.put(None, timeout=timeout_s)
-        except queue.Full:
-            return
+        """Send what is buffered (within ``timeout_s``), then stop the thread."""
+        self._closed = True
+        self._wake.set()
         self._thread.join(timeout_s)
 
     def _run(self) -> None:
-        batch: list[Impression] = []
-        deadline = 0.0
-        while True:
-            try:
-                item = self._queue.get(timeout=max(0.0, deadline - self._clock()) if batch else None)
-            except queue.Empty:
-                item = _DUE
-            if item is None:  # close(): what was gathered goes now
-                break
-            if item is not _DUE:
-                if not batch:
-                    deadline = self._clock() + self._flush_s
-                batch.append(item)
-            if batch and (len(batch) >= self._batch_max or self._clock() >= deadline):
-                self._flush(batch)
-                batch = []
-        if batch:
+        while not (self._closed and not self._pending):
+            if not self._pending:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            deadline = self._clock() + self._flush_s  # from the batch's first impression
+            while len(self._pending) < self._batch_max and not self._closed:
+                left = deadline - self._clock()
+                if left <= 0:
+                    break
+                self._wake.wait(left)
+                self._wake.clear()
+            batch = [self._pending.popleft() for _ in range(min(self._batch_max, len(self._pending)))]
             self._flush(batch)
 
     def _flush(self, batch: list[Impression]) -> None:

@@ -178,10 +178,12 @@ class ServingSettings(BaseModel):
     # the token bucket stays in Redis, exact. 0: every request looks the key up.
     key_cache_s: float = Field(1.0, ge=0)
     key_cache_max: int = Field(10_000, ge=1)  # keys remembered per replica
-    # The user tower under @serve.batch (Serve replicas only): off calls it per request.
+    # One user-tower call for the requests that reach it together (serving.recommend.TowerBatcher):
+    # up to tower_batch_max, gathered for tower_batch_wait_s (0: those of the same event-loop
+    # turn). Off: one call per request.
     tower_batch: bool = True
     tower_batch_max: int = Field(16, ge=1)
-    tower_batch_wait_s: float = Field(0.0005, ge=0)
+    tower_batch_wait_s: float = Field(0.0, ge=0)
     # The catalogue's log (recsys/catalogue.py) keeps about this many entries; a replica that
     # falls further behind reads the whole catalogue again.
     catalogue_log_max: int = Field(100_000, ge=100)

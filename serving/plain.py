@@ -1,7 +1,6 @@
 """The recommendation app under plain uvicorn, with no Serve: the ceiling that ``recsys bench
-serve`` measures Serve against. The same FastAPI app and handler code as a Serve replica (the
-user tower unbatched: ``@serve.batch`` needs a replica); settings from the ``RECSYS_*``
-environment.
+serve`` measures Serve against. The same FastAPI app and handler code as a Serve replica;
+settings from the ``RECSYS_*`` environment.
 
     python -m uvicorn serving.plain:create --factory --port 28090 --workers 2
 """
@@ -14,5 +13,5 @@ from serving.app import RecsysService, app, install
 
 
 def create() -> FastAPI:
-    install(RecsysService(Settings(), batch_tower=False))  # @serve.batch needs a Serve replica
+    install(RecsysService(Settings()))
     return app

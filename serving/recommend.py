@@ -1,6 +1,7 @@
 """The path of one recommendation, without I/O: user tower, ANN, filter seen, top k, fallback."""
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -59,6 +60,48 @@ def embed_together(requests: list[tuple[ServableModel, UserFeatures]]) -> list[n
         for i, emb in zip(rows, model.user_embedding([requests[i][1] for i in rows])):
             out[i] = emb[None, :]
     return out
+
+
+class TowerBatcher:
+    """One user-tower call for the requests that reach the tower together, on the event loop.
+
+    The first request of a batch schedules the call ``wait_s`` later (0: once the loop has run
+    the callbacks already due, i.e. every request whose features arrived in the same turn);
+    ``max_size`` requests run it at once. Replaces ``@serve.batch``, whose per-call signature
+    inspection, batch metrics and task cost more than the tower itself (issue 33's profile),
+    and which works in a Serve replica only."""
+
+    def __init__(self, max_size: int = 16, wait_s: float = 0.0):
+        self.max_size, self.wait_s = max(1, max_size), wait_s
+        self._pending: list[tuple[ServableModel, UserFeatures, asyncio.Future]] = []
+
+    async def embed(self, model: ServableModel, user: UserFeatures) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._pending.append((model, user, done))
+        if len(self._pending) >= self.max_size:
+            self._run()
+        elif len(self._pending) == 1:
+            if self.wait_s > 0:
+                loop.call_later(self.wait_s, self._run)
+            else:
+                loop.call_soon(self._run)
+        return await done
+
+    def _run(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:  # a full batch already ran before its timer
+            return
+        try:
+            out = embed_together([(model, user) for model, user, _ in batch])
+        except Exception as exc:  # each waiting request gets the error, as a call of its own would
+            for *_, done in batch:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        for (*_, done), emb in zip(batch, out):
+            if not done.done():  # a request cancelled meanwhile (client gone)
+                done.set_result(emb)
 
 
 def recommend(model: ServableModel | None, user: UserFeatures, k: int, trending: list[tuple[str, float]],

@@ -1,11 +1,15 @@
 """Issue 33: the request path's cost levers, their pure parts (the trending cache, the API key
-verdict cache and its revocation messages, the settings that switch each lever), and the
-serve bench's standing budget. The levers on the real stack: tests/test_impressions.py,
-tests/test_online.py, tests/test_security.py, tests/test_serving_integration.py."""
+verdict cache and its revocation messages, the user-tower batcher, the settings that switch
+each lever), and the serve bench's standing budget. The levers on the real stack:
+tests/test_impressions.py, tests/test_online.py, tests/test_security.py,
+tests/test_serving_integration.py."""
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 
+import numpy as np
 import pytest
 import redis
 
@@ -250,3 +254,48 @@ def test_cpu_per_request_of_c_is_judged_against_b_in_the_same_run():
     issue = {"a": _variant(198, 8.59, 156), "b": _variant(968, 1.59, 51), "c": _variant(474, 3.03, 84),
              "d": _variant(649, 2.00, 102)}
     assert judge(issue)["ratios"]["c/b cpu_ms_per_request"] == 1.906 and not judge(issue)["passed"]["c/b cpu_ms_per_request"]
+
+
+class _Tower:
+    """A servable model's tower that records each call's batch: row i's embedding is [i's id]."""
+
+    def __init__(self, version: str, fail: bool = False):
+        self.version, self.calls, self.fail = version, [], fail
+
+    def user_embedding(self, users):
+        self.calls.append([u for u in users])
+        if self.fail:
+            raise RuntimeError("tower broke")
+        return np.array([[float(u)] for u in users])
+
+
+def _gather(batcher, requests):
+    async def run():
+        return await asyncio.gather(*(batcher.embed(m, u) for m, u in requests), return_exceptions=True)
+    return asyncio.run(run())
+
+
+def test_requests_of_one_loop_turn_share_a_tower_call_per_model_and_get_their_own_rows():
+    from serving.recommend import TowerBatcher
+    old, new = _Tower("v1"), _Tower("v2")
+    got = _gather(TowerBatcher(max_size=16), [(old, 1), (new, 2), (old, 3), (old, 4)])
+    assert old.calls == [[1, 3, 4]] and new.calls == [[2]]  # a swap's batch: each version its own call
+    assert [g.tolist() for g in got] == [[[1.0]], [[2.0]], [[3.0]], [[4.0]]]
+
+
+def test_a_full_batch_runs_at_once_and_the_rest_waits_for_its_own_turn():
+    from serving.recommend import TowerBatcher
+    tower = _Tower("v1")
+    started = time.monotonic()
+    got = _gather(TowerBatcher(max_size=3, wait_s=0.2), [(tower, u) for u in range(7)])
+    assert tower.calls == [[0, 1, 2], [3, 4, 5], [6]] and [g.item() for g in got] == list(range(7))
+    assert 0.15 <= time.monotonic() - started < 5  # the last, partial batch waited its time
+
+
+def test_a_tower_error_reaches_every_request_of_its_batch_and_the_next_batch_works():
+    from serving.recommend import TowerBatcher
+    batcher, broken = TowerBatcher(), _Tower("v1", fail=True)
+    got = _gather(batcher, [(broken, 1), (broken, 2)])
+    assert all(isinstance(g, RuntimeError) for g in got) and broken.calls == [[1, 2]]
+    fine = _Tower("v2")
+    assert [g.tolist() for g in _gather(batcher, [(fine, 5)])] == [[[5.0]]]

@@ -230,7 +230,7 @@ def test_a_corrupt_version_is_refused_and_a_new_replica_starts_on_the_last_good_
         assert ready["model"] == good and ready["model_load_failure"]["version"] == bad
         assert "item_embeddings.npy" in ready["model_load_failure"]["error"]
         assert recs(client, "1")["model_version"] == good
-        fresh = RecsysService(s.settings, model_poll_s=3600, batch_tower=False)
+        fresh = RecsysService(s.settings, model_poll_s=3600)
         assert fresh.version == good and fresh.load_failure["version"] == bad
         deadline = time.monotonic() + 60
         while "recsys_model_load_failures_total" not in client.get("/metrics").text:

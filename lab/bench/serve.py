@@ -3,8 +3,7 @@
   a  the no-op endpoint behind Ray Serve's default ingress (its Python proxy): the old floor
   b  the no-op endpoint behind the HAProxy ingress (Serve's HA proxy + throughput-optimized modes)
   c  the recommendation endpoint behind the HAProxy ingress: what ``recsys serve`` runs
-  d  the same FastAPI app and handler code under plain uvicorn, no Serve: the ceiling (its
-     user tower unbatched: ``@serve.batch`` needs a Serve replica)
+  d  the same FastAPI app and handler code under plain uvicorn, no Serve: the ceiling
 
 With ``levers``, (c) is also measured with the request path's cost levers of issue 33
 (``LEVERS``: settings of ``serving``) all off ("c-none") and each one alone on ("c+<lever>"),
