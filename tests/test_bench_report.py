@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
 
 from lab.bench import report
 from lab.bench import store as bench_store
@@ -104,3 +105,19 @@ def test_an_empty_folder_gives_a_page_that_says_which_benches_to_run(tmp_path):
     for command in bench_store.BENCHES.values():
         assert f"`{command}`" in page
     assert not list(out.glob("*.png"))  # a plot of runs that are gone is removed
+
+
+def test_a_run_on_changed_tracked_files_is_marked_dirty(tmp_path):
+    from lab.bench.store import git_commit
+    assert git_commit(tmp_path) is None  # not a checkout
+    git = lambda *a: subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *a], cwd=tmp_path,  # noqa: E731
+                                    check=True, capture_output=True)
+    git("init", "-q")
+    (tmp_path / "f.py").write_text("a = 1\n")
+    git("add", "f.py")
+    git("commit", "-qm", "one")
+    clean = git_commit(tmp_path)
+    (tmp_path / "new.py").write_text("untracked\n")  # untracked files are not the measured code
+    assert clean and "+" not in clean and git_commit(tmp_path) == clean
+    (tmp_path / "f.py").write_text("a = 2\n")
+    assert git_commit(tmp_path) == clean + "+dirty"

@@ -33,16 +33,21 @@ def saved_names(settings: Settings) -> list[str]:
     return sorted(p.stem for p in (settings.home / "bench").glob("*.json"))
 
 
-def git_commit(repo: Path = REPO) -> str | None:
-    """``git rev-parse --short HEAD`` of the project, or None outside a git checkout."""
+def _git(repo: Path, *args: str) -> str | None:
     try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
-                              timeout=10)
+        done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    if done.returncode != 0:
-        return None
-    return done.stdout.strip() or None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def git_commit(repo: Path = REPO) -> str | None:
+    """``git rev-parse --short HEAD`` of the project, with ``+dirty`` when tracked files differ
+    from it (the run measured code no commit holds), or None outside a git checkout."""
+    commit = _git(repo, "rev-parse", "--short", "HEAD")
+    if commit and _git(repo, "status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    return commit or None
 
 
 def save(settings: Settings, name: str, result: dict) -> Path:
