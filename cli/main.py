@@ -349,6 +349,17 @@ def cmd_bench_serve(args) -> int:
     return 1 if args.check and not result["pass"] else 0
 
 
+def cmd_bench_reaction(args) -> int:
+    from lab.bench.reaction import bench_reaction
+    settings = get_settings()
+    result = bench_reaction(settings, users=args.users, concurrency=args.concurrency, background=args.background,
+                            timeout_s=args.timeout_s, p99_budget_ms=args.p99_budget_ms,
+                            progress=lambda msg: print(msg, file=sys.stderr))
+    _save_bench(settings, "reaction", result)
+    _print(result, args.json)
+    return 1 if args.check and not result["passed"] else 0
+
+
 def cmd_bench_report(args) -> int:
     from lab.bench.report import write
     _print(write(get_settings(), *([Path(args.out)] if args.out else [])), args.json)
@@ -571,6 +582,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     b.add_argument("--json", action="store_true", help="one JSON line")
     b.set_defaults(func=cmd_bench_serve)
+
+    b = bench.add_parser("reaction", help="time from a click's 202 to the first GET whose list changed, per user, "
+                                           "beside closed-loop shoppers (the running Serve app; starts a stream worker)")
+    b.add_argument("--users", type=int, default=200, help="users measured (known users of the demo's data)")
+    b.add_argument("--concurrency", type=int, default=4, help="measured users at a time")
+    b.add_argument("--background", type=int, default=8, help="closed-loop background shoppers")
+    b.add_argument("--timeout-s", dest="timeout_s", type=float, default=5.0,
+                   help="a list unchanged this long after the click counts as a miss")
+    b.add_argument("--p99-budget-ms", dest="p99_budget_ms", type=float, default=250.0, help="the pass flag's p99")
+    b.add_argument("--check", action="store_true", help="exit 1 when a list did not change or the p99 is over budget")
+    b.add_argument("--json", action="store_true", help="one JSON line")
+    b.set_defaults(func=cmd_bench_reaction)
 
     b = bench.add_parser("redis-memory", help="bytes per user, per item and per event in the dedup window "
                                                "(MEMORY USAGE of real keys), Redis CPU per event and per request")

@@ -20,7 +20,8 @@ from recsys.settings import Settings
 
 # name -> the command that writes it
 BENCHES = {"serve": "recsys bench serve", "stream": "recsys bench stream", "ann": "recsys bench ann",
-           "train": "recsys bench train", "redis-memory": "recsys bench redis-memory"}
+           "train": "recsys bench train", "redis-memory": "recsys bench redis-memory",
+           "reaction": "recsys bench reaction"}
 HISTORY_LIMIT = 50  # runs kept per bench, oldest dropped first
 
 
