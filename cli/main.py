@@ -360,6 +360,20 @@ def cmd_bench_reaction(args) -> int:
     return 1 if args.check and not result["passed"] else 0
 
 
+def cmd_bench_freshness(args) -> int:
+    from lab.bench.freshness import bench_freshness
+    from lab.bench.train import default_ml100k
+    settings = get_settings()
+    sources = args.source or [FRESHNESS_SYNTHETIC, f"movielens:{default_ml100k()}"]
+    result = bench_freshness(settings, sources, workers=args.workers, epochs=args.epochs,
+                             progress=lambda msg: print(msg, file=sys.stderr))
+    _print(result, args.json)
+    return 1 if args.check and not result["passed"] else 0
+
+
+FRESHNESS_SYNTHETIC = "synthetic:generator=sessions,events=100000,users=2000,items=1000,seed=1"
+
+
 def cmd_bench_report(args) -> int:
     from lab.bench.report import write
     _print(write(get_settings(), *([Path(args.out)] if args.out else [])), args.json)
@@ -583,6 +597,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="one JSON line")
     b.set_defaults(func=cmd_bench_serve)
 
+    b = bench.add_parser("freshness", help="one trained model's HR@10 and NDCG@10 with the users' features at the "
+                                            "target's instant, at the start of its day, and an hour before")
+    b.add_argument("--source", action="append", default=None,
+                   help="a source, repeatable (default: the sessions generator, then MovieLens-100K from RECSYS_ML100K)")
+    b.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    b.add_argument("--epochs", type=int, default=None, help="epochs (default: the model config's)")
+    b.add_argument("--check", action="store_true", help="exit 1 when the first source's a/b of HR@10 is under 1.3")
+    b.add_argument("--json", action="store_true", help="one JSON line")
+    b.set_defaults(func=cmd_bench_freshness)
     b = bench.add_parser("reaction", help="time from a click's 202 to the first GET whose list changed, per user, "
                                            "beside closed-loop shoppers (the running Serve app; starts a stream worker)")
     b.add_argument("--users", type=int, default=200, help="users measured (known users of the demo's data)")

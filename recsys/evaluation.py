@@ -333,7 +333,7 @@ def metrics_from_ranks(ranks: np.ndarray) -> dict:
     out = {}
     for k in KS:
         out[f"hr@{k}"] = float(np.mean(ranks < k))
-    out["ndcg@10"] = float(np.mean(np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0)))
+    out["ndcg@10"] = float(np.mean(ndcg_gains(ranks)))
     return {"hr@10": round(out["hr@10"], 4), "ndcg@10": round(out["ndcg@10"], 4), "hr@50": round(out["hr@50"], 4)}
 
 
@@ -388,6 +388,31 @@ def paired_bootstrap(hits_a: np.ndarray, hits_b: np.ndarray, resamples: int = 10
     low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return {"diff": round(float(d.mean()), 4), "low": round(float(low), 4), "high": round(float(high), 4),
             "level": level, "users": int(len(d)), "resamples": int(resamples), "seed": seed}
+
+
+def paired_ratio_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 1000, seed: int = 0,
+                           level: float = 0.95) -> dict:
+    """mean(a) / mean(b) over the same targets (per-target values, e.g. hits or NDCG gains) and
+    its percentile bootstrap interval, the targets resampled together (paired)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape or len(a) == 0:
+        raise ValueError("paired_ratio_bootstrap needs two equal-length, non-empty vectors")
+    if b.mean() == 0:
+        return {"ratio": None, "low": None, "high": None, "level": level, "users": int(len(a))}
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for k in range(0, resamples, 100):
+        pick = rng.integers(0, len(a), size=(min(100, resamples - k), len(a)))
+        ratios.append(a[pick].mean(1) / np.maximum(b[pick].mean(1), 1e-12))
+    low, high = np.quantile(np.concatenate(ratios), [(1 - level) / 2, (1 + level) / 2])
+    return {"ratio": round(float(a.mean() / b.mean()), 4), "low": round(float(low), 4), "high": round(float(high), 4),
+            "level": level, "users": int(len(a)), "resamples": int(resamples), "seed": seed}
+
+
+def ndcg_gains(ranks: np.ndarray, k: int = 10) -> np.ndarray:
+    """Each target's NDCG@k gain (one relevant item): 1 / log2(rank + 2) within the top k, else 0."""
+    ranks = np.asarray(ranks)
+    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
 
 
 # ---- baselines -------------------------------------------------------------------------------

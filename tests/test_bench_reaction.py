@@ -70,3 +70,13 @@ def test_the_summary_passes_only_when_every_list_changed_within_the_budget():
     missed = summary([*fast, {"ms": None, "polls": 40}], budget_ms=250)
     assert not missed["passed"] and missed["unchanged_within_timeout"] == 1
     assert not summary([], budget_ms=250)["passed"]
+
+
+def test_the_results_page_shows_the_reaction_percentiles_and_the_background():
+    from lab.bench import report
+    run = {"users": 200, "changed": 199, "reaction_ms": {"p50": 30.6, "p90": 49.9, "p99": 96.4, "max": 122.6},
+           "p99_budget_ms": 250.0, "passed": False, "background": {"shoppers": 8, "rps": 260.2},
+           "measured_at": "2026-12-07T17:00:00+00:00", "commit": "abc1234"}
+    page = report.render({"reaction": [run]})
+    assert "| reaction p99, ms | 96.4 |" in page and "| users whose list changed | 199 of 200 |" in page
+    assert "8 background shoppers at 260.2 req/s" in page

@@ -383,6 +383,14 @@ def version_ranks(version_dirs: list[Path], table: pa.Table, settings: Settings,
                          catalogue)
 
 
+def feature_ranks(version_dir: Path, split: evaluation.Split, features: list) -> np.ndarray:
+    """The rank of each test target of ``split`` by a published model, its user embedded from
+    ``features`` (one ``UserFeatures`` per test target, in the split's order): ``recsys bench
+    freshness`` gives it the same targets' users as of different instants."""
+    (ranks,) = _ranks([version_dir], split, lambda model: model.user_embedding(features), None).values()
+    return ranks
+
+
 def held_out_ranks(version_dirs: list[Path], data) -> tuple[evaluation.HeldOut, dict[str, np.ndarray]]:
     """``version_ranks`` on the Ray Data engine's held-out targets (``training.ray_data.ArchiveData``):
     its encoded test inputs re-coded into each model's vocabulary (unknown ids: the OOV slot, as

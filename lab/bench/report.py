@@ -127,6 +127,15 @@ def redis_memory_section(latest: dict) -> list[str]:
         f"Redis {latest.get('redis_version', '-')}; no pass flag: these are per-unit figures for `recsys capacity`.", ""]
 
 
+def reaction_section(latest: dict) -> list[str]:
+    ms, load = latest.get("reaction_ms") or {}, latest.get("background") or {}
+    rows = [[f"reaction {q}, ms", ms.get(q)] for q in ("p50", "p90", "p99", "max")]
+    rows += [["users whose list changed", f"{fmt(latest.get('changed'))} of {fmt(latest.get('users'))}"],
+             ["p99 budget, ms", latest.get("p99_budget_ms")], ["passed", latest.get("passed")]]
+    return table(["figure", "value"], rows) + [
+        f"Beside {fmt(load.get('shoppers'))} background shoppers at {fmt(load.get('rps'))} req/s (lists and clicks).", ""]
+
+
 def generic_section(latest: dict) -> list[str]:
     """A bench this page has no layout for: its top-level figures."""
     rows = [[k, v] for k, v in latest.items()
@@ -140,7 +149,7 @@ def ordered(names) -> list[str]:
 
 
 SECTIONS = {"serve": serve_section, "stream": stream_section, "ann": ann_section, "train": train_section,
-            "redis-memory": redis_memory_section}
+            "redis-memory": redis_memory_section, "reaction": reaction_section}
 
 
 def render(histories: dict[str, list[dict]]) -> str:
