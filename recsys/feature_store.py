@@ -144,14 +144,17 @@ def connect(settings: Settings, timeout_s: float = 2.0, retries: int = 3) -> red
     return redis.Redis(**_client_options(settings, timeout_s), retry=retry)
 
 
-class _HiredisPackedConnection(redis.asyncio.Connection):
+class HiredisPackedConnection(redis.asyncio.Connection):
     """Commands packed by hiredis (C), as redis-py's synchronous connection already does: the
     asyncio one packs in Python, which was about 2% of a replica's CPU (issue 33's profile)."""
 
     def pack_command(self, *args) -> list[bytes]:
         if isinstance(args[0], str):  # "SCRIPT LOAD": the server wants the words apart
             args = (*args[0].encode().split(), *args[1:])
-        return [hiredis.pack_command(args)]
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as exc:  # an argument Redis cannot take (None, say): redis-py's own error
+            raise redis.DataError(str(exc)) from None
 
     def pack_commands(self, commands: Iterable[Iterable]) -> list[bytes]:
         return [b"".join(self.pack_command(*command)[0] for command in commands)]
@@ -162,7 +165,7 @@ def connect_async(settings: Settings, timeout_s: float, retries: int) -> redis.a
     retry = AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), retries)
     if settings.redis.cluster_masters:
         return redis.asyncio.RedisCluster(**_client_options(settings, timeout_s), retry=retry)
-    pool = redis.asyncio.ConnectionPool(connection_class=_HiredisPackedConnection, retry=retry,
+    pool = redis.asyncio.ConnectionPool(connection_class=HiredisPackedConnection, retry=retry,
                                         **_client_options(settings, timeout_s))
     return redis.asyncio.Redis(connection_pool=pool)
 

@@ -299,3 +299,15 @@ def test_a_tower_error_reaches_every_request_of_its_batch_and_the_next_batch_wor
     assert all(isinstance(g, RuntimeError) for g in got) and broken.calls == [[1, 2]]
     fine = _Tower("v2")
     assert [g.tolist() for g in _gather(batcher, [(fine, 5)])] == [[[5.0]]]
+
+
+def test_the_request_paths_redis_commands_are_packed_as_redis_py_packs_them():
+    from redis.asyncio import Connection
+    from recsys.feature_store import HiredisPackedConnection
+    commands = [("EVALSHA", "ab12", 2, "k:1", "k:2", "recs:read", 100.5, 200), ("LRANGE", "u:recent", 0, -1),
+                ("SCRIPT LOAD", "return 1"), ("HGETALL", "é")]
+    ours, theirs = HiredisPackedConnection(), Connection()
+    assert b"".join(ours.pack_commands(commands)) == b"".join(theirs.pack_commands(commands))
+    assert b"".join(ours.pack_command(*commands[0])) == b"".join(theirs.pack_command(*commands[0]))
+    with pytest.raises(redis.DataError):
+        ours.pack_command("SET", "k", None)
