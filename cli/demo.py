@@ -36,14 +36,14 @@ def _step(n: int, text: str) -> None:
     print(f"\n== {n}. {text}", flush=True)
 
 
-def _reaction_ms(client, user: str, before: list[str], accepted_at: float, timeout_s: float = 10.0) -> float | None:
-    """Milliseconds from ``accepted_at`` (the events' 202) to the end of the first GET whose top 10
-    differs from ``before`` (``recsys bench reaction`` measures this for 200 users under load)."""
+def _reaction(client, user: str, before: list[str], accepted_at: float, timeout_s: float = 10.0) -> str:
+    """How long after ``accepted_at`` (the events' 202) the first GET whose top 10 differs from
+    ``before`` ended (``recsys bench reaction`` measures this for 200 users under load)."""
     while time.perf_counter() - accepted_at < timeout_s:
         items = [x["item_id"] for x in client.get(f"/v1/recommendations/{user}", params={"k": 10}).json()["items"]]
         if items != before:
-            return (time.perf_counter() - accepted_at) * 1e3
-    return None
+            return f"{(time.perf_counter() - accepted_at) * 1e3:.0f} ms after the 202"
+    return f"not within {timeout_s:.0f} s"
 
 
 def _show(answer: dict) -> str:
@@ -108,8 +108,8 @@ def run_demo(settings: Settings, events: int = 100_000, epochs: Optional[int] = 
 
         user, control = active[0], active[1]
         mixture = set(source.mixture[int(user[1:])].tolist())  # the user's long-term taste clusters
-        cluster = next(c for c in range(source.clusters) if c not in mixture
-                       and c != (source.user_cluster[int(control[1:])]))
+        cluster = next(c for c in range(source.clusters)
+                       if c not in mixture and c != source.user_cluster[int(control[1:])])
         top = {u: client.get(f"/v1/recommendations/{u}", params={"k": 10}).json() for u in (user, control)}
         seen = set(store.users([pseudonyms.user_id(user)])[0].seen)
         # The cluster's most popular items the user has not touched: a new taste, in 5 clicks.
@@ -121,9 +121,8 @@ def run_demo(settings: Settings, events: int = 100_000, epochs: Optional[int] = 
         batch = [{"event_id": f"demo-{now}-{n}-{t}", "user_id": user, "item_id": item, "type": t, "ts": now + 2 * n + j}
                  for n, item in enumerate(clicked) for j, t in enumerate(("view", "click"))]
         accepted = client.post('/v1/events', json=batch).json()["accepted"]
-        reaction_ms = _reaction_ms(client, user, [x["item_id"] for x in top[user]["items"]], time.perf_counter())
-        print(f"accepted {accepted} events; {user}'s list changed "
-              + (f"{reaction_ms:.0f} ms after the 202" if reaction_ms is not None else "not within 10 s"))
+        reaction = _reaction(client, user, [x["item_id"] for x in top[user]["items"]], time.perf_counter())
+        print(f"accepted {accepted} events; {user}'s list changed {reaction}")
         with contextlib.suppress(process.NotInTime):  # the stream worker applies them within about a second
             process.wait_until(lambda: set(clicked) <= store.users([pseudonyms.user_id(user)])[0].seen, 10,
                                "the clicks are in Redis", every_s=0.05)
@@ -145,7 +144,7 @@ def run_demo(settings: Settings, events: int = 100_000, epochs: Optional[int] = 
           f"workers, HR@10 {m['two_tower']['hr@10']:.3f} (most-popular {m['popularity']['hr@10']:.3f}); "
           f"served at {base_url(settings)}; after 5 clicks in taste cluster {cluster}, its share of {user}'s top 10 "
           f"went {shares[user][0]:.0%} -> {shares[user][1]:.0%} (control {control}: {shares[control][0]:.0%} -> "
-          f"{shares[control][1]:.0%}); the list changed "
-          + (f"{reaction_ms:.0f} ms after the clicks' 202" if reaction_ms is not None else "not within 10 s") + f".\nThe API needs a key: recsys keys create --name me --scopes recs:read,events:write"
+          f"{shares[control][1]:.0%}); the list changed {reaction}."
+          f"\nThe API needs a key: recsys keys create --name me --scopes recs:read,events:write"
           f"\nStop everything: recsys serve down && recsys stack down")
     return 0

@@ -361,17 +361,12 @@ def cmd_bench_reaction(args) -> int:
 
 
 def cmd_bench_freshness(args) -> int:
-    from lab.bench.freshness import bench_freshness
-    from lab.bench.train import default_ml100k
+    from lab.bench.freshness import bench_freshness, default_sources
     settings = get_settings()
-    sources = args.source or [FRESHNESS_SYNTHETIC, f"movielens:{default_ml100k()}"]
-    result = bench_freshness(settings, sources, workers=args.workers, epochs=args.epochs,
+    result = bench_freshness(settings, args.source or default_sources(), workers=args.workers, epochs=args.epochs,
                              progress=lambda msg: print(msg, file=sys.stderr))
     _print(result, args.json)
     return 1 if args.check and not result["passed"] else 0
-
-
-FRESHNESS_SYNTHETIC = "synthetic:generator=sessions,events=100000,users=2000,items=1000,seed=1"
 
 
 def cmd_bench_report(args) -> int:

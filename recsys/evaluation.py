@@ -375,6 +375,14 @@ def evaluate_scorer(split: Split | HeldOut, score_fn: Callable[[np.ndarray], np.
     return metrics_from_ranks(ranks) | {"users": int(len(ranks))}
 
 
+def _resampled(n: int, resamples: int, seed: int):
+    """Index arrays of ``resamples`` bootstrap draws of n targets (with replacement), 100 at a
+    time: one (draws, n) array per chunk, from a fixed seed."""
+    rng = np.random.default_rng(seed)
+    for k in range(0, resamples, 100):
+        yield rng.integers(0, n, size=(min(100, resamples - k), n))
+
+
 def paired_bootstrap(hits_a: np.ndarray, hits_b: np.ndarray, resamples: int = 1000, seed: int = 0,
                      level: float = 0.95) -> dict:
     """Mean of hits_a - hits_b over the same targets and its percentile bootstrap interval
@@ -382,9 +390,7 @@ def paired_bootstrap(hits_a: np.ndarray, hits_b: np.ndarray, resamples: int = 10
     d = np.asarray(hits_a, dtype=np.float64) - np.asarray(hits_b, dtype=np.float64)
     if d.ndim != 1 or len(d) == 0:
         raise ValueError("paired_bootstrap needs two equal-length, non-empty hit vectors")
-    rng = np.random.default_rng(seed)
-    means = np.concatenate([d[rng.integers(0, len(d), size=(min(100, resamples - k), len(d)))].mean(1)
-                            for k in range(0, resamples, 100)])
+    means = np.concatenate([d[pick].mean(1) for pick in _resampled(len(d), resamples, seed)])
     low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return {"diff": round(float(d.mean()), 4), "low": round(float(low), 4), "high": round(float(high), 4),
             "level": level, "users": int(len(d)), "resamples": int(resamples), "seed": seed}
@@ -399,12 +405,9 @@ def paired_ratio_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 1000, 
         raise ValueError("paired_ratio_bootstrap needs two equal-length, non-empty vectors")
     if b.mean() == 0:
         return {"ratio": None, "low": None, "high": None, "level": level, "users": int(len(a))}
-    rng = np.random.default_rng(seed)
-    ratios = []
-    for k in range(0, resamples, 100):
-        pick = rng.integers(0, len(a), size=(min(100, resamples - k), len(a)))
-        ratios.append(a[pick].mean(1) / np.maximum(b[pick].mean(1), 1e-12))
-    low, high = np.quantile(np.concatenate(ratios), [(1 - level) / 2, (1 + level) / 2])
+    ratios = np.concatenate([a[pick].mean(1) / np.maximum(b[pick].mean(1), 1e-12)
+                             for pick in _resampled(len(a), resamples, seed)])
+    low, high = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
     return {"ratio": round(float(a.mean() / b.mean()), 4), "low": round(float(low), 4), "high": round(float(high), 4),
             "level": level, "users": int(len(a)), "resamples": int(resamples), "seed": seed}
 

@@ -21,9 +21,9 @@ that cannot be made, or a send the brokers refuse drops the impressions and coun
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
-import collections
 import random
 import threading
 import time

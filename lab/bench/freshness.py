@@ -25,6 +25,7 @@ from recsys.training_data import iter_point_in_time, sort_table
 
 DAY_MS = 24 * 3600 * 1000
 HOUR_MS = 3600 * 1000
+SYNTHETIC = "synthetic:generator=sessions,events=100000,users=2000,items=1000,seed=1"
 VARIANTS = {"a": "at the target's instant (live Redis)", "b": "at the start of the target's day (a nightly batch)",
             "c": "one hour before the target"}
 
@@ -65,6 +66,12 @@ def freshness(version_dir, table, settings: Settings) -> dict:
     ranks = {v: feature_ranks(version_dir, split, [feats[r] for r in rows[v]]) for v in VARIANTS}
     stale = {v: round(float(np.mean(rows[v] != rows["a"])), 4) for v in ("b", "c")}
     return {"targets": int(len(split.test_index)), "stale_share": stale, **compare(ranks)}
+
+
+def default_sources() -> list[str]:
+    """The sessions generator, then MovieLens-100K (``RECSYS_ML100K``)."""
+    from lab.bench.train import default_ml100k
+    return [SYNTHETIC, f"movielens:{default_ml100k()}"]
 
 
 def bench_freshness(settings: Settings, sources: list[str], workers: int = 2, epochs: int | None = None,
