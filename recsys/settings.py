@@ -184,6 +184,9 @@ class ServingSettings(BaseModel):
     tower_batch: bool = True
     tower_batch_max: int = Field(16, ge=1)
     tower_batch_wait_s: float = Field(0.0, ge=0)
+    # The stage times (recsys_stage_ms) of one answer in this many: the dashboards plot their
+    # sum over their count, which sampling leaves unbiased; 1: every answer.
+    stage_metrics_every: int = Field(4, ge=1)
     # The catalogue's log (recsys/catalogue.py) keeps about this many entries; a replica that
     # falls further behind reads the whole catalogue again.
     catalogue_log_max: int = Field(100_000, ge=100)

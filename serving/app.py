@@ -8,6 +8,7 @@ one is loaded, so a swap fails nothing.
 """
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -110,6 +111,7 @@ class RecsysService:
         self.settings = s = settings
         sv = s.serving
         self.tower = TowerBatcher(sv.tower_batch_max, sv.tower_batch_wait_s) if sv.tower_batch else None
+        self.answers = itertools.count()  # which answers' stage times are observed
         self.bounds = EventTimeBounds.of(s.features)
         # Fail within a bounded time when Redis is gone, instead of hanging a request.
         bounded = {"timeout_s": sv.redis_timeout_s, "retries": sv.redis_retries}
@@ -313,8 +315,9 @@ class RecsysService:
         rec.stages_ms["features"] = features_ms
         if tower_ms is not None:
             rec.stages_ms["user_tower"] = tower_ms  # the wait for the batch included
-        for stage, ms in rec.stages_ms.items():
-            STAGE_MS.observe(ms, tags={"stage": stage})
+        if next(self.answers) % self.settings.serving.stage_metrics_every == 0:
+            for stage, ms in rec.stages_ms.items():
+                STAGE_MS.observe(ms, tags={"stage": stage})
         if rec.fallback:
             FALLBACKS.inc()
         impression = Impression.served(pseudonym, rec.model_version, arm, rec.items)

@@ -11,6 +11,8 @@ import time
 from collections import Counter, defaultdict
 
 import pyarrow.parquet as pq
+import pytest
+import redis
 from kafka import KafkaAdminClient
 
 from recsys.archive import read_events
@@ -307,6 +309,35 @@ def test_redis_and_memory_stores_hold_the_same_features(scratch):
     online, offline = redis_store.trending(len(items)), memory.trending(len(items))
     assert [item for item, _ in online] == [item for item, _ in offline]
     assert max(abs(a - b) for (_, a), (_, b) in zip(online, offline)) < 1e-9
+
+
+def test_request_path_reader_reads_what_the_store_holds(scratch):
+    """The replica's asyncio reader (commands written at once, replies read back by hand) gives
+    each user's features and the merged trending top exactly as the synchronous store reads
+    them; a refused command ahead of them (a key check whose script Redis lost) raises its
+    error, and the pool's connection still serves the next read."""
+    import asyncio
+    from recsys.feature_store import FeatureReader, connect_async
+    from recsys.sources import SyntheticSource
+    s = scratch.settings
+    store = FeatureStore(s)
+    events = list(SyntheticSource(events=3_000, users=50, items=80, seed=5).events_iter())
+    store.apply_events(events)
+    users = sorted({e.user_id for e in events})
+
+    async def read_all():
+        reader = FeatureReader(s, connect_async(s, 2.0, 1))
+        got = [await reader.user_and_trending(u, 20) for u in users]
+        with pytest.raises(redis.exceptions.NoScriptError):
+            await reader.user_and_trending(users[0], 20, first=("EVALSHA", "0" * 40, 0))
+        after = await reader.user_and_trending(users[0], 20, first=("PING",))
+        await reader.redis.aclose()
+        return got, after
+
+    got, after = asyncio.run(read_all())
+    assert [user.to_json() for user, _, _ in got] == [u.to_json() for u in store.users(users)]
+    assert all(trending == store.trending(20) for _, trending, _ in got)
+    assert after[0].to_json() == store.user(users[0]).to_json() and after[2] in ("PONG", b"PONG", True)
 
 
 def _expected(events):
