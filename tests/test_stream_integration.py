@@ -563,10 +563,10 @@ def test_a_rebuild_keeps_the_online_state_and_the_retraining_lock(scratch):
                        [(s.kafka.events_topic, 0, 0)])
     assert store.user("u1").counts == {"click": 1}
     rebuilt = rebuild_features(s, progress=lambda *_: None)
-    assert rebuilt["cleared_keys"] >= 5 and store.user("u1").counts == {}
-    assert [k for pattern in store.keys.feature_patterns() for k in store.redis.scan_iter(match=pattern)] == []
     assert {key: store.redis.hgetall(key) for key in kept} == kept
     assert store.redis.get(lock) == "host:1:abc"
+    assert rebuilt["cleared_keys"] >= 5 and store.user("u1").counts == {}
+    assert [k for pattern in store.keys.feature_patterns() for k in store.redis.scan_iter(match=pattern)] == []
 
 
 def test_a_retry_judged_before_a_crash_is_still_a_retry_after_its_marker_expired(scratch):
