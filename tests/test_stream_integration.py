@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 import pyarrow.parquet as pq
 import pytest
 from kafka import KafkaAdminClient
+from kafka.errors import KafkaError
 
 from recsys.archive import read_events
 from recsys.events import Event
@@ -537,9 +538,10 @@ def test_a_rebuild_while_the_archiver_writes_applies_every_event_once(scratch, m
 
     monkeypatch.setattr(rebuild, "read_partition_log", archiver_writes_meanwhile)
     rebuilt = rebuild.rebuild_features(s, progress=lambda *_: None)
-    assert archived_meanwhile == [2000] and rebuilt["applied"] == 4000
+    # All but partition 0's share of the 2,000 (its log was read before they were archived).
+    assert archived_meanwhile == [2000] and 4000 < rebuilt["applied"] < 6000
     caught_up = stream_json(scratch.cli("stream", "--until-idle", "2"))
-    assert caught_up["applied"] == 2000 and caught_up["duplicates"] == 0
+    assert caught_up["applied"] == 6000 - rebuilt["applied"] and caught_up["duplicates"] == 0
     assert_exact(s, events)
 
 
@@ -695,8 +697,13 @@ def test_sigterm_while_the_coordinator_is_away_ends_within_the_grace_period(scra
                       ts=1_700_000_000_000 + n) for n in range(300)], s, progress=False)
         worker = subprocess.Popen([sys.executable, "-m", "cli", "stream"], env=settings_env(s),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        def done() -> int:
+            try:
+                return committed(s)
+            except KafkaError:  # the new broker's offsets topic not made yet
+                return 0
         deadline = time.monotonic() + 90
-        while committed(s) < 300:
+        while done() < 300:
             assert worker.poll() is None and time.monotonic() < deadline, "the worker applied nothing"
             time.sleep(0.2)
         os.kill(broker, signal.SIGSTOP)
