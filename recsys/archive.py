@@ -13,6 +13,7 @@ events up to that time, including any the archiver writes later from Kafka.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -21,7 +22,7 @@ import zlib
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -36,6 +37,7 @@ from recsys import kafka_io, metrics
 from recsys.events import BadEvent, Event, EventTimeBounds, parse_event
 from recsys.settings import Settings
 
+log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema([("event_id", pa.string()), ("user_id", pa.string()), ("item_id", pa.string()),
                     ("type", pa.string()), ("value", pa.float64()), ("ts", pa.int64())])
@@ -222,10 +224,13 @@ def read_events(settings: Settings, start_ts: int | None = None, end_ts: int | N
     return table if first.all() else table.filter(pa.array(first))
 
 
-def read_partition_log(settings: Settings, partition: int) -> pa.Table:
+def read_partition_log(settings: Settings, partition: int, through: int | None = None) -> pa.Table:
     """One partition's archived events with their offsets, in offset order (rows of files
-    written before offsets were kept: in file order, after the others of lower offsets)."""
-    files = sorted(Path(settings.archive_dir).glob(f"day=*/p{partition}-*.parquet"),
+    written before offsets were kept: in file order, after the others of lower offsets).
+    ``through``: only the files of offsets up to it (a ledger's value read before: the files of
+    a batch the archiver writes meanwhile are left out whole, never in part)."""
+    files = sorted((f for f in Path(settings.archive_dir).glob(f"day=*/p{partition}-*.parquet")
+                    if through is None or int(_FILE.search(f.name).group(3)) <= through),
                    key=lambda f: int(_FILE.search(f.name).group(2)))
     if not files:
         return FILE_SCHEMA.empty_table()
@@ -246,12 +251,15 @@ def archived_partitions(settings: Settings) -> list[int]:
 
 
 class _SeekToLedger(ConsumerRebalanceListener):
-    def __init__(self, archive: Archive):
-        self.archive = archive
+    """Partitions assigned resume at their ledger + 1; those revoked first ``drop`` what was
+    polled of them and not written (it comes again, to their next owner or to this one)."""
+
+    def __init__(self, archive: Archive, drop: Callable[[set[int]], None]):
+        self.archive, self.drop = archive, drop
         self.consumer = None  # set once the consumer exists
 
     def on_partitions_revoked(self, revoked):
-        pass
+        self.drop({tp.partition for tp in revoked})
 
     def on_partitions_assigned(self, assigned):
         for tp in assigned:
@@ -261,19 +269,30 @@ class _SeekToLedger(ConsumerRebalanceListener):
 
 
 def run_archiver(settings: Settings, until_idle: float | None = None, flush_records: int = 20_000,
-                 flush_seconds: float = 2.0) -> dict:
-    """Append events to the archive until SIGTERM, or ``until_idle`` seconds without records.
+                 flush_seconds: float = 2.0, stopping: threading.Event | None = None) -> dict:
+    """Append events to the archive until SIGTERM (or ``stopping`` is set), or ``until_idle``
+    seconds without records.
 
     Records are buffered up to ``flush_records`` or ``flush_seconds`` so files are not tiny.
     A record that is not a valid event (bounds included) goes to the dead-letter topic with the
     reason, like the stream worker's (header ``consumer``: this group): no record can stop the
-    archive. Offsets are committed once the files are written and the dead letters acknowledged.
+    archive. The dead letters are acknowledged before the files of their batch are written (the
+    ledger then passes them), and stopped before that, nothing of the batch is written: it comes
+    again. Offsets are committed after, as a progress report only (the ledger is the truth).
     """
     archive = Archive(settings.archive_dir)
     bounds = EventTimeBounds.of(settings.features)
-    dlq = kafka_io.producer(settings, max_block_ms=5000, request_timeout_ms=5000)
+    dlq = kafka_io.dead_letter_producer(settings)
+    stopping = stopping or threading.Event()
     bad: list[tuple[object, BadEvent]] = []
-    listener = _SeekToLedger(archive)
+
+    def drop(partitions: set[int]) -> None:
+        for p in partitions:
+            buffer.pop(p, None)
+        bad[:] = [(r, why) for r, why in bad if r.partition not in partitions]
+        for tp in [tp for tp in polled_to if tp.partition in partitions]:
+            del polled_to[tp]
+    listener = _SeekToLedger(archive, drop)
 
     def make_consumer():
         listener.consumer = kafka_io.consumer(settings, settings.kafka.archive_group, listener=listener,
@@ -286,6 +305,12 @@ def run_archiver(settings: Settings, until_idle: float | None = None, flush_reco
     last_flush = time.monotonic()
 
     def flush():
+        if bad:
+            sent = kafka_io.until_done(lambda: kafka_io.dead_letter(dlq, settings, settings.kafka.archive_group, bad),
+                                       "the dead-letter topic", (KafkaError,), stopping)
+            if sent is None:  # stopped: the batch is not written, and comes again from the ledger
+                return
+            stats["dlq"] += sent
         for partition, rows in buffer.items():
             if rows:
                 archive.write_batch(partition, rows)
@@ -294,12 +319,11 @@ def run_archiver(settings: Settings, until_idle: float | None = None, flush_reco
                 metrics.LEDGER_OFFSET.labels(str(partition)).set(rows[-1][0])
         records_done = sum(map(len, buffer.values())) + len(bad)
         buffer.clear()
-        if bad:
-            stats["dlq"] += kafka_io.until_done(
-                lambda: kafka_io.dead_letter(dlq, settings, settings.kafka.archive_group, bad),
-                "the dead-letter topic", (KafkaError,))
-            bad.clear()
-        member.consumer.commit()
+        bad.clear()
+        try:
+            member.consumer.commit(timeout_ms=int(settings.kafka.request_timeout_s * 1000))
+        except KafkaError as exc:  # a progress report: the next one catches up
+            log.warning("archiver: offsets not committed (%r)", exc)
         member.mark_done(polled_to)
         metrics.CONSUMED.labels(settings.kafka.archive_group).inc(records_done)
 
@@ -321,9 +345,9 @@ def run_archiver(settings: Settings, until_idle: float | None = None, flush_reco
             last_flush = now
 
     try:
-        kafka_io.consume(member, on_poll, threading.Event(), until_idle, busy=lambda: any(buffer.values()) or bool(bad))
+        kafka_io.consume(member, on_poll, stopping, until_idle, busy=lambda: any(buffer.values()) or bool(bad))
         flush()
     finally:
-        member.consumer.close(autocommit=False)
-        dlq.close()
+        member.consumer.close(autocommit=False, timeout_ms=int(settings.kafka.request_timeout_s * 1000))
+        dlq.close(timeout=settings.kafka.request_timeout_s)
     return stats

@@ -496,7 +496,7 @@ class OnlineConsumer:
 
     def close(self) -> None:
         try:
-            kafka_io.commit_done_and_close(self.member.consumer, self.done)
+            kafka_io.commit_done_and_close(self.member.consumer, self.done, self.settings.kafka.request_timeout_s)
         finally:
             self.dlq.close()
 

@@ -5,7 +5,9 @@ Each event runs two scripts, each within one cluster slot (recsys/features.py): 
 script on the user's group, then the item script on the item's trending shard. Each group
 keeps its own applied offset per partition, so a replay or a crash between the two scripts
 applies each half once; the user script's verdict on the event id (kept in the user's group)
-tells the item script whether the event is a client's retry.
+tells the item script whether the event is a client's retry. A verdict of retry is also marked
+at its position in the user's group until the item script has run, so a replay after a crash
+between the two tells the item script the same, even once the event id's marker has expired.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from recsys.events import Event
-from recsys.features import OFFSET_FIELD, Keys, Op, UserFeatures, item_ops, merge_trending, offset_field, user_ops
+from recsys.features import (OFFSET_FIELD, Keys, Op, UserFeatures, item_ops, merge_trending, offset_field, retry_field,
+                             user_ops)
 from recsys.secrets import REDIS_PASSWORD, read_secret
 from recsys.settings import Settings
 
@@ -33,12 +36,17 @@ log = logging.getLogger(__name__)
 _APPLY_USER = """
 local offset = tonumber(ARGV[3])
 local refused = false
+local retried = '@!' .. ARGV[4]
 if offset >= 0 then
   local applied = redis.call('HGET', KEYS[2], ARGV[2])
   if applied and offset <= tonumber(applied) then
     if redis.call('ZSCORE', KEYS[3], ARGV[4]) == false then
+      if redis.call('HEXISTS', KEYS[2], retried) == 1 then return 0 end
       local first = redis.call('GET', KEYS[1])
-      if first and first ~= ARGV[4] then return 0 end
+      if first and first ~= ARGV[4] then
+        redis.call('HSET', KEYS[2], retried, 1)
+        return 0
+      end
       return 2
     end
     refused = true
@@ -50,6 +58,7 @@ local function settle()
 end
 if redis.call('SET', KEYS[1], ARGV[4], 'NX', 'EX', ARGV[1]) == false then
   settle()
+  if offset >= 0 then redis.call('HSET', KEYS[2], retried, 1) end
   return 0
 end
 local function try(...)
@@ -369,6 +378,7 @@ class SentEvents:
         """Per event, True when applied, False for a duplicate (a retry or a replay)."""
         verdicts = self.user_verdicts()
         run_scripts(self.store.redis, self.item_commands(verdicts))
+        run_scripts(self.store.redis, self.retries_done(verdicts), scripts=())
         return [v == 1 for v in verdicts]
 
     def user_verdicts(self) -> list[int]:
@@ -387,6 +397,14 @@ class SentEvents:
                              keys.shard_refused(shard), *(op.key for op in ops), field, offset, place,
                              "advance" if verdict == 0 else "apply", *_op_args(ops)))
         return commands
+
+    def retries_done(self, verdicts: list[int]) -> list[tuple]:
+        """Once the item scripts ran: the commands that drop the marks the user scripts left on
+        positions they judged retries (a crash before this leaves a mark, which changes nothing)."""
+        keys = self.store.keys
+        return [("HDEL", keys.user(event.user_id, "counts"), retry_field(place))
+                for event, position, verdict in zip(self.events, self.positions, verdicts)
+                if verdict == 0 and (place := _position(position)[2]) >= 0]
 
     def drop(self) -> None:
         """Give up on the replies (the worker stops)."""
@@ -469,8 +487,16 @@ class FeatureStore:
 
     def clear(self) -> int:
         """Delete every key under this store's prefix (scratch runs and tests)."""
+        return self._unlink(f"{self.keys.prefix}:*")
+
+    def clear_features(self) -> int:
+        """Delete the online features (``features.FEATURE_KINDS``) and nothing else under the
+        prefix: the online A/B state, the scheduler's lock and the like stay."""
+        return sum(self._unlink(pattern) for pattern in self.keys.feature_patterns())
+
+    def _unlink(self, pattern: str) -> int:
         n = 0
-        for batch in _chunks(self.redis.scan_iter(match=f"{self.keys.prefix}:*", count=1000), 1000):
+        for batch in _chunks(self.redis.scan_iter(match=pattern, count=1000), 1000):
             n += self.redis.unlink(*batch)
         return n
 

@@ -12,8 +12,10 @@ A user's group ``{u:<user>}`` is written by the user script, an item's trending 
 
   P:user:{u:<user>}:recent   LIST  item ids, newest first, at most ``recent_items``
   P:user:{u:<user>}:seen     SET   every item the user interacted with
-  P:user:{u:<user>}:counts   HASH  event type -> count; and ``@<topic>:<p>`` -> the highest
-                                   offset of partition p whose event of this user is applied
+  P:user:{u:<user>}:counts   HASH  event type -> count; ``@<topic>:<p>`` -> the highest
+                                   offset of partition p whose event of this user is applied;
+                                   ``@!<position>`` -> 1 while the item script of a position the
+                                   user script judged a client's retry may not have run yet
   P:dedup:{u:<user>}:<event> STRING the event's first position (partition * 2**40 + offset,
                                    -1 without): its id was applied (expires after features.dedup_ttl_s)
   P:refused:{u:<user>}       ZSET  positions of this user's events whose writes Redis refused
@@ -22,6 +24,10 @@ A user's group ``{u:<user>}`` is written by the user script, an item's trending 
                                    items are the merge of every shard's top (``merge_trending``)
   P:applied:{t:<k>}          HASH  "@<topic>:<p>" -> the highest offset of partition p applied to shard k
   P:refused:{t:<k>}          ZSET  positions refused by shard k
+
+Nothing else lives under these kinds (``FEATURE_KINDS``): ``recsys features rebuild`` deletes
+exactly them, so other state under the prefix (the online A/B counters, the scheduler's
+lock, ...) survives it.
 """
 from __future__ import annotations
 
@@ -48,11 +54,22 @@ class Op(NamedTuple):
 
 USER_PARTS = ("recent", "seen", "counts")  # a user's keys: Keys.user(user_id, part)
 OFFSET_FIELD = "@"  # a user's counts field that starts so holds an applied offset, not a count
+RETRY_FIELD = OFFSET_FIELD + "!"  # no topic name holds "!": then a position judged a client's retry
+# The key kinds of the online features (``Keys``), the part after the prefix.
+FEATURE_KINDS = ("user", "dedup", "refused", "item", "trending", "applied")
 
 
 def offset_field(topic: str, partition: int) -> str:
     """The hash field that holds a group's applied offset of one partition."""
     return f"{OFFSET_FIELD}{topic}:{partition}"
+
+
+def retry_field(position: int) -> str:
+    """The user's counts field that says the event at ``position`` (see ``feature_store._position``)
+    is a client's retry, kept until its item script has run: a replay then tells the item script
+    so whether or not the event id's marker has expired meanwhile (``_APPLY_USER`` builds the
+    same name)."""
+    return f"{RETRY_FIELD}{position}"
 
 
 class Keys:
@@ -86,6 +103,10 @@ class Keys:
 
     def shard_refused(self, shard: int) -> str:
         return f"{self.prefix}:refused:{{t:{shard}}}"
+
+    def feature_patterns(self) -> list[str]:
+        """SCAN patterns that match every key above and nothing else under the prefix."""
+        return [f"{self.prefix}:{kind}:*" for kind in FEATURE_KINDS]
 
 
 def merge_trending(shards: list[list[tuple[str, float]]], n: int) -> list[tuple[str, float]]:

@@ -48,6 +48,13 @@ def producer(settings: Settings, **overrides) -> KafkaProducer:
     return KafkaProducer(**conf)
 
 
+def dead_letter_producer(settings: Settings) -> KafkaProducer:
+    """A producer whose sends fail within ``kafka.request_timeout_s`` while the dead-letter topic
+    is missing or unwritable (``dead_letter`` bounds the wait for its acknowledgements)."""
+    timeout_ms = int(settings.kafka.request_timeout_s * 1000)
+    return producer(settings, max_block_ms=timeout_ms, request_timeout_ms=timeout_ms)
+
+
 def consumer(settings: Settings, group: str, listener=None, topics: tuple[str, ...] | None = None,
              **overrides) -> KafkaConsumer:
     """Manual commits: callers commit only after the effect of a batch is durable. ``topics``:
@@ -207,15 +214,16 @@ class GroupMember:
 def dead_letter(prod: KafkaProducer, settings: Settings, group: str, bad: list[tuple[object, BadEvent]]) -> int:
     """Send each (record, why) to the dead-letter topic, with the reason, the consumer group
     that rejected it and its source position as headers and the original bytes as value, and
-    wait until the broker has every one (raises KafkaError if not): then its offset may be
-    committed."""
+    wait until the broker has every one (raises KafkaError if not, within about
+    ``kafka.request_timeout_s``): then its offset may be committed."""
     futures = [prod.send(settings.kafka.dlq_topic, key=record.key, value=record.value or b"",
                          headers=[("reason", why.reason.encode()[:1000]), ("consumer", group.encode()),
                                   ("topic", record.topic.encode()), ("partition", str(record.partition).encode()),
                                   ("offset", str(record.offset).encode())])
                for record, why in bad]
+    deadline = time.monotonic() + settings.kafka.request_timeout_s
     for f in futures:
-        f.get(timeout=30)
+        f.get(timeout=max(0.0, deadline - time.monotonic()))
     for _, why in bad:
         DEAD_LETTERS.labels(group, why.kind).inc()
     return len(futures)
@@ -259,20 +267,29 @@ def replay(events: Iterable[Event], settings: Settings, rate: float = 0.0, limit
             "first_ts": first_ts, "last_ts": last_ts, "topic": settings.kafka.events_topic}
 
 
-def commit_done_and_close(consumer: KafkaConsumer, done: dict) -> None:
+def commit_done_and_close(consumer: KafkaConsumer, done: dict, timeout_s: float) -> None:
     """A consumer's exit: commit what is done (synchronously, for the partitions still held),
     nothing else, then close. Held, and ahead of the group's position: a partition that moved
-    away and came back with nothing processed since must not be rewound to what was done before."""
-    held = consumer.assignment()
-    ahead = {tp: om for tp, om in done.items() if tp in held and om.offset > (consumer.committed(tp) or 0)}
+    away and came back with nothing processed since must not be rewound to what was done before.
+    The reads and the commit take ``timeout_s`` at most, the close as much: with the coordinator
+    away, what is not committed comes again to the next owner (the effects are idempotent)."""
+    deadline = time.monotonic() + timeout_s
+
+    def left_ms() -> int:
+        return max(1, int((deadline - time.monotonic()) * 1000))
     try:
+        held = consumer.assignment()
+        ahead = {tp: om for tp, om in done.items()
+                 if tp in held and om.offset > (consumer.committed(tp, timeout_ms=left_ms()) or 0)}
         if ahead:
-            consumer.commit(offsets=ahead)
+            consumer.commit(offsets=ahead, timeout_ms=left_ms())
+    except KafkaError as exc:
+        log.warning("exit: done offsets not committed (%r); they come again, and change nothing", exc)
     finally:
-        consumer.close(autocommit=False)
+        consumer.close(autocommit=False, timeout_ms=int(timeout_s * 1000))
 
 
-def until_done(effect: Callable, what: str, transient: tuple, stopping: threading.Event | None = None):
+def until_done(effect: Callable, what: str, transient: tuple, stopping: threading.Event):
     """A consumer's effect (a batch into Redis, dead letters to the broker), run until it
     succeeds, waiting out ``transient`` errors (0.1 s, doubling to 5 s); None if ``stopping``
     is set meanwhile. The effects are safe to run again (applied offsets, markers)."""
@@ -281,10 +298,11 @@ def until_done(effect: Callable, what: str, transient: tuple, stopping: threadin
         try:
             return effect()
         except transient as exc:
-            if stopping is not None and stopping.is_set():
+            if stopping.is_set():
                 return None
             log.warning("%s unavailable (%r); retrying in %.1fs", what, exc, delay)
-            time.sleep(delay)
+            if stopping.wait(delay):
+                return None
             delay = min(delay * 2, 5.0)
 
 

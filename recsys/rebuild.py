@@ -1,11 +1,14 @@
 """``recsys features rebuild``: the online features again, exactly, from the Parquet archive.
 
 For when Redis lost its data (AOF everysec can lose a second; a disk can lose everything).
-Each partition's archived events are applied in offset order, at their Kafka positions, with
-the stream worker's own operations, and the stream worker's group is moved to the offset after
-the archive's last: the worker then continues with no gap (the events it had applied beyond the
-archive come again) and no double count (the archived ones are not read again, and the applied
-offsets they left would skip them anyway).
+The stream workers must be stopped (the command refuses while their group has members); the
+archiver, the API, the online consumer and the scheduler may run on. For each partition the
+archive's ledger is read first, then the archived events up to it are applied in offset order,
+at their Kafka positions, with the stream worker's own operations, and the stream worker's
+group is moved to the offset after exactly those: the worker then continues with no gap (what
+the archiver wrote meanwhile, and what the worker had applied beyond the archive, comes again
+from Kafka) and no double count (what was applied is not read again, and the applied offsets
+it left would skip it anyway). Only the features' keys are cleared (``FeatureStore.clear_features``).
 """
 from __future__ import annotations
 
@@ -32,24 +35,25 @@ def rebuild_features(settings: Settings, batch: int = 5000, progress=print) -> d
         if not partitions:
             raise Unavailable(f"Kafka topic {topic!r} not found")
         archive, store = Archive(settings.archive_dir), FeatureStore(settings)
-        cleared = store.clear()
+        cleared = store.clear_features()
         ends, events, applied = {}, 0, 0
         for p in partitions:
-            log = read_partition_log(settings, p)
+            last = archive.last_offset(p)  # before the log: the archiver may write on meanwhile
+            log = read_partition_log(settings, p, through=last)
             offsets = log.column("offset").to_pylist()
             for start in range(0, log.num_rows, batch):
                 chunk = log.slice(start, batch)
                 positions = [(topic, p, o) if o is not None else None for o in offsets[start:start + batch]]
                 applied += sum(store.apply_events(list(iter_events(chunk)), positions))
                 events += chunk.num_rows
-            last = archive.last_offset(p)
             ends[p] = last + 1
             progress(f"rebuild: partition {p} done ({events:,} events so far); the stream resumes at offset {ends[p]:,}")
         errors = admin.alter_group_offsets(group, {TopicPartition(topic, p): OffsetAndMetadata(end, "", -1)
                                                    for p, end in ends.items()})
         failed = {tp.partition: e.__name__ for tp, e in errors.items() if e is not NoError}
         if failed:
-            raise Busy(f"could not move group {group!r} to the archive's end ({failed}): did a stream worker start?")
+            raise Busy(f"could not move group {group!r} to the rebuilt offsets ({failed}): a stream worker started "
+                       f"during the rebuild; stop it and rebuild again")
     finally:
         admin.close()
     return {"events": events, "applied": applied, "duplicates": events - applied, "cleared_keys": cleared,

@@ -56,6 +56,11 @@ class KafkaSettings(BaseModel):
     # recreations it exits non-zero (recsys.kafka_io.GroupMember). 0 s turns the bound off.
     assignment_timeout_s: float = 30.0
     recreate_attempts: int = 1
+    # A consumer's wait for the group's coordinator (a commit, a read of committed offsets, the
+    # leave on close) and for a dead letter's acknowledgement gives up after this long, so a
+    # SIGTERM ends well within Kubernetes' 30 s grace while the coordinator or the dead-letter
+    # topic is away: what is not committed then comes again, and changes nothing.
+    request_timeout_s: float = Field(5.0, gt=0)
     # Where the brokers ask for it (deploy/k8s: Strimzi's TLS listener with SCRAM users); the
     # password is the secret ``kafka-password`` (recsys.secrets). Used by recsys.kafka_io.connection.
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"

@@ -70,8 +70,9 @@ class StreamWorker:
         self.store = FeatureStore(settings)
         self.member = kafka_io.GroupMember(settings, settings.kafka.stream_group,
                                            lambda: kafka_io.consumer(settings, settings.kafka.stream_group))
-        # A send to a missing or unwritable dead-letter topic fails after 5 s and is tried again.
-        self.dlq = kafka_io.producer(settings, max_block_ms=5000, request_timeout_ms=5000)
+        # A send to a missing or unwritable dead-letter topic fails after kafka.request_timeout_s
+        # and is tried again.
+        self.dlq = kafka_io.dead_letter_producer(settings)
         self.stats = StreamStats()
         self.done: dict[TopicPartition, OffsetAndMetadata] = {}  # offsets whose effects are done
         self.stopping = threading.Event()  # set by SIGTERM/SIGINT, or by an embedding thread
@@ -175,9 +176,9 @@ class StreamWorker:
     def close(self) -> None:
         """Commit what is done, nothing else (``kafka_io.commit_done_and_close``)."""
         try:
-            kafka_io.commit_done_and_close(self.member.consumer, self.done)
+            kafka_io.commit_done_and_close(self.member.consumer, self.done, self.settings.kafka.request_timeout_s)
         finally:
-            self.dlq.close()
+            self.dlq.close(timeout=self.settings.kafka.request_timeout_s)
 
 
 def run_stream(settings: Settings, until_idle: float | None = None) -> dict:

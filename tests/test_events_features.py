@@ -134,3 +134,22 @@ def test_csv_unknown_columns(tmp_path):
     path.write_text("a,b,c\n1,2,3\n")
     with pytest.raises(SourceError, match="no column user_id"):
         open_source(f"csv:{path}")
+
+
+def test_the_feature_patterns_match_every_feature_key_and_no_other_key_under_the_prefix():
+    """Issue 35: what a rebuild deletes (``Keys.feature_patterns``) is every key of the feature
+    layout, and none of the online A/B state's or the scheduler's lock under the same prefix."""
+    from fnmatch import fnmatchcase
+
+    from recsys.attribution import OnlineKeys
+    keys, online = Keys("p", trending_shards=3), OnlineKeys("p")
+    features = [keys.user("u", part) for part in ("recent", "seen", "counts")] + [
+        keys.dedup("u", "e"), keys.user_refused("u"), keys.item("i"), *keys.trending, keys.shard_applied(2),
+        keys.shard_refused(2)]
+    others = [online.shown("u"), online.attributed("u"), online.arm("v1|current"), online.arms, online.guardrail,
+              "p:lock:retrain", "p-auth:apikey:{x}", "p-catalogue:{c}"]
+
+    def cleared(key):
+        return any(fnmatchcase(key, pattern) for pattern in keys.feature_patterns())
+    assert [k for k in features if not cleared(k)] == []
+    assert [k for k in others if cleared(k)] == []

@@ -14,8 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 from kafka import KafkaAdminClient
+from kafka.errors import KafkaError
 
 from recsys.archive import read_events
+from recsys.events import Event
 from recsys.feature_store import FeatureStore
 from recsys.privacy import Pseudonyms
 from recsys.kafka_io import producer, replay
@@ -542,3 +544,210 @@ def test_replaying_the_whole_topic_from_offset_zero_changes_nothing_without_mark
                                        capture_output=True, text=True, check=True))
     assert again == {"consumed": 20_000, "applied": 0, "duplicates": 20_000, "dlq": 0}
     assert _snapshot(s, users, items) == before
+
+
+def test_a_rebuild_while_the_archiver_writes_applies_every_event_once(scratch, ml100k, monkeypatch):
+    """Issue 35: the archiver runs on during a rebuild. Here it archives a whole backlog right
+    after the rebuild read partition 0's log: once the stream worker has caught up, every event
+    is applied once (before, the group moved past what was archived meanwhile, for good)."""
+    from recsys import rebuild
+    s = scratch.settings
+    events = list(MovieLensSource(ml100k).events_iter())[:6000]
+    replay(events[:4000], s, progress=False)
+    scratch.cli("archive", "--until-idle", "2")
+    replay(events[4000:], s, progress=False)
+    assert stream_json(scratch.cli("stream", "--until-idle", "2"))["applied"] == 6000
+    read_log = rebuild.read_partition_log
+    archived_meanwhile = []
+
+    def archiver_writes_meanwhile(*args, **kw):
+        log = read_log(*args, **kw)
+        if not archived_meanwhile:
+            archived_meanwhile.append(stream_json(scratch.cli("archive", "--until-idle", "2"))["archived"])
+        return log
+
+    monkeypatch.setattr(rebuild, "read_partition_log", archiver_writes_meanwhile)
+    rebuilt = rebuild.rebuild_features(s, progress=lambda *_: None)
+    # All but partition 0's share of the 2,000 (its log was read before they were archived).
+    assert archived_meanwhile == [2000] and 4000 < rebuilt["applied"] < 6000
+    caught_up = stream_json(scratch.cli("stream", "--until-idle", "2"))
+    assert caught_up["applied"] == 6000 - rebuilt["applied"] and caught_up["duplicates"] == 0
+    assert_exact(s, events)
+
+
+def test_a_rebuild_keeps_the_online_state_and_the_retraining_lock(scratch):
+    """Issue 35: a rebuild clears the online features only: the online A/B counters, the arms'
+    applied offsets, the guardrail's stop, the impressions and verdicts, and the scheduler's
+    lock (all under the same prefix) stay as they were."""
+    from recsys.attribution import OnlineKeys
+    from recsys.rebuild import rebuild_features
+    from training.scheduler import RunLock
+    s = scratch.settings
+    store, online = FeatureStore(s), OnlineKeys(s.redis.prefix)
+    kept = {online.shown("u1"): {"i1": "1|r1|v1|current|0"}, online.attributed("u1"): {"e1": "3|click"},
+            online.arm("v1|current"): {"lists": "7", "@impressions:0": "41"}, online.arms: {"v1|current": "1"},
+            online.guardrail: {"stopped": "v2"}}
+    for key, fields in kept.items():
+        store.redis.hset(key, mapping=fields)
+    lock = RunLock(s).key
+    store.redis.set(lock, "host:1:abc", px=60_000)
+    store.apply_events([Event(event_id="e1", user_id="u1", item_id="i1", type="click", ts=1_700_000_000_000)],
+                       [(s.kafka.events_topic, 0, 0)])
+    assert store.user("u1").counts == {"click": 1}
+    rebuilt = rebuild_features(s, progress=lambda *_: None)
+    assert {key: store.redis.hgetall(key) for key in kept} == kept
+    assert store.redis.get(lock) == "host:1:abc"
+    assert rebuilt["cleared_keys"] >= 5 and store.user("u1").counts == {}
+    assert [k for pattern in store.keys.feature_patterns() for k in store.redis.scan_iter(match=pattern)] == []
+
+
+def test_a_retry_judged_before_a_crash_is_still_a_retry_after_its_marker_expired(scratch):
+    """Issue 35: e1 applied; its retry lands at a new offset, the user script judges it a retry
+    and the worker dies before the item scripts; it comes back after e1's marker expired. The
+    replay must not count e1 twice on the item's side (before, the item scripts were told "apply")."""
+    from recsys.feature_store import SentEvents
+    from recsys.features import MemoryStore
+    s = scratch.settings
+    store, topic = FeatureStore(s), s.kafka.events_topic
+    e1 = Event(event_id="e1", user_id="u1", item_id="i1", type="click", ts=1_700_000_000_000)
+    other = Event(event_id="e2", user_id="u1", item_id="i2", type="view", ts=1_700_000_000_500)
+    assert store.apply_events([e1, other], [(topic, 0, 10), (topic, 0, 11)]) == [True, True]
+    assert SentEvents(store, [e1], [(topic, 0, 500)]).user_verdicts() == [0]  # then the crash
+    assert store.redis.delete(store.keys.dedup("u1", "e1")) == 1  # the marker expired meanwhile
+    assert store.apply_events([e1], [(topic, 0, 500)]) == [False]  # the replay
+    memory = MemoryStore(s.redis.prefix, s.features.recent_items, s.features.trending_half_life_s)
+    memory.apply_events([e1, other])
+    assert [store.item_counts(i) for i in ("i1", "i2")] == [memory.item_counts(i) for i in ("i1", "i2")]
+    online, offline = store.trending(2), memory.trending(2)
+    assert [i for i, _ in online] == [i for i, _ in offline]
+    assert [w for _, w in online] == pytest.approx([w for _, w in offline], rel=1e-12)
+    assert store.user("u1").to_json() == memory.user("u1").to_json()
+    # Once the item scripts ran, the retry's mark is gone: the user's group holds no more than before.
+    assert sorted(store.redis.hkeys(store.keys.user("u1", "counts"))) == ["@" + f"{topic}:0", "click", "view"]
+
+
+def test_an_archiver_rebalanced_with_rows_in_hand_writes_each_row_once(scratch, ml100k):
+    """Issue 35: an archiver holds polled rows, unwritten, when a second member joins and later
+    leaves: each rebalance drops the rows of the partitions it revokes (they are polled again
+    from the ledger), so every event is stored once (before, the rows polled again were written
+    beside the ones kept, and the stored count was too high)."""
+    import threading
+
+    from prometheus_client import REGISTRY
+
+    from recsys.archive import run_archiver, stored_events
+    s = scratch.settings
+    events = list(MovieLensSource(ml100k).events_iter())[:3000]
+    replay(events, s, progress=False)
+    stop_first, first_stats = threading.Event(), []
+    first = threading.Thread(target=lambda: first_stats.append(
+        run_archiver(s, flush_records=10**6, flush_seconds=3600, stopping=stop_first)))
+    first.start()
+    try:
+        def lag(p):
+            return REGISTRY.get_sample_value("recsys_consumer_lag", {
+                "group": s.kafka.archive_group, "topic": s.kafka.events_topic, "partition": str(p)})
+        deadline = time.monotonic() + 60
+        while [lag(p) for p in range(s.kafka.events_partitions)] != [0.0] * s.kafka.events_partitions:
+            assert first.is_alive() and time.monotonic() < deadline, "the first archiver did not poll every event"
+            time.sleep(0.2)
+        assert stored_events(s.archive_dir) == 0  # all 3,000 in its hands, none written
+        second = run_archiver(s, until_idle=2)  # joins, takes half, writes it, leaves
+        assert 0 < second["archived"] < 3000
+    finally:
+        stop_first.set()
+        first.join(timeout=60)
+    assert first_stats and first_stats[0]["archived"] + second["archived"] == 3000
+    assert stored_events(s.archive_dir) == 3000
+    assert sorted(read_events(s).column("event_id").to_pylist()) == sorted(e.event_id for e in events)
+
+
+def test_sigterm_while_the_dead_letter_topic_is_away_ends_soon_and_loses_no_dead_letter(scratch, tmp_path):
+    """Issue 35: an archiver stopped while the dead-letter topic is gone exits within a few
+    seconds (before, its retry loop ignored SIGTERM, and Kubernetes killed it after 30 s), and
+    writes nothing of the batch: run again once the topic is back, it archives every good event
+    once and dead-letters every poison record (before, the files went first, and the ledger
+    passed poison records that never reached the dead-letter topic)."""
+    from lab import stack
+    from lab.bench.stream import settings_env
+    s = scratch.settings
+    with stack.kafka_admin(s) as admin:
+        admin.delete_topics([s.kafka.dlq_topic])
+    good = [{"event_id": f"ok-{n}", "user_id": f"u{n % 7}", "item_id": f"i{n}", "type": "click",
+             "ts": 1_700_000_000_000 + n} for n in range(200)]
+    poison = [b"{not json %d" % n for n in range(0, 200, 7)]
+    prod = producer(s)
+    for n, event in enumerate(good):
+        prod.send(s.kafka.events_topic, key=event["user_id"].encode(), value=json.dumps(event).encode())
+        if n % 7 == 0:
+            prod.send(s.kafka.events_topic, key=event["user_id"].encode(), value=b"{not json %d" % n)
+    prod.flush()
+    prod.close()
+    log = tmp_path / "archiver.err"
+    with open(log, "w") as err:
+        archiver = subprocess.Popen([sys.executable, "-m", "cli", "archive"], env=settings_env(s),
+                                    stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while "dead-letter topic unavailable" not in log.read_text():
+            assert archiver.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "the archiver never reached the dead letters"
+            time.sleep(0.2)
+        stopped_at = time.monotonic()
+        archiver.send_signal(signal.SIGTERM)
+        archiver.communicate(timeout=40)
+        assert time.monotonic() - stopped_at < 20
+    finally:
+        if archiver.poll() is None:
+            archiver.kill()
+            archiver.wait()
+    stack.ensure_topics(s)
+    again = stream_json(scratch.cli("archive", "--until-idle", "2"))
+    assert again["archived"] == len(good) and again["dlq"] == len(poison)
+    assert sorted(read_events(s).column("event_id").to_pylist()) == sorted(e["event_id"] for e in good)
+    assert sorted(d["value"] for d in read_dead_letters(s)) == sorted(poison)
+
+
+def test_sigterm_while_the_coordinator_is_away_ends_within_the_grace_period(scratch, tmp_path):
+    """Issue 35: a stream worker stopped while its group's coordinator does not answer (its one
+    broker frozen by SIGSTOP: a private Kafka, not the stack's) exits within Kubernetes' 30 s
+    grace: the exit's reads of committed offsets, its commit and its close are bounded (before,
+    they waited for the coordinator for ever)."""
+    from lab import stack
+    from lab.bench.stream import settings_env
+    base = scratch.settings
+    host, port = base.kafka.bootstrap.rsplit(":", 1)
+    s = base.updated(home=tmp_path / "home", kafka={"bootstrap": f"{host}:{int(port) + 40}",
+                                                    "controller_port": base.kafka.controller_port + 40})
+    stack.start_kafka(s, progress=lambda *_: None)
+    broker = stack.running_pid(s, stack.kafka_nodes(s)[0].name)
+    worker = None
+    try:
+        replay([Event(event_id=f"e{n}", user_id=f"u{n % 13}", item_id=f"i{n % 5}", type="view",
+                      ts=1_700_000_000_000 + n) for n in range(300)], s, progress=False)
+        worker = subprocess.Popen([sys.executable, "-m", "cli", "stream"], env=settings_env(s),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        def done() -> int:
+            try:
+                return committed(s)
+            except KafkaError:  # the new broker's offsets topic not made yet
+                return 0
+        deadline = time.monotonic() + 90
+        while done() < 300:
+            assert worker.poll() is None and time.monotonic() < deadline, "the worker applied nothing"
+            time.sleep(0.2)
+        os.kill(broker, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.communicate(timeout=40)
+        finally:
+            os.kill(broker, signal.SIGCONT)
+        assert time.monotonic() - stopped_at < 25
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        os.kill(broker, signal.SIGCONT)
+        stack.stop_kafka(s)
+    assert sum(u.counts.get("view", 0) for u in FeatureStore(s).users([f"u{k}" for k in range(13)])) == 300
