@@ -67,8 +67,10 @@ for i = 4, #KEYS do
   if kind == 'recent' then
     try('LPUSH', KEYS[i], member)
     try('LTRIM', KEYS[i], 0, tonumber(arg) - 1)
-  elseif kind == 'sadd' then
-    try('SADD', KEYS[i], member)
+  elseif kind == 'zmax' then
+    try('ZADD', KEYS[i], 'GT', arg, member)
+  elseif kind == 'ztop' then
+    try('ZREMRANGEBYRANK', KEYS[i], 0, -tonumber(arg) - 1)
   elseif kind == 'hincr' then
     try('HINCRBY', KEYS[i], member, tonumber(arg))
   else
@@ -184,6 +186,7 @@ class FeatureReader:
     def __init__(self, settings: Settings, client: redis.asyncio.Redis | redis.asyncio.RedisCluster):
         self.redis = client
         self.keys = Keys.of(settings.redis)
+        self.seen_items = settings.features.seen_items
 
     async def user_and_trending(self, user_id: str, n: int, first: tuple | None = None, trending: bool = True
                                 ) -> tuple[UserFeatures, list[tuple[str, float]] | None, object]:
@@ -194,7 +197,7 @@ class FeatureReader:
         pipe = self.redis.pipeline(transaction=False)
         if first:
             pipe.execute_command(*first)
-        _queue_user(pipe, self.keys, user_id)
+        _queue_user(pipe, self.keys, user_id, self.seen_items)
         for key in self.keys.trending if trending else ():
             pipe.zrevrange(key, 0, n - 1, withscores=True)
         res = await pipe.execute()
@@ -233,9 +236,10 @@ class TrendingCache:
             stopping.wait(self.max_age_s / 2)
 
 
-def _queue_user(pipe, keys: Keys, uid: str) -> None:
+def _queue_user(pipe, keys: Keys, uid: str, seen_items: int) -> None:
+    """The user's three keys; at most the ``seen_items`` latest seen items, whatever the set holds."""
     pipe.lrange(keys.user(uid, "recent"), 0, -1)
-    pipe.smembers(keys.user(uid, "seen"))
+    pipe.zrevrange(keys.user(uid, "seen_at"), 0, seen_items - 1)
     pipe.hgetall(keys.user(uid, "counts"))
 
 
@@ -319,7 +323,7 @@ class SentEvents:
         self.user_commands = []
         for event, position in zip(events, self.positions):
             field, offset, place = _position(position)
-            ops = user_ops(event, keys, s.features.recent_items)
+            ops = user_ops(event, keys, s.features.recent_items, s.features.seen_items)
             self.user_commands.append(("EVALSHA", _SHA[_APPLY_USER], 3 + len(ops), keys.dedup(event.user_id, event.event_id),
                                        keys.user(event.user_id, "counts"), keys.user_refused(event.user_id),
                                        *(op.key for op in ops), s.features.dedup_ttl_s, field, offset, place, *_op_args(ops)))
@@ -410,7 +414,7 @@ class FeatureStore:
         """Features of several users in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for uid in user_ids:
-            _queue_user(pipe, self.keys, uid)
+            _queue_user(pipe, self.keys, uid, self.settings.features.seen_items)
         res = pipe.execute()
         return [_user_from(uid, res[3 * i:3 * i + 3]) for i, uid in enumerate(user_ids)]
 

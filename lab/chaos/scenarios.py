@@ -361,7 +361,8 @@ def _expected_features(sent: list, s: Settings) -> tuple[Counter, list, dict]:
     """What one replay of every event leaves: the offline twin of the store (recsys.features)."""
     keys, mem = Keys.of(s.redis), MemoryFeatures()
     for e in sent:
-        mem.apply(e.event_id, event_ops(e, keys, s.features.recent_items, s.features.trending_half_life_s))
+        mem.apply(e.event_id, event_ops(e, keys, s.features.recent_items, s.features.trending_half_life_s,
+                                        s.features.seen_items))
     users, items = sorted({e.user_id for e in sent}), sorted({e.item_id for e in sent})
     counts = Counter({i: sum(mem.hashes.get(keys.item(i), {}).values()) for i in items})
     trending = {item: w for key in keys.trending for item, w in mem.zsets.get(key, {}).items()}
