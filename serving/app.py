@@ -460,11 +460,7 @@ async def _body(request: Request, limit: int, what: str) -> bytes:
     client declared a Content-Length or sent chunks. Every route with a body reads it so, after
     its key check (FastAPI reads a body parameter before the route's dependencies run)."""
     too_big = HTTPException(413, detail=f"body over {limit} bytes; {what}")
-    try:
-        declared = int(request.headers.get("content-length") or 0)
-    except ValueError:
-        declared = 0  # the server has refused it already; counted below all the same
-    if declared > limit:
+    if int(request.headers.get("content-length") or 0) > limit:
         raise too_big
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -475,12 +471,12 @@ async def _body(request: Request, limit: int, what: str) -> bytes:
     return b"".join(chunks)
 
 
-def _invalid(exc: ValidationError, where: tuple = ()) -> HTTPException:
+def _invalid(exc: ValidationError) -> HTTPException:
     """A 422 naming the fields at fault, or saying the JSON is malformed."""
     errors = exc.errors()
     if errors[0]["type"] == "json_invalid":
         return HTTPException(422, detail=[{"loc": ["body"], "msg": f"malformed JSON: {errors[0]['msg']}"}])
-    return HTTPException(422, detail=[{"loc": ["body", *where, *e["loc"]], "msg": e["msg"]} for e in errors])
+    return HTTPException(422, detail=[{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in errors])
 
 
 # The body is parsed by hand (size first, then event-time bounds from the settings); its
