@@ -33,7 +33,7 @@ from typing import Callable, NamedTuple
 import redis
 import redis.asyncio
 
-from recsys.errors import InvalidInput, RecsysError, unavailable
+from recsys.errors import InvalidInput, RecsysError, Unavailable, unavailable
 from recsys.settings import Settings
 
 KEY_PREFIX = "rsk_"
@@ -344,8 +344,11 @@ class Authorizer:
         request waits until it is repaid."""
         if cost > 0:
             sha, a = digest(key), self.settings.auth
-            await self._run(("EVALSHA", self._CHARGE_SHA, 2, _key(self.prefix, sha), _bucket(self.prefix, sha),
-                             a.rate_per_s, a.burst, cost))
+            try:
+                await self._run(("EVALSHA", self._CHARGE_SHA, 2, _key(self.prefix, sha), _bucket(self.prefix, sha),
+                                 a.rate_per_s, a.burst, cost))
+            except Unavailable:  # logged; the events are on their way already, their post must not fail here
+                pass
 
     async def _run(self, command: tuple):
         try:
