@@ -84,17 +84,19 @@ local function refill(key, rate, burst)
   local last = tonumber(bucket[2]) or now
   return math.min(burst, tokens + math.max(0, now - last) * rate / 1000), now
 end
-local function take(key, rate, burst, cost)
-  local tokens, now = refill(key, rate, burst)
-  tokens = tokens - cost
+local function store(key, rate, burst, tokens, now)
   redis.call('HSET', key, 'tokens', tostring(tokens), 'ts_ms', now)
   redis.call('PEXPIRE', key, math.ceil((burst - tokens) / rate * 1000) + 1000)
-  return tokens
+end
+local function take(key, rate, burst, cost)
+  local tokens, now = refill(key, rate, burst)
+  store(key, rate, burst, tokens - cost, now)
+  return tokens - cost
 end
 local function spend(key, rate, burst)
-  local tokens = refill(key, rate, burst)
+  local tokens, now = refill(key, rate, burst)
   if tokens < 1 then return 3, math.ceil((1 - tokens) / rate * 1000) end
-  take(key, rate, burst, 1)
+  store(key, rate, burst, tokens - 1, now)
   return 0, 0
 end
 """
