@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import re
 import secrets
 import threading
 import time
@@ -32,7 +33,7 @@ from typing import Callable, NamedTuple
 import redis
 import redis.asyncio
 
-from recsys.errors import InvalidInput, RecsysError, Unavailable
+from recsys.errors import InvalidInput, RecsysError, Unavailable, unavailable
 from recsys.settings import Settings
 
 KEY_PREFIX = "rsk_"
@@ -69,23 +70,34 @@ class RateLimited(RecsysError):
         return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
-# The token bucket, a Lua function both scripts share: spend one token of the bucket at ``key``
-# (``rate`` tokens/s, at most ``burst``); returns 0 (allowed) or 3 (over the limit) and the ms
-# to wait. Redis's own clock (TIME) serves every replica alike.
+# The token bucket, Lua functions the scripts share: ``refill`` gives the tokens of the bucket at
+# ``key`` now (``rate`` tokens/s, at most ``burst``), ``take`` removes ``cost`` of them (the bucket
+# may go below zero: a batch's events are repaid by waiting), ``spend`` takes one token if the
+# bucket holds one and returns 0 (allowed) or 3 (over the limit) and the ms to wait. Redis's own
+# clock (TIME) serves every replica alike.
 _SPEND_FN = """
-local function spend(key, rate, burst)
+local function refill(key, rate, burst)
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local bucket = redis.call('HMGET', key, 'tokens', 'ts_ms')
   local tokens = tonumber(bucket[1]) or burst
   local last = tonumber(bucket[2]) or now
-  tokens = math.min(burst, tokens + math.max(0, now - last) * rate / 1000)
-  local allowed = tokens >= 1
-  if allowed then tokens = tokens - 1 end
+  return math.min(burst, tokens + math.max(0, now - last) * rate / 1000), now
+end
+local function store(key, rate, burst, tokens, now)
   redis.call('HSET', key, 'tokens', tostring(tokens), 'ts_ms', now)
   redis.call('PEXPIRE', key, math.ceil((burst - tokens) / rate * 1000) + 1000)
-  if allowed then return 0, 0 end
-  return 3, math.ceil((1 - tokens) / rate * 1000)
+end
+local function take(key, rate, burst, cost)
+  local tokens, now = refill(key, rate, burst)
+  store(key, rate, burst, tokens - cost, now)
+  return tokens - cost
+end
+local function spend(key, rate, burst)
+  local tokens, now = refill(key, rate, burst)
+  if tokens < 1 then return 3, math.ceil((1 - tokens) / rate * 1000) end
+  store(key, rate, burst, tokens - 1, now)
+  return 0, 0
 end
 """
 
@@ -111,6 +123,19 @@ _SPEND = _SPEND_FN + """
 local outcome, wait = spend(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
 return {outcome, wait}
 """
+
+# The rest of a batch's cost, after ``spend`` let its request on: ``cost`` more tokens, taken
+# whatever the bucket holds, so a key's rate counts events, not requests. KEYS: the key's hash,
+# its bucket. ARGV: the default rate and burst, the cost. Returns the tokens left.
+_CHARGE = _SPEND_FN + """
+local key = redis.call('HMGET', KEYS[1], 'rate', 'burst')
+local rate = tonumber(key[1]) or tonumber(ARGV[1])
+local burst = tonumber(key[2]) or tonumber(ARGV[2])
+return tostring(take(KEYS[2], rate, burst, tonumber(ARGV[3])))
+"""
+
+# A key as ``KeyStore.create`` makes it: anything else is refused before any Redis work.
+_WELL_FORMED = re.compile(KEY_PREFIX + r"[A-Za-z0-9_-]{43}")
 
 
 class Decision(NamedTuple):
@@ -275,16 +300,20 @@ class Authorizer:
 
     _SHA = hashlib.sha1(_AUTHORIZE.encode()).hexdigest()
     _SPEND_SHA = hashlib.sha1(_SPEND.encode()).hexdigest()
+    _CHARGE_SHA = hashlib.sha1(_CHARGE.encode()).hexdigest()
 
     def __init__(self, settings: Settings, client: redis.asyncio.Redis, verdicts: KeyVerdicts | None = None):
         self.settings, self.redis, self.prefix = settings, client, auth_prefix(settings)
         self.verdicts = verdicts
 
     def command(self, key: str | None, scope: Scope) -> tuple:
-        """The check as one Redis command (EVALSHA); Unauthorized at once when there is no key,
-        Forbidden at once for a remembered key without the scope."""
+        """The check as one Redis command (EVALSHA); Unauthorized at once when there is no key or
+        one that no key could be (no Redis work for a random string), Forbidden at once for a
+        remembered key without the scope."""
         if not key:
             raise Unauthorized("an API key is required: send the header 'Authorization: Bearer <key>'")
+        if not _WELL_FORMED.fullmatch(key):
+            raise Unauthorized("malformed API key: a key is 'rsk_' and 43 URL-safe characters")
         sha, a = digest(key), self.settings.auth
         known = self.verdicts.get(sha) if self.verdicts is not None else None
         if known is not None:
@@ -305,19 +334,33 @@ class Authorizer:
         """Load the scripts (Redis forgets scripts when it restarts): answers NoScriptError."""
         await self.redis.script_load(_AUTHORIZE)
         await self.redis.script_load(_SPEND)
+        await self.redis.script_load(_CHARGE)
 
     async def authorize(self, key: str | None, scope: Scope) -> None:
         """The check on its own: raise Unauthorized, Forbidden or RateLimited, or return."""
-        command = self.command(key, scope)
+        self.judge(await self._run(self.command(key, scope)), scope, key)
+
+    async def charge(self, key: str, cost: int) -> None:
+        """Take ``cost`` more tokens from the bucket of a key that ``authorize`` let on (the rest
+        of a batch: the rate counts events). The bucket may go below zero; the key's next
+        request waits until it is repaid."""
+        if cost > 0:
+            sha, a = digest(key), self.settings.auth
+            try:
+                await self._run(("EVALSHA", self._CHARGE_SHA, 2, _key(self.prefix, sha), _bucket(self.prefix, sha),
+                                 a.rate_per_s, a.burst, cost))
+            except Unavailable:  # logged; the events are on their way already, their post must not fail here
+                pass
+
+    async def _run(self, command: tuple):
         try:
             try:
-                reply = await self.redis.execute_command(*command)
+                return await self.redis.execute_command(*command)
             except redis.exceptions.NoScriptError:
                 await self.load()
-                reply = await self.redis.execute_command(*command)
+                return await self.redis.execute_command(*command)
         except redis.RedisError as exc:
-            raise Unavailable(f"Redis unavailable: {exc}") from None
-        self.judge(reply, scope, key)
+            raise unavailable("Redis", exc) from None
 
 
 def follow_revocations(client: redis.Redis, prefix: str, verdicts: KeyVerdicts, stopping: threading.Event,

@@ -17,6 +17,9 @@ Exit codes of ``recsys`` (distinct, so a script can tell them apart):
 """
 from __future__ import annotations
 
+import logging
+import time
+
 OK, FAILED, USAGE, UNAVAILABLE, INTERNAL, INTERRUPTED = 0, 1, 2, 69, 70, 130
 
 EXIT_CODES = {OK: "ok", FAILED: "failed: a check, gate or scenario that did not pass",
@@ -60,6 +63,33 @@ class LockLost(RecsysError):
 
 class TrainingError(RecsysError):
     """Training could not produce a model (a failed run, a bad checkpoint); the message says why."""
+
+
+log = logging.getLogger(__name__)
+_LOG_EVERY_S = 10.0
+_logged: dict[str, float] = {}
+
+
+def _log_detail(service: str, exc: BaseException) -> None:
+    """The cause, in the log, at most once per ``_LOG_EVERY_S`` per service (an outage under load
+    would write a line per request)."""
+    now = time.monotonic()
+    if now - _logged.get(service, -_LOG_EVERY_S) >= _LOG_EVERY_S:
+        _logged[service] = now
+        log.warning("%s unavailable: %r", service, exc)
+
+
+RETRY = "try again after Retry-After"
+# An event post not acknowledged in time: the send cannot be called back (it may be on its way,
+# or in the producer's queue), so a retry with the same event ids is the safe answer.
+MAY_ARRIVE = "the events may still arrive; send them again with the same event ids (duplicates are dropped)"
+
+
+def unavailable(service: str, exc: BaseException, hint: str = RETRY) -> Unavailable:
+    """The API's answer when ``service`` fails: a message that names no host, port or path (the
+    caller may hold no key yet); the cause goes to the log."""
+    _log_detail(service, exc)
+    return Unavailable(f"{service} unavailable: {hint}")
 
 
 def unavailable_errors() -> tuple[type[BaseException], ...]:

@@ -76,8 +76,10 @@ for i = 4, #KEYS do
   if kind == 'recent' then
     try('LPUSH', KEYS[i], member)
     try('LTRIM', KEYS[i], 0, tonumber(arg) - 1)
-  elseif kind == 'sadd' then
-    try('SADD', KEYS[i], member)
+  elseif kind == 'zmax' then
+    try('ZADD', KEYS[i], 'GT', arg, member)
+  elseif kind == 'ztop' then
+    try('ZREMRANGEBYRANK', KEYS[i], 0, -tonumber(arg) - 1)
   elseif kind == 'hincr' then
     try('HINCRBY', KEYS[i], member, tonumber(arg))
   else
@@ -193,6 +195,7 @@ class FeatureReader:
     def __init__(self, settings: Settings, client: redis.asyncio.Redis | redis.asyncio.RedisCluster):
         self.redis = client
         self.keys = Keys.of(settings.redis)
+        self.seen_items = settings.features.seen_items
 
     async def user_and_trending(self, user_id: str, n: int, first: tuple | None = None, trending: bool = True
                                 ) -> tuple[UserFeatures, list[tuple[str, float]] | None, object]:
@@ -201,7 +204,7 @@ class FeatureReader:
         a cluster, one to each node, at once); ``first``, a command sent ahead of them in the
         same round trip (the API key check), and its reply (None without)."""
         commands = [first] if first else []
-        commands += _user_commands(self.keys, user_id)
+        commands += _user_commands(self.keys, user_id, self.seen_items)
         commands += [("ZREVRANGE", key, 0, n - 1, "WITHSCORES") for key in self.keys.trending if trending]
         res = await self._round_trip(commands)
         head, res = (res[0], res[1:]) if first else (None, res)
@@ -277,14 +280,15 @@ class TrendingCache:
             stopping.wait(self.max_age_s / 2)
 
 
-def _user_commands(keys: Keys, uid: str) -> list[tuple]:
-    """The reads of one user's features, in ``_user_from``'s order."""
-    return [("LRANGE", keys.user(uid, "recent"), 0, -1), ("SMEMBERS", keys.user(uid, "seen")),
+def _user_commands(keys: Keys, uid: str, seen_items: int) -> list[tuple]:
+    """The reads of one user's features, in ``_user_from``'s order: at most the ``seen_items``
+    latest seen items, whatever the set holds."""
+    return [("LRANGE", keys.user(uid, "recent"), 0, -1), ("ZREVRANGE", keys.user(uid, "seen_at"), 0, seen_items - 1),
             ("HGETALL", keys.user(uid, "counts"))]
 
 
-def _queue_user(pipe, keys: Keys, uid: str) -> None:
-    for command in _user_commands(keys, uid):
+def _queue_user(pipe, keys: Keys, uid: str, seen_items: int) -> None:
+    for command in _user_commands(keys, uid, seen_items):
         pipe.execute_command(*command)
 
 
@@ -368,7 +372,7 @@ class SentEvents:
         self.user_commands = []
         for event, position in zip(events, self.positions):
             field, offset, place = _position(position)
-            ops = user_ops(event, keys, s.features.recent_items)
+            ops = user_ops(event, keys, s.features.recent_items, s.features.seen_items)
             self.user_commands.append(("EVALSHA", _SHA[_APPLY_USER], 3 + len(ops), keys.dedup(event.user_id, event.event_id),
                                        keys.user(event.user_id, "counts"), keys.user_refused(event.user_id),
                                        *(op.key for op in ops), s.features.dedup_ttl_s, field, offset, place, *_op_args(ops)))
@@ -468,7 +472,7 @@ class FeatureStore:
         """Features of several users in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for uid in user_ids:
-            _queue_user(pipe, self.keys, uid)
+            _queue_user(pipe, self.keys, uid, self.settings.features.seen_items)
         res = pipe.execute()
         return [_user_from(uid, res[3 * i:3 * i + 3]) for i, uid in enumerate(user_ids)]
 

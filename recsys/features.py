@@ -11,7 +11,9 @@ A user's group ``{u:<user>}`` is written by the user script, an item's trending 
 ``{t:<k>}`` (k = crc32(item id) mod ``redis.trending_shard_count``) by the item script:
 
   P:user:{u:<user>}:recent   LIST  item ids, newest first, at most ``recent_items``
-  P:user:{u:<user>}:seen     SET   every item the user interacted with
+  P:user:{u:<user>}:seen_at  ZSET  item id -> the time (ms) of the user's latest event on it; the
+                                   ``seen_items`` latest only (a bounded seen filter, however
+                                   many events a client posts for one id)
   P:user:{u:<user>}:counts   HASH  event type -> count; ``@<topic>:<p>`` -> the highest
                                    offset of partition p whose event of this user is applied;
                                    ``@!<position>`` -> 1 while the item script of a position the
@@ -44,15 +46,15 @@ from recsys.settings import RedisSettings
 
 
 class Op(NamedTuple):
-    """One primitive update: ``kind`` is recent | sadd | hincr | zlogadd."""
+    """One primitive update: ``kind`` is recent | zmax | ztop | hincr | zlogadd."""
 
     kind: str
     key: str
     member: str
-    arg: float  # recent: max length; hincr: increment; zlogadd: log weight; sadd: unused
+    arg: float  # recent: max length; zmax: score; ztop: members kept; hincr: increment; zlogadd: log weight
 
 
-USER_PARTS = ("recent", "seen", "counts")  # a user's keys: Keys.user(user_id, part)
+USER_PARTS = ("recent", "seen_at", "counts")  # a user's keys: Keys.user(user_id, part)
 OFFSET_FIELD = "@"  # a user's counts field that starts so holds an applied offset, not a count
 RETRY_FIELD = OFFSET_FIELD + "!"  # no topic name holds "!": then a position judged a client's retry
 # The key kinds of the online features (``Keys``), the part after the prefix.
@@ -120,11 +122,17 @@ def log_weight(ts_ms: int, half_life_s: float) -> float:
     return ts_ms / (half_life_s * 1000.0) * math.log(2.0)
 
 
-def user_ops(event: Event, keys: Keys, recent_items: int) -> list[Op]:
-    """What one event changes in its user's group."""
+SEEN_ITEMS = 1000  # settings.features.seen_items's default
+
+
+def user_ops(event: Event, keys: Keys, recent_items: int, seen_items: int = SEEN_ITEMS) -> list[Op]:
+    """What one event changes in its user's group. The seen set keeps each item's latest event
+    time and only the ``seen_items`` latest items: the same whatever order events come in."""
+    seen = keys.user(event.user_id, "seen_at")
     return [
         Op("recent", keys.user(event.user_id, "recent"), event.item_id, recent_items),
-        Op("sadd", keys.user(event.user_id, "seen"), event.item_id, 0),
+        Op("zmax", seen, event.item_id, event.ts),
+        Op("ztop", seen, "", seen_items),
         Op("hincr", keys.user(event.user_id, "counts"), event.type.value, 1),
     ]
 
@@ -137,9 +145,9 @@ def item_ops(event: Event, keys: Keys, half_life_s: float) -> list[Op]:
     ]
 
 
-def event_ops(event: Event, keys: Keys, recent_items: int, half_life_s: float) -> list[Op]:
+def event_ops(event: Event, keys: Keys, recent_items: int, half_life_s: float, seen_items: int = SEEN_ITEMS) -> list[Op]:
     """Every update one event makes to the online features."""
-    return user_ops(event, keys, recent_items) + item_ops(event, keys, half_life_s)
+    return user_ops(event, keys, recent_items, seen_items) + item_ops(event, keys, half_life_s)
 
 
 @dataclass
@@ -168,7 +176,6 @@ class MemoryFeatures:
     """The operations applied to plain dicts: the offline twin of the Redis store."""
 
     lists: dict = field(default_factory=lambda: defaultdict(list))
-    sets: dict = field(default_factory=lambda: defaultdict(set))
     hashes: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
     zsets: dict = field(default_factory=lambda: defaultdict(dict))
     applied: set = field(default_factory=set)
@@ -183,8 +190,13 @@ class MemoryFeatures:
                 lst = self.lists[op.key]
                 lst.insert(0, op.member)
                 del lst[int(op.arg):]
-            elif op.kind == "sadd":
-                self.sets[op.key].add(op.member)
+            elif op.kind == "zmax":
+                z = self.zsets[op.key]
+                z[op.member] = max(z.get(op.member, op.arg), op.arg)
+            elif op.kind == "ztop":  # Redis drops the lowest ranks: by score, then by member
+                z = self.zsets[op.key]
+                while len(z) > op.arg:
+                    del z[min(z, key=lambda m: (z[m], m))]
             elif op.kind == "hincr":
                 self.hashes[op.key][op.member] += int(op.arg)
             elif op.kind == "zlogadd":
@@ -196,7 +208,7 @@ class MemoryFeatures:
 
     def user(self, keys: Keys, user_id: str) -> UserFeatures:
         return UserFeatures(user_id, list(self.lists.get(keys.user(user_id, "recent"), [])),
-                            set(self.sets.get(keys.user(user_id, "seen"), set())),
+                            set(self.zsets.get(keys.user(user_id, "seen_at"), {})),
                             dict(self.hashes.get(keys.user(user_id, "counts"), {})))
 
 
@@ -219,13 +231,14 @@ class OnlineFeatures(Protocol):
 class MemoryStore:
     """``OnlineFeatures`` in plain dicts: the same operations as the Redis store, in memory."""
 
-    def __init__(self, prefix: str = "mem", recent_items: int = 50, half_life_s: float = 24 * 3600.0):
-        self.keys, self.recent_items, self.half_life_s = Keys(prefix), recent_items, half_life_s
+    def __init__(self, prefix: str = "mem", recent_items: int = 50, half_life_s: float = 24 * 3600.0,
+                 seen_items: int = SEEN_ITEMS):
+        self.keys, self.recent_items, self.half_life_s, self.seen_items = Keys(prefix), recent_items, half_life_s, seen_items
         self.state = MemoryFeatures()
 
     def apply_events(self, events: Iterable[Event], positions: list[tuple[str, int, int]] | None = None) -> list[bool]:
         """Positions are not kept: a memory store sees each event once (training data)."""
-        return [self.state.apply(e.event_id, event_ops(e, self.keys, self.recent_items, self.half_life_s))
+        return [self.state.apply(e.event_id, event_ops(e, self.keys, self.recent_items, self.half_life_s, self.seen_items))
                 for e in events]
 
     def user(self, user_id: str) -> UserFeatures:

@@ -125,6 +125,9 @@ class AuthSettings(BaseModel):
 class FeatureSettings(BaseModel):
     """The online features' shape (recsys/features.py), the same in Redis and in training data."""
     recent_items: int = 50
+    # A user's seen set keeps the items of their latest events, this many (by event time): the
+    # seen filter and the ANN's extra candidates stay bounded, whatever a client posts for an id.
+    seen_items: int = Field(1000, ge=1)
     trending_half_life_s: float = 24 * 3600.0
     # A retried POST of one event id (a new Kafka record) is absorbed this long; a replay of the
     # topic needs no marker (each partition's applied offset is kept with the effects).
@@ -183,6 +186,9 @@ class ServingSettings(BaseModel):
     # the token bucket stays in Redis, exact. 0: every request looks the key up.
     key_cache_s: float = Field(1.0, ge=0)
     key_cache_max: int = Field(10_000, ge=1)  # keys remembered per replica
+    # /readyz (no key needed) answers from one check at most this old, made by one thread at a
+    # time: a flood of probes costs one Redis ping and one broker check per period per replica.
+    readiness_cache_s: float = Field(1.0, ge=0)
     # One user-tower call for the requests that reach it together (serving.recommend.TowerBatcher):
     # up to tower_batch_max, gathered for tower_batch_wait_s (0: those of the same event-loop
     # turn). Off: one call per request.

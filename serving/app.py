@@ -28,7 +28,7 @@ from ray.util import metrics
 
 from recsys.auth import Authorizer, KeyVerdicts, Scope, auth_prefix, follow_revocations
 from recsys.catalogue import CatalogueEntry, CatalogueFollower, CatalogueKeys, queue_put
-from recsys.errors import RecsysError, Unavailable
+from recsys.errors import MAY_ARRIVE, RecsysError, Unavailable, unavailable
 from recsys.events import Event, EventTimeBounds
 from recsys.experiments import in_candidate_arm, overlap_at_k
 from recsys.features import UserFeatures
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 K_MAX = 100
 MAX_BATCH = 1000
 MAX_EVENT_BYTES = 2048
+MAX_ITEM_BYTES = 16 * 1024  # a catalogue entry: 32 genres of 64 characters, each escaped (\uXXXX)
 MAX_ID_CHARS = 128  # as Event.user_id
 EVENTS = TypeAdapter(list[Event])
 
@@ -79,6 +80,13 @@ MODEL_VERSION = metrics.Gauge("recsys_model_version_info", "1 for the version th
 async def _recsys_error(_: Request, exc: RecsysError):
     """The error family's one mapping to HTTP: its status, headers, and its message as the detail."""
     return JSONResponse(status_code=exc.http_status, content={"detail": str(exc)}, headers=exc.http_headers or None)
+
+
+@app.exception_handler(redis.exceptions.RedisError)
+@app.exception_handler(redis.exceptions.RedisClusterException)  # not a RedisError: a cluster client's own
+async def _redis_error(request: Request, exc: Exception):
+    """Redis failing where no route caught it (a cluster's slots being moved, say): a 503 to try again."""
+    return await _recsys_error(request, unavailable("Redis", exc))
 
 
 def _awaitable(future, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
@@ -135,6 +143,8 @@ class RecsysService:
                                             on_drop=lambda reason, n: IMPRESSIONS_DROPPED.inc(n, tags={"reason": reason}),
                                             on_sent=IMPRESSIONS_SENT.inc)
         self.model, self.version, self.load_failure = None, None, None
+        self._readiness: Optional[tuple[float, dict]] = None  # (when its check began, the checks)
+        self._readiness_check: Optional[asyncio.Future] = None
         self.catalogue_keys = CatalogueKeys.of(s)
         self.catalogue = CatalogueFollower(self.store.redis, self.catalogue_keys)
         self.catalogue_items: dict[str, list[str]] = {}  # every entry read, for a version loaded later
@@ -183,7 +193,8 @@ class RecsysService:
             FRESH_ITEMS.set(len(self.model.fresh), tags={"version": self.model.version})
 
     def _load_failed(self, version: str, exc: Exception) -> None:
-        self.load_failure = {"version": version, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        # /readyz needs no key: it names the error's type; its text (paths) goes to the log only.
+        self.load_failure = {"version": version, "error": f"{type(exc).__name__} (the replica's log has the detail)"}
         MODEL_LOAD_FAILURES.inc()
         log.error("model %s failed to load, serving %s: %r", version, self.version, exc)
 
@@ -240,7 +251,7 @@ class RecsysService:
                     wait_ms = int(self.settings.serving.kafka_timeout_s * 1000)
                     self._producer = producer(self.settings, max_block_ms=wait_ms, request_timeout_ms=wait_ms)
                 except KafkaError as exc:
-                    raise Unavailable(f"Kafka unavailable: {exc}") from None
+                    raise unavailable("Kafka", exc) from None
             return self._producer
         finally:
             self._producer_lock.release()
@@ -277,7 +288,9 @@ class RecsysService:
             futures = await asyncio.wait_for(asyncio.to_thread(self._send, events), timeout_s + 1.0)
             await asyncio.wait_for(asyncio.gather(*(_awaitable(f, loop) for f in futures)), timeout_s)
         except (KafkaError, asyncio.TimeoutError) as exc:
-            raise Unavailable(f"Kafka unavailable: {exc!r}") from None
+            # wait_for cannot stop the sending thread, nor the producer its queued records: the 503
+            # says so, and a retry with the same event ids is deduplicated downstream.
+            raise unavailable("Kafka", exc, MAY_ARRIVE) from None
 
     # -- requests --------------------------------------------------------
     async def recommendations(self, user_id: str, k: int, api_key: Optional[str]) -> JSONResponse:
@@ -302,7 +315,7 @@ class RecsysService:
                 user, trending, decision = await read()
             features_ms = (time.perf_counter() - started) * 1e3
         except redis.RedisError as exc:
-            raise Unavailable(f"Redis unavailable: {exc}") from None
+            raise unavailable("Redis", exc) from None
         if check:
             self.authorizer.judge(decision, Scope.recs_read, api_key)
         trending = cached if trending is None else trending
@@ -335,7 +348,7 @@ class RecsysService:
                 queue_put(pipe, self.catalogue_keys, item_id, entry, self.settings.serving.catalogue_log_max)
                 await pipe.execute()
         except redis.RedisError as exc:
-            raise Unavailable(f"Redis unavailable: {exc}") from None
+            raise unavailable("Redis", exc) from None
         model = self.model
         known = set(model.content.known(entry.genres)) if model is not None and model.content else set()
         return {"item_id": item_id, "genres": entry.genres, "unknown_genres": [g for g in entry.genres if g not in known]}
@@ -358,7 +371,24 @@ class RecsysService:
         if self._producer is not None:
             self._producer.flush(timeout=self.settings.serving.kafka_timeout_s)
 
-    def readiness(self) -> dict:
+    async def readiness(self) -> dict:
+        """The checks, at most ``serving.readiness_cache_s`` old, made by one thread at a time: a
+        flood of probes (they need no key) costs one check per period, and the probes wait on
+        the event loop, holding no thread of the pool that /metrics uses."""
+        held = self._readiness
+        if held is not None and time.monotonic() - held[0] < self.settings.serving.readiness_cache_s:
+            return held[1]
+        if self._readiness_check is None or self._readiness_check.done():
+            self._readiness_check = asyncio.ensure_future(self._check_readiness())
+        return await asyncio.shield(self._readiness_check)
+
+    async def _check_readiness(self) -> dict:
+        started = time.monotonic()
+        checks = await asyncio.to_thread(self._checks)
+        self._readiness = (started, checks)
+        return checks
+
+    def _checks(self) -> dict:
         model = self.model
         checks = {"model": self.version, "redis": self._redis_ok(), "kafka": kafka_answers(self.settings),
                   "model_load_failure": self.load_failure, "fresh_items": len(model.fresh) if model is not None else 0}
@@ -428,18 +458,28 @@ async def recommendations(user_id: str = Path(min_length=1, max_length=MAX_ID_CH
     return await service().recommendations(user_id, k, credentials.credentials if credentials else None)
 
 
-async def _body(request: Request, limit: int) -> bytes:
+async def _body(request: Request, limit: int, what: str) -> bytes:
     """The body, read only up to ``limit`` bytes: a 413 as soon as it is exceeded, whether the
-    client declared a Content-Length or sent chunks."""
+    client declared a Content-Length or sent chunks. Every route with a body reads it so, after
+    its key check (FastAPI reads a body parameter before the route's dependencies run)."""
+    too_big = HTTPException(413, detail=f"body over {limit} bytes; {what}")
     if int(request.headers.get("content-length") or 0) > limit:
-        raise HTTPException(413, detail=f"body over {limit} bytes; at most {MAX_BATCH} events per request")
+        raise too_big
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise HTTPException(413, detail=f"body over {limit} bytes; at most {MAX_BATCH} events per request")
+            raise too_big
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _invalid(exc: ValidationError) -> HTTPException:
+    """A 422 naming the fields at fault, or saying the JSON is malformed."""
+    errors = exc.errors()
+    if errors[0]["type"] == "json_invalid":
+        return HTTPException(422, detail=[{"loc": ["body"], "msg": f"malformed JSON: {errors[0]['msg']}"}])
+    return HTTPException(422, detail=[{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in errors])
 
 
 # The body is parsed by hand (size first, then event-time bounds from the settings); its
@@ -447,6 +487,10 @@ async def _body(request: Request, limit: int) -> bytes:
 _EVENTS_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
     "anyOf": [{"$ref": "#/components/schemas/Event"},
               {"type": "array", "items": {"$ref": "#/components/schemas/Event"}, "maxItems": MAX_BATCH}]}}}}}
+
+
+_ITEM_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "$ref": "#/components/schemas/CatalogueEntry"}}}}}
 
 
 def _openapi() -> dict:
@@ -461,6 +505,7 @@ def _openapi() -> dict:
         models = schema.setdefault("components", {}).setdefault("schemas", {})
         models.update(event.pop("$defs", {}))
         models["Event"] = event
+        models["CatalogueEntry"] = CatalogueEntry.model_json_schema()
         app.openapi_schema = schema
     return app.openapi_schema
 
@@ -470,10 +515,12 @@ app.openapi = _openapi
 
 @app.post("/v1/events", status_code=202, response_model=Accepted, openapi_extra=_EVENTS_BODY,
           dependencies=[Security(_requires(Scope.events_write))], responses=_errors(401, 403, 413, 422, 429, 503))
-async def events(request: Request):
-    """One event or a batch of up to 1,000: 202 once every one is on the Kafka brokers."""
+async def events(request: Request, credentials: HTTPAuthorizationCredentials = Security(_bearer)):
+    """One event or a batch of up to 1,000: 202 once every one is on the Kafka brokers. Each
+    event costs the key one token of its rate limit. A 503 means the events may still arrive:
+    send them again with the same event ids (the stream worker drops the copies)."""
     started = time.perf_counter()
-    raw = await _body(request, MAX_BATCH * MAX_EVENT_BYTES)
+    raw = await _body(request, MAX_BATCH * MAX_EVENT_BYTES, f"at most {MAX_BATCH} events per request")
     # One event or a list: parsed as a list either way, strictly (JSON types as the schema says:
     # no 1.0 for an integer, no false for a number), in pydantic's own JSON parser.
     if not raw.strip():
@@ -482,36 +529,43 @@ async def events(request: Request):
     try:
         accepted = EVENTS.validate_json(batch, strict=True, context={"bounds": service().bounds})
     except ValidationError as exc:
-        errors = exc.errors()
-        if errors[0]["type"] == "json_invalid":
-            raise HTTPException(422, detail=[{"loc": ["body"], "msg": f"malformed JSON: {errors[0]['msg']}"}]) from None
-        raise HTTPException(422, detail=[{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in errors]) from None
+        raise _invalid(exc) from None
     if len(accepted) > MAX_BATCH:
         raise HTTPException(422, detail=[{"loc": ["body"], "msg": f"batch of {len(accepted)} events; at most {MAX_BATCH} per request"}])
-    await service().produce(accepted)
+    # The key check took one token; the batch's other events are taken meanwhile (one round trip
+    # beside the produce, none for a single event).
+    await asyncio.gather(service().authorizer.charge(credentials.credentials, len(accepted) - 1),
+                         service().produce(accepted))
     if accepted:  # an empty batch is accepted too; Ray's counter takes only positive steps
         EVENTS_ACCEPTED.inc(len(accepted))
     LATENCY_MS.observe((time.perf_counter() - started) * 1e3, tags={"route": "events"})
     return {"accepted": len(accepted)}
 
 
-@app.put("/v1/items/{item_id}", status_code=202, response_model=CatalogueAnswer,
-         dependencies=[Security(_requires(Scope.catalogue_write))], responses=_errors(401, 403, 422, 429, 503))
-async def put_item(entry: CatalogueEntry, item_id: str = Path(min_length=1, max_length=MAX_ID_CHARS)):
+@app.put("/v1/items/{item_id}", status_code=202, response_model=CatalogueAnswer, openapi_extra=_ITEM_BODY,
+         dependencies=[Security(_requires(Scope.catalogue_write))], responses=_errors(401, 403, 413, 422, 429, 503))
+async def put_item(request: Request, item_id: str = Path(min_length=1, max_length=MAX_ID_CHARS)):
     """Add an item to the catalogue (or change its genres): every replica serves it within seconds,
     embedded from its genres by the served model's content tower, until a retrain knows it by id.
-    ``unknown_genres``: those the served model never saw (they do not shape the embedding)."""
+    ``unknown_genres``: those the served model never saw (they do not shape the embedding). The
+    body is read by hand, as the events' is: its size is capped, and only after the key check."""
+    raw = await _body(request, MAX_ITEM_BYTES, "a catalogue entry is a list of at most 32 genres")
+    try:
+        entry = CatalogueEntry.model_validate_json(raw, strict=True)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
     return await service().put_item(item_id, entry)
 
 
 @app.get("/healthz", response_model=Health)
-def healthz() -> dict:
+async def healthz() -> dict:
     return {"status": "ok"}
 
 
 @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness, "description": "not ready"}})
-def readyz():
-    checks = service().readiness()
+async def readyz():
+    """The replica's checks (model, Redis, Kafka), at most ``serving.readiness_cache_s`` old."""
+    checks = await service().readiness()
     return JSONResponse(status_code=200 if checks["ready"] else 503, content=checks)
 
 

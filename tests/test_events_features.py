@@ -66,6 +66,27 @@ def test_memory_features_recent_seen_counts_and_dedup():
     assert sum(mem.hashes[keys.item("i0")].values()) == len([e for e in events if e.item_id == "i0"])
 
 
+def test_the_seen_set_keeps_the_latest_items_by_event_time_in_any_order():
+    """Issue 35 finding 9: the seen set grew with every distinct item. It keeps each item's
+    latest event time and only the ``seen_items`` latest items, the same whatever the order of
+    the events (a replay, a rebuild, a late event): an item dropped comes back only with a
+    later event."""
+    import random
+    keys = Keys("t")
+    events = [ev(i, item=f"i{i % 9}", ts=1000 + 7 * i) for i in range(40)] + [ev(40, item="old", ts=5)]
+    latest = {}
+    for e in events:
+        latest[e.item_id] = max(latest.get(e.item_id, 0), e.ts)
+    want = set(sorted(latest, key=latest.get)[-4:])
+    for seed in range(5):
+        shuffled = random.Random(seed).sample(events, len(events))
+        mem = MemoryFeatures()
+        for e in shuffled:
+            mem.apply(e.event_id, event_ops(e, keys, 50, 3600, seen_items=4))
+        assert mem.user(keys, "u1").seen == want
+        assert len(mem.zsets[keys.user("u1", "seen_at")]) == 4
+
+
 def test_trending_is_a_decayed_count_in_log_space():
     keys, mem = Keys("t"), MemoryFeatures()
     half_life = 10.0

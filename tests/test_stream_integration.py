@@ -342,6 +342,31 @@ def test_request_path_reader_reads_what_the_store_holds(scratch):
     assert after[0].to_json() == store.user(users[0]).to_json() and after[2] in ("PONG", b"PONG", True)
 
 
+def test_a_flood_of_events_for_one_user_keeps_a_bounded_seen_set(scratch):
+    """Issue 35 finding 9: any key with events:write could post a million events for a victim's
+    id, and every request for that user then read the whole seen set and asked the ANN for that
+    many more candidates. Redis keeps the latest ``seen_items`` (by event time, as the memory
+    store does, in any order), and a read takes at most that many whatever the key holds."""
+    import random
+
+    from recsys.events import Event
+    from recsys.features import MemoryStore
+    s = scratch.settings.updated(features={"seen_items": 50})
+    events = [Event(event_id=f"f{n}", user_id="victim", item_id=f"i{n % 1500}", type="view", ts=10**12 + n)
+              for n in range(3000)]
+    events = random.Random(5).sample(events, len(events))
+    redis_store = FeatureStore(s)
+    memory = MemoryStore(s.redis.prefix, s.features.recent_items, s.features.trending_half_life_s, seen_items=50)
+    for i in range(0, len(events), 500):
+        redis_store.apply_events(events[i:i + 500])
+        memory.apply_events(events[i:i + 500])
+    seen = redis_store.user("victim").seen
+    assert seen == memory.user("victim").seen == {f"i{n % 1500}" for n in range(2950, 3000)}
+    assert redis_store.redis.zcard(redis_store.keys.user("victim", "seen_at")) == 50
+    redis_store.redis.zadd(redis_store.keys.user("big", "seen_at"), {f"j{n}": n for n in range(5000)})
+    assert redis_store.user("big").seen == {f"j{n}" for n in range(4950, 5000)}
+
+
 def _expected(events):
     """Per user: rating counts, seen set and last-50 list; per item: rating counts. In the
     order sent, which is each user's order in Kafka (keyed by user)."""

@@ -36,7 +36,7 @@ from recsys.privacy import Pseudonyms
 from recsys.settings import Settings
 from recsys.sources import SyntheticSource
 
-READ_COMMANDS = ("lrange", "smembers", "hgetall", "zrevrange")  # one recommendation's feature reads
+READ_COMMANDS = ("lrange", "hgetall", "zrevrange")  # one recommendation's feature reads
 TRENDING_READ = 20  # a request for k = 10 reads the top 2k trending items (serving.app)
 
 
@@ -130,7 +130,7 @@ def bench(settings: Settings, events: int = 100_000, users: int = 2_000, items: 
         for a in range(0, len(user_ids), 2000):
             pipe = client.pipeline(transaction=False)
             for u in user_ids[a:a + 2000]:
-                pipe.scard(keys.user(u, "seen"))
+                pipe.zcard(keys.user(u, "seen_at"))
             seen_sizes += pipe.execute()
         encodings = {part: client.object("encoding", keys.user(user_ids[int(np.argmax(per_part[part]))], part))
                      for part in USER_PARTS}
@@ -140,18 +140,23 @@ def bench(settings: Settings, events: int = 100_000, users: int = 2_000, items: 
         rng = np.random.default_rng(seed)
         sample = [user_ids[i] for i in rng.integers(0, len(user_ids), reads)]
         before = _stats(client)
-        for a in range(0, len(sample), 100):
+        for a in range(0, len(sample), 100):  # the user's keys (the seen set is a ZREVRANGE too) ...
             pipe = client.pipeline(transaction=False)
             for u in sample[a:a + 100]:
                 pipe.lrange(keys.user(u, "recent"), 0, -1)
-                pipe.smembers(keys.user(u, "seen"))
+                pipe.zrevrange(keys.user(u, "seen_at"), 0, settings.features.seen_items - 1)
                 pipe.hgetall(keys.user(u, "counts"))
+            pipe.execute()
+        users_read = _stats(client)
+        for a in range(0, len(sample), 100):  # ... then the trending shards, measured apart
+            pipe = client.pipeline(transaction=False)
+            for _ in sample[a:a + 100]:
                 for key in keys.trending:
                     pipe.zrevrange(key, 0, TRENDING_READ - 1, withscores=True)
             pipe.execute()
         after = _stats(client)
         read_calls, read_usec = _delta(before, after, READ_COMMANDS)
-        trending_calls, trending_usec = _delta(before, after, ("zrevrange",))
+        trending_calls, trending_usec = _delta(users_read, after, ("zrevrange",))
 
         # used_memory freed by deleting (DEL frees at once): the markers first, then the rest.
         memory_before = _used_memory(client)
@@ -190,7 +195,7 @@ def bench(settings: Settings, events: int = 100_000, users: int = 2_000, items: 
             "user": round((read_usec - trending_usec) / len(sample), 2),
             "per_trending_shard": round(trending_usec / (len(sample) * keys.trending_shards), 2)} if sample else None,
         "foreign_calls": {"evalsha": sum(script_calls.values()) - 2 * len(data),
-                          "reads": read_calls - (len(READ_COMMANDS) - 1 + keys.trending_shards) * len(sample)},
+                          "reads": read_calls - (3 + keys.trending_shards) * len(sample)},
         "used_memory_freed": {
             "dedup_markers_bytes_per_event": round((memory_before - memory_mid) / len(data), 1) if data else None,
             "features_bytes": memory_mid - memory_after, "features_memory_usage_sum": sum_usage,
@@ -204,7 +209,7 @@ def format_table(result: dict) -> str:
     u, i = r["bytes_per_user_by_key"], r["bytes_per_item_by_key"]
     rows = [
         ("per user (mean)", f"{r['bytes_per_user']:,.0f} B",
-         f"recent {u['recent']['mean']:,.0f} + seen {u['seen']['mean']:,.0f} + counts {u['counts']['mean']:,.0f}; "
+         f"recent {u['recent']['mean']:,.0f} + seen {u['seen_at']['mean']:,.0f} + counts {u['counts']['mean']:,.0f}; "
          f"{r['events_per_user']['mean']:.1f} events, {r['seen_items_per_user']['mean']:.1f} distinct items per user"),
         ("per item (mean)", f"{r['bytes_per_item']:,.0f} B",
          f"counts {i['counts']['mean']:,.0f} + trending share {i['trending_share']:,.0f} "

@@ -17,6 +17,9 @@ whether it passed.
   ray-nodes        Train and Serve across ``ray start`` nodes, one node killed in each (lab/chaos/ray.py)
   guardrail        a bad model as an A/B candidate under taste shoppers: the online guardrail ends the
                    experiment; a good one keeps running (lab/chaos/guardrail.py)
+  abuse            hostile clients beside a normal one: chosen event ids, a million-item seen set,
+                   large bodies, /readyz floods, bad bearers; the normal client gets no error and
+                   keeps its p99 within 2x of the calm windows; every consumer stays up (lab/chaos/abuse.py)
 
 The serving scenarios need the demo's model and users (``recsys demo`` first), as
 ``recsys bench serve`` does; they leave ``recsys serve``'s deployment as configured.
@@ -361,7 +364,8 @@ def _expected_features(sent: list, s: Settings) -> tuple[Counter, list, dict]:
     """What one replay of every event leaves: the offline twin of the store (recsys.features)."""
     keys, mem = Keys.of(s.redis), MemoryFeatures()
     for e in sent:
-        mem.apply(e.event_id, event_ops(e, keys, s.features.recent_items, s.features.trending_half_life_s))
+        mem.apply(e.event_id, event_ops(e, keys, s.features.recent_items, s.features.trending_half_life_s,
+                                        s.features.seen_items))
     users, items = sorted({e.user_id for e in sent}), sorted({e.item_id for e in sent})
     counts = Counter({i: sum(mem.hashes.get(keys.item(i), {}).values()) for i in items})
     trending = {item: w for key in keys.trending for item, w in mem.zsets.get(key, {}).items()}
@@ -464,7 +468,13 @@ SCENARIOS = {
     "stream-workers": lambda s, progress: stream_workers(s, progress=progress),
     "ray-nodes": lambda s, progress: ray_nodes(s, progress=progress),
     "guardrail": lambda s, progress: guardrail(s, progress=progress),
+    "abuse": lambda s, progress: _abuse(s, progress=progress),
 }
+
+
+def _abuse(settings: Settings, progress) -> dict:
+    from lab.chaos.abuse import abuse
+    return abuse(settings, progress=progress)
 
 
 def _fuzz(settings: Settings, progress) -> dict:
