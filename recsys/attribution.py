@@ -39,13 +39,16 @@ on which topic Kafka delivers first.
 
 Redis (prefix ``P``):
 
-  P:shown:{u:<user>}     HASH item -> "ts|request|version|arm|rank" of the latest impression
+  P:shown:{u:<user>}     HASH "i:<item>" -> "ts|request|version|arm|rank" of the latest impression
                                showing it; "q:<request>" -> the position that first applied it
-  P:attributed:{u:<user>} HASH event id -> "position|verdict"; "r:<request>" -> hits of that list
+  P:attributed:{u:<user>} HASH "e:<event id>" -> "position|verdict"; "r:<request>" -> hits of that list
   P:online:{o:<v>|<arm>} HASH the counters above; "@<topic>:<p>" -> the arm's applied offset
   P:online:arms          SET  "<version>|<arm>" of every arm seen
   P:online:guardrail     HASH candidate version -> the guardrail's verdict that ended its experiment (JSON)
 Both user hashes expire ``online.window_s`` x 2 after their last write (at least the dedup TTL).
+Every field starts with a tag that says what it holds, so an id a client chooses (an item or
+event id) never names one of the consumer's own fields (issue 35: an event id "r:<request>"
+once overwrote a list's hit count and crash-looped the consumer).
 """
 from __future__ import annotations
 
@@ -149,9 +152,9 @@ local memo = redis.call('HGET', KEYS[1], 'q:' .. ARGV[2])
 if memo and memo ~= ARGV[3] then return 0 end
 if not memo then
   for i = 7, #ARGV do
-    local old = redis.call('HGET', KEYS[1], ARGV[i])
+    local old = redis.call('HGET', KEYS[1], 'i:' .. ARGV[i])
     if (not old) or tonumber(string.match(old, '^(%d+)')) < tonumber(ARGV[4]) then
-      redis.call('HSET', KEYS[1], ARGV[i], ARGV[4] .. '|' .. ARGV[2] .. '|' .. ARGV[5] .. '|' .. ARGV[6] .. '|' .. (i - 6))
+      redis.call('HSET', KEYS[1], 'i:' .. ARGV[i], ARGV[4] .. '|' .. ARGV[2] .. '|' .. ARGV[5] .. '|' .. ARGV[6] .. '|' .. (i - 6))
     end
   end
   redis.call('HSET', KEYS[1], 'q:' .. ARGV[2], ARGV[3])
@@ -166,14 +169,14 @@ return 1
 # another record of an event id already seen). A replay of the first position gets the
 # verdict it got then.
 _EVENT = """
-local memo = redis.call('HGET', KEYS[1], ARGV[2])
+local memo = redis.call('HGET', KEYS[1], 'e:' .. ARGV[2])
 if memo then
   local pos, verdict = string.match(memo, '^([^|]*)|(.*)$')
   if pos == ARGV[3] then return verdict end
   return '-'
 end
 local verdict = '-'
-local shown = redis.call('HGET', KEYS[2], ARGV[5])
+local shown = redis.call('HGET', KEYS[2], 'i:' .. ARGV[5])
 if shown then
   local ts, request, version, arm, rank = string.match(shown, '^(%d+)|([^|]*)|([^|]*)|([^|]*)|(%d+)$')
   local t = tonumber(ARGV[4])
@@ -182,7 +185,7 @@ if shown then
     verdict = version .. '|' .. arm .. '|' .. rank .. '|' .. (n == 1 and '1' or '0')
   end
 end
-redis.call('HSET', KEYS[1], ARGV[2], ARGV[3] .. '|' .. verdict)
+redis.call('HSET', KEYS[1], 'e:' .. ARGV[2], ARGV[3] .. '|' .. verdict)
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return verdict
 """
@@ -247,6 +250,15 @@ class Shown(NamedTuple):
     def position(self) -> int:
         """The arm script's applied position: records in offset order, a record's impressions in place order."""
         return self.offset * PLACES + self.index
+
+    @property
+    def key(self) -> bytes:
+        return self.impression.user_id.encode()
+
+    @property
+    def value(self) -> bytes:
+        """What the dead-letter topic gets of it: the impression alone, as a single record."""
+        return self.impression.to_bytes()
 
     @property
     def memo(self) -> str:
@@ -418,10 +430,12 @@ class OnlineConsumer:
                                           [self.ttl, event.event_id, _pos(r), r.timestamp, event.item_id, self.window_ms]))
             except (BadEvent, ValueError, KeyError, TypeError) as exc:
                 bad.append((r, exc if isinstance(exc, BadEvent) else BadEvent(f"not an impression: {exc!r}"[:500])))
-        verdicts = run_scripts(self.redis, first, scripts=ONLINE_SCRIPTS)
+        verdicts = run_scripts(self.redis, first, scripts=ONLINE_SCRIPTS, keep=script_failed)
         second, counted = [], []
         for (r, what), verdict in zip(decoded, verdicts):
-            if isinstance(what, Impression):
+            if isinstance(verdict, Exception):
+                bad.append((r, _failed(verdict)))
+            elif isinstance(what, Impression):
                 if verdict == 1:
                     name = f"{what.model_version}|{what.arm}"
                     second.append((name, r, ["impressions", 1, "items_shown", len(what.items)]))
@@ -439,9 +453,11 @@ class OnlineConsumer:
             pipe = self.redis.pipeline(transaction=False)
             pipe.sadd(self.keys.arms, *{name for name, _, _ in second})
             pipe.execute()
-            applied = run_scripts(self.redis, commands, scripts=ONLINE_SCRIPTS)
-            for (name, kind, n), done in zip(counted, applied):
-                if done:
+            applied = run_scripts(self.redis, commands, scripts=ONLINE_SCRIPTS, keep=script_failed)
+            for (name, kind, n), (_, r, _), done in zip(counted, second, applied):
+                if isinstance(done, Exception):
+                    bad.append((r, _failed(done)))
+                elif done:
                     _count(name, kind, n)
                     self.stats.hits += kind != "impression"
         self.stats.impressions += sum(isinstance(w, Impression) for _, w in decoded)
@@ -515,6 +531,20 @@ class _DropBuffers(ConsumerRebalanceListener):
 
     def on_partitions_assigned(self, assigned):
         pass
+
+
+def script_failed(reply: Exception) -> bool:
+    """A script that ran and failed on its record's data (a key of the wrong type, a field that
+    is not a number): it would fail the same way on every try, so the record goes to the dead
+    letters and the consumer goes on. Refusals that come from Redis's state (busy, out of
+    memory, read-only, a cluster moving slots) are not the record's fault and are raised."""
+    text = str(reply)
+    return (type(reply) is redis.ResponseError and "@user_script" in text
+            and not text.startswith(("BUSY", "MISCONF", "NOREPLICAS")))
+
+
+def _failed(reply: Exception) -> BadEvent:
+    return BadEvent(f"a script failed on it: {reply}"[:500], "script")
 
 
 def _pos(record) -> int:

@@ -249,3 +249,52 @@ def test_taste_shoppers_reactions_are_attributed_to_the_lists_that_showed_them(s
     assert 0 < arm["hit_rate"] <= 1 and arm["ctr_at_k"] > 0
     assert 0.9 * len(reactions) <= sum(arm["hits"].values()) <= len(reactions)
     assert arm["hit_ranks"]["1"] > arm["hit_ranks"].get("10", 0)
+
+
+def _run_online(scratch) -> dict:
+    done = subprocess.run([sys.executable, "-m", "cli", "online", "run", "--until-idle", "3"], env=scratch.env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_client_chosen_ids_cannot_collide_with_the_consumers_own_fields(scratch):
+    """Issue 35 (5): a click whose event id is "r:" + a request id it was served, and one whose
+    item id is "q:" + it, are ordinary events: before, the first turned the list's hit count into
+    a string (the next click's HINCRBY failed and the consumer crash-looped) and the second read
+    the request's memo as an impression."""
+    s = scratch.settings
+    t = int(time.time() * 1000) - 3600_000
+    impressions = [(Impression("req1", "u1", "v1", "current", ("x", "y"), 0), t)]
+    events = [(ev("r:req1", "u1", "x", ts=t + 1000), t + 1000), (ev("e2", "u1", "y", ts=t + 2000), t + 2000),
+              (ev("e3", "u1", "q:req1", ts=t + 3000), t + 3000), (ev("e:e2", "u1", "x", ts=t + 4000), t + 4000)]
+    want = expected_report(impressions, events, WINDOW_MS, ATTRIBUTABLE)
+    assert want["v1|current"]["lists_with_hit"] == 1 and want["v1|current"]["hits:click"] == 3
+    _produce(s, impressions, events)
+    out = _run_online(scratch)
+    assert out["dlq"] == 0 and out["events"] == 4
+    assert _counters(scratch) == want
+
+
+def test_a_script_error_on_one_record_goes_to_the_dead_letters_and_the_rest_is_counted(scratch):
+    """Issue 35 (5): a record whose script fails (here its user's hash holds the wrong type) goes
+    to the dead-letter topic with the reason, and the consumer goes on, exact for everyone else.
+    Batch records: a failed impression is dead-lettered alone, the others of its record count."""
+    from recsys.attribution import OnlineKeys
+    from recsys.feature_store import connect
+    from recsys.stream import read_dead_letters
+    s = scratch.settings
+    impressions, events = _traffic(seed=35, users=8, lists=60, events=200)
+    connect(s).set(OnlineKeys(s.redis.prefix).shown("p3"), "not a hash")
+    good = lambda pairs: [(x, ts) for x, ts in pairs if x.user_id != "p3"]  # noqa: E731
+    want = expected_report(good(impressions), good(events), WINDOW_MS, ATTRIBUTABLE)
+    bad_imps = sum(i.user_id == "p3" for i, _ in impressions)  # a request's every record fails
+    bad_events = sum(e.user_id == "p3" and e.type.value in ATTRIBUTABLE for e, _ in events)
+    assert bad_imps and bad_events and sum(c.get("lists_with_hit", 0) for c in want.values()) > 5
+    _produce(s, impressions, events, batch=3)
+    out = _run_online(scratch)
+    assert _counters(scratch) == want
+    dead = read_dead_letters(s)
+    assert out["dlq"] == len(dead) == bad_imps + bad_events
+    assert all("WRONGTYPE" in d["reason"] and d["consumer"] == s.online.group for d in dead)
+    assert {json.loads(d["value"])["user_id"] for d in dead} == {"p3"}
