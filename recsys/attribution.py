@@ -20,7 +20,11 @@ CTR@k is hits:click / items_shown; the hit rate, lists_with_hit / impressions.
 The guardrail: while an A/B experiment runs (``recsys models candidate V``), the consumer tests
 every ``online.guard_every_s`` whether the candidate arm's hit rate is significantly below the
 current arm's (``recsys.experiments.guardrail``, a sequential test) and, if so, ends the
-experiment in the registry: the replicas then serve everyone the current model.
+experiment in the registry: the replicas then serve everyone the current model. It reads
+counters of that run of the experiment alone (``recsys.experiments.ExperimentScope``): a list
+served since the experiment started, by the current version in the current arm or by the
+candidate in its arm, and the hits on it, count also under "<run>|<version>|<arm>", so both
+arms cover the same span of time.
 
 The consumer (``recsys online``, group ``online.group``) reads the impressions and the events
 topics. They have as many partitions and are keyed alike, so Kafka's range assignment gives a
@@ -43,6 +47,7 @@ Redis (prefix ``P``):
                                showing it; "q:<request>" -> the position that first applied it
   P:attributed:{u:<user>} HASH "e:<event id>" -> "position|verdict"; "r:<request>" -> hits of that list
   P:online:{o:<v>|<arm>} HASH the counters above; "@<topic>:<p>" -> the arm's applied offset
+  P:online:{o:<run>|<v>|<arm>} HASH the same, of one run of an A/B experiment ("<candidate>@<start ms>")
   P:online:arms          SET  "<version>|<arm>" of every arm seen
   P:online:guardrail     HASH candidate version -> the guardrail's verdict that ended its experiment (JSON)
 Both user hashes expire ``online.window_s`` x 2 after their last write (at least the dedup TTL).
@@ -68,7 +73,7 @@ from prometheus_client import Counter, Gauge
 
 from recsys import kafka_io
 from recsys.events import BadEvent, Event, EventTimeBounds, parse_event
-from recsys.experiments import guardrail
+from recsys.experiments import ExperimentScope, guardrail
 from recsys.feature_store import connect, run_scripts
 from recsys.features import offset_field
 from recsys.impressions import Impression, decode_record
@@ -165,7 +170,7 @@ return 1
 
 # An attributable event on its user's slot. KEYS: the user's attributed hash, the user's shown
 # hash. ARGV: ttl, event id, position, record ms, item, window ms. Returns the verdict:
-# "version|arm|rank|first hit of its list (1/0)", or "-" (no impression in the window, or
+# "version|arm|rank|first hit of its list (1/0)|the impression's ms", or "-" (no impression in the window, or
 # another record of an event id already seen). A replay of the first position gets the
 # verdict it got then.
 _EVENT = """
@@ -182,7 +187,7 @@ if shown then
   local t = tonumber(ARGV[4])
   if tonumber(ts) <= t and t - tonumber(ts) <= tonumber(ARGV[6]) then
     local n = redis.call('HINCRBY', KEYS[1], 'r:' .. request, 1)
-    verdict = version .. '|' .. arm .. '|' .. rank .. '|' .. (n == 1 and '1' or '0')
+    verdict = version .. '|' .. arm .. '|' .. rank .. '|' .. (n == 1 and '1' or '0') .. '|' .. ts
   end
 end
 redis.call('HSET', KEYS[1], 'e:' .. ARGV[2], ARGV[3] .. '|' .. verdict)
@@ -332,11 +337,12 @@ class OnlineConsumer:
             return None
         self.guarded_at = now
         registry = Registry(self.settings.registry_dir)
-        exp, current = registry.experiment(), registry.current()
-        if exp is None or exp["shadow"] or current is None:
+        pointers = registry.pointers()
+        exp, current, scope = pointers["experiment"], pointers["current"], ExperimentScope.of(pointers)
+        if scope is None:
             return None
-        arms = [self.redis.hmget(self.keys.arm(name), ["impressions", "lists_with_hit"])
-                for name in (f"{current}|current", f"{exp['candidate']}|candidate")]
+        arms = [self.redis.hmget(self.keys.arm(scope.arm(arm)), ["impressions", "lists_with_hit"])
+                for arm in ("current", "candidate")]
         (n_a, x_a), (n_b, x_b) = ((int(n or 0), int(x or 0)) for n, x in arms)
         verdict = guardrail((n_a, x_a), (n_b, x_b), o.guard_alpha, o.guard_effect, o.guard_min_lists)
         GUARD_RATIO.labels(exp["candidate"]).set(verdict.likelihood_ratio)
@@ -431,35 +437,41 @@ class OnlineConsumer:
             except (BadEvent, ValueError, KeyError, TypeError) as exc:
                 bad.append((r, exc if isinstance(exc, BadEvent) else BadEvent(f"not an impression: {exc!r}"[:500])))
         verdicts = run_scripts(self.redis, first, scripts=ONLINE_SCRIPTS, keep=script_failed)
-        second, counted = [], []
+        scope = ExperimentScope.of(Registry(self.settings.registry_dir).pointers())
+        second = []  # (arm's counters, record, increments, what the metrics count: None in an experiment's)
         for (r, what), verdict in zip(decoded, verdicts):
             if isinstance(verdict, Exception):
                 bad.append((r, _failed(verdict)))
-            elif isinstance(what, Impression):
-                if verdict == 1:
-                    name = f"{what.model_version}|{what.arm}"
-                    second.append((name, r, ["impressions", 1, "items_shown", len(what.items)]))
-                    counted.append((name, "impression", len(what.items)))
+                continue
+            if isinstance(what, Impression):
+                if verdict != 1:
+                    continue
+                version, arm, served = str(what.model_version), what.arm, r.timestamp
+                incr, counted = ["impressions", 1, "items_shown", len(what.items)], ("impression", len(what.items))
             elif verdict != "-":
-                version, arm, rank, first_hit = verdict.split("|")
-                name = f"{version}|{arm}"
-                second.append((name, r, [f"hits:{what.type.value}", 1, f"rank:{rank}", 1,
-                                         "lists_with_hit", int(first_hit)]))
-                counted.append((name, what.type.value, int(first_hit)))
+                version, arm, rank, first_hit, served = verdict.split("|")
+                incr = [f"hits:{what.type.value}", 1, f"rank:{rank}", 1, "lists_with_hit", int(first_hit)]
+                counted = (what.type.value, int(first_hit))
+            else:
+                continue
+            second.append((f"{version}|{arm}", r, incr, counted))
+            in_experiment = scope and scope.counts(version, arm, int(served))
+            if in_experiment:
+                second.append((in_experiment, r, incr, None))
         if second:
             commands = [_evalsha(_ARM, [self.keys.arm(name)],
                                  [offset_field(r.topic, r.partition), r.position if isinstance(r, Shown) else r.offset,
-                                  *incr]) for name, r, incr in second]
+                                  *incr]) for name, r, incr, _ in second]
             pipe = self.redis.pipeline(transaction=False)
-            pipe.sadd(self.keys.arms, *{name for name, _, _ in second})
+            pipe.sadd(self.keys.arms, *{name for name, _, _, counted in second if counted})
             pipe.execute()
             applied = run_scripts(self.redis, commands, scripts=ONLINE_SCRIPTS, keep=script_failed)
-            for (name, kind, n), (_, r, _), done in zip(counted, second, applied):
+            for (name, r, _, counted), done in zip(second, applied):
                 if isinstance(done, Exception):
                     bad.append((r, _failed(done)))
-                elif done:
-                    _count(name, kind, n)
-                    self.stats.hits += kind != "impression"
+                elif done and counted:
+                    _count(name, *counted)
+                    self.stats.hits += counted[0] != "impression"
         self.stats.impressions += sum(isinstance(w, Impression) for _, w in decoded)
         self.stats.events += sum(not isinstance(w, Impression) for _, w in decoded)
         return bad
@@ -578,5 +590,11 @@ def report(settings: Settings) -> dict:
     for name, counters in zip(names, pipe.execute()):
         arms[name] = summarize({k: int(v) for k, v in counters.items() if not k.startswith("@")})
     guardrail_ = {c: json.loads(v) for c, v in client.hgetall(keys.guardrail).items()}
+    pointers = Registry(settings.registry_dir).pointers()
+    scope = ExperimentScope.of(pointers)
+    experiment_arms = {}
+    for arm in ("current", "candidate") if scope else ():
+        counters = client.hgetall(keys.arm(scope.arm(arm)))
+        experiment_arms[scope.arm(arm)] = summarize({k: int(v) for k, v in counters.items() if not k.startswith("@")})
     return {"window_s": settings.online.window_s, "attributable": list(settings.online.attributable), "arms": arms,
-            "guardrail_stops": guardrail_, "experiment": Registry(settings.registry_dir).experiment()}
+            "guardrail_stops": guardrail_, "experiment": pointers["experiment"], "experiment_arms": experiment_arms}

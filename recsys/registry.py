@@ -146,7 +146,7 @@ class Registry:
         if not 0 < share <= 1:
             raise RegistryError(f"share {share}: give a share of users in (0, 1]")
         experiment = {"candidate": v, "share": share, "shadow": shadow,
-                      "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                      "started_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
         self._write_pointers(p["current"], p["previous"], experiment)
         return self.pointers()
 

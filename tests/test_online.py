@@ -176,20 +176,25 @@ def _registry_with_two_versions(s):
     return registry, v1, v2
 
 
-def _ab_traffic(v1: str, v2: str, hit_rates: dict, lists: int = 800, seed: int = 3):
-    """Lists of both arms; a list gets a click on one of its items with its arm's hit rate."""
+def _ab_traffic(v1: str, v2: str, hit_rates: dict, base: int, lists: int = 800, seed: int = 3, tag: str = "ab"):
+    """Lists of both arms, served from ``base`` (ms) on; a list gets a click on one of its items
+    with its arm's hit rate."""
     rng = random.Random(seed)
-    base = int(time.time() * 1000) - 2 * 3600 * 1000
     impressions, events = [], []
     for n in range(lists):
         version, arm = (v2, "candidate") if n % 2 else (v1, "current")
-        user, at = f"q{n % 97}", base + n * 1000
+        user, at = f"q{n % 97}", base + n * 100
         items = tuple(f"i{rng.randrange(500)}" for _ in range(5))
-        impressions.append((Impression(f"ab{n}", user, version, arm, items, 0), at))
+        impressions.append((Impression(f"{tag}{n}", user, version, arm, items, 0), at))
         if rng.random() < hit_rates[arm]:
-            events.append((Event(event_id=f"abe{n}", user_id=user, item_id=rng.choice(items), type="click",
+            events.append((Event(event_id=f"{tag}e{n}", user_id=user, item_id=rng.choice(items), type="click",
                                  ts=at + 30_000), at + 30_000))
     return impressions, events
+
+
+def _started_ms(registry) -> int:
+    from recsys.experiments import ExperimentScope
+    return ExperimentScope.of(registry.pointers()).started_ms
 
 
 def test_the_guardrail_ends_an_experiment_whose_candidate_loses(scratch):
@@ -198,7 +203,7 @@ def test_the_guardrail_ends_an_experiment_whose_candidate_loses(scratch):
     s = scratch.settings
     registry, v1, v2 = _registry_with_two_versions(s)
     registry.start_experiment(v2, 0.5)
-    impressions, events = _ab_traffic(v1, v2, {"current": 0.3, "candidate": 0.08})
+    impressions, events = _ab_traffic(v1, v2, {"current": 0.3, "candidate": 0.08}, _started_ms(registry))
     _produce(s, impressions, events)
     scratch.cli("online", "run", "--until-idle", "8")
     assert registry.experiment() is None and registry.current() == v1
@@ -212,12 +217,33 @@ def test_the_guardrail_leaves_an_equal_candidate_running(scratch):
     s = scratch.settings
     registry, v1, v2 = _registry_with_two_versions(s)
     registry.start_experiment(v2, 0.5)
-    impressions, events = _ab_traffic(v1, v2, {"current": 0.25, "candidate": 0.25}, seed=4)
+    impressions, events = _ab_traffic(v1, v2, {"current": 0.25, "candidate": 0.25}, _started_ms(registry), seed=4)
     _produce(s, impressions, events)
     scratch.cli("online", "run", "--until-idle", "8")
     assert registry.experiment()["candidate"] == v2
     report = json.loads(scratch.cli("online", "report", "--json").stdout.strip().splitlines()[-1])
     assert report["guardrail_stops"] == {} and report["arms"][f"{v2}|candidate"]["impressions"] == 400
+
+
+def test_the_guardrail_compares_only_lists_served_during_the_experiment(scratch):
+    """Issue 35 (7): before the experiment, the current version's lists had a high hit rate (a
+    busy day) and an earlier run of the same candidate a low one; during it, both arms do
+    alike. Judged on all their lists, the candidate would be stopped; judged on this run's, it
+    is not, and the report shows this run's lists alone."""
+    s = scratch.settings
+    registry, v1, v2 = _registry_with_two_versions(s)
+    registry.start_experiment(v2, 0.5)
+    start = _started_ms(registry)
+    before = _ab_traffic(v1, v2, {"current": 0.4, "candidate": 0.05}, start - 3 * 3600_000, tag="old")
+    during = _ab_traffic(v1, v2, {"current": 0.15, "candidate": 0.15}, start, seed=5)
+    _produce(s, before[0] + during[0], before[1] + during[1])
+    scratch.cli("online", "run", "--until-idle", "8")
+    report = json.loads(scratch.cli("online", "report", "--json").stdout.strip().splitlines()[-1])
+    assert registry.experiment()["candidate"] == v2 and report["guardrail_stops"] == {}
+    run = report["experiment_arms"]
+    want = expected_report(during[0], during[1], WINDOW_MS, ATTRIBUTABLE)
+    assert {name.split("|", 1)[1]: arm["counters"] for name, arm in run.items()} == want
+    assert report["arms"][f"{v1}|current"]["impressions"] == 800  # every list, in the all-time counters
 
 
 def test_taste_shoppers_reactions_are_attributed_to_the_lists_that_showed_them(scratch, tmp_path):
@@ -298,3 +324,18 @@ def test_a_script_error_on_one_record_goes_to_the_dead_letters_and_the_rest_is_c
     assert out["dlq"] == len(dead) == bad_imps + bad_events
     assert all("WRONGTYPE" in d["reason"] and d["consumer"] == s.online.group for d in dead)
     assert {json.loads(d["value"])["user_id"] for d in dead} == {"p3"}
+
+
+def test_an_experiment_runs_counters_hold_its_two_arms_lists_since_its_start():
+    from recsys.experiments import ExperimentScope
+    exp = {"candidate": "v2", "share": 0.5, "shadow": False, "started_at": "2026-01-01T00:00:00.250+00:00"}
+    scope = ExperimentScope.of({"current": "v1", "previous": None, "experiment": exp})
+    start = scope.started_ms
+    assert scope.counts("v1", "current", start) == scope.arm("current") == f"v2@{start}|v1|current"
+    assert scope.counts("v2", "candidate", start + 1) == f"v2@{start}|v2|candidate"
+    assert scope.counts("v1", "current", start - 1) is None  # served before it started
+    assert scope.counts("v2", "current", start) is None and scope.counts("None", "current", start) is None
+    again = ExperimentScope.of({"current": "v1", "experiment": {**exp, "started_at": "2026-01-02T00:00:00+00:00"}})
+    assert again.arm("candidate") != scope.arm("candidate")  # a run again: counted afresh
+    assert ExperimentScope.of({"current": "v1", "experiment": {**exp, "shadow": True}}) is None
+    assert ExperimentScope.of({"current": "v1", "experiment": None}) is None
