@@ -466,12 +466,14 @@ class OnlineConsumer:
             pipe.sadd(self.keys.arms, *{name for name, _, _, counted in second if counted})
             pipe.execute()
             applied = run_scripts(self.redis, commands, scripts=ONLINE_SCRIPTS, keep=script_failed)
+            failed = {}  # a record once, whichever of its arms' scripts failed
             for (name, r, _, counted), done in zip(second, applied):
                 if isinstance(done, Exception):
-                    bad.append((r, _failed(done)))
+                    failed.setdefault(id(r), (r, _failed(done)))
                 elif done and counted:
                     _count(name, *counted)
                     self.stats.hits += counted[0] != "impression"
+            bad.extend(failed.values())
         self.stats.impressions += sum(isinstance(w, Impression) for _, w in decoded)
         self.stats.events += sum(not isinstance(w, Impression) for _, w in decoded)
         return bad
@@ -580,21 +582,21 @@ def run_online(settings: Settings, until_idle: float | None = None) -> dict:
 
 
 def report(settings: Settings) -> dict:
-    """Every arm's counters and rates, from Redis (``recsys online report``)."""
+    """Every arm's counters and rates, from Redis (``recsys online report``); and those of the
+    running A/B experiment's run, which the guardrail judges (``experiment_arms``)."""
     client, keys = connect(settings), OnlineKeys(settings.redis.prefix)
     names = sorted(client.smembers(keys.arms))
     pipe = client.pipeline(transaction=False)
     for name in names:
         pipe.hgetall(keys.arm(name))
-    arms = {}
-    for name, counters in zip(names, pipe.execute()):
-        arms[name] = summarize({k: int(v) for k, v in counters.items() if not k.startswith("@")})
-    guardrail_ = {c: json.loads(v) for c, v in client.hgetall(keys.guardrail).items()}
     pointers = Registry(settings.registry_dir).pointers()
     scope = ExperimentScope.of(pointers)
-    experiment_arms = {}
-    for arm in ("current", "candidate") if scope else ():
-        counters = client.hgetall(keys.arm(scope.arm(arm)))
-        experiment_arms[scope.arm(arm)] = summarize({k: int(v) for k, v in counters.items() if not k.startswith("@")})
+    running = [scope.arm(arm) for arm in ("current", "candidate")] if scope else []
+    for name in running:
+        pipe.hgetall(keys.arm(name))
+    replies = pipe.execute()
+    counters = [summarize({k: int(v) for k, v in arm.items() if not k.startswith("@")}) for arm in replies]
+    arms, experiment_arms = dict(zip(names, counters)), dict(zip(running, counters[len(names):]))
+    guardrail_ = {c: json.loads(v) for c, v in client.hgetall(keys.guardrail).items()}
     return {"window_s": settings.online.window_s, "attributable": list(settings.online.attributable), "arms": arms,
             "guardrail_stops": guardrail_, "experiment": pointers["experiment"], "experiment_arms": experiment_arms}
