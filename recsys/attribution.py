@@ -20,7 +20,11 @@ CTR@k is hits:click / items_shown; the hit rate, lists_with_hit / impressions.
 The guardrail: while an A/B experiment runs (``recsys models candidate V``), the consumer tests
 every ``online.guard_every_s`` whether the candidate arm's hit rate is significantly below the
 current arm's (``recsys.experiments.guardrail``, a sequential test) and, if so, ends the
-experiment in the registry: the replicas then serve everyone the current model.
+experiment in the registry: the replicas then serve everyone the current model. It reads
+counters of that run of the experiment alone (``recsys.experiments.ExperimentScope``): a list
+served since the experiment started, by the current version in the current arm or by the
+candidate in its arm, and the hits on it, count also under "<run>|<version>|<arm>", so both
+arms cover the same span of time.
 
 The consumer (``recsys online``, group ``online.group``) reads the impressions and the events
 topics. They have as many partitions and are keyed alike, so Kafka's range assignment gives a
@@ -39,13 +43,17 @@ on which topic Kafka delivers first.
 
 Redis (prefix ``P``):
 
-  P:shown:{u:<user>}     HASH item -> "ts|request|version|arm|rank" of the latest impression
+  P:shown:{u:<user>}     HASH "i:<item>" -> "ts|request|version|arm|rank" of the latest impression
                                showing it; "q:<request>" -> the position that first applied it
-  P:attributed:{u:<user>} HASH event id -> "position|verdict"; "r:<request>" -> hits of that list
+  P:attributed:{u:<user>} HASH "e:<event id>" -> "position|verdict"; "r:<request>" -> hits of that list
   P:online:{o:<v>|<arm>} HASH the counters above; "@<topic>:<p>" -> the arm's applied offset
+  P:online:{o:<run>|<v>|<arm>} HASH the same, of one run of an A/B experiment ("<candidate>@<start ms>")
   P:online:arms          SET  "<version>|<arm>" of every arm seen
   P:online:guardrail     HASH candidate version -> the guardrail's verdict that ended its experiment (JSON)
 Both user hashes expire ``online.window_s`` x 2 after their last write (at least the dedup TTL).
+Every field starts with a tag that says what it holds, so an id a client chooses (an item or
+event id) never names one of the consumer's own fields (issue 35: an event id "r:<request>"
+once overwrote a list's hit count and crash-looped the consumer).
 """
 from __future__ import annotations
 
@@ -65,7 +73,7 @@ from prometheus_client import Counter, Gauge
 
 from recsys import kafka_io
 from recsys.events import BadEvent, Event, EventTimeBounds, parse_event
-from recsys.experiments import guardrail
+from recsys.experiments import ExperimentScope, guardrail
 from recsys.feature_store import connect, run_scripts
 from recsys.features import offset_field
 from recsys.impressions import Impression, decode_record
@@ -149,9 +157,9 @@ local memo = redis.call('HGET', KEYS[1], 'q:' .. ARGV[2])
 if memo and memo ~= ARGV[3] then return 0 end
 if not memo then
   for i = 7, #ARGV do
-    local old = redis.call('HGET', KEYS[1], ARGV[i])
+    local old = redis.call('HGET', KEYS[1], 'i:' .. ARGV[i])
     if (not old) or tonumber(string.match(old, '^(%d+)')) < tonumber(ARGV[4]) then
-      redis.call('HSET', KEYS[1], ARGV[i], ARGV[4] .. '|' .. ARGV[2] .. '|' .. ARGV[5] .. '|' .. ARGV[6] .. '|' .. (i - 6))
+      redis.call('HSET', KEYS[1], 'i:' .. ARGV[i], ARGV[4] .. '|' .. ARGV[2] .. '|' .. ARGV[5] .. '|' .. ARGV[6] .. '|' .. (i - 6))
     end
   end
   redis.call('HSET', KEYS[1], 'q:' .. ARGV[2], ARGV[3])
@@ -162,27 +170,27 @@ return 1
 
 # An attributable event on its user's slot. KEYS: the user's attributed hash, the user's shown
 # hash. ARGV: ttl, event id, position, record ms, item, window ms. Returns the verdict:
-# "version|arm|rank|first hit of its list (1/0)", or "-" (no impression in the window, or
+# "version|arm|rank|first hit of its list (1/0)|the impression's ms", or "-" (no impression in the window, or
 # another record of an event id already seen). A replay of the first position gets the
 # verdict it got then.
 _EVENT = """
-local memo = redis.call('HGET', KEYS[1], ARGV[2])
+local memo = redis.call('HGET', KEYS[1], 'e:' .. ARGV[2])
 if memo then
   local pos, verdict = string.match(memo, '^([^|]*)|(.*)$')
   if pos == ARGV[3] then return verdict end
   return '-'
 end
 local verdict = '-'
-local shown = redis.call('HGET', KEYS[2], ARGV[5])
+local shown = redis.call('HGET', KEYS[2], 'i:' .. ARGV[5])
 if shown then
   local ts, request, version, arm, rank = string.match(shown, '^(%d+)|([^|]*)|([^|]*)|([^|]*)|(%d+)$')
   local t = tonumber(ARGV[4])
   if tonumber(ts) <= t and t - tonumber(ts) <= tonumber(ARGV[6]) then
     local n = redis.call('HINCRBY', KEYS[1], 'r:' .. request, 1)
-    verdict = version .. '|' .. arm .. '|' .. rank .. '|' .. (n == 1 and '1' or '0')
+    verdict = version .. '|' .. arm .. '|' .. rank .. '|' .. (n == 1 and '1' or '0') .. '|' .. ts
   end
 end
-redis.call('HSET', KEYS[1], ARGV[2], ARGV[3] .. '|' .. verdict)
+redis.call('HSET', KEYS[1], 'e:' .. ARGV[2], ARGV[3] .. '|' .. verdict)
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return verdict
 """
@@ -247,6 +255,15 @@ class Shown(NamedTuple):
     def position(self) -> int:
         """The arm script's applied position: records in offset order, a record's impressions in place order."""
         return self.offset * PLACES + self.index
+
+    @property
+    def key(self) -> bytes:
+        return self.impression.user_id.encode()
+
+    @property
+    def value(self) -> bytes:
+        """What the dead-letter topic gets of it: the impression alone, as a single record."""
+        return self.impression.to_bytes()
 
     @property
     def memo(self) -> str:
@@ -320,11 +337,12 @@ class OnlineConsumer:
             return None
         self.guarded_at = now
         registry = Registry(self.settings.registry_dir)
-        exp, current = registry.experiment(), registry.current()
-        if exp is None or exp["shadow"] or current is None:
+        pointers = registry.pointers()
+        exp, current, scope = pointers["experiment"], pointers["current"], ExperimentScope.of(pointers)
+        if scope is None:
             return None
-        arms = [self.redis.hmget(self.keys.arm(name), ["impressions", "lists_with_hit"])
-                for name in (f"{current}|current", f"{exp['candidate']}|candidate")]
+        arms = [self.redis.hmget(self.keys.arm(scope.arm(arm)), ["impressions", "lists_with_hit"])
+                for arm in ("current", "candidate")]
         (n_a, x_a), (n_b, x_b) = ((int(n or 0), int(x or 0)) for n, x in arms)
         verdict = guardrail((n_a, x_a), (n_b, x_b), o.guard_alpha, o.guard_effect, o.guard_min_lists)
         GUARD_RATIO.labels(exp["candidate"]).set(verdict.likelihood_ratio)
@@ -418,32 +436,44 @@ class OnlineConsumer:
                                           [self.ttl, event.event_id, _pos(r), r.timestamp, event.item_id, self.window_ms]))
             except (BadEvent, ValueError, KeyError, TypeError) as exc:
                 bad.append((r, exc if isinstance(exc, BadEvent) else BadEvent(f"not an impression: {exc!r}"[:500])))
-        verdicts = run_scripts(self.redis, first, scripts=ONLINE_SCRIPTS)
-        second, counted = [], []
+        verdicts = run_scripts(self.redis, first, scripts=ONLINE_SCRIPTS, keep=script_failed)
+        scope = ExperimentScope.of(Registry(self.settings.registry_dir).pointers())
+        second = []  # (arm's counters, record, increments, what the metrics count: None in an experiment's)
         for (r, what), verdict in zip(decoded, verdicts):
+            if isinstance(verdict, Exception):
+                bad.append((r, _failed(verdict)))
+                continue
             if isinstance(what, Impression):
-                if verdict == 1:
-                    name = f"{what.model_version}|{what.arm}"
-                    second.append((name, r, ["impressions", 1, "items_shown", len(what.items)]))
-                    counted.append((name, "impression", len(what.items)))
+                if verdict != 1:
+                    continue
+                version, arm, served = str(what.model_version), what.arm, r.timestamp
+                incr, counted = ["impressions", 1, "items_shown", len(what.items)], ("impression", len(what.items))
             elif verdict != "-":
-                version, arm, rank, first_hit = verdict.split("|")
-                name = f"{version}|{arm}"
-                second.append((name, r, [f"hits:{what.type.value}", 1, f"rank:{rank}", 1,
-                                         "lists_with_hit", int(first_hit)]))
-                counted.append((name, what.type.value, int(first_hit)))
+                version, arm, rank, first_hit, served = verdict.split("|")
+                incr = [f"hits:{what.type.value}", 1, f"rank:{rank}", 1, "lists_with_hit", int(first_hit)]
+                counted = (what.type.value, int(first_hit))
+            else:
+                continue
+            second.append((f"{version}|{arm}", r, incr, counted))
+            in_experiment = scope and scope.counts(version, arm, int(served))
+            if in_experiment:
+                second.append((in_experiment, r, incr, None))
         if second:
             commands = [_evalsha(_ARM, [self.keys.arm(name)],
                                  [offset_field(r.topic, r.partition), r.position if isinstance(r, Shown) else r.offset,
-                                  *incr]) for name, r, incr in second]
+                                  *incr]) for name, r, incr, _ in second]
             pipe = self.redis.pipeline(transaction=False)
-            pipe.sadd(self.keys.arms, *{name for name, _, _ in second})
+            pipe.sadd(self.keys.arms, *{name for name, _, _, counted in second if counted})
             pipe.execute()
-            applied = run_scripts(self.redis, commands, scripts=ONLINE_SCRIPTS)
-            for (name, kind, n), done in zip(counted, applied):
-                if done:
-                    _count(name, kind, n)
-                    self.stats.hits += kind != "impression"
+            applied = run_scripts(self.redis, commands, scripts=ONLINE_SCRIPTS, keep=script_failed)
+            failed = {}  # a record once, whichever of its arms' scripts failed
+            for (name, r, _, counted), done in zip(second, applied):
+                if isinstance(done, Exception):
+                    failed.setdefault(id(r), (r, _failed(done)))
+                elif done and counted:
+                    _count(name, *counted)
+                    self.stats.hits += counted[0] != "impression"
+            bad.extend(failed.values())
         self.stats.impressions += sum(isinstance(w, Impression) for _, w in decoded)
         self.stats.events += sum(not isinstance(w, Impression) for _, w in decoded)
         return bad
@@ -517,6 +547,20 @@ class _DropBuffers(ConsumerRebalanceListener):
         pass
 
 
+def script_failed(reply: Exception) -> bool:
+    """A script that ran and failed on its record's data (a key of the wrong type, a field that
+    is not a number): it would fail the same way on every try, so the record goes to the dead
+    letters and the consumer goes on. Refusals that come from Redis's state (busy, out of
+    memory, read-only, a cluster moving slots) are not the record's fault and are raised."""
+    text = str(reply)
+    return (type(reply) is redis.ResponseError and "@user_script" in text
+            and not text.startswith(("BUSY", "MISCONF", "NOREPLICAS")))
+
+
+def _failed(reply: Exception) -> BadEvent:
+    return BadEvent(f"a script failed on it: {reply}"[:500], "script")
+
+
 def _pos(record) -> int:
     return (record.partition << 40) + record.offset
 
@@ -538,15 +582,21 @@ def run_online(settings: Settings, until_idle: float | None = None) -> dict:
 
 
 def report(settings: Settings) -> dict:
-    """Every arm's counters and rates, from Redis (``recsys online report``)."""
+    """Every arm's counters and rates, from Redis (``recsys online report``); and those of the
+    running A/B experiment's run, which the guardrail judges (``experiment_arms``)."""
     client, keys = connect(settings), OnlineKeys(settings.redis.prefix)
     names = sorted(client.smembers(keys.arms))
     pipe = client.pipeline(transaction=False)
     for name in names:
         pipe.hgetall(keys.arm(name))
-    arms = {}
-    for name, counters in zip(names, pipe.execute()):
-        arms[name] = summarize({k: int(v) for k, v in counters.items() if not k.startswith("@")})
+    pointers = Registry(settings.registry_dir).pointers()
+    scope = ExperimentScope.of(pointers)
+    running = [scope.arm(arm) for arm in ("current", "candidate")] if scope else []
+    for name in running:
+        pipe.hgetall(keys.arm(name))
+    replies = pipe.execute()
+    counters = [summarize({k: int(v) for k, v in arm.items() if not k.startswith("@")}) for arm in replies]
+    arms, experiment_arms = dict(zip(names, counters)), dict(zip(running, counters[len(names):]))
     guardrail_ = {c: json.loads(v) for c, v in client.hgetall(keys.guardrail).items()}
     return {"window_s": settings.online.window_s, "attributable": list(settings.online.attributable), "arms": arms,
-            "guardrail_stops": guardrail_, "experiment": Registry(settings.registry_dir).experiment()}
+            "guardrail_stops": guardrail_, "experiment": pointers["experiment"], "experiment_arms": experiment_arms}

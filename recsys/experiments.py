@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from datetime import datetime
 
 
 def in_candidate_arm(user_id: str, share: float, salt: str) -> bool:
@@ -14,6 +15,40 @@ def in_candidate_arm(user_id: str, share: float, salt: str) -> bool:
     users are not always the ones that try new models."""
     digest = hashlib.sha256(f"{salt}:{user_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2 ** 64 < share
+
+
+@dataclass(frozen=True)
+class ExperimentScope:
+    """A running A/B experiment as the online counters see it (issue 35): the guardrail compares
+    counters that hold only the lists served since the experiment started, by either arm, so
+    both arms cover the same time (the current version's lists from before, or the candidate's
+    from an earlier run of it, would compare different days). ``id`` names one run: its
+    candidate and start, so a candidate stopped and started again is counted afresh."""
+    id: str
+    started_ms: int
+    current: str
+    candidate: str
+
+    @classmethod
+    def of(cls, pointers: dict) -> "ExperimentScope | None":
+        """The scope of the registry's pointers' A/B experiment; None with none running (or a shadow)."""
+        exp, current = pointers.get("experiment"), pointers.get("current")
+        if exp is None or exp["shadow"] or current is None:
+            return None
+        started_ms = int(datetime.fromisoformat(exp["started_at"]).timestamp() * 1000)
+        return cls(f"{exp['candidate']}@{started_ms}", started_ms, current, exp["candidate"])
+
+    def arm(self, arm: str) -> str:
+        """The counters' name of an arm ("current" or "candidate") in this run."""
+        return f"{self.id}|{self.current if arm == 'current' else self.candidate}|{arm}"
+
+    def counts(self, version: str | None, arm: str, served_ms: int) -> str | None:
+        """The arm's counters' name that a list (or a hit on it) counts in, or None: a list served
+        before the start, or by neither arm's version."""
+        if served_ms < self.started_ms or (arm, version) not in (("current", self.current),
+                                                                 ("candidate", self.candidate)):
+            return None
+        return self.arm(arm)
 
 
 def overlap_at_k(served: list[str], other: list[str], k: int = 10) -> float:

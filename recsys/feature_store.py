@@ -346,16 +346,17 @@ class Pending:
 
 
 def run_scripts(client: redis.Redis | redis.RedisCluster, commands: list[tuple], pending: Pending | None = None,
-                scripts: tuple[str, ...] = SCRIPTS) -> list:
+                scripts: tuple[str, ...] = SCRIPTS, keep: Callable[[Exception], bool] = lambda exc: False) -> list:
     """The replies of ``scripts``' commands (sent already when ``pending``). Every reply is read
-    before the first error is raised; scripts Redis no longer holds (it restarted since they
-    were loaded) are loaded and the commands sent again, which changes nothing that was applied."""
+    before the first error is raised, but errors that ``keep`` accepts stay in their places (the
+    caller deals with each); scripts Redis no longer holds (it restarted since they were
+    loaded) are loaded and the commands sent again, which changes nothing that was applied."""
     replies = (pending or Pending(client, commands)).replies()
     if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
         for script in scripts:
             client.script_load(script)
         replies = Pending(client, commands).replies()
-    error = next((r for r in replies if isinstance(r, Exception)), None)
+    error = next((r for r in replies if isinstance(r, Exception) and not keep(r)), None)
     if error is not None:
         raise error
     return replies

@@ -7,13 +7,18 @@ Layout under ``settings.registry_dir``::
 
 A version is written under a hidden temporary name and renamed into place, so a reader
 never sees a half-written version. The pointers live in one small file replaced with
-``os.replace``: a reader sees either the old ones or the new ones, never a mix. An experiment
+``os.replace``: a reader sees either the old ones or the new ones, never a mix. Every change
+of the pointers (promote, rollback, start or end an experiment) reads, changes and writes them
+under an exclusive lock on ``.pointers.lock`` (``flock``, across processes: the CLI, the
+scheduler's publish and the guardrail), so none can undo another's. An experiment
 (``start_experiment``) names a candidate version that a share of users is served (A/B) or that
 is computed beside the current one without being served (shadow); promoting any version, or a
 rollback, ends it.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -116,6 +121,17 @@ class Registry:
         return {**self.pointers(), "versions": rows}
 
     # -- writing ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _changing(self):
+        """The pointers' lock, held while they are read, changed and written."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".pointers.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def _write_pointers(self, current: Optional[str], previous: Optional[str], experiment: Optional[dict] = None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".pointers.{uuid.uuid4().hex}.tmp"
@@ -128,45 +144,49 @@ class Registry:
     def promote(self, version: str) -> dict:
         """Make ``version`` current; an experiment ends (whichever version it tried)."""
         v = self.resolve(version)
-        p = self.pointers()
-        if p["current"] == v and p["experiment"] is None:
-            return p
-        self._write_pointers(v, p["current"] if p["current"] != v else p["previous"])
-        return self.pointers()
+        with self._changing():
+            p = self.pointers()
+            if p["current"] == v and p["experiment"] is None:
+                return p
+            self._write_pointers(v, p["current"] if p["current"] != v else p["previous"])
+            return self.pointers()
 
     def start_experiment(self, version: str, share: float, shadow: bool = False) -> dict:
         """Serve ``version`` to ``share`` of the users (by a stable hash of their pseudonym), or with
         ``shadow`` compute it for them beside the current one without serving it."""
         v = self.resolve(version)
-        p = self.pointers()
-        if not p["current"]:
-            raise RegistryError(f"registry {self.root}: no current model to compare a candidate with")
-        if v == p["current"]:
-            raise RegistryError(f"{v} is the current model: a candidate must be another version")
         if not 0 < share <= 1:
             raise RegistryError(f"share {share}: give a share of users in (0, 1]")
-        experiment = {"candidate": v, "share": share, "shadow": shadow,
-                      "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        self._write_pointers(p["current"], p["previous"], experiment)
-        return self.pointers()
+        with self._changing():
+            p = self.pointers()
+            if not p["current"]:
+                raise RegistryError(f"registry {self.root}: no current model to compare a candidate with")
+            if v == p["current"]:
+                raise RegistryError(f"{v} is the current model: a candidate must be another version")
+            experiment = {"candidate": v, "share": share, "shadow": shadow,
+                          "started_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
+            self._write_pointers(p["current"], p["previous"], experiment)
+            return self.pointers()
 
     def end_experiment(self, expected: Optional[dict] = None) -> dict:
         """Stop the experiment without promoting its candidate; with ``expected``, only if that
         is still the one running (the guardrail must not end an experiment started since)."""
-        p = self.pointers()
-        if p["experiment"] is None:
-            raise RegistryError(f"registry {self.root}: no experiment running")
-        if expected is not None and p["experiment"] != expected:
-            raise RegistryError(f"registry {self.root}: the experiment changed meanwhile")
-        self._write_pointers(p["current"], p["previous"])
-        return self.pointers()
+        with self._changing():
+            p = self.pointers()
+            if p["experiment"] is None:
+                raise RegistryError(f"registry {self.root}: no experiment running")
+            if expected is not None and p["experiment"] != expected:
+                raise RegistryError(f"registry {self.root}: the experiment changed meanwhile")
+            self._write_pointers(p["current"], p["previous"])
+            return self.pointers()
 
     def rollback(self) -> dict:
-        p = self.pointers()
-        if not p.get("previous"):
-            raise RegistryError(f"registry {self.root}: no previous model to roll back to")
-        self._write_pointers(p["previous"], p["current"])
-        return self.pointers()
+        with self._changing():
+            p = self.pointers()
+            if not p.get("previous"):
+                raise RegistryError(f"registry {self.root}: no previous model to roll back to")
+            self._write_pointers(p["previous"], p["current"])
+            return self.pointers()
 
     def publish(self, write: Callable[[Path, str], None], promote: bool = True) -> str:
         """Write a new version with ``write(folder, version)`` into a temp folder, rename it in place.

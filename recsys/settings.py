@@ -201,6 +201,10 @@ class ServingSettings(BaseModel):
     # The catalogue's log (recsys/catalogue.py) keeps about this many entries; a replica that
     # falls further behind reads the whole catalogue again.
     catalogue_log_max: int = Field(100_000, ge=100)
+    # A replica whose registry watcher has not ended a round for this long (it hangs, or every
+    # round fails) answers /readyz with 503 (serving/watch.py); a round includes loading a new
+    # version, which takes seconds.
+    watcher_stale_s: float = Field(300.0, gt=0)
     # Serve kills a proxy whose ready or health check takes longer than this (Ray's defaults:
     # 5 s and 10 s), which a busy 2-core machine exceeds; the deploy then fails with ActorDiedError.
     proxy_ready_check_timeout_s: float = 30.0

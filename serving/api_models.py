@@ -40,6 +40,7 @@ class Readiness(BaseModel):
     kafka: bool
     model_load_failure: Optional[dict[str, str]]
     fresh_items: int  # catalogue items this replica serves by their content embedding (recsys/catalogue.py)
+    watcher: bool  # the registry watcher is alive and ended a round within serving.watcher_stale_s (serving/watch.py)
 
 
 class ErrorAnswer(BaseModel):

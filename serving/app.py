@@ -39,6 +39,7 @@ from recsys.privacy import Pseudonyms
 from recsys.settings import Settings
 from serving.api_models import ERRORS, Accepted, CatalogueAnswer, ErrorAnswer, Health, Readiness, Recommendations
 from serving.models import current_version, experiment, load_order, load_servable
+from serving.watch import Watcher
 from serving.recommend import ServableModel, TowerBatcher, needs_model, recommend
 
 log = logging.getLogger(__name__)
@@ -157,8 +158,7 @@ class RecsysService:
                 break
             except Exception as exc:
                 self._load_failed(version, exc)
-        self._watch = threading.Thread(target=self._watch_registry, args=(model_poll_s,), daemon=True)
-        self._watch.start()
+        self.watcher = Watcher(self._watch_round, model_poll_s, sv.watcher_stale_s, self.stopping).start()
         threading.Thread(target=self._warm_kafka, daemon=True).start()
 
     # -- model -----------------------------------------------------------
@@ -198,23 +198,21 @@ class RecsysService:
         MODEL_LOAD_FAILURES.inc()
         log.error("model %s failed to load, serving %s: %r", version, self.version, exc)
 
-    def _watch_registry(self, every_s: float) -> None:
-        while True:
-            time.sleep(every_s)
-            if self.version:  # Ray drops a gauge not set for two export intervals: set it again
-                MODEL_VERSION.set(1, tags={"version": self.version})
-            version = None
-            try:
-                version = current_version(self.settings)
-                if version == (self.load_failure or {}).get("version"):
-                    continue  # versions never change: tried once is enough
+    def _watch_round(self) -> None:
+        """One round of the registry watcher (serving/watch.py runs them, guarded)."""
+        if self.version:  # Ray drops a gauge not set for two export intervals: set it again
+            MODEL_VERSION.set(1, tags={"version": self.version})
+        version = None
+        try:
+            version = current_version(self.settings)
+            if version != (self.load_failure or {}).get("version"):  # versions never change: tried once is enough
                 self._swap_to(version)
                 self.load_failure = None  # the current version is the one served
-            except Exception as exc:  # a broken version must not stop the watcher; keep serving the old one
-                self._load_failed(version, exc)
-            finally:
-                self._follow_experiment()
-                self._follow_catalogue()
+        except Exception as exc:  # a broken version must not stop the watcher; keep serving the old one
+            self._load_failed(version, exc)
+        finally:
+            self._follow_experiment()
+            self._follow_catalogue()
 
     def _follow_experiment(self) -> None:
         """Load the experiment's candidate, follow its share and mode, drop it when it ends. A
@@ -391,8 +389,10 @@ class RecsysService:
     def _checks(self) -> dict:
         model = self.model
         checks = {"model": self.version, "redis": self._redis_ok(), "kafka": kafka_answers(self.settings),
-                  "model_load_failure": self.load_failure, "fresh_items": len(model.fresh) if model is not None else 0}
-        return {"ready": checks["model"] is not None and checks["redis"] and checks["kafka"], **checks}
+                  "model_load_failure": self.load_failure, "fresh_items": len(model.fresh) if model is not None else 0,
+                  "watcher": self.watcher.healthy()}
+        return {"ready": checks["model"] is not None and checks["redis"] and checks["kafka"] and checks["watcher"],
+                **checks}
 
     def _redis_ok(self) -> bool:
         try:

@@ -176,20 +176,25 @@ def _registry_with_two_versions(s):
     return registry, v1, v2
 
 
-def _ab_traffic(v1: str, v2: str, hit_rates: dict, lists: int = 800, seed: int = 3):
-    """Lists of both arms; a list gets a click on one of its items with its arm's hit rate."""
+def _ab_traffic(v1: str, v2: str, hit_rates: dict, base: int, lists: int = 800, seed: int = 3, tag: str = "ab"):
+    """Lists of both arms, served from ``base`` (ms) on; a list gets a click on one of its items
+    with its arm's hit rate."""
     rng = random.Random(seed)
-    base = int(time.time() * 1000) - 2 * 3600 * 1000
     impressions, events = [], []
     for n in range(lists):
         version, arm = (v2, "candidate") if n % 2 else (v1, "current")
-        user, at = f"q{n % 97}", base + n * 1000
+        user, at = f"q{n % 97}", base + n * 100
         items = tuple(f"i{rng.randrange(500)}" for _ in range(5))
-        impressions.append((Impression(f"ab{n}", user, version, arm, items, 0), at))
+        impressions.append((Impression(f"{tag}{n}", user, version, arm, items, 0), at))
         if rng.random() < hit_rates[arm]:
-            events.append((Event(event_id=f"abe{n}", user_id=user, item_id=rng.choice(items), type="click",
+            events.append((Event(event_id=f"{tag}e{n}", user_id=user, item_id=rng.choice(items), type="click",
                                  ts=at + 30_000), at + 30_000))
     return impressions, events
+
+
+def _started_ms(registry) -> int:
+    from recsys.experiments import ExperimentScope
+    return ExperimentScope.of(registry.pointers()).started_ms
 
 
 def test_the_guardrail_ends_an_experiment_whose_candidate_loses(scratch):
@@ -198,7 +203,7 @@ def test_the_guardrail_ends_an_experiment_whose_candidate_loses(scratch):
     s = scratch.settings
     registry, v1, v2 = _registry_with_two_versions(s)
     registry.start_experiment(v2, 0.5)
-    impressions, events = _ab_traffic(v1, v2, {"current": 0.3, "candidate": 0.08})
+    impressions, events = _ab_traffic(v1, v2, {"current": 0.3, "candidate": 0.08}, _started_ms(registry))
     _produce(s, impressions, events)
     scratch.cli("online", "run", "--until-idle", "8")
     assert registry.experiment() is None and registry.current() == v1
@@ -212,12 +217,33 @@ def test_the_guardrail_leaves_an_equal_candidate_running(scratch):
     s = scratch.settings
     registry, v1, v2 = _registry_with_two_versions(s)
     registry.start_experiment(v2, 0.5)
-    impressions, events = _ab_traffic(v1, v2, {"current": 0.25, "candidate": 0.25}, seed=4)
+    impressions, events = _ab_traffic(v1, v2, {"current": 0.25, "candidate": 0.25}, _started_ms(registry), seed=4)
     _produce(s, impressions, events)
     scratch.cli("online", "run", "--until-idle", "8")
     assert registry.experiment()["candidate"] == v2
     report = json.loads(scratch.cli("online", "report", "--json").stdout.strip().splitlines()[-1])
     assert report["guardrail_stops"] == {} and report["arms"][f"{v2}|candidate"]["impressions"] == 400
+
+
+def test_the_guardrail_compares_only_lists_served_during_the_experiment(scratch):
+    """Issue 35 (7): before the experiment, the current version's lists had a high hit rate (a
+    busy day) and an earlier run of the same candidate a low one; during it, both arms do
+    alike. Judged on all their lists, the candidate would be stopped; judged on this run's, it
+    is not, and the report shows this run's lists alone."""
+    s = scratch.settings
+    registry, v1, v2 = _registry_with_two_versions(s)
+    registry.start_experiment(v2, 0.5)
+    start = _started_ms(registry)
+    before = _ab_traffic(v1, v2, {"current": 0.4, "candidate": 0.05}, start - 3 * 3600_000, tag="old")
+    during = _ab_traffic(v1, v2, {"current": 0.15, "candidate": 0.15}, start, seed=5)
+    _produce(s, before[0] + during[0], before[1] + during[1])
+    scratch.cli("online", "run", "--until-idle", "8")
+    report = json.loads(scratch.cli("online", "report", "--json").stdout.strip().splitlines()[-1])
+    assert registry.experiment()["candidate"] == v2 and report["guardrail_stops"] == {}
+    run = report["experiment_arms"]
+    want = expected_report(during[0], during[1], WINDOW_MS, ATTRIBUTABLE)
+    assert {name.split("|", 1)[1]: arm["counters"] for name, arm in run.items()} == want
+    assert report["arms"][f"{v1}|current"]["impressions"] == 800  # every list, in the all-time counters
 
 
 def test_taste_shoppers_reactions_are_attributed_to_the_lists_that_showed_them(scratch, tmp_path):
@@ -249,3 +275,67 @@ def test_taste_shoppers_reactions_are_attributed_to_the_lists_that_showed_them(s
     assert 0 < arm["hit_rate"] <= 1 and arm["ctr_at_k"] > 0
     assert 0.9 * len(reactions) <= sum(arm["hits"].values()) <= len(reactions)
     assert arm["hit_ranks"]["1"] > arm["hit_ranks"].get("10", 0)
+
+
+def _run_online(scratch) -> dict:
+    done = subprocess.run([sys.executable, "-m", "cli", "online", "run", "--until-idle", "3"], env=scratch.env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_client_chosen_ids_cannot_collide_with_the_consumers_own_fields(scratch):
+    """Issue 35 (5): a click whose event id is "r:" + a request id it was served, and one whose
+    item id is "q:" + it, are ordinary events: before, the first turned the list's hit count into
+    a string (the next click's HINCRBY failed and the consumer crash-looped) and the second read
+    the request's memo as an impression."""
+    s = scratch.settings
+    t = int(time.time() * 1000) - 3600_000
+    impressions = [(Impression("req1", "u1", "v1", "current", ("x", "y"), 0), t)]
+    events = [(ev("r:req1", "u1", "x", ts=t + 1000), t + 1000), (ev("e2", "u1", "y", ts=t + 2000), t + 2000),
+              (ev("e3", "u1", "q:req1", ts=t + 3000), t + 3000), (ev("e:e2", "u1", "x", ts=t + 4000), t + 4000)]
+    want = expected_report(impressions, events, WINDOW_MS, ATTRIBUTABLE)
+    assert want["v1|current"]["lists_with_hit"] == 1 and want["v1|current"]["hits:click"] == 3
+    _produce(s, impressions, events)
+    out = _run_online(scratch)
+    assert out["dlq"] == 0 and out["events"] == 4
+    assert _counters(scratch) == want
+
+
+def test_a_script_error_on_one_record_goes_to_the_dead_letters_and_the_rest_is_counted(scratch):
+    """Issue 35 (5): a record whose script fails (here its user's hash holds the wrong type) goes
+    to the dead-letter topic with the reason, and the consumer goes on, exact for everyone else.
+    Batch records: a failed impression is dead-lettered alone, the others of its record count."""
+    from recsys.attribution import OnlineKeys
+    from recsys.feature_store import connect
+    from recsys.stream import read_dead_letters
+    s = scratch.settings
+    impressions, events = _traffic(seed=35, users=8, lists=60, events=200)
+    connect(s).set(OnlineKeys(s.redis.prefix).shown("p3"), "not a hash")
+    good = lambda pairs: [(x, ts) for x, ts in pairs if x.user_id != "p3"]  # noqa: E731
+    want = expected_report(good(impressions), good(events), WINDOW_MS, ATTRIBUTABLE)
+    bad_imps = sum(i.user_id == "p3" for i, _ in impressions)  # a request's every record fails
+    bad_events = sum(e.user_id == "p3" and e.type.value in ATTRIBUTABLE for e, _ in events)
+    assert bad_imps and bad_events and sum(c.get("lists_with_hit", 0) for c in want.values()) > 5
+    _produce(s, impressions, events, batch=3)
+    out = _run_online(scratch)
+    assert _counters(scratch) == want
+    dead = read_dead_letters(s)
+    assert out["dlq"] == len(dead) == bad_imps + bad_events
+    assert all("WRONGTYPE" in d["reason"] and d["consumer"] == s.online.group for d in dead)
+    assert {json.loads(d["value"])["user_id"] for d in dead} == {"p3"}
+
+
+def test_an_experiment_runs_counters_hold_its_two_arms_lists_since_its_start():
+    from recsys.experiments import ExperimentScope
+    exp = {"candidate": "v2", "share": 0.5, "shadow": False, "started_at": "2026-01-01T00:00:00.250+00:00"}
+    scope = ExperimentScope.of({"current": "v1", "previous": None, "experiment": exp})
+    start = scope.started_ms
+    assert scope.counts("v1", "current", start) == scope.arm("current") == f"v2@{start}|v1|current"
+    assert scope.counts("v2", "candidate", start + 1) == f"v2@{start}|v2|candidate"
+    assert scope.counts("v1", "current", start - 1) is None  # served before it started
+    assert scope.counts("v2", "current", start) is None and scope.counts("None", "current", start) is None
+    again = ExperimentScope.of({"current": "v1", "experiment": {**exp, "started_at": "2026-01-02T00:00:00+00:00"}})
+    assert again.arm("candidate") != scope.arm("candidate")  # a run again: counted afresh
+    assert ExperimentScope.of({"current": "v1", "experiment": {**exp, "shadow": True}}) is None
+    assert ExperimentScope.of({"current": "v1", "experiment": None}) is None

@@ -369,6 +369,32 @@ def test_registry_promote_rollback_and_atomic_pointers(tmp_path):
     assert reg.current() == v3
 
 
+def test_ending_an_experiment_cannot_undo_a_promote_made_meanwhile(tmp_path, monkeypatch):
+    """Issue 35: the guardrail's end_experiment read the pointers, an operator's promote wrote
+    new ones, and end_experiment then wrote the old current back. Under the pointers' lock the
+    promote waits for it, and both take effect."""
+    reg = Registry(tmp_path / "models")
+    v1, v2, v3 = (_publish(reg, tag) for tag in "abc")
+    reg.promote(v1)
+    reg.start_experiment(v2, 0.5)
+    running = reg.experiment()
+    operator = Registry(reg.root)
+    promoting = threading.Thread(target=operator.promote, args=(v3,))
+    read = Registry.pointers
+
+    def pointers_then_a_promote(self):
+        p = read(self)
+        if self is reg and promoting.ident is None:
+            promoting.start()
+            promoting.join(timeout=1.0)  # done at once without the lock; with it, it waits for ours
+        return p
+
+    monkeypatch.setattr(Registry, "pointers", pointers_then_a_promote)
+    reg.end_experiment(expected=running)
+    promoting.join()
+    assert operator.pointers() == {"current": v3, "previous": v1, "experiment": None}
+
+
 def test_file_sums_name_every_changed_or_missing_file_and_servers_try_the_last_good_version(tmp_path):
     from recsys.registry import CorruptVersion, file_sums, verify_files
     from serving.models import load_order
