@@ -17,6 +17,8 @@ whether it passed.
   ray-nodes        Train and Serve across ``ray start`` nodes, one node killed in each (lab/chaos/ray.py)
   guardrail        a bad model as an A/B candidate under taste shoppers: the online guardrail ends the
                    experiment; a good one keeps running (lab/chaos/guardrail.py)
+  forget-under-load  50 users forgotten while their events are in flight through the API, Kafka and a
+                   lagging consumer: nothing of them remains, every other user exact (lab/chaos/forget.py)
 
 The serving scenarios need the demo's model and users (``recsys demo`` first), as
 ``recsys bench serve`` does; they leave ``recsys serve``'s deployment as configured.
@@ -41,6 +43,7 @@ import numpy as np
 
 from lab.bench.stream import recsys_child, scratch_settings
 from lab.chaos.ray import ray_nodes
+from lab.chaos.forget import forget_under_load
 from lab.chaos.guardrail import guardrail
 from lab import process, stack
 from recsys.archive import read_partition_log, run_archiver
@@ -464,6 +467,7 @@ SCENARIOS = {
     "stream-workers": lambda s, progress: stream_workers(s, progress=progress),
     "ray-nodes": lambda s, progress: ray_nodes(s, progress=progress),
     "guardrail": lambda s, progress: guardrail(s, progress=progress),
+    "forget-under-load": lambda s, progress: forget_under_load(s, progress=progress),
 }
 
 
