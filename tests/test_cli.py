@@ -105,9 +105,9 @@ def test_users_forget_reads_ids_from_stdin_and_warns_of_one_on_the_command_line(
     forgotten = []
     monkeypatch.setattr(recsys.erasure, "forget_user", lambda settings, raw: forgotten.append(raw) or {"pseudonym": "p"})
     monkeypatch.setattr("sys.stdin", io.StringIO("alice\n bob \n\ncarol"))
-    assert cli_main.main(["users", "forget", "--stdin", "--json"]) == 0
+    assert cli_main.main(["users", "forget", "--stdin", "--json", "-v"]) == 0
     out, err = capsys.readouterr()
     assert forgotten == ["alice", " bob ", "carol"] and out.splitlines() == ['{"pseudonym": "p"}'] * 3 and err == ""
-    assert cli_main.main(["users", "forget", "dave", "--json"]) == 0
+    assert cli_main.main(["users", "forget", "dave", "--json", "-v"]) == 0
     assert forgotten[-1] == "dave" and "--stdin" in capsys.readouterr().err
-    assert cli_main.main(["users", "forget", "erin", "--stdin"]) == 2 and forgotten[-1] == "dave"
+    assert cli_main.main(["users", "forget", "erin", "--stdin", "-v"]) == 2 and forgotten[-1] == "dave"

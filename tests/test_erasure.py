@@ -42,9 +42,9 @@ def _produce(settings, events: list[Event], impressions: tuple[Impression, ...] 
 
 def _keys_of(settings, user: str) -> list[str]:
     """Every Redis key of this scratch space that names the user, its tombstone aside."""
-    store = FeatureStore(settings)
-    return sorted(k for k in store.redis.scan_iter(match=f"{settings.redis.prefix}:*", count=1000)
-                  if user in k and k != store.keys.forgotten(user))
+    tombstone = f"{settings.redis.prefix}:forgotten:"
+    return sorted(k for k in FeatureStore(settings).redis.scan_iter(match=f"{settings.redis.prefix}:*", count=1000)
+                  if user in k and not k.startswith(tombstone))
 
 
 def _archived_users(settings) -> list[str]:
