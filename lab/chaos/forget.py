@@ -63,7 +63,7 @@ _USER_TAG = re.compile(r"\{u:([^}]+)\}")
 async def _client(session, url: str, raw: str, ahead_ms: int, until: float, acked: list, rng: random.Random,
                   counts: dict) -> None:
     """One user: an event at a time, each retried with its id until a 202 (or the end); ``acked``
-    gets (event, when its 202 came)."""
+    gets (event, when its 202 came), ``counts`` the answers other than 202 and the lists served."""
     async def post(event: dict) -> bool:
         while time.monotonic() < until + 30:
             try:
@@ -85,7 +85,7 @@ async def _client(session, url: str, raw: str, ahead_ms: int, until: float, acke
         if n % 5 == 4:  # a list, and a click on its first item: an impression and a hit for the online state
             async with session.get(f"{url}/v1/recommendations/{raw}", params={"k": 5}) as resp:
                 items = (await resp.json()).get("items") if resp.status == 200 else None
-                counts["lists"] += bool(items)
+                counts["lists served"] += bool(items)
             if items:
                 item, kind = items[0]["item_id"], "click"
         event = {"event_id": uuid.uuid4().hex, "user_id": raw, "item_id": item, "type": kind,
@@ -184,7 +184,7 @@ def forget_under_load(settings: Settings, progress=print) -> dict:
                 "events_acknowledged": sum(map(len, acked.values())),
                 "forgotten_users_events_acknowledged": sum(len(acked[u]) for u in forgotten),
                 "of_them_after_the_forget": sum(at > forgot_at for u in forgotten for _, at in acked[u]),
-                "non_202": statuses, "forget_s": round(forget_s, 1), "drained": drained,
+                "answers": statuses, "forget_s": round(forget_s, 1), "drained": drained,
                 "replay_applied": replayed["applied"], "left_of_forgotten": left, "lost": lost + lost_archive,
                 "lost_in_features": lost, "lost_in_archive": lost_archive, "duplicated": duplicated,
                 "users_exact": users_exact, "online_lists": sum(a["impressions"] for a in online.values()),
