@@ -181,8 +181,18 @@ def cmd_keys(args) -> int:
 
 
 def cmd_users(args) -> int:
+    """Ids from stdin, one a line (``--stdin``), stay out of the process list and the shell's
+    history; one on the command line still works, with a warning."""
     from recsys.erasure import forget_user
-    _print(forget_user(get_settings(), args.id), args.json)
+    if (args.id is None) != args.stdin:
+        raise InvalidInput("users forget: give the ids on stdin, one a line (--stdin), or one ID, not both")
+    if args.id is not None:
+        print("recsys users: an id on the command line shows in the process list and the shell's history; "
+              "prefer: recsys users forget --stdin < ids", file=sys.stderr)
+    ids = [args.id] if args.id is not None else [line.rstrip("\r\n") for line in sys.stdin]
+    settings = get_settings()
+    for raw_id in filter(None, ids):
+        _print(forget_user(settings, raw_id), args.json)
     return 0
 
 
@@ -522,14 +532,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("users", help="forget a user: online features, archived events, the next model")
     p.add_argument("action", choices=["forget"])
-    p.add_argument("id", help="the user's id, as clients send it")
-    p.add_argument("--json", action="store_true", help="one JSON line")
+    p.add_argument("id", nargs="?", help="the user's id, as clients send it (visible to other users of the "
+                                         "machine: prefer --stdin)")
+    p.add_argument("--stdin", action="store_true", help="read the ids from stdin, one a line")
+    p.add_argument("--json", action="store_true", help="one JSON line per user")
     p.set_defaults(func=cmd_users)
 
     p = sub.add_parser("chaos", help="a long fault scenario (system test): one JSON line with what was lost, "
                                      "failed and how long recovery took; exit 1 when it did not pass")
     p.add_argument("scenario", choices=["kafka-leader-kill", "redis-rebuild", "replica-kill", "controller-kill", "fuzz",
-                                        "stream-workers", "ray-nodes", "guardrail", "abuse"])
+                                        "stream-workers", "ray-nodes", "guardrail", "abuse", "forget-under-load"])
     p.add_argument("--json", action="store_true", help="one JSON line")
     p.set_defaults(func=cmd_chaos)
 

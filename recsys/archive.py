@@ -8,11 +8,14 @@ the Kafka consumer group's committed offsets are only a progress report.
 
 Layout: ``archive/day=YYYY-MM-DD/p{partition}-{first:012d}-{last:012d}.parquet`` and
 ``archive/_ledger/p{partition}``. A forgotten user (``recsys users forget``) has a tombstone,
-``archive/_tombstones/{user}`` holding the time it was made (ms): readers leave out the user's
-events up to that time, including any the archiver writes later from Kafka.
+``archive/_tombstones/{user}`` holding a time (ms: when it was made plus the event times' clock
+skew, ``recsys.erasure``): readers leave out the user's events up to that time, and the
+archiver does not write them (events of the user still in Kafka when the purge ran).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -57,8 +60,8 @@ def day_of(ts_ms: int) -> str:
     return datetime.fromtimestamp(ts_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d")
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+def _atomic_write(path: Path, write, tmp_suffix: str = ".tmp") -> None:
+    tmp = path.with_name(f".{path.name}{tmp_suffix}")
     write(tmp)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
@@ -77,29 +80,37 @@ class Archive:
         return int(path.read_text()) if path.exists() else -1
 
     def recover(self, partition: int) -> int:
-        """Delete files past the ledger (a crashed batch); return the offset to resume at."""
+        """Delete this partition's files past the ledger and its unfinished files (a crashed
+        batch); return the offset to resume at. Other partitions' unfinished files (another
+        member's batch) and a purge's (``purge_user``, in flight) are not this one's to delete."""
         last = self.last_offset(partition)
         for f in self.root.glob(f"day=*/p{partition}-*.parquet"):
             m = _FILE.search(f.name)
             if m and int(m.group(3)) > last:
                 f.unlink()
-        for f in self.root.glob("day=*/.*.tmp"):
+        for f in self.root.glob(f"day=*/.p{partition}-*.parquet.tmp"):
             f.unlink()
         return last + 1
 
-    def write_batch(self, partition: int, records: list[tuple[int, Event]]) -> None:
-        """Write one partition's batch (offset, event), one file per day, then move the ledger."""
+    def write_batch(self, partition: int, records: list[tuple[int, Event]], dead: dict[str, int] | None = None
+                    ) -> list[Path]:
+        """Write one partition's batch (offset, event), one file per day, then move the ledger;
+        the events of ``dead`` (tombstones) are left out. Returns the files written."""
         by_day = defaultdict(list)
         for offset, event in records:
-            by_day[day_of(event.ts)].append((offset, event))
+            if not (dead and event.ts <= dead.get(event.user_id, -1)):
+                by_day[day_of(event.ts)].append((offset, event))
+        written = []
         for day, rows in by_day.items():
             folder = self.root / f"day={day}"
             folder.mkdir(exist_ok=True)
             name = f"p{partition}-{rows[0][0]:012d}-{rows[-1][0]:012d}.parquet"
             table = events_table([e for _, e in rows]).append_column("offset", pa.array([o for o, _ in rows], pa.int64()))
             _atomic_write(folder / name, lambda p: pq.write_table(table, p))
+            written.append(folder / name)
         last = max(offset for offset, _ in records)
         _atomic_write(self.ledger_dir / f"p{partition}", lambda p: p.write_text(str(last)))
+        return written
 
 
 def write_events(root: Path, events: Iterable[Event], partitions: int = 4, batch: int = 20_000) -> int:
@@ -151,18 +162,57 @@ def _without_forgotten(table: pa.Table, root: Path) -> pa.Table:
     return table.filter(pa.array(~gone)) if gone.any() else table
 
 
+_PURGING = ".purge.tmp"  # a purge's unfinished file: its own name, which ``Archive.recover`` leaves alone
+
+
+@contextlib.contextmanager
+def _purge_lock(root: Path):
+    """One purge at a time: two that rewrite one file at once would each put back the other's rows."""
+    folder = Path(root) / "_tombstones"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".purge.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def purge_files(root: Path, files: Iterable[Path], dead: dict[str, int]) -> tuple[int, int]:
+    """Rewrite (atomically, same name) each of ``files`` that holds events of ``dead``
+    (tombstones) without them. Returns (files rewritten, rows removed)."""
+    rewritten = rows = 0
+    with _purge_lock(root):
+        for f in Path(root).glob(f"day=*/.*{_PURGING}"):  # a crashed purge's: no other runs now
+            f.unlink()
+        for f in files:
+            try:
+                table = pq.read_table(f)
+            except FileNotFoundError:  # a crashed batch's, deleted by ``Archive.recover`` meanwhile
+                continue
+            gone = forgotten_rows(table, dead)
+            if gone.any():
+                kept = table.filter(pa.array(~gone))
+                _atomic_write(f, lambda p: pq.write_table(kept, p), _PURGING)
+                rewritten, rows = rewritten + 1, rows + int(gone.sum())
+    return rewritten, rows
+
+
 def purge_user(root: Path, user_id: str, until_ms: int) -> tuple[int, int]:
-    """Rewrite (atomically, same name) every file that holds the user's events up to
-    ``until_ms`` without them. Returns (files rewritten, rows removed)."""
-    files = rows = 0
-    for f in sorted(Path(root).glob("day=*/p*.parquet")):
-        table = pq.read_table(f)
-        gone = forgotten_rows(table, {user_id: until_ms})
-        if gone.any():
-            kept = table.filter(pa.array(~gone))
-            _atomic_write(f, lambda p: pq.write_table(kept, p))
-            files, rows = files + 1, rows + int(gone.sum())
-    return files, rows
+    """``purge_files`` of every file within its partition's ledger for one tombstone. A file
+    past the ledger is a batch being written, whose archiver leaves the user out itself (it
+    reads the tombstones again once its ledger moved: ``run_archiver``), or a crashed batch
+    that ``Archive.recover`` deletes, which a rewrite must not bring back."""
+    archive, ledger = Archive(root), {}
+    within = []
+    for f in event_files(root):
+        m = _FILE.search(f.name)
+        partition = int(m.group(1))
+        if partition not in ledger:
+            ledger[partition] = archive.last_offset(partition)
+        if int(m.group(3)) <= ledger[partition]:
+            within.append(f)
+    return purge_files(root, within, {user_id: until_ms})
 
 
 def event_files(root: Path) -> list[Path]:
@@ -274,6 +324,7 @@ def run_archiver(settings: Settings, until_idle: float | None = None, flush_reco
     seconds without records.
 
     Records are buffered up to ``flush_records`` or ``flush_seconds`` so files are not tiny.
+    Forgotten users' events are not written (the tombstones, read at each flush).
     A record that is not a valid event (bounds included) goes to the dead-letter topic with the
     reason, like the stream worker's (header ``consumer``: this group): no record can stop the
     archive. The dead letters are acknowledged before the files of their batch are written (the
@@ -311,12 +362,17 @@ def run_archiver(settings: Settings, until_idle: float | None = None, flush_reco
             if sent is None:  # stopped: the batch is not written, and comes again from the ledger
                 return
             stats["dlq"] += sent
+        dead, written = tombstones(archive.root), []
         for partition, rows in buffer.items():
             if rows:
-                archive.write_batch(partition, rows)
+                written += archive.write_batch(partition, rows, dead)
                 stats["archived"] += len(rows)
                 metrics.ARCHIVED.inc(len(rows))
                 metrics.LEDGER_OFFSET.labels(str(partition)).set(rows[-1][0])
+        # A user forgotten meanwhile: its purge skipped these files (past the ledger then).
+        late = {user: until for user, until in tombstones(archive.root).items() if dead.get(user) != until}
+        if late and written:
+            purge_files(archive.root, written, late)
         records_done = sum(map(len, buffer.values())) + len(bad)
         buffer.clear()
         bad.clear()

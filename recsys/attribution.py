@@ -54,6 +54,8 @@ Both user hashes expire ``online.window_s`` x 2 after their last write (at least
 Every field starts with a tag that says what it holds, so an id a client chooses (an item or
 event id) never names one of the consumer's own fields (issue 35: an event id "r:<request>"
 once overwrote a list's hit count and crash-looped the consumer).
+A forgotten user's impressions and events up to the tombstone's time (``recsys.erasure``) are
+neither counted nor kept: both scripts read the tombstone first.
 """
 from __future__ import annotations
 
@@ -75,7 +77,7 @@ from recsys import kafka_io
 from recsys.events import BadEvent, Event, EventTimeBounds, parse_event
 from recsys.experiments import ExperimentScope, guardrail
 from recsys.feature_store import connect, run_scripts
-from recsys.features import offset_field
+from recsys.features import Keys, offset_field
 from recsys.impressions import Impression, decode_record
 from recsys.registry import Registry, RegistryError
 from recsys.settings import Settings
@@ -148,11 +150,14 @@ def summarize(counters: dict[str, int]) -> dict:
 
 # ---- the scripts ----------------------------------------------------------------------------------
 
-# An impression on its user's slot. KEYS: the user's shown hash. ARGV: ttl, request id, position,
-# record ms, version, arm, then the items in rank order. Returns 1 for a first application or a
-# replay of its position (the arm script decides by its offset), 0 for another record of the
-# same request. An item keeps its latest impression; on a tie of times, the first applied.
+# An impression on its user's slot. KEYS: the user's shown hash, the user's tombstone. ARGV:
+# ttl, request id, position, record ms, version, arm, then the items in rank order. Returns 1
+# for a first application or a replay of its position (the arm script decides by its offset),
+# 0 for another record of the same request or a forgotten user's impression (time up to the
+# tombstone's). An item keeps its latest impression; on a tie of times, the first applied.
 _IMPRESSION = """
+local forgotten = redis.call('GET', KEYS[2])
+if forgotten and tonumber(ARGV[4]) <= tonumber(forgotten) then return 0 end
 local memo = redis.call('HGET', KEYS[1], 'q:' .. ARGV[2])
 if memo and memo ~= ARGV[3] then return 0 end
 if not memo then
@@ -169,11 +174,13 @@ return 1
 """
 
 # An attributable event on its user's slot. KEYS: the user's attributed hash, the user's shown
-# hash. ARGV: ttl, event id, position, record ms, item, window ms. Returns the verdict:
-# "version|arm|rank|first hit of its list (1/0)|the impression's ms", or "-" (no impression in the window, or
-# another record of an event id already seen). A replay of the first position gets the
-# verdict it got then.
+# hash, the user's tombstone. ARGV: ttl, event id, position, record ms, item, window ms, the
+# event's own time. Returns the verdict: "version|arm|rank|first hit of its list (1/0)|the
+# impression's ms", or "-" (no impression in the window, another record of an event id already
+# seen, or a forgotten user's event). A replay of the first position gets the verdict it got then.
 _EVENT = """
+local forgotten = redis.call('GET', KEYS[3])
+if forgotten and tonumber(ARGV[7]) <= tonumber(forgotten) then return '-' end
 local memo = redis.call('HGET', KEYS[1], 'e:' .. ARGV[2])
 if memo then
   local pos, verdict = string.match(memo, '^([^|]*)|(.*)$')
@@ -219,6 +226,10 @@ class OnlineKeys:
 
     def attributed(self, user: str) -> str:
         return f"{self.prefix}:attributed:{{u:{user}}}"
+
+    def forgotten(self, user: str) -> str:
+        """The user's tombstone (``recsys.erasure``), the feature store's."""
+        return Keys(self.prefix).forgotten(user)
 
     def arm(self, name: str) -> str:
         return f"{self.prefix}:online:{{o:{name}}}"
@@ -421,7 +432,7 @@ class OnlineConsumer:
                 if isinstance(r, Shown):
                     imp = r.impression
                     decoded.append((r, imp))
-                    first.append(_evalsha(_IMPRESSION, [self.keys.shown(imp.user_id)],
+                    first.append(_evalsha(_IMPRESSION, [self.keys.shown(imp.user_id), self.keys.forgotten(imp.user_id)],
                                           [self.ttl, imp.request_id, r.memo, r.timestamp, str(imp.model_version),
                                            imp.arm, *imp.items]))
                 elif r.topic == imp_topic:  # it did not decode when it came: again, for the reason
@@ -432,8 +443,10 @@ class OnlineConsumer:
                     if event.type.value not in self.settings.online.attributable:
                         continue
                     decoded.append((r, event))
-                    first.append(_evalsha(_EVENT, [self.keys.attributed(event.user_id), self.keys.shown(event.user_id)],
-                                          [self.ttl, event.event_id, _pos(r), r.timestamp, event.item_id, self.window_ms]))
+                    first.append(_evalsha(_EVENT, [self.keys.attributed(event.user_id), self.keys.shown(event.user_id),
+                                                   self.keys.forgotten(event.user_id)],
+                                          [self.ttl, event.event_id, _pos(r), r.timestamp, event.item_id, self.window_ms,
+                                           event.ts]))
             except (BadEvent, ValueError, KeyError, TypeError) as exc:
                 bad.append((r, exc if isinstance(exc, BadEvent) else BadEvent(f"not an impression: {exc!r}"[:500])))
         verdicts = run_scripts(self.redis, first, scripts=ONLINE_SCRIPTS, keep=script_failed)

@@ -8,6 +8,9 @@ applies each half once; the user script's verdict on the event id (kept in the u
 tells the item script whether the event is a client's retry. A verdict of retry is also marked
 at its position in the user's group until the item script has run, so a replay after a crash
 between the two tells the item script the same, even once the event id's marker has expired.
+The user script also reads the user's tombstone (``recsys users forget``) in the same call, so
+a forgotten user's events that come later (still in Kafka, or replayed) write nothing of the
+user, at no extra round trip.
 """
 from __future__ import annotations
 
@@ -33,7 +36,14 @@ from recsys.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# The user script, on the user's group. KEYS: the event's dedup marker, the user's counts hash
+# (which holds the applied offsets), refused positions and tombstone, then the ops' keys. ARGV:
+# marker TTL, offset field, the event's offset (-1: none), its position, its time (ms), then
+# (kind, member, arg) per op. Returns 1 applied, 0 a client's retry, 2 a replay, 3 a forgotten
+# user's event (time up to the tombstone's): nothing of the user is written, not even an offset.
 _APPLY_USER = """
+local forgotten = redis.call('GET', KEYS[4])
+if forgotten and tonumber(ARGV[5]) <= tonumber(forgotten) then return 3 end
 local offset = tonumber(ARGV[3])
 local refused = false
 local retried = '@!' .. ARGV[4]
@@ -70,8 +80,8 @@ local function try(...)
   end
   return r
 end
-for i = 4, #KEYS do
-  local j = 5 + (i - 4) * 3
+for i = 5, #KEYS do
+  local j = 6 + (i - 5) * 3
   local kind, member, arg = ARGV[j], ARGV[j + 1], ARGV[j + 2]
   if kind == 'recent' then
     try('LPUSH', KEYS[i], member)
@@ -374,20 +384,22 @@ class SentEvents:
         for event, position in zip(events, self.positions):
             field, offset, place = _position(position)
             ops = user_ops(event, keys, s.features.recent_items, s.features.seen_items)
-            self.user_commands.append(("EVALSHA", _SHA[_APPLY_USER], 3 + len(ops), keys.dedup(event.user_id, event.event_id),
+            self.user_commands.append(("EVALSHA", _SHA[_APPLY_USER], 4 + len(ops), keys.dedup(event.user_id, event.event_id),
                                        keys.user(event.user_id, "counts"), keys.user_refused(event.user_id),
-                                       *(op.key for op in ops), s.features.dedup_ttl_s, field, offset, place, *_op_args(ops)))
+                                       keys.forgotten(event.user_id), *(op.key for op in ops),
+                                       s.features.dedup_ttl_s, field, offset, place, event.ts, *_op_args(ops)))
         self.pending = Pending(store.redis, self.user_commands)
 
     def replies(self) -> list[bool]:
-        """Per event, True when applied, False for a duplicate (a retry or a replay)."""
+        """Per event, True when applied, False for a duplicate (a retry or a replay) or a
+        forgotten user's event."""
         verdicts = self.user_verdicts()
         run_scripts(self.store.redis, self.item_commands(verdicts))
         run_scripts(self.store.redis, self.retries_done(verdicts), scripts=())
         return [v == 1 for v in verdicts]
 
     def user_verdicts(self) -> list[int]:
-        """The user scripts' replies: 1 applied, 0 a retry, 2 a replay (see ``_APPLY_USER``)."""
+        """The user scripts' replies: 1 applied, 0 a retry, 2 a replay, 3 forgotten (see ``_APPLY_USER``)."""
         pending, self.pending = self.pending, None
         return run_scripts(self.store.redis, self.user_commands, pending)
 
@@ -400,7 +412,7 @@ class SentEvents:
             shard, ops = keys.shard(event.item_id), item_ops(event, keys, s.features.trending_half_life_s)
             commands.append(("EVALSHA", _SHA[_APPLY_ITEM], 2 + len(ops), keys.shard_applied(shard),
                              keys.shard_refused(shard), *(op.key for op in ops), field, offset, place,
-                             "advance" if verdict == 0 else "apply", *_op_args(ops)))
+                             "advance" if verdict in (0, 3) else "apply", *_op_args(ops)))
         return commands
 
     def retries_done(self, verdicts: list[int]) -> list[tuple]:
@@ -465,6 +477,14 @@ class FeatureStore:
             pipe.hmget(self.keys.shard_applied(k), [offset_field(topic, p) for p in parts])
         rows = pipe.execute()
         return {p: max((int(r[i]) for r in rows if r[i] is not None), default=None) for i, p in enumerate(parts)}
+
+    def mark_forgotten(self, tombstones: dict[str, int]) -> None:
+        """Per user, its tombstone: from now on the user scripts leave out the user's events
+        with a time up to it (ms)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for user_id, until_ms in tombstones.items():
+            pipe.set(self.keys.forgotten(user_id), until_ms)
+        pipe.execute()
 
     def user(self, user_id: str) -> UserFeatures:
         return self.users([user_id])[0]

@@ -21,6 +21,8 @@ A user's group ``{u:<user>}`` is written by the user script, an item's trending 
   P:dedup:{u:<user>}:<event> STRING the event's first position (partition * 2**40 + offset,
                                    -1 without): its id was applied (expires after features.dedup_ttl_s)
   P:refused:{u:<user>}       ZSET  positions of this user's events whose writes Redis refused
+  P:forgotten:{u:<user>}     STRING the user's tombstone (``recsys users forget``): events of the user
+                                   with a time up to it (ms) are left out, never applied
   P:item:{t:<k>}:<item>:counts  HASH event type -> count
   P:trending:{t:<k>}         ZSET  item id -> log of the time-decayed event count; the top
                                    items are the merge of every shard's top (``merge_trending``)
@@ -91,6 +93,9 @@ class Keys:
 
     def user_refused(self, user_id: str) -> str:
         return f"{self.prefix}:refused:{{u:{user_id}}}"
+
+    def forgotten(self, user_id: str) -> str:
+        return f"{self.prefix}:forgotten:{{u:{user_id}}}"
 
     def shard(self, item_id: str) -> int:
         """The item's trending shard: its counts and its trending entry live in that slot."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 from kafka import KafkaAdminClient, OffsetAndMetadata, TopicPartition
 from kafka.errors import NoError
 
-from recsys.archive import Archive, read_partition_log
+from recsys.archive import Archive, read_partition_log, tombstones
 from recsys.errors import Busy, Unavailable
 from recsys.feature_store import FeatureStore
 from recsys.kafka_io import connection
@@ -36,6 +36,7 @@ def rebuild_features(settings: Settings, batch: int = 5000, progress=print) -> d
             raise Unavailable(f"Kafka topic {topic!r} not found")
         archive, store = Archive(settings.archive_dir), FeatureStore(settings)
         cleared = store.clear_features()
+        store.mark_forgotten(tombstones(settings.archive_dir))  # events still in Kafka stay out
         ends, events, applied = {}, 0, 0
         for p in partitions:
             last = archive.last_offset(p)  # before the log: the archiver may write on meanwhile

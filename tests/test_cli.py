@@ -94,3 +94,20 @@ def test_an_unexpected_error_exits_70_with_its_traceback(folder, monkeypatch, ca
     assert cli_main.main(["users", "forget", "u1", "-v"]) == 70
     err = capsys.readouterr().err
     assert "Traceback" in err and "RuntimeError: a bug" in err
+
+
+def test_users_forget_reads_ids_from_stdin_and_warns_of_one_on_the_command_line(folder, monkeypatch, capsys):
+    """An id on the command line shows in the process list and the shell's history: ``--stdin``
+    keeps it out of both; the old form still works, with a warning."""
+    import io
+
+    import recsys.erasure
+    forgotten = []
+    monkeypatch.setattr(recsys.erasure, "forget_user", lambda settings, raw: forgotten.append(raw) or {"pseudonym": "p"})
+    monkeypatch.setattr("sys.stdin", io.StringIO("alice\n bob \n\ncarol"))
+    assert cli_main.main(["users", "forget", "--stdin", "--json", "-v"]) == 0
+    out, err = capsys.readouterr()
+    assert forgotten == ["alice", " bob ", "carol"] and out.splitlines() == ['{"pseudonym": "p"}'] * 3 and err == ""
+    assert cli_main.main(["users", "forget", "dave", "--json", "-v"]) == 0
+    assert forgotten[-1] == "dave" and "--stdin" in capsys.readouterr().err
+    assert cli_main.main(["users", "forget", "erin", "--stdin", "-v"]) == 2 and forgotten[-1] == "dave"

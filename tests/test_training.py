@@ -178,6 +178,21 @@ def test_killed_worker_resumes_from_the_last_checkpoint_and_checkpoints_resume_o
     assert sorted(p.name for p in settings.registry_dir.iterdir()) == before
 
 
+def test_a_failed_run_leaves_no_checkpoint_behind(ray_session, settings, tmp_path):
+    """A run's checkpoints hold user rows (the embedding tables): a run that fails removes them."""
+    import tempfile
+
+    from recsys.errors import TrainingError
+    from training.job import train
+    local_copies = set(Path(tempfile.gettempdir()).glob("recsys-ckpt-*"))
+    with pytest.raises(TrainingError, match="training failed"):
+        train(SYN, workers=1, epochs=2, settings=settings, model_config=FAST, max_failures=0,
+              fail={"epoch": 2, "rank": 0, "marker": str(tmp_path / "killed"), "delay_s": 3.0})
+    assert (tmp_path / "killed").exists()  # it failed after epoch 1's checkpoint was reported
+    left = [p for p in (settings.home / "ray_results").rglob("*") if p.is_file()]
+    assert left == [] and set(Path(tempfile.gettempdir()).glob("recsys-ckpt-*")) == local_copies
+
+
 # ---- the towers ------------------------------------------------------------------------------------
 
 def test_numpy_user_tower_matches_the_tensorflow_tower():

@@ -144,19 +144,25 @@ def run_ray_training(prep: Prepared, cfg: ModelConfig, workers: int = 2, use_gpu
                                  failure_config=FailureConfig(max_failures=max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)))
         t0 = time.perf_counter()
+        # The run's checkpoints hold user rows (the embedding tables): gone with the run, failed or not.
+        local = Path(tempfile.mkdtemp(prefix="recsys-ckpt-", dir=storage))
         try:
-            result = trainer.fit()
-        except Exception as exc:
-            raise TrainingError(f"training failed: {exc}".splitlines()[0][:500]) from exc
-        seconds = time.perf_counter() - t0
-        if result.error is not None:
-            raise TrainingError(f"training failed: {result.error}".splitlines()[0][:500])
-        if result.checkpoint is None:
-            raise TrainingError("training reported no checkpoint")
-        local = Path(tempfile.mkdtemp(prefix="recsys-ckpt-"))
-        result.checkpoint.to_directory(str(local))
-        meta = validate_checkpoint(local)
-        shutil.rmtree(storage / name, ignore_errors=True)
+            try:
+                result = trainer.fit()
+            except Exception as exc:
+                raise TrainingError(f"training failed: {exc}".splitlines()[0][:500]) from exc
+            seconds = time.perf_counter() - t0
+            if result.error is not None:
+                raise TrainingError(f"training failed: {result.error}".splitlines()[0][:500])
+            if result.checkpoint is None:
+                raise TrainingError("training reported no checkpoint")
+            result.checkpoint.to_directory(str(local))
+            meta = validate_checkpoint(local)
+        except BaseException:
+            shutil.rmtree(local, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(storage / name, ignore_errors=True)
         return {"checkpoint_dir": local, "meta": meta, "seconds": seconds, "workers": workers}
     finally:
         if started:  # a private cluster: gone with the run, so this process can join another
@@ -306,40 +312,42 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
         if started:
             import ray
             ray.shutdown()
-    weights = load_serving_weights(run["checkpoint_dir"])
-    fp32, _, item_emb = evaluate_weights(prep, weights, cfg)
-    two_tower, index, compression = served_artifact(prep, weights, cfg, item_emb, fp32, settings.training)
-    if tuning:
-        two_tower["validation"] = tuning["validation"]
-    base = baselines if baselines is not None else evaluation.baselines(prep.split)
-    history = run["meta"].get("history", [])
-    rates = [h["examples_per_s"] for h in history]
-    steady = rates[1:] if len(rates) > 1 else rates
-    card = {
-        "version": None,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": source_name,
-        "data_window": prep.split.window(),
-        "examples": prep.n_train,
-        "metrics": {"two_tower": two_tower, **base},
-        "protocol": f"{prep.split.protocol}: {evaluation.PROTOCOLS[prep.split.protocol]}; baselines' settings chosen "
-                    "on the validation targets, test scored once (EVALUATION.md)",
-        "tuning": tuning or "none: the model config as given, not chosen on this data's validation targets",
-        "training": {"seconds": round(run["seconds"], 1), "prepare_seconds": round(t_prep, 1),
-                     "data_engine": "ray_data" if isinstance(prepared, ArchiveData) else "memory",
-                     "workers": workers, "use_gpu": use_gpu, "mixed_precision": mixed_precision,
-                     "epochs": cfg.epochs, "examples_per_s": round(float(np.median(steady)), 1) if steady else None,
-                     "history": history, "resumed_from_epoch": run["meta"].get("start_epoch", 0),
-                     "embedding_mb": _embedding_mb(weights, cfg)},
-        "config": asdict(cfg),
-        "compression": compression,
-        "ann": index.meta | {"kind": index.kind, "params": index.params},
-    }
-    if distillation:
-        card["distillation"] = distillation
+    kept = False  # the checkpoint (user rows) goes unless the caller asked for it (publish=False)
     try:
+        weights = load_serving_weights(run["checkpoint_dir"])
+        fp32, _, item_emb = evaluate_weights(prep, weights, cfg)
+        two_tower, index, compression = served_artifact(prep, weights, cfg, item_emb, fp32, settings.training)
+        if tuning:
+            two_tower["validation"] = tuning["validation"]
+        base = baselines if baselines is not None else evaluation.baselines(prep.split)
+        history = run["meta"].get("history", [])
+        rates = [h["examples_per_s"] for h in history]
+        steady = rates[1:] if len(rates) > 1 else rates
+        card = {
+            "version": None,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": source_name,
+            "data_window": prep.split.window(),
+            "examples": prep.n_train,
+            "metrics": {"two_tower": two_tower, **base},
+            "protocol": f"{prep.split.protocol}: {evaluation.PROTOCOLS[prep.split.protocol]}; baselines' settings chosen "
+                        "on the validation targets, test scored once (EVALUATION.md)",
+            "tuning": tuning or "none: the model config as given, not chosen on this data's validation targets",
+            "training": {"seconds": round(run["seconds"], 1), "prepare_seconds": round(t_prep, 1),
+                         "data_engine": "ray_data" if isinstance(prepared, ArchiveData) else "memory",
+                         "workers": workers, "use_gpu": use_gpu, "mixed_precision": mixed_precision,
+                         "epochs": cfg.epochs, "examples_per_s": round(float(np.median(steady)), 1) if steady else None,
+                         "history": history, "resumed_from_epoch": run["meta"].get("start_epoch", 0),
+                         "embedding_mb": _embedding_mb(weights, cfg)},
+            "config": asdict(cfg),
+            "compression": compression,
+            "ann": index.meta | {"kind": index.kind, "params": index.params},
+        }
+        if distillation:
+            card["distillation"] = distillation
         if not publish:
             card["training"]["checkpoint_dir"] = str(run["checkpoint_dir"])
+            kept = True
             return card
 
         def write(folder: Path, version: str) -> None:
@@ -352,7 +360,7 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
         card["version"] = Registry(settings.registry_dir).publish(write, promote=promote)
         return card
     finally:
-        if publish:
+        if not kept:
             shutil.rmtree(run["checkpoint_dir"], ignore_errors=True)
 
 

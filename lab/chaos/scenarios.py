@@ -20,6 +20,8 @@ whether it passed.
   abuse            hostile clients beside a normal one: chosen event ids, a million-item seen set,
                    large bodies, /readyz floods, bad bearers; the normal client gets no error and
                    keeps its p99 within 2x of the calm windows; every consumer stays up (lab/chaos/abuse.py)
+  forget-under-load  50 users forgotten while their events are in flight through the API, Kafka and a
+                   lagging consumer: nothing of them remains, every other user exact (lab/chaos/forget.py)
 
 The serving scenarios need the demo's model and users (``recsys demo`` first), as
 ``recsys bench serve`` does; they leave ``recsys serve``'s deployment as configured.
@@ -44,6 +46,7 @@ import numpy as np
 
 from lab.bench.stream import recsys_child, scratch_settings
 from lab.chaos.ray import ray_nodes
+from lab.chaos.forget import forget_under_load
 from lab.chaos.guardrail import guardrail
 from lab import process, stack
 from recsys.archive import read_partition_log, run_archiver
@@ -469,6 +472,7 @@ SCENARIOS = {
     "ray-nodes": lambda s, progress: ray_nodes(s, progress=progress),
     "guardrail": lambda s, progress: guardrail(s, progress=progress),
     "abuse": lambda s, progress: _abuse(s, progress=progress),
+    "forget-under-load": lambda s, progress: forget_under_load(s, progress=progress),
 }
 
 
