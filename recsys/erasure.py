@@ -44,7 +44,8 @@ def forget_online(settings: Settings, user: str, until_ms: int) -> int:
     a cluster): a pass over the keyspace per erasure."""
     store, online = FeatureStore(settings), OnlineKeys(settings.redis.prefix)
     store.mark_forgotten({user: until_ms})  # first: no script writes the user's keys again
-    keys = [store.keys.user(user, part) for part in USER_PARTS]
+    # "seen": the unbounded SET that ``seen_at`` replaced (issue 35), on a store not rebuilt since.
+    keys = [store.keys.user(user, part) for part in (*USER_PARTS, "seen")]
     keys += [store.keys.user_refused(user), online.shown(user), online.attributed(user)]
     keys += list(store.redis.scan_iter(match=store.keys.dedup(user, "*"), count=1000))  # braces: literal in a glob
     # One hash tag: one slot, so one DEL per thousand keys even on a cluster.
