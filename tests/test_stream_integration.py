@@ -423,11 +423,10 @@ def test_a_redis_error_that_is_not_a_connection_error_commits_nothing_unapplied(
     assert_exact(scratch.settings, events)
 
 
-def test_an_unwritable_dead_letter_topic_holds_the_commit_until_it_is_back(scratch):
-    """The dead-letter topic gone: the worker keeps trying, commits nothing meanwhile, and once
-    the topic is back every poison record is in it and every good event in Redis."""
+def _good_and_poison_without_a_dead_letter_topic(s):
+    """The dead-letter topic deleted, then 200 good events with a poison record after every
+    seventh in the events topic: (the good events, the poison records)."""
     from lab import stack
-    s = scratch.settings
     with stack.kafka_admin(s) as admin:
         admin.delete_topics([s.kafka.dlq_topic])
     good = [{"event_id": f"ok-{n}", "user_id": f"u{n % 7}", "item_id": f"i{n}", "type": "click",
@@ -440,6 +439,15 @@ def test_an_unwritable_dead_letter_topic_holds_the_commit_until_it_is_back(scrat
             prod.send(s.kafka.events_topic, key=event["user_id"].encode(), value=b"{not json %d" % n)
     prod.flush()
     prod.close()
+    return good, poison
+
+
+def test_an_unwritable_dead_letter_topic_holds_the_commit_until_it_is_back(scratch):
+    """The dead-letter topic gone: the worker keeps trying, commits nothing meanwhile, and once
+    the topic is back every poison record is in it and every good event in Redis."""
+    from lab import stack
+    s = scratch.settings
+    good, poison = _good_and_poison_without_a_dead_letter_topic(s)
     worker = scratch.popen("stream")
     try:
         time.sleep(12)  # joined, applied the good events, failing on the dead letters
@@ -696,18 +704,7 @@ def test_sigterm_while_the_dead_letter_topic_is_away_ends_soon_and_loses_no_dead
     from lab import stack
     from lab.bench.stream import settings_env
     s = scratch.settings
-    with stack.kafka_admin(s) as admin:
-        admin.delete_topics([s.kafka.dlq_topic])
-    good = [{"event_id": f"ok-{n}", "user_id": f"u{n % 7}", "item_id": f"i{n}", "type": "click",
-             "ts": 1_700_000_000_000 + n} for n in range(200)]
-    poison = [b"{not json %d" % n for n in range(0, 200, 7)]
-    prod = producer(s)
-    for n, event in enumerate(good):
-        prod.send(s.kafka.events_topic, key=event["user_id"].encode(), value=json.dumps(event).encode())
-        if n % 7 == 0:
-            prod.send(s.kafka.events_topic, key=event["user_id"].encode(), value=b"{not json %d" % n)
-    prod.flush()
-    prod.close()
+    good, poison = _good_and_poison_without_a_dead_letter_topic(s)
     log = tmp_path / "archiver.err"
     with open(log, "w") as err:
         archiver = subprocess.Popen([sys.executable, "-m", "cli", "archive"], env=settings_env(s),
