@@ -24,8 +24,7 @@ class ModelConfig:
     user_dim: int = 32          # user id embedding size
     hidden: int = 256           # user tower hidden layer
     history: int = 50           # recent items the user tower reads (<= settings.features.recent_items)
-    newest: int = 0             # the newest items whose embeddings enter the hidden layer beside the pooled one
-    attention: bool = False     # pool the recent items by attention to the newest (else by position alone)
+    newest: int = 1             # the newest items whose own embeddings enter the hidden layer beside the pooled one
     share_item_table: bool = True
     temperature: float = 0.05
     logq: bool = True
@@ -132,9 +131,9 @@ def _l2n(x: np.ndarray) -> np.ndarray:
 
 
 TOWER_WEIGHTS = ("user_table", "hist_table", "pos_logits", "hidden_w", "hidden_b", "user_out_w", "user_out_b")
-OPTIONAL_WEIGHTS = ("att", "newest_w")  # a tower's attention and newest-item inputs, where it has them
+OPTIONAL_WEIGHTS = ("newest_w",)  # the newest items' kernel: absent without them (newest 0, or older versions)
 TABLES = ("user_table", "hist_table")  # rows gathered per request: they stay compressed in memory
-DENSE = ("hidden_w", "user_out_w", "newest_w", "att")  # (in, out) matrices: fp16 ones decoded once at load, used in fp32
+DENSE = ("hidden_w", "user_out_w", "newest_w")  # (in, out) matrices: fp16 ones decoded once at load, used in fp32
 SCALE = ".scale"                      # int8: the float32 scale of each table row
 
 
@@ -178,7 +177,6 @@ class NumpyUserTower:
         for name in DENSE:  # small: decoded once
             if name in self.w:
                 self.w[name] = self._decode(name, self.w[name], slice(None))
-        self.att = self.w.get("att")
         self.newest = 0 if "newest_w" not in self.w else self.w["newest_w"].shape[0] // self.w["hist_table"].shape[1]
         self.vocab = vocab
         self.schema = schema
@@ -202,12 +200,7 @@ class NumpyUserTower:
         user, hist, counts = inputs[USER], inputs[HIST], inputs[COUNTS]
         u = self._decode("user_table", w["user_table"][user], user)
         h = self._decode("hist_table", w["hist_table"][hist], hist)
-        if self.att is None:
-            pw = self.pos_w[None, :] * (hist > 0)
-        else:  # softmax over the recent items of position logit + (newest @ att) . item
-            s = w["pos_logits"][None, :] + np.einsum("bld,bd->bl", h, h[:, 0] @ self.att)
-            s = s - np.max(np.where(hist > 0, s, -1e9), axis=1, keepdims=True)
-            pw = np.exp(np.minimum(s, 0.0)) * (hist > 0)
+        pw = self.pos_w[None, :] * (hist > 0)
         pooled = np.einsum("bl,bld->bd", pw, h) / np.maximum(pw.sum(1, keepdims=True), 1e-6)
         x = np.concatenate([u, pooled, counts], axis=1)
         pre = x @ w["hidden_w"] + w["hidden_b"]
