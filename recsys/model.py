@@ -24,6 +24,7 @@ class ModelConfig:
     user_dim: int = 32          # user id embedding size
     hidden: int = 256           # user tower hidden layer
     history: int = 50           # recent items the user tower reads (<= settings.features.recent_items)
+    newest: int = 1             # the newest items whose own embeddings enter the hidden layer beside the pooled one
     share_item_table: bool = True
     temperature: float = 0.05
     logq: bool = True
@@ -130,8 +131,9 @@ def _l2n(x: np.ndarray) -> np.ndarray:
 
 
 TOWER_WEIGHTS = ("user_table", "hist_table", "pos_logits", "hidden_w", "hidden_b", "user_out_w", "user_out_b")
+OPTIONAL_WEIGHTS = ("newest_w",)  # the newest items' kernel: absent without them (newest 0, or older versions)
 TABLES = ("user_table", "hist_table")  # rows gathered per request: they stay compressed in memory
-DENSE = ("hidden_w", "user_out_w")    # (in, out) matrices: fp16 ones decoded once at load, used in fp32
+DENSE = ("hidden_w", "user_out_w", "newest_w")  # (in, out) matrices: fp16 ones decoded once at load, used in fp32
 SCALE = ".scale"                      # int8: the float32 scale of each table row
 
 
@@ -144,7 +146,7 @@ def compress_tower(weights: dict[str, np.ndarray], precision: str) -> dict[str, 
     if precision not in ("fp32", "fp16", "int8"):
         raise ValueError(f"unknown precision {precision!r}: fp32, fp16 or int8")
     out = {}
-    for name in TOWER_WEIGHTS:
+    for name in TOWER_WEIGHTS + tuple(n for n in OPTIONAL_WEIGHTS if n in weights):
         w = np.asarray(weights[name], dtype=np.float32)
         if precision == "fp16" and name in TABLES + DENSE:
             out[name] = w.astype(np.float16)
@@ -173,7 +175,9 @@ class NumpyUserTower:
         self.w = {k: v for k, v in weights.items() if not k.endswith(SCALE)}
         self.scales = {k[:-len(SCALE)]: v for k, v in weights.items() if k.endswith(SCALE)}
         for name in DENSE:  # small: decoded once
-            self.w[name] = self._decode(name, self.w[name], slice(None))
+            if name in self.w:
+                self.w[name] = self._decode(name, self.w[name], slice(None))
+        self.newest = 0 if "newest_w" not in self.w else self.w["newest_w"].shape[0] // self.w["hist_table"].shape[1]
         self.vocab = vocab
         self.schema = schema
         self.precision = tower_precision(weights)
@@ -199,7 +203,10 @@ class NumpyUserTower:
         pw = self.pos_w[None, :] * (hist > 0)
         pooled = np.einsum("bl,bld->bd", pw, h) / np.maximum(pw.sum(1, keepdims=True), 1e-6)
         x = np.concatenate([u, pooled, counts], axis=1)
-        z = np.maximum(x @ w["hidden_w"] + w["hidden_b"], 0.0)
+        pre = x @ w["hidden_w"] + w["hidden_b"]
+        if self.newest:
+            pre += h[:, :self.newest].reshape(len(h), -1) @ w["newest_w"]
+        z = np.maximum(pre, 0.0)
         return _l2n(z @ w["user_out_w"] + w["user_out_b"]).astype(np.float32)
 
     def __call__(self, features: Sequence[UserFeatures]) -> np.ndarray:

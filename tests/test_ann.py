@@ -60,6 +60,8 @@ def _tower_weights(rng, n_users: int, n_items: int, cfg: ModelConfig) -> dict:
          "user_out_w": rng.normal(size=(cfg.hidden, cfg.dim), scale=0.2), "user_out_b": np.zeros(cfg.dim),
          "item_out_w": rng.normal(size=(cfg.dim, cfg.dim), scale=0.2), "item_out_b": np.zeros(cfg.dim)}
     w["item_table"] = w["hist_table"]
+    if cfg.newest:  # the newest items' kernel (recsys.model.OPTIONAL_WEIGHTS)
+        w["newest_w"] = rng.normal(size=(cfg.newest * cfg.dim, cfg.hidden), scale=0.2)
     return {k: np.asarray(v, dtype=np.float32) for k, v in w.items()}
 
 

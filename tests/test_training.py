@@ -195,21 +195,27 @@ def test_a_failed_run_leaves_no_checkpoint_behind(ray_session, settings, tmp_pat
 
 # ---- the towers ------------------------------------------------------------------------------------
 
-def test_numpy_user_tower_matches_the_tensorflow_tower():
+@pytest.mark.parametrize("newest", [0, 1, 3])
+def test_numpy_user_tower_matches_the_tensorflow_tower(newest):
+    """The numpy tower is the TensorFlow tower's arithmetic, with or without the newest items'
+    own embeddings (``newest_w``), an empty or a one-item history among the users."""
     from recsys.model import ModelConfig, NumpyUserTower, Vocab, item_embeddings_np
     from recsys.user_input import COUNTS, HIST, USER, schema
     from training.model import build_model, model_weights
-    cfg = ModelConfig(dim=16, user_dim=8, hidden=32, history=7, share_item_table=False)
+    cfg = ModelConfig(dim=16, user_dim=8, hidden=32, history=7, share_item_table=False, newest=newest)
     genres = np.random.default_rng(0).integers(0, 2, (21, 4)).astype(np.float32)
     model = build_model(cfg, n_users=10, n_items=20, item_genres=genres)
     rng = np.random.default_rng(1)
+    model.pos_logits.assign(rng.normal(0, 1.0, cfg.history).astype(np.float32))
     user = rng.integers(0, 11, 6).astype(np.int32)
     hist = rng.integers(0, 21, (6, 7)).astype(np.int32)
     hist[0] = 0  # a user without history
+    hist[1, 1:] = 0  # one item
     counts = rng.random((6, 5)).astype(np.float32)
     inputs = {USER: user, HIST: hist, COUNTS: counts}
     expected = model.user_tower(inputs).numpy()
     w = model_weights(model)
+    assert ("newest_w" in w) == bool(newest)
     vocab = Vocab([f"u{i}" for i in range(10)], [f"i{i}" for i in range(20)], [f"g{i}" for i in range(4)], genres)
     got = NumpyUserTower(w, vocab, schema(cfg.history)).embed_encoded(inputs)
     assert np.allclose(got, expected, atol=1e-5)

@@ -4,7 +4,12 @@ User tower: user id embedding (index 0 is the out-of-vocabulary bucket: unknown 
 and a share of known ones dropped out while training so the model learns to serve new
 users), a pooled embedding of the recent items (newest first; a learned weight per
 position, so recent items can count more), log(1 + count) per event type, then a
-ReLU layer and a linear projection, L2-normalized.
+ReLU layer and a linear projection, L2-normalized. The newest ``cfg.newest`` items' own
+embeddings also enter the ReLU layer (through their own kernel, ``newest_w``): in a visit the
+next item depends on the previous one, which a pooled mean blurs (issue 34; on the sessions
+generator validation HR@10 0.325 -> 0.418 with one, neutral on MovieLens-100K). A model without
+them (``newest`` 0, or exported before) has no ``newest_w``: the numpy tower follows the
+weights it is given.
 
 Item tower: item id embedding (optionally the same table as the history's) beside the
 item's features (multi-hot genres where the source has them), linearly projected,
@@ -68,7 +73,9 @@ def build_model(cfg: ModelConfig, n_users: int, n_items: int, item_genres: np.nd
             self.pos_logits = self.add_weight(
                 name="pos_logits", shape=(cfg.history,), dtype="float32", trainable=True,
                 initializer=keras.initializers.Constant(-np.log1p(np.arange(cfg.history)) * 0.5))
-            self.hidden = keras.layers.Dense(cfg.hidden, activation="relu", name="user_hidden")
+            # The newest cfg.newest items' embeddings enter the hidden layer beside the pooled vector.
+            self.newest_in = keras.layers.Dense(cfg.hidden, use_bias=False, name="newest_in") if cfg.newest else None
+            self.hidden = keras.layers.Dense(cfg.hidden, name="user_hidden")
             self.user_out = keras.layers.Dense(cfg.dim, name="user_out")
             self.item_out = keras.layers.Dense(cfg.dim, name="item_out")
             self.genres = tf.constant(item_genres.astype(np.float32))
@@ -83,13 +90,15 @@ def build_model(cfg: ModelConfig, n_users: int, n_items: int, item_genres: np.nd
                 keep = tf.random.uniform(tf.shape(user)) >= cfg.user_dropout
                 user = tf.where(keep, user, tf.zeros_like(user))
             u = self.user_table(user)
-            h = self.hist_table(hist)                                    # (B, L, d)
+            h = tf.cast(self.hist_table(hist), tf.float32)               # (B, L, d)
             mask = tf.cast(hist > 0, tf.float32)
             w = tf.exp(self.pos_logits)[None, :] * mask                  # (B, L)
-            pooled = tf.reduce_sum(tf.cast(h, tf.float32) * w[..., None], 1) / tf.maximum(
-                tf.reduce_sum(w, 1, keepdims=True), 1e-6)
+            pooled = tf.reduce_sum(h * w[..., None], 1) / tf.maximum(tf.reduce_sum(w, 1, keepdims=True), 1e-6)
             x = tf.concat([tf.cast(u, tf.float32), pooled, counts], axis=1)
-            z = self.user_out(self.hidden(x))
+            pre = self.hidden(x)
+            if self.newest_in is not None:
+                pre = pre + self.newest_in(tf.reshape(h[:, :cfg.newest], (-1, cfg.newest * cfg.dim)))
+            z = self.user_out(tf.nn.relu(pre))
             return tf.math.l2_normalize(tf.cast(z, tf.float32), axis=1)
 
         def item_tower(self, item):
@@ -200,6 +209,8 @@ def model_weights(model) -> dict[str, np.ndarray]:
          "hidden_w": model.hidden.kernel.numpy(), "hidden_b": model.hidden.bias.numpy(),
          "user_out_w": model.user_out.kernel.numpy(), "user_out_b": model.user_out.bias.numpy(),
          "item_out_w": model.item_out.kernel.numpy(), "item_out_b": model.item_out.bias.numpy()}
+    if model.newest_in is not None:
+        w["newest_w"] = model.newest_in.kernel.numpy()
     if model.content_out is not None:
         w.update(content_w=model.content_out.kernel.numpy(), content_b=model.content_out.bias.numpy())
     return {k: np.asarray(v, dtype=np.float32) for k, v in w.items()}
