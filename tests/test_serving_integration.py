@@ -420,7 +420,12 @@ def test_redis_down_gives_503_quickly_then_recovers(served):
         # Fails fast instead of hanging (1 s socket timeout, one retry): a hang would hit the
         # client's 10 s timeout. The bound is generous so a busy machine does not trip it.
         assert time.monotonic() - started < 8.0
-        assert client.get("/readyz").status_code == 503
+        # Readiness answers from a check at most serving.readiness_cache_s (1 s) old: not ready
+        # once a check after the outage has run.
+        deadline = time.monotonic() + 10
+        while client.get("/readyz").status_code != 503:
+            assert time.monotonic() < deadline, "/readyz still ready 10 s into a Redis outage"
+            time.sleep(0.2)
     finally:
         stack.start_redis(settings, progress=lambda *_: None)
     assert recs(client, "1")["items"]
