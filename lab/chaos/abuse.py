@@ -82,7 +82,9 @@ async def _normal(url: str, key: str, users: list[str], seconds: float) -> list[
     return out
 
 
-def _bodies(n: int):
+async def _bodies(n: int):
+    """A body streamed in 64 KiB chunks (aiohttp takes an async iterable; a plain generator
+    fails with TypeError before anything is sent)."""
     for _ in range(n):
         yield b" " * 65536
 
