@@ -541,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chaos", help="a long fault scenario (system test): one JSON line with what was lost, "
                                      "failed and how long recovery took; exit 1 when it did not pass")
     p.add_argument("scenario", choices=["kafka-leader-kill", "redis-rebuild", "replica-kill", "controller-kill", "fuzz",
-                                        "stream-workers", "ray-nodes", "guardrail", "abuse", "forget-under-load"])
+                                        "stream-workers", "ray-nodes", "guardrail", "abuse", "forget-under-load",
+                                        "rebuild-under-traffic"])
     p.add_argument("--json", action="store_true", help="one JSON line")
     p.set_defaults(func=cmd_chaos)
 

@@ -1,13 +1,17 @@
 """The lab's one way to run a child process: start it with its log (and pid file), wait until
-something holds or a deadline passes, probe a port, stop it with SIGTERM and then SIGKILL."""
+something holds or a deadline passes, probe a port, stop it with SIGTERM and then SIGKILL; and a
+Python function in a process of its own whose answer (or traceback) comes back."""
 from __future__ import annotations
 
 import contextlib
+import multiprocessing as mp
 import os
+import queue
 import signal
 import socket
 import subprocess
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -16,6 +20,10 @@ import psutil
 
 class NotInTime(TimeoutError):
     """What was waited for did not happen: its deadline passed, or the wait gave up early."""
+
+
+class ChildFailed(RuntimeError):
+    """A child's function raised (its traceback is the message), or the child died without an answer."""
 
 
 def spawn(cmd: list[str], log: Path | None, pidfile: Path | None = None, *, env: dict | None = None,
@@ -93,3 +101,52 @@ def _signal(targets: list[int | subprocess.Popen], sig: int) -> None:
                     t.send_signal(sig)
             else:
                 os.kill(t, sig)
+
+
+def _answer(fn: Callable, args: tuple, answers) -> None:
+    try:
+        answers.put((True, fn(*args)))
+    except BaseException:
+        answers.put((False, traceback.format_exc()))
+        raise
+
+
+class Child:
+    """``fn(*args)`` in a spawned Python process (fn importable by name: a module's function),
+    e.g. a load generator with an event loop of its own. ``result`` waits for its return value;
+    its exception comes back as ChildFailed with the child's traceback, and a child that dies
+    without an answer (killed, out of memory) is noticed within a second, not at the deadline."""
+
+    def __init__(self, fn: Callable, *args) -> None:
+        ctx = mp.get_context("spawn")
+        self._answers = ctx.Queue()
+        self.proc = ctx.Process(target=_answer, args=(fn, args, self._answers), daemon=True)
+        self.proc.start()
+
+    def result(self, timeout_s: float, what: str = "the child answers"):
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                ok, value = self._answers.get(timeout=0.5)
+                break
+            except queue.Empty:
+                if not self.proc.is_alive():
+                    try:  # it may have answered just before it ended
+                        ok, value = self._answers.get(timeout=1.0)
+                        break
+                    except queue.Empty:
+                        raise ChildFailed(f"{what}: the child ended with exit code {self.proc.exitcode} "
+                                          f"and no answer") from None
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise NotInTime(f"timed out after {timeout_s:.0f}s waiting until {what}") from None
+        self.proc.join(timeout=30)
+        if not ok:
+            raise ChildFailed(f"{what}: the child raised\n{value}")
+        return value
+
+    def kill(self) -> None:
+        """End it now, if it still runs (a scenario's clean-up)."""
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join()

@@ -1,6 +1,7 @@
 """lab.process with real short-lived children: python -c sleepers and a socket server."""
 from __future__ import annotations
 
+import operator
 import signal
 import socket
 import sys
@@ -98,3 +99,29 @@ def test_stop_of_something_already_gone_is_quiet(tmp_path):
     proc.wait(timeout=30)
     assert process.stop(proc, grace_s=1) is True
     assert process.stop([], grace_s=1) is True
+
+
+def test_a_childs_answer_comes_back():
+    assert process.Child(operator.add, 2, 3).result(60) == 5
+
+
+def test_a_childs_exception_comes_back_with_its_traceback():
+    child = process.Child(operator.truediv, 1, 0)
+    with pytest.raises(process.ChildFailed, match=r"(?s)the sum: the child raised.*ZeroDivisionError"):
+        child.result(60, "the sum")
+    assert child.proc.exitcode == 1
+
+
+def test_a_child_that_dies_without_an_answer_is_noticed_before_the_deadline():
+    child = process.Child(signal.raise_signal, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(process.ChildFailed, match=f"exit code {-signal.SIGKILL} and no answer"):
+        child.result(300)
+    assert time.monotonic() - t0 < 30
+
+
+def test_a_child_past_its_deadline_is_killed():
+    child = process.Child(time.sleep, 60)
+    with pytest.raises(process.NotInTime, match="waiting until the nap ends"):
+        child.result(1, "the nap ends")
+    assert child.proc.exitcode == -signal.SIGKILL

@@ -39,6 +39,7 @@ from collections import defaultdict
 import pyarrow.parquet as pq
 
 from lab import process, stack
+from lab.chaos import end_scratch_run
 from lab.bench.stream import recsys_child, scratch_settings, settings_env
 from recsys.archive import event_files, read_events
 from recsys.attribution import OnlineConsumer, report
@@ -190,9 +191,4 @@ def forget_under_load(settings: Settings, progress=print) -> dict:
                 "users_exact": users_exact, "online_lists": sum(a["impressions"] for a in online.values()),
                 "seconds": round(time.monotonic() - t0, 1), "passed": passed}
     finally:
-        if api is not None:
-            api.stop()
-        process.stop(procs, grace_s=30)
-        stack.delete_topics(s)
-        FeatureStore(s).clear()
-        shutil.rmtree(home, ignore_errors=True)
+        end_scratch_run(s, procs, api, [home])

@@ -27,12 +27,13 @@ import time
 from pathlib import Path
 
 from lab.bench.stream import recsys_child, scratch_settings, settings_env
-from lab import process, stack
+from lab import stack
+from lab.chaos import end_scratch_run
 from loadtest import runner
 from loadtest.shapes import Profile
 from recsys.attribution import report, summarize
 from recsys.auth import KeyStore, Scope
-from recsys.feature_store import FeatureStore, connect
+from recsys.feature_store import connect
 from recsys.kafka_io import replay
 from recsys.privacy import Pseudonyms
 from recsys.registry import Registry
@@ -170,9 +171,4 @@ def guardrail(settings: Settings, progress=print) -> dict:
                 "bad_candidate": bad, "good_candidate": good, "seconds": round(time.monotonic() - t0, 1),
                 "passed": bad["passed"] and good["passed"]}
     finally:
-        if api is not None:
-            api.stop()
-        process.stop(procs, grace_s=30)
-        stack.delete_topics(s)
-        FeatureStore(s).clear()
-        shutil.rmtree(home / "models", ignore_errors=True)
+        end_scratch_run(s, procs, api, [home / "models"])

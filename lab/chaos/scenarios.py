@@ -22,6 +22,9 @@ whether it passed.
                    keeps its p99 within 2x of the calm windows; every consumer stays up (lab/chaos/abuse.py)
   forget-under-load  50 users forgotten while their events are in flight through the API, Kafka and a
                    lagging consumer: nothing of them remains, every other user exact (lab/chaos/forget.py)
+  rebuild-under-traffic  ``recsys features rebuild`` while events flow at 1,000/s and the archiver
+                   writes: every user, item and trending score equals one replay of every event, and
+                   the archive holds each event once (lab/chaos/rebuild.py)
 
 The serving scenarios need the demo's model and users (``recsys demo`` first), as
 ``recsys bench serve`` does; they leave ``recsys serve``'s deployment as configured.
@@ -363,7 +366,7 @@ def _applied(store: FeatureStore, s: Settings) -> int:
     return sum(v + 1 for v in offsets.values() if v is not None)
 
 
-def _expected_features(sent: list, s: Settings) -> tuple[Counter, list, dict]:
+def expected_features(sent: list, s: Settings) -> tuple[Counter, list, dict]:
     """What one replay of every event leaves: the offline twin of the store (recsys.features)."""
     keys, mem = Keys.of(s.redis), MemoryFeatures()
     for e in sent:
@@ -373,6 +376,26 @@ def _expected_features(sent: list, s: Settings) -> tuple[Counter, list, dict]:
     counts = Counter({i: sum(mem.hashes.get(keys.item(i), {}).values()) for i in items})
     trending = {item: w for key in keys.trending for item, w in mem.zsets.get(key, {}).items()}
     return counts, [mem.user(keys, u).to_json() for u in users], trending
+
+
+def features_of(store: FeatureStore, sent: list) -> tuple[Counter, list, dict]:
+    """What the store holds of these events' users and items, as ``expected_features`` gives it."""
+    users, items = sorted({e.user_id for e in sent}), sorted({e.item_id for e in sent})
+    counts, features = _feature_counts(store, users, items)
+    return counts, features, dict(store.trending(len(items)))
+
+
+def compare_features(want: tuple[Counter, list, dict], got: tuple[Counter, list, dict]) -> dict:
+    """Item counts, user features and trending scores, as wanted (one replay of every event) and as
+    found. ``lost``: events counted less than wanted on their item; ``duplicated``: counted more;
+    trending scores are sums of decayed floats, equal up to the order of the additions."""
+    (want_items, want_users, want_trending), (got_items, got_users, got_trending) = want, got
+    lost, duplicated = sum((want_items - got_items).values()), sum((got_items - want_items).values())
+    trending_exact = got_trending.keys() == want_trending.keys() and all(
+        abs(got_trending[i] - w) <= 1e-9 * max(1.0, abs(w)) for i, w in want_trending.items())
+    users_exact = got_users == want_users
+    return {"lost": lost, "duplicated": duplicated, "users_exact": users_exact, "trending_exact": trending_exact,
+            "exact": users_exact and trending_exact and not lost and not duplicated}
 
 
 def stream_workers(settings: Settings, events: int = 120_000, progress=print) -> dict:
@@ -404,25 +427,19 @@ def stream_workers(settings: Settings, events: int = 120_000, progress=print) ->
         for p in procs:
             p.wait(timeout=600)
         done_s = time.monotonic() - started
-        users, items = sorted({e.user_id for e in sent}), sorted({e.item_id for e in sent})
-        got_items, got_users = _feature_counts(store, users, items)
-        want_items, want_users, want_trending = _expected_features(sent, s)
-        trending = dict(store.trending(len(items)))
-        lost, duplicated = sum((want_items - got_items).values()), sum((got_items - want_items).values())
-        trending_exact = trending.keys() == want_trending.keys() and all(
-            abs(trending[i] - w) <= 1e-9 * max(1.0, abs(w)) for i, w in want_trending.items())
-        exact = got_users == want_users and not lost and not duplicated and trending_exact
-        progress(f"chaos: {'exact' if exact else 'NOT exact'}: lost {lost}, duplicated {duplicated}, "
-                 f"users exact {got_users == want_users}, trending exact {trending_exact} ({done_s:.1f} s)")
+        exact = compare_features(expected_features(sent, s), features_of(store, sent))
+        progress(f"chaos: {'exact' if exact['exact'] else 'NOT exact'}: lost {exact['lost']}, duplicated "
+                 f"{exact['duplicated']}, users exact {exact['users_exact']}, trending exact "
+                 f"{exact['trending_exact']} ({done_s:.1f} s)")
         rates = _worker_rates(settings, s, len(sent), logs, progress)
         one = np.mean(rates["1"])
         return {"scenario": "stream-workers", "events_sent": len(sent), "acknowledged": acked,
-                "partitions": partitions, "applied_at_kill": at_kill, "lost": lost, "duplicated": duplicated,
-                "users_exact": got_users == want_users, "trending_exact": trending_exact,
+                "partitions": partitions, "applied_at_kill": at_kill,
+                **{k: exact[k] for k in ("lost", "duplicated", "users_exact", "trending_exact")},
                 "exit_codes": [p.returncode for p in procs], "seconds": round(done_s, 1),
                 "events_per_s": {w: [round(r, 1) for r in v] for w, v in rates.items()},
                 "rate_vs_1_worker": {w: round(float(np.mean(v)) / one, 2) for w, v in rates.items()},
-                "cpus": os.cpu_count(), "failed_requests": 0, "passed": exact and acked == len(sent)}
+                "cpus": os.cpu_count(), "failed_requests": 0, "passed": exact["exact"] and acked == len(sent)}
     finally:
         for p in procs:
             if p.poll() is None:
@@ -473,7 +490,13 @@ SCENARIOS = {
     "guardrail": lambda s, progress: guardrail(s, progress=progress),
     "abuse": lambda s, progress: _abuse(s, progress=progress),
     "forget-under-load": lambda s, progress: forget_under_load(s, progress=progress),
+    "rebuild-under-traffic": lambda s, progress: _rebuild_under_traffic(s, progress=progress),
 }
+
+
+def _rebuild_under_traffic(settings: Settings, progress) -> dict:
+    from lab.chaos.rebuild import rebuild_under_traffic
+    return rebuild_under_traffic(settings, progress=progress)
 
 
 def _abuse(settings: Settings, progress) -> dict:
