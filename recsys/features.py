@@ -137,7 +137,7 @@ SEEN_ITEMS = 1000  # settings.features.seen_items's default
 
 FilterTypes = frozenset  # of EventType: the event types whose items the seen filter removes
 ALL_TYPES: FilterTypes = frozenset(EventType)  # every touched item is filtered (before issue 34)
-# The seen policies training chooses from on validation (``recsys.evaluation.seen_policies``), by
+# The seen policies training chooses from on validation (``recsys.evaluation.choose_seen_policy``), by
 # name, the first one winning ties: today's behaviour first.
 SEEN_POLICIES: dict[str, FilterTypes] = {
     "all": ALL_TYPES,
