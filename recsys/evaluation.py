@@ -42,6 +42,7 @@ import pyarrow as pa
 
 from recsys.errors import InvalidInput
 from recsys.events import EventType
+from recsys.features import ALL_TYPES, SEEN_POLICIES, FilterTypes
 
 MIN_INTERACTIONS = 5
 KS = (10, 50)
@@ -54,6 +55,8 @@ STAGES = ("validation", "test")
 PROTOCOLS = {
     "A": "temporal leave-last-one-out, full ranking, input items removed",
     "B": "next new item: first interactions, inputs strictly before the target's time, full ranking, touched items removed",
+    "R": "next item, returns allowed: each event whose item differs from the user's event before, inputs strictly "
+         "before the target's time, full ranking, the seen policy's items removed",
 }
 STREAM_TYPES = {t.value for t in EventType if t is not EventType.rating}  # protocol B
 DENSE_BASELINES = ("itemknn", "ease", "recency_ease")
@@ -104,7 +107,8 @@ class Split(_Coded):
     val_items: np.ndarray
     val_index: np.ndarray
     protocol: str = "A"
-    is_positive: Optional[np.ndarray] = None  # rows that can be targets: all (A), first interactions (B)
+    is_positive: Optional[np.ndarray] = None  # rows that can be targets: all (A), first interactions (B), item changes (R)
+    types: Optional[np.ndarray] = None  # each row's event type (its value), where the table has them
     _rows: dict = field(default_factory=dict, repr=False)
     _inputs: dict = field(default_factory=dict, repr=False)
     _sparse: dict = field(default_factory=dict, repr=False)
@@ -131,16 +135,22 @@ class Split(_Coded):
         return ((self.val_users, self.val_items, self.val_index) if stage == "validation"
                 else (self.test_users, self.test_items, self.test_index))
 
-    def input_items(self, stage: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    def input_items(self, stage: str = "test", filter_types: FilterTypes = ALL_TYPES) -> tuple[np.ndarray, np.ndarray]:
         """Each user's distinct input items at the stage, CSR style: user ``u``'s are
-        ``items[indptr[u]:indptr[u + 1]]`` (sorted). Returns (indptr, items); memory O(events)."""
-        if stage not in self._sparse:
+        ``items[indptr[u]:indptr[u + 1]]`` (sorted). Returns (indptr, items); memory O(events).
+        ``filter_types``: only the items of input events of those types (a seen policy's,
+        ``recsys.features.SEEN_POLICIES``); a table without types holds ratings."""
+        key = (stage, filter_types)
+        if key not in self._sparse:
             rows = self.input_rows(stage)
+            if filter_types != ALL_TYPES:
+                types = self.types if self.types is not None else np.full(len(rows), EventType.rating.value)
+                rows = rows & np.isin(types, [t.value for t in filter_types])
             pair = np.unique(self.users[rows] * self.n_items + self.items[rows])
             indptr = np.zeros(self.n_users + 1, dtype=np.int64)
             np.cumsum(np.bincount(pair // self.n_items, minlength=self.n_users), out=indptr[1:])
-            self._sparse[stage] = (indptr, pair % self.n_items)
-        return self._sparse[stage]
+            self._sparse[key] = (indptr, pair % self.n_items)
+        return self._sparse[key]
 
     def popularity(self, stage: str = "test") -> np.ndarray:
         """Each item's number of distinct input users at the stage (float32, the dense column sums)."""
@@ -214,7 +224,9 @@ class HeldOut(_Coded):
         t = self.stages[stage]
         return t.users, t.items, np.arange(len(t.users))
 
-    def input_items(self, stage: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    def input_items(self, stage: str = "test", filter_types: FilterTypes = ALL_TYPES) -> tuple[np.ndarray, np.ndarray]:
+        if filter_types != ALL_TYPES:
+            raise ValueError("held-out targets keep every input item: no seen policy but 'all'")
         return self.stages[stage].indptr, self.stages[stage].seen
 
     def popularity(self, stage: str = "test") -> np.ndarray:
@@ -236,8 +248,10 @@ def protocol_for(types) -> str:
     return "B" if types is not None and STREAM_TYPES & set(np.unique(np.asarray(types, dtype=str)).tolist()) else "A"
 
 
-def split_arrays(user_col, item_col, ts_col, min_interactions: int = MIN_INTERACTIONS, protocol: str = "A") -> Split:
-    """Build the split from three parallel columns; rows are sorted by ts, ties keep their order."""
+def split_arrays(user_col, item_col, ts_col, min_interactions: int = MIN_INTERACTIONS, protocol: str = "A",
+                 type_col=None) -> Split:
+    """Build the split from three parallel columns (and the events' types, for the seen policies);
+    rows are sorted by ts, ties keep their order."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol {protocol!r}: one of {', '.join(PROTOCOLS)}")
     user_col = np.asarray(user_col).astype(str)
@@ -247,13 +261,21 @@ def split_arrays(user_col, item_col, ts_col, min_interactions: int = MIN_INTERAC
         raise EvaluationError("no events: nothing to evaluate")
     order = np.argsort(ts, kind="stable")
     user_col, item_col, ts = user_col[order], item_col[order], ts[order]
+    types = None if type_col is None else np.asarray(type_col).astype(str)[order]
     user_ids, users = np.unique(user_col, return_inverse=True)
     item_ids, items = np.unique(item_col, return_inverse=True)
     users, items = users.astype(np.int64), items.astype(np.int64)
-    # The candidate targets: every row (A), or each (user, item) pair's first row (B).
+    # The candidate targets: every row (A), each (user, item) pair's first row (B), or each row
+    # whose item is not the one of the user's row before (R: a view, click, cart and purchase of
+    # one item are one step; a return to an item touched earlier is a target).
     positives = np.arange(len(users))
     if protocol == "B":
         positives = np.sort(np.unique(users * len(item_ids) + items, return_index=True)[1])
+    elif protocol == "R":
+        by = np.argsort(users, kind="stable")
+        step = np.ones(len(by), dtype=bool)
+        step[1:] = (users[by][1:] != users[by][:-1]) | (items[by][1:] != items[by][:-1])
+        positives = np.sort(by[step])
     is_positive = np.zeros(len(users), dtype=bool)
     is_positive[positives] = True
     counts = np.bincount(users[positives], minlength=len(user_ids))
@@ -269,7 +291,7 @@ def split_arrays(user_col, item_col, ts_col, min_interactions: int = MIN_INTERAC
     is_val = np.zeros(len(users), dtype=bool)
     is_val[val_index] = True
     return Split(user_ids, item_ids, users, items, ts, is_test, test_users, items[test_index], test_index,
-                 is_val, test_users.copy(), items[val_index], val_index, protocol, is_positive)
+                 is_val, test_users.copy(), items[val_index], val_index, protocol, is_positive, types)
 
 
 def split_table(table: pa.Table, min_interactions: int = MIN_INTERACTIONS, protocol: Optional[str] = None) -> Split:
@@ -282,7 +304,8 @@ def split_table(table: pa.Table, min_interactions: int = MIN_INTERACTIONS, proto
                                 if "type" in table.column_names else None)
     return split_arrays(table.column("user_id").to_numpy(zero_copy_only=False),
                         table.column("item_id").to_numpy(zero_copy_only=False),
-                        table.column("ts").to_numpy(), min_interactions, protocol)
+                        table.column("ts").to_numpy(), min_interactions, protocol,
+                        table.column("type").to_numpy(zero_copy_only=False) if "type" in table.column_names else None)
 
 
 def check_evaluable(split: Split) -> None:
@@ -343,15 +366,16 @@ def default_batch(n_items: int) -> int:
 
 
 def target_ranks(split: Split | HeldOut, score_fn: Callable[[np.ndarray], np.ndarray], batch: Optional[int] = None,
-                 stage: str = "test") -> np.ndarray:
+                 stage: str = "test", filter_types: FilterTypes = ALL_TYPES) -> np.ndarray:
     """0-based rank of each of the stage's targets under ``score_fn(positions) -> (len, n_items)``.
 
     ``positions`` index into the stage's targets (``split.targets(stage)``), at most ``batch`` at
-    a time (default: ``default_batch``); each user's input items at the stage are removed from
-    the candidates. Memory: one batch of scores and a boolean buffer of its shape.
+    a time (default: ``default_batch``); each user's input items at the stage (of the events of
+    ``filter_types``) are removed from the candidates. Memory: one batch of scores and a boolean
+    buffer of its shape.
     """
     users, items, _ = split.targets(stage)
-    indptr, seen = split.input_items(stage)
+    indptr, seen = split.input_items(stage, filter_types)
     batch = batch or default_batch(split.n_items)
     ranks = []
     for lo in range(0, len(users), batch):
@@ -369,10 +393,29 @@ def target_ranks(split: Split | HeldOut, score_fn: Callable[[np.ndarray], np.nda
 
 
 def evaluate_scorer(split: Split | HeldOut, score_fn: Callable[[np.ndarray], np.ndarray], batch: Optional[int] = None,
-                    stage: str = "test") -> dict:
+                    stage: str = "test", filter_types: FilterTypes = ALL_TYPES) -> dict:
     """Metrics of ``score_fn`` (see ``target_ranks``) on the stage's targets."""
-    ranks = target_ranks(split, score_fn, batch, stage)
+    ranks = target_ranks(split, score_fn, batch, stage, filter_types)
     return metrics_from_ranks(ranks) | {"users": int(len(ranks))}
+
+
+def choose_seen_policy(split: Split, scorer: Callable[[str], Callable[[np.ndarray], np.ndarray]]) -> dict:
+    """Each seen policy (``recsys.features.SEEN_POLICIES``) on the validation targets of a protocol-R
+    split (``scorer(stage)``: the model's score function for the stage's targets, by a model that
+    never learnt from them); the best (HR@10, then NDCG@10; ties: the first, today's "all") scored
+    once on the test targets, beside "all" (today's behaviour) on the same targets."""
+    if split.protocol != "R":
+        raise ValueError(f"seen policies are chosen on protocol R's targets, not {split.protocol}'s")
+    score = scorer("validation")
+    on_val = {name: evaluate_scorer(split, score, stage="validation", filter_types=types)
+              for name, types in SEEN_POLICIES.items()}
+    best = max(on_val, key=lambda k: (on_val[k]["hr@10"], on_val[k]["ndcg@10"]))
+    score = scorer("test")
+    test = {name: evaluate_scorer(split, score, stage="test", filter_types=SEEN_POLICIES[name])
+            for name in dict.fromkeys((best, "all"))}
+    return {"chosen": best, "filter_types": sorted(t.value for t in SEEN_POLICIES[best]),
+            "protocol": f"R: {PROTOCOLS['R']}; chosen on the validation targets, test scored once",
+            "validation": on_val, "test": test}
 
 
 def _resampled(n: int, resamples: int, seed: int):

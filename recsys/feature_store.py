@@ -29,8 +29,8 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from recsys.events import Event
-from recsys.features import (OFFSET_FIELD, Keys, Op, UserFeatures, item_ops, merge_trending, offset_field, retry_field,
-                             user_ops)
+from recsys.features import (ALL_TYPES, OFFSET_FIELD, FilterTypes, Keys, Op, UserFeatures, item_ops, merge_trending,
+                             offset_field, retry_field, seen_parts, user_ops)
 from recsys.secrets import REDIS_PASSWORD, read_secret
 from recsys.settings import Settings
 
@@ -207,19 +207,22 @@ class FeatureReader:
         self.keys = Keys.of(settings.redis)
         self.seen_items = settings.features.seen_items
 
-    async def user_and_trending(self, user_id: str, n: int, first: tuple | None = None, trending: bool = True
+    async def user_and_trending(self, user_id: str, n: int, first: tuple | None = None, trending: bool = True,
+                                filter_types: FilterTypes = ALL_TYPES
                                 ) -> tuple[UserFeatures, list[tuple[str, float]] | None, object]:
-        """The user and the top-n trending items (every shard's top n, merged; None when not
+        """The user (``seen``: the items of ``filter_types``'s events, the served model's seen
+        policy) and the top-n trending items (every shard's top n, merged; None when not
         ``trending``: the replica's ``TrendingCache`` has them), in one pipelined round trip (on
         a cluster, one to each node, at once); ``first``, a command sent ahead of them in the
         same round trip (the API key check), and its reply (None without)."""
         commands = [first] if first else []
-        commands += _user_commands(self.keys, user_id, self.seen_items)
+        user = _user_commands(self.keys, user_id, self.seen_items, filter_types)
+        commands += user
         commands += [("ZREVRANGE", key, 0, n - 1, "WITHSCORES") for key in self.keys.trending if trending]
         res = await self._round_trip(commands)
         head, res = (res[0], res[1:]) if first else (None, res)
-        shards = [[(item, float(score)) for item, score in shard] for shard in res[3:]]
-        return _user_from(user_id, res[:3]), merge_trending(shards, n) if trending else None, head
+        shards = [[(item, float(score)) for item, score in shard] for shard in res[len(user):]]
+        return _user_from(user_id, res[:len(user)]), merge_trending(shards, n) if trending else None, head
 
     async def _round_trip(self, commands: list[tuple]) -> list:
         """The replies, the first refused command's error raised once all are read. On one Redis
@@ -290,21 +293,19 @@ class TrendingCache:
             stopping.wait(self.max_age_s / 2)
 
 
-def _user_commands(keys: Keys, uid: str, seen_items: int) -> list[tuple]:
-    """The reads of one user's features, in ``_user_from``'s order: at most the ``seen_items``
-    latest seen items, whatever the set holds."""
-    return [("LRANGE", keys.user(uid, "recent"), 0, -1), ("ZREVRANGE", keys.user(uid, "seen_at"), 0, seen_items - 1),
+def _user_commands(keys: Keys, uid: str, seen_items: int, filter_types: FilterTypes = ALL_TYPES) -> list[tuple]:
+    """The reads of one user's features, in ``_user_from``'s order: recent, one read per seen set
+    of ``filter_types`` (``seen_parts``: one for every type, else one per type) of at most its
+    ``seen_items`` latest items, whatever the set holds, and counts."""
+    return [("LRANGE", keys.user(uid, "recent"), 0, -1),
+            *(("ZREVRANGE", keys.user(uid, part), 0, seen_items - 1) for part in seen_parts(filter_types)),
             ("HGETALL", keys.user(uid, "counts"))]
 
 
-def _queue_user(pipe, keys: Keys, uid: str, seen_items: int) -> None:
-    for command in _user_commands(keys, uid, seen_items):
-        pipe.execute_command(*command)
-
-
 def _user_from(uid: str, res: list) -> UserFeatures:
-    recent, seen, counts = res
-    return UserFeatures(uid, recent, set(seen), {k: int(v) for k, v in counts.items() if not k.startswith(OFFSET_FIELD)})
+    recent, *seen, counts = res
+    return UserFeatures(uid, recent, set().union(*seen),
+                        {k: int(v) for k, v in counts.items() if not k.startswith(OFFSET_FIELD)})
 
 
 class Pending:
@@ -486,16 +487,17 @@ class FeatureStore:
             pipe.set(self.keys.forgotten(user_id), until_ms)
         pipe.execute()
 
-    def user(self, user_id: str) -> UserFeatures:
-        return self.users([user_id])[0]
+    def user(self, user_id: str, filter_types: FilterTypes = ALL_TYPES) -> UserFeatures:
+        return self.users([user_id], filter_types)[0]
 
-    def users(self, user_ids: list[str]) -> list[UserFeatures]:
-        """Features of several users in one round trip."""
+    def users(self, user_ids: list[str], filter_types: FilterTypes = ALL_TYPES) -> list[UserFeatures]:
+        """Features of several users in one round trip (``seen``: the items of ``filter_types``'s events)."""
         pipe = self.redis.pipeline(transaction=False)
-        for uid in user_ids:
-            _queue_user(pipe, self.keys, uid, self.settings.features.seen_items)
-        res = pipe.execute()
-        return [_user_from(uid, res[3 * i:3 * i + 3]) for i, uid in enumerate(user_ids)]
+        reads = [_user_commands(self.keys, uid, self.settings.features.seen_items, filter_types) for uid in user_ids]
+        for command in (c for user in reads for c in user):
+            pipe.execute_command(*command)
+        res, n = pipe.execute(), len(reads[0]) if reads else 0
+        return [_user_from(uid, res[n * i:n * (i + 1)]) for i, uid in enumerate(user_ids)]
 
     def item_counts(self, item_id: str) -> dict[str, int]:
         return {k: int(v) for k, v in self.redis.hgetall(self.keys.item(item_id)).items()}

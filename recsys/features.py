@@ -14,6 +14,9 @@ A user's group ``{u:<user>}`` is written by the user script, an item's trending 
   P:user:{u:<user>}:seen_at  ZSET  item id -> the time (ms) of the user's latest event on it; the
                                    ``seen_items`` latest only (a bounded seen filter, however
                                    many events a client posts for one id)
+  P:user:{u:<user>}:seen_at:<type>  ZSET  the same for the user's events of one type, for the types a
+                                   seen policy may filter alone (``FILTERED_APART``: add_to_cart,
+                                   purchase, rating), bounded alike
   P:user:{u:<user>}:counts   HASH  event type -> count; ``@<topic>:<p>`` -> the highest
                                    offset of partition p whose event of this user is applied;
                                    ``@!<position>`` -> 1 while the item script of a position the
@@ -56,7 +59,10 @@ class Op(NamedTuple):
     arg: float  # recent: max length; zmax: score; ztop: members kept; hincr: increment; zlogadd: log weight
 
 
-USER_PARTS = ("recent", "seen_at", "counts")  # a user's keys: Keys.user(user_id, part)
+# The types whose items a seen policy may filter while views and clicks come back (issue 34):
+# each has its own bounded seen ZSET beside ``seen_at``, which holds every type's items.
+FILTERED_APART = (EventType.add_to_cart, EventType.purchase, EventType.rating)
+USER_PARTS = ("recent", "seen_at", *(f"seen_at:{t.value}" for t in FILTERED_APART), "counts")  # Keys.user(user_id, part)
 OFFSET_FIELD = "@"  # a user's counts field that starts so holds an applied offset, not a count
 RETRY_FIELD = OFFSET_FIELD + "!"  # no topic name holds "!": then a position judged a client's retry
 # The key kinds of the online features (``Keys``), the part after the prefix.
@@ -129,15 +135,44 @@ def log_weight(ts_ms: int, half_life_s: float) -> float:
 
 SEEN_ITEMS = 1000  # settings.features.seen_items's default
 
+FilterTypes = frozenset  # of EventType: the event types whose items the seen filter removes
+ALL_TYPES: FilterTypes = frozenset(EventType)  # every touched item is filtered (before issue 34)
+# The seen policies training chooses from on validation (``recsys.evaluation.choose_seen_policy``), by
+# name, the first one winning ties: today's behaviour first.
+SEEN_POLICIES: dict[str, FilterTypes] = {
+    "all": ALL_TYPES,
+    "cart+purchase+rating": frozenset(FILTERED_APART),
+    "purchase+rating": frozenset({EventType.purchase, EventType.rating}),
+}
+
+
+def seen_parts(filter_types: FilterTypes) -> tuple[str, ...]:
+    """The user's seen ZSETs that hold the items of ``filter_types``: ``seen_at`` for every type,
+    else one per type, which only ``FILTERED_APART``'s types have."""
+    if filter_types == ALL_TYPES:
+        return ("seen_at",)
+    if not filter_types or not filter_types <= set(FILTERED_APART):
+        raise ValueError(f"seen filter {sorted(t.value for t in filter_types)}: every type, or some of "
+                         f"{[t.value for t in FILTERED_APART]}")
+    return tuple(f"seen_at:{t.value}" for t in FILTERED_APART if t in filter_types)
+
+
+def policy_types(names) -> FilterTypes:
+    """A model card's ``seen_policy.filter_types`` (a list of type names) as the filter; a card
+    without one (before issue 34) filters every type."""
+    return ALL_TYPES if names is None else frozenset(EventType(n) for n in names)
+
 
 def user_ops(event: Event, keys: Keys, recent_items: int, seen_items: int = SEEN_ITEMS) -> list[Op]:
     """What one event changes in its user's group. The seen set keeps each item's latest event
-    time and only the ``seen_items`` latest items: the same whatever order events come in."""
-    seen = keys.user(event.user_id, "seen_at")
+    time and only the ``seen_items`` latest items: the same whatever order events come in; so
+    does the seen set of the event's type when it has one (``FILTERED_APART``)."""
+    seen = [keys.user(event.user_id, "seen_at")]
+    if event.type in FILTERED_APART:
+        seen.append(keys.user(event.user_id, f"seen_at:{event.type.value}"))
     return [
         Op("recent", keys.user(event.user_id, "recent"), event.item_id, recent_items),
-        Op("zmax", seen, event.item_id, event.ts),
-        Op("ztop", seen, "", seen_items),
+        *(op for key in seen for op in (Op("zmax", key, event.item_id, event.ts), Op("ztop", key, "", seen_items))),
         Op("hincr", keys.user(event.user_id, "counts"), event.type.value, 1),
     ]
 
@@ -159,7 +194,7 @@ def event_ops(event: Event, keys: Keys, recent_items: int, half_life_s: float, s
 class UserFeatures:
     user_id: str
     recent: list[str]  # newest first
-    seen: set[str]
+    seen: set[str]  # the items the seen filter removes: of every type, or of the policy's (``seen_parts``)
     counts: dict[str, int]
 
     @property
@@ -211,9 +246,9 @@ class MemoryFeatures:
                 raise ValueError(f"unknown op {op.kind}")
         return True
 
-    def user(self, keys: Keys, user_id: str) -> UserFeatures:
-        return UserFeatures(user_id, list(self.lists.get(keys.user(user_id, "recent"), [])),
-                            set(self.zsets.get(keys.user(user_id, "seen_at"), {})),
+    def user(self, keys: Keys, user_id: str, filter_types: FilterTypes = ALL_TYPES) -> UserFeatures:
+        seen = set().union(*(self.zsets.get(keys.user(user_id, part), {}) for part in seen_parts(filter_types)))
+        return UserFeatures(user_id, list(self.lists.get(keys.user(user_id, "recent"), [])), seen,
                             dict(self.hashes.get(keys.user(user_id, "counts"), {})))
 
 
@@ -225,7 +260,8 @@ class OnlineFeatures(Protocol):
         """Apply each event once per event id (and, given its (topic, partition, offset), once per
         position); True where applied, False for a duplicate."""
 
-    def user(self, user_id: str) -> UserFeatures: ...
+    def user(self, user_id: str, filter_types: FilterTypes = ALL_TYPES) -> UserFeatures:
+        """The user's features, ``seen`` holding the items of ``filter_types``'s events."""
 
     def item_counts(self, item_id: str) -> dict[str, int]: ...
 
@@ -246,8 +282,8 @@ class MemoryStore:
         return [self.state.apply(e.event_id, event_ops(e, self.keys, self.recent_items, self.half_life_s, self.seen_items))
                 for e in events]
 
-    def user(self, user_id: str) -> UserFeatures:
-        return self.state.user(self.keys, user_id)
+    def user(self, user_id: str, filter_types: FilterTypes = ALL_TYPES) -> UserFeatures:
+        return self.state.user(self.keys, user_id, filter_types)
 
     def item_counts(self, item_id: str) -> dict[str, int]:
         return dict(self.state.hashes.get(self.keys.item(item_id), {}))

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from recsys import user_input
-from recsys.features import UserFeatures
+from recsys.features import FilterTypes, UserFeatures, policy_types
 from recsys.user_input import COUNTS, HIST, USER
 
 
@@ -324,6 +324,8 @@ class ServingModel:
         with np.load(self.folder / "user_tower.npz") as z:
             self.weights = {k: z[k] for k in z.files}
         self.version: str = self.card.get("version", self.folder.name)
+        # The event types whose items requests filter out, chosen on validation (an older card: every type).
+        self.filter_types: FilterTypes = policy_types(self.card.get("seen_policy", {}).get("filter_types"))
         self.tower = NumpyUserTower(self.weights, self.vocab,  # the schema it recorded, else refused
                                     user_input.recorded_schema(self.folder, self.config.history, self.version))
         self.item_ids: list[str] = list(self.vocab.item_ids)

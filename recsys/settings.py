@@ -242,6 +242,10 @@ class TrainingSettings(BaseModel):
     ann_kind: str | None = None  # a recsys.ann.KINDS name; None: exact below ann_exact_below items, IVF above
     ann_exact_below: int = Field(50_000, ge=1)
     ann_target_recall: float = Field(0.95, gt=0, le=1)  # recall@10 against exact search, on held-out users
+    # The seen filter the published model serves (recsys.features.SEEN_POLICIES): "choose" picks it
+    # on the validation targets of protocol R, which costs a training on the validation stage;
+    # a policy's name fixes it without.
+    seen_policy: Literal["choose", "all", "cart+purchase+rating", "purchase+rating"] = "choose"
 
     @field_validator("ann_kind")
     @classmethod

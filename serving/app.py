@@ -31,7 +31,7 @@ from recsys.catalogue import CatalogueEntry, CatalogueFollower, CatalogueKeys, q
 from recsys.errors import MAY_ARRIVE, RecsysError, Unavailable, unavailable
 from recsys.events import Event, EventTimeBounds
 from recsys.experiments import in_candidate_arm, overlap_at_k
-from recsys.features import UserFeatures
+from recsys.features import ALL_TYPES, UserFeatures
 from recsys.feature_store import FeatureReader, FeatureStore, TrendingCache, connect, connect_async, connect_node
 from recsys.impressions import Impression, ImpressionSender, by_partition, encode_batch
 from recsys.kafka_io import kafka_answers, producer, send_event
@@ -304,7 +304,9 @@ class RecsysService:
             else:
                 model, arm = candidate.model, "candidate"
         cached = self.trending.top(2 * k) if self.trending is not None else None
-        read = lambda: self.reader.user_and_trending(pseudonym, 2 * k, first=check, trending=cached is None)  # noqa: E731
+        filter_types = model.filter_types if model is not None else ALL_TYPES
+        read = lambda: self.reader.user_and_trending(pseudonym, 2 * k, first=check, trending=cached is None,  # noqa: E731
+                                                     filter_types=filter_types)
         try:
             try:
                 user, trending, decision = await read()

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
-from recsys.features import UserFeatures
+from recsys.features import FilterTypes, UserFeatures
 
 
 class ServableModel(Protocol):
@@ -16,6 +16,7 @@ class ServableModel(Protocol):
 
     version: str
     item_ids: list[str]
+    filter_types: FilterTypes  # the seen policy: requests read ``user.seen`` of these types' events
 
     def user_embedding(self, features: list[UserFeatures]) -> np.ndarray: ...
 

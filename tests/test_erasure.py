@@ -56,9 +56,11 @@ def test_events_still_in_kafka_or_replayed_after_a_forget_bring_nothing_back(scr
     s = scratch.settings
     gone, kept = (Pseudonyms.of(s).user_id(raw) for raw in ("gone", "kept"))
     now = int(time.time() * 1000)
-    _produce(s, _events(gone, 5, now - 60_000, "a") + _events(kept, 5, now - 60_000, "a"))
+    bought = _events(gone, 1, now - 50_000, "p", "purchase")  # its own seen set too (issue 34)
+    _produce(s, _events(gone, 5, now - 60_000, "a") + bought + _events(kept, 5, now - 60_000, "a"))
     run_stream(s, until_idle=2)
-    assert FeatureStore(s).user(gone).counts == {"view": 5}
+    assert FeatureStore(s).user(gone).counts == {"view": 5, "purchase": 1}
+    assert FeatureStore(s).keys.user(gone, "seen_at:purchase") in _keys_of(s, gone)
     forget_user(s, "gone")
     assert _keys_of(s, gone) == []
     # Still in Kafka (sent before the forget, consumed after), one timed 200 s ahead (the API

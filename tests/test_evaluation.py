@@ -83,6 +83,44 @@ def test_protocol_b_targets_the_next_new_item_with_inputs_strictly_before_its_ti
     assert [w[items.index(i)] for i in ("i2", "i3", "i1", "i0")] == [1.0, 0.5, 0.25, 0.125]
 
 
+def test_protocol_r_targets_the_next_item_returns_included_and_filters_by_the_seen_policy():
+    """Issue 34: a view, click and purchase of one item are one step; a return to an item seen
+    before is a target. Each seen policy removes the items of its types' events before the target."""
+    from recsys.features import SEEN_POLICIES
+    rows = [("a", "i0", 1, "view"), ("a", "i0", 2, "click"), ("a", "i1", 3, "view"), ("a", "i1", 4, "purchase"),
+            ("a", "i2", 5, "view"), ("a", "i3", 6, "add_to_cart"), ("a", "i0", 7, "view"),  # i0: a return (validation)
+            ("a", "i0", 8, "click"), ("a", "i2", 9, "view"),                                  # i2: a return (test)
+            ("b", "i0", 1, "view"), ("b", "i1", 2, "view")] + [("c", f"j{k:02}", k, "view") for k in range(4)]
+    rows += [("d", f"j{k:02}", k, "view") for k in range(20)]  # a catalogue larger than a top 10
+    s = evaluation.split_table(_table(rows), protocol="R")
+    items, a = list(s.item_ids), list(s.user_ids).index("a")
+    assert items[s.val_items[0]] == "i0" and items[s.test_items[0]] == "i2"
+    assert s.is_positive.sum() == 6 + 2 + 4 + 20  # a: i0, i1, i2, i3, i0, i2 (a repeat of the step before: none)
+    assert sorted(s.ts[s.input_rows("validation") & (s.users == a)] // 1000) == [1, 2, 3, 4, 5, 6]
+
+    def filtered(stage, policy):
+        indptr, seen = s.input_items(stage, SEEN_POLICIES[policy])
+        return [items[k] for k in seen[indptr[a]:indptr[a + 1]]]
+    assert filtered("validation", "all") == ["i0", "i1", "i2", "i3"]
+    assert filtered("validation", "purchase+rating") == ["i1"]
+    assert filtered("validation", "cart+purchase+rating") == ["i1", "i3"]
+
+    # A scorer that ranks the target first: missed under "all" (a return is filtered), hit otherwise.
+    def scorer(stage):
+        target = s.targets(stage)[1]
+        return lambda pos: np.eye(s.n_items)[target[pos]]
+    chosen = evaluation.choose_seen_policy(s, scorer)
+    assert chosen["validation"]["all"]["hr@10"] < chosen["validation"]["cart+purchase+rating"]["hr@10"] == 1.0
+    assert chosen["chosen"] == "cart+purchase+rating"  # ties with purchase+rating: the first one
+    assert chosen["filter_types"] == ["add_to_cart", "purchase", "rating"]
+    assert set(chosen["test"]) == {"cart+purchase+rating", "all"}
+    # A scorer that ranks the returns last: every policy scores alike, and today's "all" wins the tie.
+    flat = evaluation.choose_seen_policy(s, lambda stage: lambda pos: np.ones((len(pos), s.n_items)))
+    assert flat["chosen"] == "all" and set(flat["test"]) == {"all"}
+    with pytest.raises(ValueError, match="protocol R"):
+        evaluation.choose_seen_policy(evaluation.split_table(_table(rows)), scorer)
+
+
 def test_protocol_b_ignores_repeat_events_as_targets_on_the_synthetic_stream():
     """On the project's synthetic events most held-out *events* repeat a touched item; protocol B's
     targets never do, so no model is scored on an item the seen filter must remove."""

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from recsys.events import BadEvent, Event, EventTimeBounds, parse_event
+from recsys.events import BadEvent, Event, EventTimeBounds, EventType, parse_event
 from recsys.features import Keys, MemoryFeatures, event_ops, log_weight
 from recsys.sources import SourceError, open_source
 
@@ -174,3 +174,71 @@ def test_the_feature_patterns_match_every_feature_key_and_no_other_key_under_the
         return any(fnmatchcase(key, pattern) for pattern in keys.feature_patterns())
     assert [k for k in features if not cleared(k)] == []
     assert [k for k in others if cleared(k)] == []
+
+
+def test_the_seen_filter_is_a_policy_by_event_type():
+    """Issue 34: ``seen_at`` holds every type's items; carts, purchases and ratings also have a
+    seen set of their own, so a policy that lets views and clicks come back reads only those."""
+    from recsys.features import ALL_TYPES, SEEN_POLICIES, USER_PARTS, policy_types, seen_parts
+    keys, mem = Keys("p"), MemoryFeatures()
+    for i, (item, type_) in enumerate([("v", "view"), ("c", "click"), ("k", "add_to_cart"), ("b", "view"),
+                                       ("b", "purchase"), ("r", "rating")]):
+        e = ev(i, item=item, ts=1000 + i, type_=type_)
+        mem.apply(e.event_id, event_ops(e, keys, 50, 3600, seen_items=10))
+    assert mem.user(keys, "u1").seen == {"v", "c", "k", "b", "r"} == mem.user(keys, "u1", SEEN_POLICIES["all"]).seen
+    assert mem.user(keys, "u1", SEEN_POLICIES["purchase+rating"]).seen == {"b", "r"}
+    assert mem.user(keys, "u1", SEEN_POLICIES["cart+purchase+rating"]).seen == {"k", "b", "r"}
+    assert {k for k in mem.zsets if ":user:" in k} <= {keys.user("u1", p) for p in USER_PARTS}  # erasure deletes them
+    assert seen_parts(ALL_TYPES) == ("seen_at",)
+    with pytest.raises(ValueError, match="every type, or some of"):
+        seen_parts(frozenset({EventType.view, EventType.purchase}))  # a view has no seen set of its own
+    assert policy_types(None) == ALL_TYPES  # a card from before the policy
+    assert policy_types(["rating", "purchase"]) == SEEN_POLICIES["purchase+rating"]
+
+
+def test_a_type_seen_set_is_bounded_like_seen_at():
+    keys, mem = Keys("p"), MemoryFeatures()
+    for i in range(6):
+        e = ev(i, item=f"i{i}", ts=1000 + i, type_="purchase")
+        mem.apply(e.event_id, event_ops(e, keys, 50, 3600, seen_items=4))
+    assert set(mem.zsets[keys.user("u1", "seen_at:purchase")]) == {"i2", "i3", "i4", "i5"}
+
+
+def test_the_store_reads_the_seen_sets_of_the_policy_in_its_one_round_trip():
+    """``seen`` holds the union of the policy's seen sets, each read at most ``seen_items`` deep,
+    in the one pipelined exchange of the user's reads."""
+    from recsys.feature_store import FeatureStore
+    from recsys.features import SEEN_POLICIES
+    from recsys.settings import Settings
+
+    class Pipe:  # a Redis pipeline's part that the store uses: the commands sent, the replies back
+        def __init__(self, replies):
+            self.replies, self.sent = replies, []
+
+        def execute_command(self, *command):
+            self.sent.append(command)
+
+        def execute(self):
+            return [self.replies.get(c[1], []) for c in self.sent]
+
+    store = FeatureStore(Settings(), client=object())
+    key = lambda part: store.keys.user("u", part)  # noqa: E731
+    pipe = Pipe({key("recent"): ["a"], key("seen_at"): ["a", "b", "c"], key("seen_at:purchase"): ["b"],
+                 key("seen_at:rating"): ["c", "b"], key("counts"): {"view": "2", "@t:0": "9"}})
+    store.redis = type("Client", (), {"pipeline": lambda self, transaction: pipe})()
+    user = store.user("u", SEEN_POLICIES["purchase+rating"])
+    assert (user.recent, user.seen, user.counts) == (["a"], {"b", "c"}, {"view": 2})
+    n = store.settings.features.seen_items
+    assert pipe.sent == [("LRANGE", key("recent"), 0, -1), ("ZREVRANGE", key("seen_at:purchase"), 0, n - 1),
+                         ("ZREVRANGE", key("seen_at:rating"), 0, n - 1), ("HGETALL", key("counts"))]
+    pipe.sent = []
+    assert store.users(["u"])[0].seen == {"a", "b", "c"}  # every type: seen_at alone
+    assert [c[1] for c in pipe.sent] == [key("recent"), key("seen_at"), key("counts")]
+
+
+def test_the_settings_name_the_seen_policies():
+    from typing import get_args
+
+    from recsys.features import SEEN_POLICIES
+    from recsys.settings import TrainingSettings
+    assert set(get_args(TrainingSettings.model_fields["seen_policy"].annotation)) == {"choose", *SEEN_POLICIES}

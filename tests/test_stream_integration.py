@@ -294,7 +294,7 @@ def test_redis_and_memory_stores_hold_the_same_features(scratch):
     """The OnlineFeatures protocol's parity: one event stream (every event type, repeated items,
     and 2,000 duplicate event ids) applied to the Redis store and to the in-memory store that
     builds the training data gives the same features for every user and item, and the same trending."""
-    from recsys.features import MemoryStore, OnlineFeatures
+    from recsys.features import SEEN_POLICIES, MemoryStore, OnlineFeatures
     from recsys.sources import SyntheticSource
     s = scratch.settings
     events = list(SyntheticSource(events=20_000, users=300, items=200, seed=11).events_iter())
@@ -307,6 +307,9 @@ def test_redis_and_memory_stores_hold_the_same_features(scratch):
     assert len(users) > 250 and len(items) > 150
     redis_store, memory = stores
     assert [u.to_json() for u in redis_store.users(users)] == [memory.user(u).to_json() for u in users]
+    for policy in SEEN_POLICIES.values():  # each seen policy's seen sets (issue 34)
+        assert [u.seen for u in redis_store.users(users, policy)] == [memory.user(u, policy).seen for u in users]
+    assert sum(len(memory.user(u, SEEN_POLICIES["purchase+rating"]).seen) for u in users) > 0
     assert {i: redis_store.item_counts(i) for i in items} == {i: memory.item_counts(i) for i in items}
     online, offline = redis_store.trending(len(items)), memory.trending(len(items))
     assert [item for item, _ in online] == [item for item, _ in offline]
@@ -320,6 +323,7 @@ def test_request_path_reader_reads_what_the_store_holds(scratch):
     error, and the pool's connection still serves the next read."""
     import asyncio
     from recsys.feature_store import FeatureReader, connect_async
+    from recsys.features import SEEN_POLICIES
     from recsys.sources import SyntheticSource
     s = scratch.settings
     store = FeatureStore(s)
@@ -330,14 +334,18 @@ def test_request_path_reader_reads_what_the_store_holds(scratch):
     async def read_all():
         reader = FeatureReader(s, connect_async(s, 2.0, 1))
         got = [await reader.user_and_trending(u, 20) for u in users]
+        lenient = [(await reader.user_and_trending(u, 20, filter_types=bought))[0] for u in users]
         with pytest.raises(redis.exceptions.NoScriptError):
             await reader.user_and_trending(users[0], 20, first=("EVALSHA", "0" * 40, 0))
         after = await reader.user_and_trending(users[0], 20, first=("PING",))
         await reader.redis.aclose()
-        return got, after
+        return got, after, lenient
 
-    got, after = asyncio.run(read_all())
+    bought = SEEN_POLICIES["purchase+rating"]
+    got, after, lenient = asyncio.run(read_all())
     assert [user.to_json() for user, _, _ in got] == [u.to_json() for u in store.users(users)]
+    assert [u.to_json() for u in lenient] == [u.to_json() for u in store.users(users, bought)]
+    assert all(a.seen <= b.seen for a, (b, _, _) in zip(lenient, got)) and any(a.seen < b.seen for a, (b, _, _) in zip(lenient, got))
     assert all(trending == store.trending(20) for _, trending, _ in got)
     assert after[0].to_json() == store.user(users[0]).to_json() and after[2] in ("PONG", b"PONG", True)
 

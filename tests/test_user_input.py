@@ -179,3 +179,20 @@ def test_a_replica_serves_a_version_by_its_recorded_schema_and_refuses_another(t
     # A version exported before models recorded their schema: schema 1, served as before.
     (folder / user_input.FILE).unlink()
     assert load_model(folder).tower.schema == schema(HISTORY)
+
+
+def test_a_replica_filters_by_the_seen_policy_its_card_states(tmp_path):
+    """Issue 34: training writes the seen policy to the card; the replica reads it back as its
+    filter. A card without one (before the policy) filters every type, as before."""
+    from recsys.features import ALL_TYPES, SEEN_POLICIES
+    from recsys.registry import CARD
+    from training.job import fixed_seen_policy, policies_differ
+    folder = tmp_path / "v0001"
+    vocab = Vocab([f"u{i}" for i in range(5)], [f"i{i}" for i in range(14)])
+    export(folder, _weights(vocab, HISTORY), vocab, ModelConfig(history=HISTORY))
+    assert load_model(folder).filter_types == ALL_TYPES
+    card = {"version": "v0001", "seen_policy": fixed_seen_policy("purchase+rating", "training.seen_policy")}
+    (folder / CARD).write_text(json.dumps(card))
+    assert load_model(folder).filter_types == SEEN_POLICIES["purchase+rating"]
+    ratings = events_table(_events()).set_column(3, "type", pa.array(["rating"] * len(_events())))
+    assert policies_differ(events_table(_events())) and not policies_differ(ratings)

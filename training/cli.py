@@ -76,8 +76,18 @@ def cmd_train(args) -> int:
               f"recency-weighted EASE {figure(m['recency_ease'])} session-kNN {figure(m['session_knn'])} (test targets, protocol "
               f"{card['data_window']['protocol']}; settings chosen on validation"
               f"{'' if isinstance(card['tuning'], dict) else ', the two-tower config as given'})")
+        print(seen_policy_line(card["seen_policy"]))
         print(json.dumps(card, default=str))
     return 0
+
+
+def seen_policy_line(policy: dict) -> str:
+    """The card's seen policy in words: chosen on validation (each candidate's HR@10) or fixed."""
+    if "validation" not in policy:
+        return f"seen policy {policy['chosen']} (not chosen: {policy['why']})"
+    val = ", ".join(f"{name} {m['hr@10']:.4f}" for name, m in policy["validation"].items())
+    test = ", ".join(f"{name} {m['hr@10']:.4f}" for name, m in policy["test"].items())
+    return f"seen policy {policy['chosen']}: protocol R validation HR@10 {val}; test HR@10 {test}"
 
 
 def cmd_evaluate(args) -> int:

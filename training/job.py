@@ -32,7 +32,8 @@ import pyarrow as pa
 from recsys import evaluation, user_input
 from recsys.ann import AnnIndex, build_index, default_kind, precision_of
 from recsys.errors import TrainingError
-from recsys.model import ModelConfig, NumpyUserTower, compress_tower, export
+from recsys.features import SEEN_POLICIES
+from recsys.model import ModelConfig, NumpyUserTower, compress_tower, export, item_embeddings_np
 from recsys.registry import CARD, Registry, file_sums
 from recsys.settings import Settings, TrainingSettings
 from recsys.training_data import DataError, iter_point_in_time
@@ -184,6 +185,34 @@ def evaluate_embeddings(prep: Prepared, users: np.ndarray, items: np.ndarray) ->
     return evaluation.evaluate_scorer(prep.split, lambda pos: users[pos] @ ranked.T, stage=prep.stage)
 
 
+def seen_policy(prep: Prepared, cfg: ModelConfig, weights: dict, validation_weights: dict) -> dict:
+    """The card's seen policy, chosen on protocol R's validation targets by the model trained on the
+    validation stage's examples (``validation_weights``; protocol R's validation target is never one
+    of them), the test targets scored by the published model's ``weights``."""
+    split = evaluation.split_table(prep.table, protocol="R")
+    schema = user_input.schema(cfg.history)
+
+    def scorer(stage: str):
+        w = validation_weights if stage == "validation" else weights
+        rows = split.targets(stage)[2]
+        users = NumpyUserTower(w, prep.vocab, schema).embed_encoded({k: prep.rows[k][rows] for k in schema.names})
+        items = np.ascontiguousarray(item_embeddings_np(w, prep.vocab.item_genres)[prep.split_item_rows])
+        return lambda pos: users[pos] @ items.T
+    return evaluation.choose_seen_policy(split, scorer)
+
+
+def fixed_seen_policy(name: str, why: str) -> dict:
+    """The card's seen policy when none is chosen on validation."""
+    return {"chosen": name, "filter_types": sorted(t.value for t in SEEN_POLICIES[name]), "why": why}
+
+
+def policies_differ(table: pa.Table) -> bool:
+    """Whether the seen policies filter different items: some event is of a type one of them keeps."""
+    always = frozenset.intersection(*SEEN_POLICIES.values())
+    types = set(table.column("type").unique().to_pylist()) if "type" in table.column_names else {"rating"}
+    return not types <= {t.value for t in always}
+
+
 def served_artifact(prep: Prepared, weights: dict, cfg: ModelConfig, item_emb: np.ndarray, fp32: dict,
                     ts: TrainingSettings) -> tuple[dict, AnnIndex, dict]:
     """What a replica will serve, measured as it serves it: the user tower at ``ts.tower_precision``
@@ -310,6 +339,19 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
             cfg = replace(cfg, **tuning["chosen"])
         cfg.history = min(cfg.history, prep.history)
         prep = prep.with_history(cfg.history)
+        policy, policy_weights = settings.training.seen_policy, None
+        if isinstance(prepared, ArchiveData):
+            policy = fixed_seen_policy("all", "the Ray Data engine holds no rows to score protocol R's targets on")
+        elif policy != "choose":
+            policy = fixed_seen_policy(policy, "training.seen_policy")
+        elif not policies_differ(prep.table):
+            policy = fixed_seen_policy("all", "every event is of a type each policy filters: the policies are one")
+        else:  # the validation stage's model, for protocol R's validation targets; its checkpoint goes at once
+            policy_run = run_ray_training(prep.at("validation"), replace(cfg, distill_weight=0.0), **ray_options)
+            try:
+                policy_weights = load_serving_weights(policy_run["checkpoint_dir"])
+            finally:
+                shutil.rmtree(policy_run["checkpoint_dir"], ignore_errors=True)
         run = run_ray_training(prep, cfg, resume_from=resume_from, fail=fail, teacher=teacher_config, **ray_options)
     finally:
         if started:
@@ -318,6 +360,8 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
     kept = False  # the checkpoint (user rows) goes unless the caller asked for it (publish=False)
     try:
         weights = load_serving_weights(run["checkpoint_dir"])
+        if policy_weights is not None:
+            policy = seen_policy(prep, cfg, weights, policy_weights)
         fp32, _, item_emb = evaluate_weights(prep, weights, cfg)
         two_tower, index, compression = served_artifact(prep, weights, cfg, item_emb, fp32, settings.training)
         if tuning:
@@ -336,6 +380,7 @@ def train(source: str | pa.Table, *, settings: Settings, workers: int = 2, epoch
             "protocol": f"{prep.split.protocol}: {evaluation.PROTOCOLS[prep.split.protocol]}; baselines' settings chosen "
                         "on the validation targets, test scored once (EVALUATION.md)",
             "tuning": tuning or "none: the model config as given, not chosen on this data's validation targets",
+            "seen_policy": policy,
             "training": {"seconds": round(run["seconds"], 1), "prepare_seconds": round(t_prep, 1),
                          "data_engine": "ray_data" if isinstance(prepared, ArchiveData) else "memory",
                          "workers": workers, "use_gpu": use_gpu, "mixed_precision": mixed_precision,

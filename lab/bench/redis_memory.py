@@ -117,7 +117,7 @@ def bench(settings: Settings, events: int = 100_000, users: int = 2_000, items: 
         user_ids = sorted({e.user_id for e in data})
         item_ids = sorted({e.item_id for e in data})
         events_per_user = np.bincount(np.unique([e.user_id for e in data], return_inverse=True)[1])
-        progress(f"redis-memory: MEMORY USAGE of {3 * len(user_ids):,} user keys, {len(item_ids):,} item keys, "
+        progress(f"redis-memory: MEMORY USAGE of {len(USER_PARTS) * len(user_ids):,} user keys, {len(item_ids):,} item keys, "
                  f"{len(data):,} dedup markers")
         per_part = {part: _memory_usage(client, [keys.user(u, part) for u in user_ids]) for part in USER_PARTS}
         per_user = np.sum([per_part[p] for p in USER_PARTS], axis=0)
@@ -209,7 +209,8 @@ def format_table(result: dict) -> str:
     u, i = r["bytes_per_user_by_key"], r["bytes_per_item_by_key"]
     rows = [
         ("per user (mean)", f"{r['bytes_per_user']:,.0f} B",
-         f"recent {u['recent']['mean']:,.0f} + seen {u['seen_at']['mean']:,.0f} + counts {u['counts']['mean']:,.0f}; "
+         f"recent {u['recent']['mean']:,.0f} + seen sets {sum(v['mean'] for k, v in u.items() if k.startswith('seen_at')):,.0f} "
+         f"+ counts {u['counts']['mean']:,.0f}; "
          f"{r['events_per_user']['mean']:.1f} events, {r['seen_items_per_user']['mean']:.1f} distinct items per user"),
         ("per item (mean)", f"{r['bytes_per_item']:,.0f} B",
          f"counts {i['counts']['mean']:,.0f} + trending share {i['trending_share']:,.0f} "
