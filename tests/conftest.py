@@ -20,6 +20,11 @@ from lab.bench.stream import scratch_settings, settings_env
 from recsys.feature_store import FeatureStore
 from recsys.settings import get_settings
 
+# A training on event data chooses its seen policy by training a second model on the validation
+# stage (training.seen_policy "choose"): the suite's trainings fix it instead, which halves their
+# time; tests/test_catalogue.py's end-to-end run chooses.
+os.environ.setdefault("RECSYS_TRAINING_SEEN_POLICY", "all")
+
 ML100K = Path(os.environ.get("RECSYS_ML100K", Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"))
 
 # Tests that use one of these fixtures need a service the project starts (Kafka, Redis, Ray):

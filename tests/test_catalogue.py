@@ -13,6 +13,7 @@ import pytest
 from recsys.auth import Scope
 from recsys.catalogue import CatalogueEntry, CatalogueFollower, CatalogueKeys, queue_put
 from recsys.feature_store import FeatureStore
+from recsys.features import SEEN_POLICIES
 from recsys.kafka_io import replay
 from recsys.model import ContentTower, FreshItems
 from recsys.privacy import Pseudonyms
@@ -97,6 +98,7 @@ def taste_model(module_scratch):
     """A model trained by the real job on a synthetic source whose items carry their taste
     cluster as a category; the source's events replayed through Kafka into Redis."""
     s = module_scratch
+    s.env = {**s.env, "RECSYS_TRAINING_SEEN_POLICY": "choose"}  # the production default (conftest fixes it)
     card = json.loads(s.cli("train", "--source", SPEC, "--workers", "1", "--json").stdout.strip().splitlines()[-1])
     source = open_source(SPEC)
     replay(Pseudonyms.of(s.settings).events(source.events_iter()), s.settings, progress=False)
@@ -145,6 +147,7 @@ def test_a_new_item_reaches_every_replica_within_5s_and_only_its_cluster(taste_m
         # another, 37/40 against 7/60 in CI. A list of 50 from 1,001 items holds a given item by chance 5% of the time.
         assert np.mean(hits_ours) >= 0.4 and np.mean(hits_others) <= 0.2, (hits_ours, hits_others)
         assert np.mean(hits_ours) >= 4 * np.mean(hits_others), (hits_ours, hits_others)
+        assert card["seen_policy"]["chosen"] in SEEN_POLICIES, card["seen_policy"]
         assert card["version"] == apis[0].get(f"/v1/recommendations/{ours[0]}").json()["model_version"]  # no retrain
         late = stack.enter_context(plain_api(s.settings, LATE_PORT, key))  # a replica started later reads it all
         assert late.get("/readyz").json()["fresh_items"] == 1
