@@ -115,12 +115,13 @@ def redis_rebuild(settings: Settings, events: int = 50_000, progress=print) -> d
 async def _post_events(url: str, headers: dict, rate: float, seconds: float, concurrency: int,
                        started_event=None) -> dict:
     """Events posted one per request at ``rate`` per second. Each is retried with its event_id
-    after a 503 or a dropped connection until it gets a 202, as a client should, while the
-    next events go on (a client does not stall behind one partition). Returns the event ids
+    after a 503 (once its Retry-After has passed) or a dropped connection (after 1 s) until it
+    gets a 202, as a client should, while the next events go on (a client does not stall
+    behind one partition). Returns the event ids
     answered 202 with their attempts, the times of those answers, per event the time from its
     first try to its 202, and per answered request its time (no answer: none in 10 s)."""
     import aiohttp
-    rng = random.Random(7)
+    rng, jitter = random.Random(7), random.Random(8)
     started = time.monotonic()
     if started_event is not None:
         started_event.set()
@@ -134,10 +135,10 @@ async def _post_events(url: str, headers: dict, rate: float, seconds: float, con
     async def post(session, event):
         first = time.monotonic()
         for attempt in itertools.count(1):
-            sent_at = time.monotonic()
+            sent_at, retry_after = time.monotonic(), "1"
             try:
                 async with session.post(url, json=event) as resp:
-                    status = resp.status
+                    status, retry_after = resp.status, resp.headers.get("Retry-After", "1")
                     await resp.read()
                 answered_in.append(time.monotonic() - sent_at)
             except (aiohttp.ClientError, asyncio.TimeoutError):
@@ -151,7 +152,7 @@ async def _post_events(url: str, headers: dict, rate: float, seconds: float, con
                 return
             if status not in (0, 503) or time.monotonic() > give_up:
                 return
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(float(retry_after) + jitter.uniform(0, 0.2))  # spread: not all at once
 
     timeout = aiohttp.ClientTimeout(total=10)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout,
