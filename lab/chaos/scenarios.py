@@ -117,9 +117,9 @@ async def _post_events(url: str, headers: dict, rate: float, seconds: float, con
     """Events posted one per request at ``rate`` per second. Each is retried with its event_id
     after a 503 (once its Retry-After has passed) or a dropped connection (after 1 s) until it
     gets a 202, as a client should, while the next events go on (a client does not stall
-    behind one partition). Returns the event ids
-    answered 202 with their attempts, the times of those answers, per event the time from its
-    first try to its 202, and per answered request its time (no answer: none in 10 s)."""
+    behind one partition). Returns the event ids answered 202 with their attempts, the times of
+    those answers, per event the time from its first try to its 202, and per answered request
+    its time (no answer: none in 10 s)."""
     import aiohttp
     rng, jitter = random.Random(7), random.Random(8)
     started = time.monotonic()
