@@ -154,6 +154,14 @@ async def _post_events(url: str, headers: dict, rate: float, seconds: float, con
                 return
             await asyncio.sleep(float(retry_after) + jitter.uniform(0, 0.2))  # spread: not all at once
 
+    async def watch_lag():  # this process's own event loop falling behind: the client starved, not the API
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(0.1)
+            lags.append(time.monotonic() - before - 0.1)
+
+    lags: list[float] = []
+    watcher = asyncio.create_task(watch_lag())
     timeout = aiohttp.ClientTimeout(total=10)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout,
                                      headers=headers) as session:
@@ -167,7 +175,9 @@ async def _post_events(url: str, headers: dict, rate: float, seconds: float, con
                      "item_id": f"i{rng.randrange(500)}", "type": "view", "ts": int(time.time() * 1000)}
             tasks.append(asyncio.create_task(post(session, event)))
         await asyncio.gather(*tasks)
-    return {"sent": len(tasks), "acked": acked, "ok_at": sorted(ok_at), "waited": waited,
+    watcher.cancel()
+    return {"client_lag_max_s": round(max(lags, default=0.0), 2),
+            "client_lag_p99_s": round(float(np.percentile(lags or [0.0], 99)), 2),"sent": len(tasks), "acked": acked, "ok_at": sorted(ok_at), "waited": waited,
             "answered_in": answered_in, "statuses": dict(statuses), "seconds": seconds}
 
 
@@ -282,8 +292,10 @@ def _replication_figures(s: Settings, load: dict, archived: int, bounces: list) 
             "copies_without_retry": first_try_copies, "events_per_s": round(events_per_s, 1),
             "responses": responses, "share_503": round(statuses.get(503, 0) / responses, 4),
             "no_answer": statuses.get(0, 0), "failed_requests": responses - statuses.get(202, 0),
+            "answer_p50_s": round(float(np.percentile(answered_in, 50)), 2),
             "answer_p99_s": round(float(np.percentile(answered_in, 99)), 2),
-            "answer_max_s": round(float(answered_in.max()), 2),
+            "answer_max_s": round(float(answered_in.max()), 2), "client_lag_max_s": load["client_lag_max_s"],
+            "client_lag_p99_s": load["client_lag_p99_s"],
             "longest_unavailability_s": round(float(waited.max()), 2), "longest_without_any_202_s": round(longest_gap, 2),
             "wait_for_202_p99_s": round(float(np.percentile(waited, 99)), 2), "kills": bounces,
             "recovery_s": max((b["back_in_sync_s"] or 0) for b in bounces), "passed": passed}
