@@ -119,7 +119,7 @@ async def _post_events(url: str, headers: dict, rate: float, seconds: float, con
     gets a 202, as a client should, while the next events go on (a client does not stall
     behind one partition). Returns the event ids answered 202 with their attempts, the times of
     those answers, per event the time from its first try to its 202, and per answered request
-    its time (no answer: none in 10 s)."""
+    its time."""
     import aiohttp
     rng, jitter = random.Random(7), random.Random(8)
     started = time.monotonic()
@@ -141,8 +141,10 @@ async def _post_events(url: str, headers: dict, rate: float, seconds: float, con
                     status, retry_after = resp.status, resp.headers.get("Retry-After", "1")
                     await resp.read()
                 answered_in.append(time.monotonic() - sent_at)
+            except aiohttp.ConnectionTimeoutError:
+                status = -1  # never sent: each of the client's connections stayed busy (or a connect took) 20 s
             except (aiohttp.ClientError, asyncio.TimeoutError):
-                status = 0  # no answer
+                status = 0  # no answer: the API said nothing for 10 s, or dropped the connection
             statuses[status] += 1
             if status == 202:
                 acked[event["event_id"]] = (event["item_id"], attempt)
@@ -150,7 +152,7 @@ async def _post_events(url: str, headers: dict, rate: float, seconds: float, con
                 ok_at.append(now - started)
                 waited.append(now - first)
                 return
-            if status not in (0, 503) or time.monotonic() > give_up:
+            if status not in (-1, 0, 503) or time.monotonic() > give_up:
                 return
             await asyncio.sleep(float(retry_after) + jitter.uniform(0, 0.2))  # spread: not all at once
 
@@ -162,7 +164,9 @@ async def _post_events(url: str, headers: dict, rate: float, seconds: float, con
 
     lags: list[float] = []
     watcher = asyncio.create_task(watch_lag())
-    timeout = aiohttp.ClientTimeout(total=10)
+    # Silence is the API's own: 10 s without a byte of the answer once the request is sent; the
+    # wait for one of the client's connections is the client's queue, counted apart.
+    timeout = aiohttp.ClientTimeout(total=None, connect=20, sock_read=10)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout,
                                      headers=headers) as session:
         tasks = []
@@ -280,7 +284,7 @@ def _replication_figures(s: Settings, load: dict, archived: int, bounces: list) 
     ok_at = [0.0, *load["ok_at"]]
     longest_gap = max(b - a for a, b in zip(ok_at, ok_at[1:]))  # with no 202 at all
     waited = np.array(load["waited"])  # an event's first try to its 202: its partition's outage
-    responses = sum(statuses.values())
+    responses = sum(statuses.values()) - statuses.get(-1, 0)  # requests that reached the API
     answered_in = np.array(load["answered_in"] or [0.0])
     events_per_s = len(acked) / load["seconds"]
     # Degraded means fast 503s with Retry-After, never silence: every request is answered.
@@ -291,7 +295,8 @@ def _replication_figures(s: Settings, load: dict, archived: int, bounces: list) 
             "copies_from_client_retries": sum(records.values()) - len(records) - first_try_copies,
             "copies_without_retry": first_try_copies, "events_per_s": round(events_per_s, 1),
             "responses": responses, "share_503": round(statuses.get(503, 0) / responses, 4),
-            "no_answer": statuses.get(0, 0), "failed_requests": responses - statuses.get(202, 0),
+            "no_answer": statuses.get(0, 0), "not_sent_client_queue": statuses.get(-1, 0),
+            "failed_requests": responses - statuses.get(202, 0),
             "answer_p50_s": round(float(np.percentile(answered_in, 50)), 2),
             "answer_p99_s": round(float(np.percentile(answered_in, 99)), 2),
             "answer_max_s": round(float(answered_in.max()), 2), "client_lag_max_s": load["client_lag_max_s"],
