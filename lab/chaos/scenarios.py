@@ -6,7 +6,8 @@ whether it passed.
   kafka-leader-kill  a private 3-broker Kafka (replication factor 3, min.insync.replicas 2):
                    events posted through the API at 600/s for 60 s while the leader of partition 0
                    is killed with kill -9 three times (and restarted); every event answered 202 is
-                   archived, and retried 503s count once
+                   archived, retried 503s count once, and every request is answered (a 503 with
+                   Retry-After at worst, never silence)
   redis-rebuild    a private Redis (its own port and folder) loses its process and its files;
                    ``recsys features rebuild`` and the stream worker bring every feature back
   replica-kill     kill -9 one of two Serve replicas under load: ≤ 1% failed, back in 30 s
