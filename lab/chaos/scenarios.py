@@ -42,6 +42,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -120,7 +121,7 @@ async def _post_events(url: str, headers: dict, rate: float, seconds: float, con
     gets a 202, as a client should, while the next events go on (a client does not stall
     behind one partition). Returns the event ids answered 202 with their attempts, the times of
     those answers, per event the time from its first try to its 202, and per answered request
-    its time."""
+    the time from its sending (out of the client's pool of connections) to its answer."""
     import aiohttp
     rng, jitter = random.Random(7), random.Random(8)
     started = time.monotonic()
@@ -136,12 +137,12 @@ async def _post_events(url: str, headers: dict, rate: float, seconds: float, con
     async def post(session, event):
         first = time.monotonic()
         for attempt in itertools.count(1):
-            sent_at, retry_after = time.monotonic(), "1"
+            sent, retry_after = SimpleNamespace(at=None), "1"  # at: when the request left the client
             try:
-                async with session.post(url, json=event) as resp:
+                async with session.post(url, json=event, trace_request_ctx=sent) as resp:
                     status, retry_after = resp.status, resp.headers.get("Retry-After", "1")
                     await resp.read()
-                answered_in.append(time.monotonic() - sent_at)
+                answered_in.append(time.monotonic() - sent.at)
             except aiohttp.ConnectionTimeoutError:
                 status = -1  # never sent: each of the client's connections stayed busy (or a connect took) 20 s
             except (aiohttp.ClientError, asyncio.TimeoutError):
@@ -168,8 +169,13 @@ async def _post_events(url: str, headers: dict, rate: float, seconds: float, con
     # Silence is the API's own: 10 s without a byte of the answer once the request is sent; the
     # wait for one of the client's connections is the client's queue, counted apart.
     timeout = aiohttp.ClientTimeout(total=None, connect=20, sock_read=10)
+    tracing = aiohttp.TraceConfig()
+
+    async def headers_sent(_session, ctx, _params):
+        ctx.trace_request_ctx.at = time.monotonic()
+    tracing.on_request_headers_sent.append(headers_sent)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout,
-                                     headers=headers) as session:
+                                     headers=headers, trace_configs=[tracing]) as session:
         tasks = []
         for n in itertools.count():
             due = started + n / rate
