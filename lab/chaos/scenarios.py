@@ -132,17 +132,20 @@ async def _post_events(url: str, headers: dict, rate: float, seconds: float, con
     ok_at: list[float] = []
     waited: list[float] = []
     answered_in: list[float] = []
+    refused = 0
     statuses: Counter = Counter()
 
     async def post(session, event):
+        nonlocal refused
         first = time.monotonic()
         for attempt in itertools.count(1):
             sent, retry_after = SimpleNamespace(at=None), "1"  # at: when the request left the client
             try:
                 async with session.post(url, json=event, trace_request_ctx=sent) as resp:
                     status, retry_after = resp.status, resp.headers.get("Retry-After", "1")
-                    await resp.read()
+                    body = await resp.read()
                 answered_in.append(time.monotonic() - sent.at)
+                refused += status == 503 and b"were not sent" in body  # the replica's bound, nothing sent
             except aiohttp.ConnectionTimeoutError:
                 status = -1  # never sent: each of the client's connections stayed busy (or a connect took) 20 s
             except (aiohttp.ClientError, asyncio.TimeoutError):
@@ -187,7 +190,7 @@ async def _post_events(url: str, headers: dict, rate: float, seconds: float, con
             tasks.append(asyncio.create_task(post(session, event)))
         await asyncio.gather(*tasks)
     watcher.cancel()
-    return {"client_lag_max_s": round(max(lags, default=0.0), 2),
+    return {"refused": refused, "client_lag_max_s": round(max(lags, default=0.0), 2),
             "client_lag_p99_s": round(float(np.percentile(lags or [0.0], 99)), 2),"sent": len(tasks), "acked": acked, "ok_at": sorted(ok_at), "waited": waited,
             "answered_in": answered_in, "statuses": dict(statuses), "seconds": seconds}
 
@@ -304,7 +307,7 @@ def _replication_figures(s: Settings, load: dict, archived: int, bounces: list) 
             "responses": responses, "share_503": round(statuses.get(503, 0) / responses, 4),
             "no_answer": statuses.get(0, 0), "not_sent_client_queue": statuses.get(-1, 0),
             "failed_requests": responses - statuses.get(202, 0),
-            "answer_p50_s": round(float(np.percentile(answered_in, 50)), 2),
+            "refused_503": load["refused"], "answer_p50_s": round(float(np.percentile(answered_in, 50)), 2),
             "answer_p99_s": round(float(np.percentile(answered_in, 99)), 2),
             "answer_max_s": round(float(answered_in.max()), 2), "client_lag_max_s": load["client_lag_max_s"],
             "client_lag_p99_s": load["client_lag_p99_s"],
