@@ -83,6 +83,9 @@ RETRY = "try again after Retry-After"
 # An event post not acknowledged in time: the send cannot be called back (it may be on its way,
 # or in the producer's queue), so a retry with the same event ids is the safe answer.
 MAY_ARRIVE = "the events may still arrive; send them again with the same event ids (duplicates are dropped)"
+# An event post refused before its send, because too many wait for the brokers already: nothing
+# of it was sent.
+NOT_SENT = "too many event posts wait for the brokers on this replica; these events were not sent: " + RETRY
 
 
 def unavailable(service: str, exc: BaseException, hint: str = RETRY) -> Unavailable:

@@ -167,6 +167,11 @@ class ServingSettings(BaseModel):
     # then answers 503. At 2 s, a fresh clone's smoke load test (500 req/s on 2 cores) got 71
     # 503s that outlasted the clients' retries: acks that took 2-4.5 s on a saturated machine.
     kafka_timeout_s: float = 4.0
+    # At most this many event posts wait for Kafka at once per replica (serving/admission.py):
+    # the next are answered 503 with Retry-After at once, nothing sent. Without it, a partition
+    # with no leader holds a connection per post for kafka_timeout_s, and on a busy machine
+    # clients heard nothing at all (issue 35, finding 12).
+    events_waiting_max: int = Field(256, ge=1)
     # Impressions wait here for the sending thread; when it is full (Kafka slow or away) they are
     # dropped and counted (recsys_impressions_dropped_total): a request never waits for them.
     impression_queue: int = Field(10_000, ge=1)

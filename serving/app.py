@@ -28,7 +28,7 @@ from ray.util import metrics
 
 from recsys.auth import Authorizer, KeyVerdicts, Scope, auth_prefix, follow_revocations
 from recsys.catalogue import CatalogueEntry, CatalogueFollower, CatalogueKeys, queue_put
-from recsys.errors import MAY_ARRIVE, RecsysError, Unavailable, unavailable
+from recsys.errors import MAY_ARRIVE, NOT_SENT, RecsysError, Unavailable, unavailable
 from recsys.events import Event, EventTimeBounds
 from recsys.experiments import in_candidate_arm, overlap_at_k
 from recsys.features import ALL_TYPES, UserFeatures
@@ -37,6 +37,7 @@ from recsys.impressions import Impression, ImpressionSender, by_partition, encod
 from recsys.kafka_io import kafka_answers, producer, send_event
 from recsys.privacy import Pseudonyms
 from recsys.settings import Settings
+from serving.admission import Admission
 from serving.api_models import ERRORS, Accepted, CatalogueAnswer, ErrorAnswer, Health, Readiness, Recommendations
 from serving.models import current_version, experiment, load_order, load_servable
 from serving.watch import Watcher
@@ -138,6 +139,7 @@ class RecsysService:
         self.pseudonyms = Pseudonyms.of(s)
         self._producer = None
         self._producer_lock = threading.Lock()
+        self.posts = Admission(sv.events_waiting_max)  # event posts waiting for Kafka
         self.impressions = ImpressionSender(self._send_impressions, capacity=sv.impression_queue,
                                             flush_s=sv.impressions_flush_ms / 1000, batch_max=sv.impressions_batch_max,
                                             sample=sv.impressions_sample,
@@ -279,6 +281,8 @@ class RecsysService:
         """Accepted means on the brokers: nothing is lost after a 202. Only the send runs in a
         thread (it can wait for metadata); the acknowledgements are awaited on the event loop,
         so requests that wait for a broker hold no thread while a leader is being replaced."""
+        if not self.posts.enter():
+            raise unavailable("Kafka", RuntimeError(f"{self.posts.limit} event posts wait already"), NOT_SENT)
         loop = asyncio.get_running_loop()
         timeout_s = self.settings.serving.kafka_timeout_s
         try:
@@ -289,6 +293,8 @@ class RecsysService:
             # wait_for cannot stop the sending thread, nor the producer its queued records: the 503
             # says so, and a retry with the same event ids is deduplicated downstream.
             raise unavailable("Kafka", exc, MAY_ARRIVE) from None
+        finally:
+            self.posts.leave()
 
     # -- requests --------------------------------------------------------
     async def recommendations(self, user_id: str, k: int, api_key: Optional[str]) -> JSONResponse:

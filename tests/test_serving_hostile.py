@@ -158,6 +158,35 @@ def test_an_unacknowledged_post_says_its_events_may_still_arrive(scratch):
     assert "9092" not in detail and "KafkaTimeoutError" not in detail
 
 
+def test_event_posts_beyond_the_bound_get_a_503_at_once_never_silence(scratch):
+    """Finding 12: while a partition has no leader, every post waited the produce timeout, and
+    on a busy machine clients heard nothing at all. Now at most ``events_waiting_max`` posts
+    wait per replica; the others are answered 503 with Retry-After at once, nothing sent. Here
+    no send is acknowledged (the topic does not exist): of 8 posts together, 2 wait the timeout
+    and 6 are refused at once."""
+    settings = scratch.settings.updated(kafka={"events_topic": f"{scratch.settings.kafka.events_topic}-absent"},
+                                        serving={"kafka_timeout_s": 3.0, "events_waiting_max": 2})
+    answers: list[tuple[float, httpx.Response]] = []
+    with plain_api(settings, API_PORT, scratch.api_key(Scope.events_write)) as api:
+        assert api.post("/v1/events", json=_event(99)).status_code == 503  # the producer is made by now
+
+        def post(n: int) -> None:
+            started = time.monotonic()
+            resp = api.post("/v1/events", json=_event(n))
+            answers.append((time.monotonic() - started, resp))
+        posts = [threading.Thread(target=post, args=(n,)) for n in range(8)]
+        for t in posts:
+            t.start()
+        for t in posts:
+            t.join()
+    assert all(r.status_code == 503 and r.headers["retry-after"] == "1" for _, r in answers), answers
+    refused = [(s, r.json()["detail"]) for s, r in answers if "were not sent" in r.json()["detail"]]
+    waited = [(s, r.json()["detail"]) for s, r in answers if "may still arrive" in r.json()["detail"]]
+    assert len(refused) == 6 and len(waited) == 2, answers
+    assert max(s for s, _ in refused) < 1.5, refused  # at once: before the timeout of the 2 that wait
+    assert min(s for s, _ in waited) >= 3.0, waited
+
+
 def test_the_rate_limit_counts_events_not_requests(scratch):
     """Finding 9: a request can carry 1,000 events and cost one token. Now each event costs
     one: a batch as large as the burst empties the bucket, and one larger leaves it in debt

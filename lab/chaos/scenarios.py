@@ -6,7 +6,8 @@ whether it passed.
   kafka-leader-kill  a private 3-broker Kafka (replication factor 3, min.insync.replicas 2):
                    events posted through the API at 600/s for 60 s while the leader of partition 0
                    is killed with kill -9 three times (and restarted); every event answered 202 is
-                   archived, and retried 503s count once
+                   archived, retried 503s count once, and every request is answered (a 503 with
+                   Retry-After at worst, never silence)
   redis-rebuild    a private Redis (its own port and folder) loses its process and its files;
                    ``recsys features rebuild`` and the stream worker bring every feature back
   replica-kill     kill -9 one of two Serve replicas under load: ≤ 1% failed, back in 30 s
@@ -44,6 +45,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -118,12 +120,13 @@ def redis_rebuild(settings: Settings, events: int = 50_000, progress=print) -> d
 async def _post_events(url: str, headers: dict, rate: float, seconds: float, concurrency: int,
                        started_event=None) -> dict:
     """Events posted one per request at ``rate`` per second. Each is retried with its event_id
-    after a 503 or a dropped connection until it gets a 202, as a client should, while the
-    next events go on (a client does not stall behind one partition). Returns the event ids
-    answered 202 with their attempts, the times of those answers, and per event the time from
-    its first try to its 202."""
+    after a 503 (once its Retry-After has passed) or a dropped connection (after 1 s) until it
+    gets a 202, as a client should, while the next events go on (a client does not stall
+    behind one partition). Returns the event ids answered 202 with their attempts, the times of
+    those answers, per event the time from its first try to its 202, and per answered request
+    the time from its sending (out of the client's pool of connections) to its answer."""
     import aiohttp
-    rng = random.Random(7)
+    rng, jitter = random.Random(7), random.Random(8)
     started = time.monotonic()
     if started_event is not None:
         started_event.set()
@@ -131,17 +134,25 @@ async def _post_events(url: str, headers: dict, rate: float, seconds: float, con
     acked: dict[str, tuple[str, int]] = {}  # event id -> (item id, attempts)
     ok_at: list[float] = []
     waited: list[float] = []
+    answered_in: list[float] = []
+    refused = 0
     statuses: Counter = Counter()
 
     async def post(session, event):
+        nonlocal refused
         first = time.monotonic()
         for attempt in itertools.count(1):
+            sent, retry_after = SimpleNamespace(at=None), "1"  # at: when the request left the client
             try:
-                async with session.post(url, json=event) as resp:
-                    status = resp.status
-                    await resp.read()
+                async with session.post(url, json=event, trace_request_ctx=sent) as resp:
+                    status, retry_after = resp.status, resp.headers.get("Retry-After", "1")
+                    body = await resp.read()
+                answered_in.append(time.monotonic() - sent.at)
+                refused += status == 503 and b"were not sent" in body  # the replica's bound, nothing sent
+            except aiohttp.ConnectionTimeoutError:
+                status = -1  # never sent: each of the client's connections stayed busy (or a connect took) 20 s
             except (aiohttp.ClientError, asyncio.TimeoutError):
-                status = 0  # no answer
+                status = 0  # no answer: the API said nothing for 10 s, or dropped the connection
             statuses[status] += 1
             if status == 202:
                 acked[event["event_id"]] = (event["item_id"], attempt)
@@ -149,13 +160,28 @@ async def _post_events(url: str, headers: dict, rate: float, seconds: float, con
                 ok_at.append(now - started)
                 waited.append(now - first)
                 return
-            if status not in (0, 503) or time.monotonic() > give_up:
+            if status not in (-1, 0, 503) or time.monotonic() > give_up:
                 return
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(float(retry_after) + jitter.uniform(0, 0.2))  # spread: not all at once
 
-    timeout = aiohttp.ClientTimeout(total=10)
+    async def watch_lag():  # this process's own event loop falling behind: the client starved, not the API
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(0.1)
+            lags.append(time.monotonic() - before - 0.1)
+
+    lags: list[float] = []
+    watcher = asyncio.create_task(watch_lag())
+    # Silence is the API's own: 10 s without a byte of the answer once the request is sent; the
+    # wait for one of the client's connections is the client's queue, counted apart.
+    timeout = aiohttp.ClientTimeout(total=None, connect=20, sock_read=10)
+    tracing = aiohttp.TraceConfig()
+
+    async def headers_sent(_session, ctx, _params):
+        ctx.trace_request_ctx.at = time.monotonic()
+    tracing.on_request_headers_sent.append(headers_sent)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout,
-                                     headers=headers) as session:
+                                     headers=headers, trace_configs=[tracing]) as session:
         tasks = []
         for n in itertools.count():
             due = started + n / rate
@@ -166,8 +192,10 @@ async def _post_events(url: str, headers: dict, rate: float, seconds: float, con
                      "item_id": f"i{rng.randrange(500)}", "type": "view", "ts": int(time.time() * 1000)}
             tasks.append(asyncio.create_task(post(session, event)))
         await asyncio.gather(*tasks)
-    return {"sent": len(tasks), "acked": acked, "ok_at": sorted(ok_at), "waited": waited,
-            "statuses": dict(statuses), "seconds": seconds}
+    watcher.cancel()
+    return {"refused": refused, "client_lag_max_s": round(max(lags, default=0.0), 2),
+            "client_lag_p99_s": round(float(np.percentile(lags or [0.0], 99)), 2),"sent": len(tasks), "acked": acked, "ok_at": sorted(ok_at), "waited": waited,
+            "answered_in": answered_in, "statuses": dict(statuses), "seconds": seconds}
 
 
 def _event_load_process(url, headers, rate, seconds, concurrency, started, queue):
@@ -269,16 +297,23 @@ def _replication_figures(s: Settings, load: dict, archived: int, bounces: list) 
     ok_at = [0.0, *load["ok_at"]]
     longest_gap = max(b - a for a, b in zip(ok_at, ok_at[1:]))  # with no 202 at all
     waited = np.array(load["waited"])  # an event's first try to its 202: its partition's outage
-    responses = sum(statuses.values())
+    responses = sum(statuses.values()) - statuses.get(-1, 0)  # requests that reached the API
+    answered_in = np.array(load["answered_in"] or [0.0])
     events_per_s = len(acked) / load["seconds"]
-    passed = (not lost and not duplicated and not first_try_copies and events_per_s >= 500
+    # Degraded means fast 503s with Retry-After, never silence: every request is answered.
+    passed = (not lost and not duplicated and not first_try_copies and not statuses.get(0) and events_per_s >= 500
               and len(bounces) == 3 and all(b["back_in_sync_s"] is not None for b in bounces))
     return {"scenario": "kafka-leader-kill", "events_sent": load["sent"], "acknowledged": len(acked),
             "archived": len(records), "archived_records": archived, "lost": lost, "duplicated": duplicated,
             "copies_from_client_retries": sum(records.values()) - len(records) - first_try_copies,
             "copies_without_retry": first_try_copies, "events_per_s": round(events_per_s, 1),
             "responses": responses, "share_503": round(statuses.get(503, 0) / responses, 4),
-            "no_answer": statuses.get(0, 0), "failed_requests": responses - statuses.get(202, 0),
+            "no_answer": statuses.get(0, 0), "not_sent_client_queue": statuses.get(-1, 0),
+            "failed_requests": responses - statuses.get(202, 0),
+            "refused_503": load["refused"], "answer_p50_s": round(float(np.percentile(answered_in, 50)), 2),
+            "answer_p99_s": round(float(np.percentile(answered_in, 99)), 2),
+            "answer_max_s": round(float(answered_in.max()), 2), "client_lag_max_s": load["client_lag_max_s"],
+            "client_lag_p99_s": load["client_lag_p99_s"],
             "longest_unavailability_s": round(float(waited.max()), 2), "longest_without_any_202_s": round(longest_gap, 2),
             "wait_for_202_p99_s": round(float(np.percentile(waited, 99)), 2), "kills": bounces,
             "recovery_s": max((b["back_in_sync_s"] or 0) for b in bounces), "passed": passed}
