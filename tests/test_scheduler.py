@@ -6,19 +6,14 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
-import httpx
 import numpy as np
 import pytest
-import ray
 
-from recsys.auth import Scope
 from recsys.kafka_io import replay
 from recsys.registry import Registry
 from recsys.sources import SyntheticSource
-from lab.serve_local import serve_delete, serve_up
 from training.job import train
 from training.scheduler import RunLock, Busy, due_trigger, gate, read_history, run_once
 
@@ -63,11 +58,12 @@ def test_due_trigger_schedule_and_cron(scratch):
     assert due_trigger(s.updated(retraining={"min_new_events": 0}), 1000.0, 1001.0) == "new-events"
 
 
-def test_publish_good_candidate_reject_sabotaged_one_under_load(scratch):
+def test_a_candidate_trained_on_shuffled_items_is_rejected(scratch):
     """At the gate's default settings (protocol B on the archive's events, paired bootstrap
-    interval, default margin): a candidate trained on the same data is published while Serve
-    answers under load, and one trained on shuffled item ids is rejected. ``recsys bench gate``
-    runs the same two cases over 5 seeds."""
+    interval, default margin): a first model is published, and a candidate trained on shuffled
+    item ids is rejected, the current version kept. A candidate trained on newer data is
+    published in the drift test below; a promote under load swaps without a failed request in
+    test_serving_integration; ``recsys bench gate`` runs the same-data and shuffled cases over 5 seeds."""
     s = _settings(scratch, training={"epochs": None})  # the model config's, as in production
     # The synthetic default size: about 1,700 users with targets, so the interval is about +-0.02 wide.
     _archive(scratch, SyntheticSource(events=100_000, seed=3).events_iter())
@@ -75,47 +71,19 @@ def test_publish_good_candidate_reject_sabotaged_one_under_load(scratch):
     assert first["decision"] == "published", first
     registry = Registry(s.registry_dir)
     v1 = registry.current()
-    serve_up(s, progress=lambda *_: None)
-    ray.shutdown()  # as in production: the retraining process is not attached to the Serve cluster
-    client = scratch.client(Scope.recs_read)
-    log, stop = [], threading.Event()
-
-    def hammer():
-        while not stop.is_set():
-            try:
-                r = client.get("/v1/recommendations/u1", params={"k": 5})
-                log.append((r.status_code, r.json().get("model_version") if r.status_code == 200 else r.text[:200]))
-            except httpx.HTTPError as exc:  # a failure to record, not a reason to stop watching
-                log.append((None, repr(exc)))
-    thread = threading.Thread(target=hammer)
-    thread.start()
-    try:
-        second = run_once(s, "manual")
-        assert second["decision"] == "published", second
-        v2 = registry.current()
-        deadline = time.monotonic() + 15
-        while not (log and log[-1][1] == v2):
-            assert time.monotonic() < deadline, f"Serve still answers with the old version: {log[-3:]}"
-            time.sleep(0.1)
-    finally:
-        stop.set()
-        thread.join()
-    assert v2 != v1 and log[0][1] == v1
-    assert all(status == 200 for status, _ in log), [entry for entry in log if entry[0] != 200][:5]
 
     # Sabotage: item ids shuffled across events, so the candidate learns noise.
     from recsys.archive import read_events
     from recsys.training_data import with_shuffled_items
-    third = run_once(s, "manual", table=with_shuffled_items(read_events(s)))
-    assert third["decision"] == "rejected" and registry.current() == v2, third
-    assert "lower bound" in third["reason"] or "most-popular" in third["reason"], third
-    assert second["interval"]["low"] > -s.retraining.gate_margin and second["interval"]["users"] > 100, second
-    print("gate intervals: same data", second["interval"], "shuffled", third["interval"] or third["reason"])
+    second = run_once(s, "manual", table=with_shuffled_items(read_events(s)))
+    assert second["decision"] == "rejected" and registry.current() == v1, second
+    assert "lower bound" in second["reason"] or "most-popular" in second["reason"], second
+    assert second["interval"] and second["interval"]["users"] > 100, second
+    print("gate interval, shuffled against the published model:", second["interval"])
     history = read_history(s)
-    assert [h["decision"] for h in history] == ["published", "published", "rejected"]
+    assert [h["decision"] for h in history] == ["published", "rejected"]
     shown = json.loads(scratch.cli("models", "history", "--json").stdout)
     assert [h["run_id"] for h in shown] == [h["run_id"] for h in history]
-    serve_delete(s)  # its topics go with the test
 
 
 def test_two_runs_at_once_train_one_at_a_time(scratch):
