@@ -238,9 +238,8 @@ def test_a_redis_cluster_error_is_a_503_not_a_500():
 
 
 def test_installing_the_service_freezes_the_startup_objects_out_of_the_collector():
-    """chaos abuse: a batch of 1,000 events set off a full collection, which walked every object
-    of the started process (modules, model, clients: ~200,000) and stopped it for 130 to 200 ms,
-    the normal client's p99 with it. install() freezes them, so a collection walks only what
+    """A full collection in a started worker walked every object of the process (modules, model,
+    clients: ~200,000) in 130 to 145 ms. install() freezes them, so a collection walks only what
     came after."""
     import gc
 
